@@ -1,0 +1,42 @@
+"""onnxcomp: an ONNX graph-level compression compiler.
+
+    import onnxcomp as oc
+    model = oc.load("clip.onnx")
+    result = oc.compress(model, recipe="quantize:int8", calib="calib/")
+    result.model.save("clip.small.onnx"); print(result.report.table())
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnxcomp.errors import OnnxcompError, UnsafeModelError  # noqa: E402
+from onnxcomp.model import Model, load, save  # noqa: E402
+
+
+def compress(*args, **kwargs):
+    from onnxcomp.api import compress as _compress
+
+    return _compress(*args, **kwargs)
+
+
+def validate(*args, **kwargs):
+    from onnxcomp.validate import validate as _validate
+
+    return _validate(*args, **kwargs)
+
+
+def bench(*args, **kwargs):
+    from onnxcomp.bench import bench as _bench
+
+    return _bench(*args, **kwargs)
+
+
+def inspect(*args, **kwargs):
+    from onnxcomp.inspection import inspect_model
+
+    return inspect_model(*args, **kwargs)
+
+
+__all__ = ["Model", "OnnxcompError", "UnsafeModelError", "load", "save", "compress", "validate",
+           "bench", "inspect", "__version__"]

@@ -1,0 +1,162 @@
+"""Small helpers over onnx-graphsurgeon that every pass needs.
+
+Passes edit a ``gs.Graph`` (import → match → rewrite → cleanup/toposort → export). The helpers
+here keep the model-level facts (opsets, metadata such as PP-OCR's character list, IR version)
+across that round trip and treat weights stored as ``Constant`` nodes like initializers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcomp.model import Model
+
+logger = logging.getLogger(__name__)
+
+# Ops whose first input is a pure pass-through of values (used to see through to a weight).
+_VALUE_PASSTHROUGH = {"Identity"}
+
+
+def import_graph(model: Model) -> gs.Graph:
+    return gs.import_onnx(model.proto)
+
+
+def export_model(graph: gs.Graph, like: Model) -> Model:
+    """Turn a gs graph back into a Model with the original's model-level fields."""
+    proto = gs.export_onnx(graph, do_type_check=False)
+    original = like.proto
+    proto.ir_version = original.ir_version
+    proto.producer_name = original.producer_name or "onnxcomp"
+    proto.producer_version = original.producer_version
+    proto.domain = original.domain
+    proto.model_version = original.model_version
+    proto.doc_string = original.doc_string
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(original.metadata_props)
+    # Keep every opset the original declared (gs only writes those it saw used).
+    declared = {entry.domain: entry.version for entry in proto.opset_import}
+    for entry in original.opset_import:
+        if entry.domain not in declared:
+            proto.opset_import.append(onnx.helper.make_opsetid(entry.domain, entry.version))
+    if list(original.functions):
+        del proto.functions[:]
+        proto.functions.extend(original.functions)
+    return Model(proto, like.source)
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
+    """The tensor's value if it is a constant (initializer, Constant node, or Identity of one)."""
+    seen = 0
+    while True:
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values)
+        node = producer(tensor)
+        if node is None or seen > 8:
+            return None
+        if node.op == "Constant":
+            return _constant_node_value(node)
+        if node.op in _VALUE_PASSTHROUGH and node.inputs:
+            tensor = node.inputs[0]
+            seen += 1
+            continue
+        return None
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key], dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(list(attrs[key]), dtype=dtype)
+    return None  # sparse_value / string values: left as nodes
+
+
+def lift_constant_nodes(graph: gs.Graph) -> int:
+    """Replace ``Constant`` nodes by initializers so weights look the same in every model.
+
+    paddle2onnx (PP-OCR) and some exporters store every weight as a Constant node; passes
+    then see them as ordinary constants. Returns how many nodes were lifted.
+    """
+    lifted = 0
+    output_names = {t.name for t in graph.outputs}
+    for node in list(graph.nodes):
+        if node.op != "Constant" or len(node.outputs) != 1:
+            continue
+        out = node.outputs[0]
+        if out.name in output_names:
+            continue
+        value = _constant_node_value(node)
+        if value is None:
+            continue
+        replacement = gs.Constant(out.name, np.asarray(value))
+        for consumer in list(out.outputs):
+            for i, tensor in enumerate(consumer.inputs):
+                if tensor is out:
+                    consumer.inputs[i] = replacement
+        node.outputs.clear()
+        out.name = out.name + "__lifted_away"
+        lifted += 1
+    for subgraph in _subgraphs(graph):
+        lifted += lift_constant_nodes(subgraph)
+    return lifted
+
+
+def _subgraphs(graph: gs.Graph):
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            if isinstance(value, gs.Graph):
+                yield value
+            elif isinstance(value, (list, tuple)):
+                yield from (v for v in value if isinstance(v, gs.Graph))
+
+
+def has_subgraphs(graph: gs.Graph) -> bool:
+    return any(True for _ in _subgraphs(graph))
+
+
+def replace_node(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:
+    """Swap ``node`` for ``new_nodes``, which must already produce ``node``'s output tensors."""
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes.extend(new_nodes)
+
+
+def tidy(graph: gs.Graph) -> gs.Graph:
+    """Remove what no output depends on and order the nodes."""
+    return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def unique_name(graph: gs.Graph, base: str) -> str:
+    names = graph.tensors().keys() | {n.name for n in graph.nodes}
+    if base not in names:
+        return base
+    i = 1
+    while f"{base}_{i}" in names:
+        i += 1
+    return f"{base}_{i}"
+
+
+def weight_count(graph: gs.Graph) -> int:
+    """Elements in all floating-point or integer constants (initializers, incl. lifted ones)."""
+    total = 0
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            total += int(np.prod(tensor.shape)) if tensor.shape is not None else 0
+    return total

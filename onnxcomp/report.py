@@ -1,0 +1,138 @@
+"""One report for compress, validate and bench: JSON for machines, Markdown tables for people."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def environment(provider: str = "cpu") -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    from onnxcomp import __version__
+
+    return {
+        "onnxcomp": __version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "provider": provider,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """Make dataclasses, numpy scalars and paths JSON-friendly."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _plain(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            if value == 0 or 1e-3 <= abs(value) < 1e6:
+                return f"{value:.4g}"
+            return f"{value:.3e}"
+        return "" if value is None else str(value)
+
+    text_rows = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in text_rows)) if text_rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in text_rows]
+    return "\n".join(lines)
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".onnxcomp-", suffix=".json", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(_plain(data), handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+@dataclass
+class Report:
+    """What a command did and measured. Sections are filled by whoever produced them."""
+
+    command: str
+    environment: dict[str, Any] = field(default_factory=environment)
+    models: dict[str, Any] = field(default_factory=dict)
+    passes: list[Any] = field(default_factory=list)
+    fidelity: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return write_json_atomic(self.to_dict(), path)
+
+    def table(self) -> str:
+        parts = []
+        if self.passes:
+            rows = []
+            for record in self.passes:
+                r = _plain(record)
+                rows.append([r["name"], "yes" if r["modified"] else "no", len(r["touched"]),
+                             r["params_before"], r["params_after"], r["bytes_before"],
+                             r["bytes_after"], f"{r['seconds']:.2f}"])
+            parts.append(markdown_table(
+                ["pass", "modified", "nodes", "params before", "params after", "bytes before",
+                 "bytes after", "seconds"], rows))
+            for record in self.passes:
+                r = _plain(record)
+                for note in r.get("notes", []):
+                    parts.append(f"- {r['name']}: {note}")
+        if self.fidelity:
+            from onnxcomp.validate import fidelity_table
+
+            parts.append(fidelity_table(self.fidelity))
+        if self.bench:
+            from onnxcomp.bench import bench_table
+
+            parts.append(bench_table(self.bench))
+        parts.extend(f"note: {n}" for n in self.notes)
+        return "\n\n".join(p for p in parts if p)
+
+
+def progress(message: str) -> None:
+    """Progress for long work goes to stderr so stdout stays a clean table or JSON."""
+    print(message, file=sys.stderr, flush=True)

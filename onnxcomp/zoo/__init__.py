@@ -1,0 +1,93 @@
+"""The model zoo: real models from pinned, sha256-checked PyPI wheels, and models built in code.
+
+Each entry says where the model comes from, how to get it into the cache, the calibration and
+evaluation data that fit it, and (where there is one) its task metric. Models are cached under
+``$ONNXCOMP_CACHE`` or the user's cache folder.
+
+This is the design's ``models/`` folder, kept inside the package (like ``passes/``) so the
+installed tool finds it and no global ``models`` import name is taken.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxcomp.errors import OnnxcompError
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    summary: str
+    source: str
+    # Module under onnxcomp.zoo that implements fetch(name, folder) -> Path,
+    # dataset(name, split, count, seed) -> Dataset and, optionally, task_metric(...)
+    module: str
+    default_data_count: int = 16
+
+    def implementation(self):
+        return importlib.import_module(f"onnxcomp.zoo.{self.module}")
+
+
+ENTRIES: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry("ppocr-rec", "PP-OCRv4 text recognition (CNN + transformer, CTC), the demo model",
+                 "wheel rapidocr_onnxruntime==1.4.4: models/ch_PP-OCRv4_rec_infer.onnx", "ppocr"),
+        ZooEntry("ppocr-det", "PP-OCRv4 text detection (DBNet, convolutional)",
+                 "wheel rapidocr_onnxruntime==1.4.4: models/ch_PP-OCRv4_det_infer.onnx", "ppocr",
+                 default_data_count=4),
+        ZooEntry("tiny-clip", "small CLIP-like dual encoder (image + text towers), seeded weights",
+                 "built in code with onnx.helper", "tiny_clip"),
+    )
+}
+
+
+def names() -> list[str]:
+    return list(ENTRIES)
+
+
+def entry(name: str) -> ZooEntry:
+    if name not in ENTRIES:
+        raise OnnxcompError(f"unknown zoo model {name!r}; known: {', '.join(ENTRIES)}")
+    return ENTRIES[name]
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("ONNXCOMP_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("onnxcomp"))
+
+
+def fetch(name: str) -> Path:
+    """The local path of the zoo model, fetching and checking it on first use."""
+    chosen = entry(name)
+    folder = cache_dir() / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return chosen.implementation().fetch(name, folder)
+
+
+def dataset(name: str, split: str = "calib", count: int | None = None, seed: int = 0):
+    """Calibration (``calib``) or evaluation (``eval``) data for the zoo model; disjoint splits."""
+    chosen = entry(name)
+    if split not in ("calib", "eval"):
+        raise OnnxcompError(f"unknown data split {split!r}: use calib or eval")
+    data = chosen.implementation().dataset(name, split, count or chosen.default_data_count, seed)
+    data.zoo_name = name
+    return data
+
+
+def task_metric(name: str) -> Callable | None:
+    """``metric(model, outputs, labels) -> {metric: value}`` for the zoo model, or None."""
+    implementation = entry(name).implementation()
+    metric = getattr(implementation, "task_metric", None)
+    if metric is None:
+        return None
+    return lambda model, outputs, labels: metric(name, model, outputs, labels)
