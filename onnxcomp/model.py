@@ -47,6 +47,9 @@ class Model:
     def weight_bytes(self) -> int:
         return tensor_bytes(self.proto)
 
+    def parameter_count(self) -> int:
+        return parameter_count(self.proto)
+
     def save(self, path: str | os.PathLike, external_data: bool | None = None) -> Path:
         return save(self, path, external_data=external_data)
 
@@ -73,6 +76,11 @@ def tensor_bytes(proto: onnx.ModelProto) -> int:
     for tensor in iter_tensors(proto):
         total += _tensor_nbytes(tensor)
     return total
+
+
+def parameter_count(proto: onnx.ModelProto) -> int:
+    """Elements in every stored tensor (initializers, Constant nodes, subgraphs)."""
+    return sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in iter_tensors(proto))
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
@@ -151,7 +159,8 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
             # save_model moved the weights out of the in-memory proto; read them back so the
             # caller's model stays whole (from the staged copy: the same bytes).
             external_data_helper.load_external_data_for_model(proto, str(staging))
-            os.replace(staging / data_name, target.parent / data_name)
+            if (staging / data_name).exists():  # absent when every tensor was under the threshold
+                os.replace(staging / data_name, target.parent / data_name)
         else:
             onnx.save_model(proto, str(staged_model))
         os.replace(staged_model, target)

@@ -1,0 +1,104 @@
+"""The Python API behind ``onnxcomp compress``: run a recipe, validate the result, report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from onnxcomp import calibration
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import Model, load
+from onnxcomp.pipeline import Context, Pipeline, Step, parse_recipe
+from onnxcomp.report import Report, progress
+
+DEFAULT_RECIPE = "quantize:int8"
+DEFAULT_EVAL_COUNT = 32
+
+
+@dataclass
+class CompressResult:
+    model: Model
+    report: Report
+    passed: bool = True
+
+
+def _as_model(model: Model | str | os.PathLike) -> Model:
+    return model if isinstance(model, Model) else load(model)
+
+
+def _model_facts(model: Model, path: str | os.PathLike | None = None) -> dict:
+    facts = {"parameters": model.parameter_count(), "weight_bytes": model.weight_bytes()}
+    if path is not None:
+        facts["path"] = str(path)
+    return facts
+
+
+def evaluation_data(model: Model, eval_data, calib: calibration.Dataset | None,
+                    notes: list[str]) -> calibration.Dataset:
+    """Held-out data for the fidelity check: given, else the zoo's eval split, else random."""
+    if eval_data is not None:
+        return calibration.resolve(eval_data, model, split="eval")
+    if calib is not None and calib.zoo_name:
+        from onnxcomp import zoo
+
+        data = zoo.dataset(calib.zoo_name, "eval", DEFAULT_EVAL_COUNT)
+        calibration.check_dataset(data, model)
+        return data
+    if calib is not None:
+        notes.append("fidelity measured on the calibration data (pass --eval for held-out data)")
+        return calib
+    notes.append("fidelity measured on random inputs (pass --eval for real data)")
+    return calibration.random_data(model, 8)
+
+
+def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] | None = None,
+             calib=None, eval_data=None, min_cosine: float | None = None,
+             validate: bool = True, show_progress: bool = True) -> CompressResult:
+    """Compress ``model`` with ``recipe``; the input model object is left untouched."""
+    source_path = None if isinstance(model, Model) else model
+    original = _as_model(model)
+    steps = parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
+    report = Report("compress")
+    report.models["reference"] = _model_facts(original, source_path)
+    data = calibration.resolve(calib, original) if calib is not None else None
+    log = progress if show_progress else (lambda message: None)
+    ctx = Context(calibration=data, teacher=original, progress=log)
+    started = time.perf_counter()
+    compressed, records = Pipeline(steps).run(original, ctx)
+    report.passes = records
+    report.models["candidate"] = _model_facts(compressed)
+    report.models["seconds"] = time.perf_counter() - started
+    passed = True
+    if validate:
+        from onnxcomp.validate import validate as run_validation
+
+        eval_set = evaluation_data(original, eval_data, data, report.notes)
+        log(f"validating on {eval_set.name} ({len(eval_set)} batches)")
+        fidelity = run_validation(original, compressed, data=eval_set, min_cosine=min_cosine)
+        report.fidelity = fidelity.fidelity
+        passed = bool(report.fidelity.get("passed", True))
+    return CompressResult(compressed, report, passed)
+
+
+def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None) -> list[str]:
+    """What each step would do, without changing anything: one text block per step."""
+    original = _as_model(model)
+    steps = parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
+    data = calibration.resolve(calib, original) if calib is not None else None
+    ctx = Context(calibration=data, teacher=original)
+    current, _ = Pipeline([]).run(original, ctx)  # cleanup only, as the real run starts
+    lines = []
+    for step in steps:
+        module = step.module()
+        text = step.describe()
+        if hasattr(module, "plan"):
+            try:
+                planned = module.plan(current, step.config, ctx)
+            except OnnxcompError as exc:
+                planned = f"cannot plan: {exc}"
+            summary = planned.summary() if hasattr(planned, "summary") else str(planned)
+            text += "\n" + summary
+        lines.append(text)
+    return lines

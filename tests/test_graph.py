@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import numpy as np
+
+from onnxcomp import runtime
+from onnxcomp.graph import constant_array, export_model, import_graph, lift_constant_nodes, tidy
+
+from conftest import make_mlp
+
+
+def test_constant_nodes_are_weights_and_lifting_keeps_outputs(feeds):
+    model = make_mlp(weights_as_constant_nodes=True)
+    graph = import_graph(model)
+    fc1 = next(n for n in graph.nodes if n.name == "fc1")
+    np.testing.assert_array_equal(constant_array(fc1.inputs[1]).shape, (8, 16))
+    assert lift_constant_nodes(graph) == 3
+    lifted = export_model(tidy(graph), like=model)
+    assert not [n for n in lifted.graph.node if n.op_type == "Constant"]
+    assert {t.name for t in lifted.graph.initializer} == {"w1", "b1", "w2"}
+    assert runtime.max_abs_difference(model, lifted, feeds) == {"y": 0.0}
+
+
+def test_export_keeps_metadata_and_opsets():
+    model = make_mlp()
+    entry = model.proto.metadata_props.add()
+    entry.key, entry.value = "character", "a\nb"
+    again = export_model(import_graph(model), like=model)
+    assert {p.key: p.value for p in again.proto.metadata_props} == {"character": "a\nb"}
+    assert again.opset() == 17
