@@ -45,7 +45,7 @@ def export_model(graph: gs.Graph, like: Model) -> Model:
     if list(original.functions):
         del proto.functions[:]
         proto.functions.extend(original.functions)
-    return Model(proto, like.source)
+    return Model(proto, like.source, like.external_data)
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:

@@ -36,6 +36,8 @@ class Model:
 
     proto: onnx.ModelProto
     source: Path | None = None
+    # Loaded from a model whose weights were in external data: saved the same way by default.
+    external_data: bool = False
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -56,7 +58,7 @@ class Model:
     def copy(self) -> Model:
         duplicate = onnx.ModelProto()
         duplicate.CopyFrom(self.proto)
-        return Model(duplicate, self.source)
+        return Model(duplicate, self.source, self.external_data)
 
 
 def opset_version(proto: onnx.ModelProto, domain: str = "") -> int:
@@ -129,9 +131,10 @@ def load(path: str | os.PathLike, load_weights: bool = True) -> Model:
     if not proto.graph.node and not proto.graph.output:
         raise OnnxcompError(f"{path}: not an ONNX model (empty graph)")
     _check_external_locations(proto, path.parent)
+    external = any(external_data_helper.uses_external_data(t) for t in iter_tensors(proto))
     if load_weights:
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    return Model(proto, path.resolve().parent)
+    return Model(proto, path.resolve().parent, external)
 
 
 def _needs_external_data(proto: onnx.ModelProto) -> bool:
@@ -140,14 +143,15 @@ def _needs_external_data(proto: onnx.ModelProto) -> bool:
 
 def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
          external_data: bool | None = None) -> Path:
-    """Write the model atomically; ``external_data=None`` decides by size (over ~1.8 GB)."""
+    """Write the model atomically. ``external_data=None``: external if the model was loaded with
+    external data or its tensors pass ~1.8 GB."""
     proto = model.proto if isinstance(model, Model) else model
     target = Path(path)
     if target.is_dir():
         raise OnnxcompError(f"{target}: is a folder, expected an output file name")
     target.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = _needs_external_data(proto)
+        external_data = getattr(model, "external_data", False) or _needs_external_data(proto)
     data_name = target.name + ".data"
     staging = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
     try:
