@@ -24,7 +24,7 @@ Layers whose teacher tensor does not exist or whose shapes differ are skipped wi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -70,7 +70,8 @@ class Site:
     source: str          # the pass that compressed it
     mode: str            # "refit" (weights + bias) or "bias" (bias correction only)
     teacher_output: str  # tensor in the teacher to match
-    details: dict = field(default_factory=dict)
+    # When the layer's own output channels were pruned too: the teacher's channels it kept.
+    teacher_channels: list[int] | None = None
 
 
 def sites_from_records(records: list[PassRecord]) -> list[Site]:
@@ -84,8 +85,12 @@ def sites_from_records(records: list[PassRecord]) -> list[Site]:
                 second = layer["nodes"][-1]
                 sites[second] = Site(second, "lowrank", "refit", layer["output"])
         elif record.name == "prune":
-            for entry in record.details.get("refit", []):
-                sites[entry["node"]] = Site(entry["node"], "prune", "refit", entry["output"])
+            groups = record.details.get("groups", [])
+            kept_out = {p["node"]: p.get("channels") for g in groups for p in g["producers"]}
+            for group in groups:
+                for entry in group["consumers"]:
+                    sites[entry["node"]] = Site(entry["node"], "prune", "refit", entry["output"],
+                                                kept_out.get(entry["node"]))
         elif record.name == "quantize":
             for entry in record.details.get("layers", []):
                 if entry.get("node") and entry.get("output"):
@@ -217,7 +222,8 @@ def _fit_site(student: Model, teacher_session, site: Site, layer: _Layer, ctx: C
         if config.max_batches and i >= config.max_batches:
             break
         got = runtime.run(student_session, batch, [x_name, y_name])
-        want = runtime.run(teacher_session, batch, [site.teacher_output])[site.teacher_output]
+        want = _teacher_view(runtime.run(teacher_session, batch, [site.teacher_output])
+                             [site.teacher_output], site, axis)
         if want.shape != got[y_name].shape:
             raise ValueError(f"teacher tensor {site.teacher_output} has shape {list(want.shape)},"
                              f" the student's {list(got[y_name].shape)}")
@@ -258,15 +264,23 @@ def _fit_site(student: Model, teacher_session, site: Site, layer: _Layer, ctx: C
     return result
 
 
+def _teacher_view(value: np.ndarray, site: Site, axis: int) -> np.ndarray:
+    if site.teacher_channels is None:
+        return value
+    return np.take(value, site.teacher_channels, axis=axis)
+
+
 def _measure(student: Model, teacher_session, site: Site, y_name: str, ctx: Context,
              config: Config) -> float:
     sess = runtime.session(with_outputs(student, [y_name]), optimize=False)
+    axis = 1 if next(n for n in student.graph.node if n.name == site.node).op_type == "Conv" else -1
     err = energy = 0.0
     for i, batch in enumerate(ctx.calibration):
         if config.max_batches and i >= config.max_batches:
             break
         got = runtime.run(sess, batch, [y_name])[y_name]
-        want = runtime.run(teacher_session, batch, [site.teacher_output])[site.teacher_output]
+        want = _teacher_view(runtime.run(teacher_session, batch, [site.teacher_output])
+                             [site.teacher_output], site, axis)
         err += float(np.sum((want.astype(np.float64) - got) ** 2))
         energy += float(np.sum(want.astype(np.float64) ** 2))
     return float(np.sqrt(err / max(energy, 1e-30)))
