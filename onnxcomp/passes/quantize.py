@@ -1,0 +1,393 @@
+"""quantize: int8 static QDQ, int8 dynamic, int4 weight-only blockwise.
+
+Plan, then apply: ``plan()`` picks the Conv/MatMul/Gemm nodes with a constant weight (and says
+why it skips the others); ``apply()`` rewrites them in one place:
+- ``int8``: uint8 per-tensor activations (calibrated: minmax, percentile, entropy, mse) and int8
+  symmetric per-channel weights as QuantizeLinear/DequantizeLinear pairs on the inputs of the
+  planned nodes (and on Conv outputs, ``output_qdq="conv"``), the form ONNX Runtime fuses into
+  QLinearConv / QLinearMatMul / MatMulIntegerToFloat. Needs calibration data.
+- ``int8-dynamic``: int8 weights, activations quantized at run time (DynamicQuantizeLinear +
+  MatMulInteger, fused by ONNX Runtime into DynamicQuantizeMatMul). MatMul/Gemm by default.
+- ``int4``: blockwise 4-bit MatMul weights, as com.microsoft.MatMulNBits or opset-21 QDQ.
+Then, with calibration data: per-layer SQNR, and with ``min_cosine`` automatic mixed precision
+(the layers with the lowest SQNR go back to float until the model output cosine meets it).
+
+Refuses models already quantized; weights inside If/Loop bodies are left float (noted).
+Opset-12 models (PP-OCR) are upgraded to 13 for per-channel DequantizeLinear (21 for int4 QDQ).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from onnxcomp import calibration
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.graph import (
+    constant_array,
+    export_model,
+    import_graph,
+    lift_constant_nodes,
+    tidy,
+    unique_name,
+)
+from onnxcomp.model import Model
+from onnxcomp.passes import (
+    quantize_calib,
+    quantize_eval,
+    quantize_int4,
+    quantize_int8,
+    quantize_smooth,
+)
+from onnxcomp.passes.quantize_plan import QuantPlan, Site, excluded, is_quantized_op
+from onnxcomp.passes.quantize_plan import plan as match_plan
+from onnxcomp.pipeline import Context, PassRecord
+
+NAME = "quantize"
+MODES = ("int8", "int8-dynamic", "int4")
+DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm"),
+                    "int4": ("MatMul", "Gemm")}
+# Batches of calibration data used for SQNR and the mixed-precision search.
+EVAL_BATCHES = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str = "int8"
+    calibration: str = "percentile"
+    percentile: float = 99.99
+    op_types: tuple[str, ...] | None = None  # None: the mode's default
+    exclude: tuple[str, ...] = ()  # node names, op types or fnmatch patterns
+    per_channel: bool = True
+    activation_dtype: str = "uint8"
+    output_qdq: str = "conv"  # int8: also QDQ the outputs of "none" | "conv" | "all" sites
+    block_size: int = 32
+    int4_format: str = "matmulnbits"
+    int4_symmetric: bool = True
+    min_cosine: float | None = None
+    smoothquant_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("op_types", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            if value is not None:
+                object.__setattr__(self, name, tuple(str(v) for v in value))
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.calibration not in quantize_calib.METHODS:
+            raise ValueError(f"calibration must be one of {', '.join(quantize_calib.METHODS)}, "
+                             f"got {self.calibration!r}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if self.op_types is not None and not self.op_types:
+            raise ValueError("op_types must name at least one op type")
+        if self.activation_dtype != "uint8":
+            raise ValueError(f"activation_dtype must be 'uint8' (the fast ONNX Runtime CPU path), "
+                             f"got {self.activation_dtype!r}")
+        if self.output_qdq not in ("none", "conv", "all"):
+            raise ValueError(f"output_qdq must be none, conv or all, got {self.output_qdq!r}")
+        if self.block_size not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size!r}")
+        if self.int4_format not in ("matmulnbits", "qdq"):
+            raise ValueError(f"int4_format must be matmulnbits or qdq, got {self.int4_format!r}")
+        if self.min_cosine is not None and not -1.0 <= float(self.min_cosine) <= 1.0:
+            raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
+
+    @classmethod
+    def from_short(cls, arg: str | None) -> Config:
+        mode = arg or "int8"
+        if mode not in MODES:
+            raise ValueError(f"quantize mode must be one of {', '.join(MODES)}, got {mode!r}")
+        return cls(mode=mode)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return self.op_types or DEFAULT_OP_TYPES[self.mode]
+
+
+def check_not_quantized(model: Model) -> None:
+    ops = sorted({n.op_type for n in model.graph.node if is_quantized_op(n.op_type)})
+    if ops:
+        raise OnnxcompError(f"model is already quantized (it has {', '.join(ops)})")
+
+
+def prepare(model: Model, config: Config, notes: list[str]) -> Model:
+    """Constant-node weights lifted to initializers; opset raised where the output needs it."""
+    graph = import_graph(model)
+    lifted = lift_constant_nodes(graph)
+    if lifted:
+        notes.append(f"lifted {lifted} Constant nodes to initializers")
+    if config.mode == "int8" and "Gemm" in config.ops:
+        rewritten = _gemms_as_matmul(graph, config)
+        if rewritten:
+            notes.append(f"{rewritten} Gemm nodes rewritten as MatMul + Add (ONNX Runtime fuses "
+                         "DQ -> MatMul into integer kernels, not a float-output Gemm)")
+    prepared = export_model(tidy(graph), like=model)
+    needed = 10
+    if config.mode == "int8" and config.per_channel:
+        needed = 13
+    if config.mode == "int8-dynamic":
+        needed = 11
+    if config.mode == "int4" and config.int4_format == "qdq":
+        needed = 21
+    opset = prepared.opset()
+    if opset < needed:
+        try:
+            proto = version_converter.convert_version(prepared.proto, needed)
+            onnx.checker.check_model(proto)
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types
+            raise OnnxcompError(f"could not upgrade the model from opset {opset} to {needed} "
+                                f"(needed by {config.mode}): {exc}") from None
+        notes.append(f"upgraded the opset from {opset} to {needed} (needed by {config.mode}"
+                     f"{' per-channel' if needed == 13 else ''})")
+        prepared = Model(proto, model.source)
+    return prepared
+
+
+def plan(model: Model, config: Config) -> QuantPlan:
+    """The sites of ``model`` (a prepared one) that ``config`` quantizes."""
+    result = match_plan(import_graph(model), config.mode, config.ops, config.exclude,
+                        config.per_channel, config.output_qdq)
+    if config.mode == "int8-dynamic" and "Conv" in config.ops:
+        result.notes.append("int8-dynamic on Conv (ConvInteger) measured 4.5x slower and lost all "
+                            "accuracy on PP-OCR: prefer static int8 for conv nets")
+    return result
+
+
+def activation_tensors(model: Model, quant_plan: QuantPlan) -> list[str]:
+    graph = import_graph(model)
+    nodes = {n.name: n for n in graph.nodes}
+    names = []
+    for site in quant_plan.sites:
+        node = nodes[site.node]
+        names += [node.inputs[i].name for i in site.activation_inputs]
+        if site.output_qdq:
+            names.append(site.output_qdq)
+    return list(dict.fromkeys(names))
+
+
+def apply(model: Model, quant_plan: QuantPlan, config: Config,
+          ranges: dict[str, tuple[float, float]] | None = None) -> Model:
+    """Rewrite the planned sites; ``ranges`` (tensor -> (min, max)) is needed for static int8."""
+    graph = import_graph(model)
+    nodes = {n.name: n for n in graph.nodes}
+    if config.mode == "int8":
+        writer = quantize_int8.QdqWriter(graph)
+        for site in quant_plan.sites:
+            node = nodes[site.node]
+            for i in site.activation_inputs:
+                scale, zp = quantize_calib.quant_params(*ranges[node.inputs[i].name])
+                node.inputs[i] = writer.activation(node.inputs[i], scale, zp)
+            node.inputs[site.weight_input] = writer.weight(node.inputs[site.weight_input],
+                                                           site.axis)
+        tensors = graph.tensors()
+        for site in quant_plan.sites:
+            if site.output_qdq:
+                tensor = tensors[site.output_qdq]
+                scale, zp = quantize_calib.quant_params(*ranges[tensor.name])
+                quantize_int8.rewire_consumers(tensor, writer.activation(tensor, scale, zp))
+    four_bit: set[str] = set()
+    if config.mode != "int8":
+        for site in quant_plan.sites:
+            four_bit.update(_apply_weight_only(graph, nodes[site.node], site, config))
+    result = _export(tidy(graph), model)
+    if four_bit:
+        quantize_int4.to_4bit(result.proto, four_bit)
+    return result
+
+
+def _gemm_as_matmul(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None]:
+    """Gemm's B as a [K, N] weight with alpha folded in, and beta * C (or None)."""
+    weight = np.asarray(constant_array(node.inputs[1]), np.float32)
+    if int(node.attrs.get("transB", 0)):
+        weight = weight.T
+    weight = weight * float(node.attrs.get("alpha", 1.0))
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        bias = np.asarray(constant_array(node.inputs[2]), np.float32)
+        bias = bias * float(node.attrs.get("beta", 1.0))
+    return weight, bias
+
+
+def _gemms_as_matmul(graph: gs.Graph, config: Config) -> int:
+    """Gemm (transA=0, constant B) -> MatMul(A, alpha * B') [+ Add(beta * C)], same node name."""
+    count = 0
+    for node in list(graph.nodes):
+        if (node.op != "Gemm" or int(node.attrs.get("transA", 0)) or excluded(node, config.exclude)
+                or constant_array(node.inputs[1]) is None
+                or (len(node.inputs) > 2 and node.inputs[2].name
+                    and constant_array(node.inputs[2]) is None)):
+            continue
+        weight, bias = _gemm_as_matmul(node)
+        activation, output = node.inputs[0], node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        product = output
+        if bias is not None:
+            product = gs.Variable(unique_name(graph, f"{output.name}_matmul"), dtype=np.float32)
+            graph.nodes.append(gs.Node("Add", unique_name(graph, f"{node.name}_bias"),
+                                       inputs=[product, gs.Constant(
+                                           unique_name(graph, f"{node.name}_C"), bias)],
+                                       outputs=[output]))
+        name = node.name
+        node.name = unique_name(graph, f"{name}_replaced")
+        graph.nodes.append(gs.Node("MatMul", name, inputs=[activation, gs.Constant(
+            unique_name(graph, f"{name}_B"), weight)], outputs=[product]))
+        count += 1
+    return count
+
+
+def _apply_weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Config
+                       ) -> list[str]:
+    """Dynamic int8 or int4 rewrite of one site; returns initializers to store as 4-bit."""
+    if node.op == "Conv":  # int8-dynamic only (plan refuses Conv for int4)
+        bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        quantize_int8.dynamic_conv(graph, node, constant_array(node.inputs[1]), bias)
+        return []
+    if node.op == "Gemm":
+        weight, bias = _gemm_as_matmul(node)
+    else:
+        weight, bias = np.asarray(constant_array(node.inputs[1]), np.float32), None
+    if config.mode == "int8-dynamic":
+        axis = 1 if config.per_channel else None
+        quantize_int8.dynamic_matmul(graph, node, weight, axis, bias)
+        return []
+    blocks = quantize_int4.quantize_blocks(weight, config.block_size, config.int4_symmetric)
+    activation, output = node.inputs[0], node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    if bias is not None:
+        product = gs.Variable(unique_name(graph, f"{output.name}_nobias"), dtype=np.float32)
+        graph.nodes.append(gs.Node("Add", unique_name(graph, f"{node.name}_bias"),
+                                   inputs=[product, gs.Constant(unique_name(
+                                       graph, f"{node.name}_C"), bias)],
+                                   outputs=[output]))
+        output = product
+    if config.int4_format == "matmulnbits":
+        graph.nodes.append(quantize_int4.matmulnbits_node(graph, node.name, activation, output,
+                                                          blocks))
+        return []
+    dq, weight_out, four_bit = quantize_int4.qdq_weight(graph, site.weight_name, blocks)
+    graph.nodes += [dq, gs.Node("MatMul", unique_name(graph, f"{node.name}_int4"),
+                                inputs=[activation, weight_out], outputs=[output])]
+    return four_bit
+
+
+def _export(graph: gs.Graph, like: Model) -> Model:
+    result = export_model(graph, like=like)
+    domains = {n.domain for n in result.graph.node if n.domain}
+    declared = {o.domain for o in result.proto.opset_import}
+    for domain in domains - declared:
+        result.proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    return result
+
+
+def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
+            ) -> dict[str, tuple[float, float]]:
+    names = activation_tensors(model, quant_plan)
+    ctx.progress(f"quantize: calibrating {len(names)} tensors on {len(ctx.calibration)} batches")
+    stats = quantize_calib.collect(model, names, ctx.calibration)
+    return {name: quantize_calib.tensor_range(stats[name], config.calibration, config.percentile)
+            for name in names}
+
+
+def _smooth(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context,
+            record: PassRecord) -> Model:
+    graph = import_graph(model)
+    sites = quantize_smooth.find_sites(graph, {s.node for s in quant_plan.sites})
+    if not sites:
+        record.notes.append("smoothquant: no MatMul reads a LayerNormalization output")
+        return model
+    stats = quantize_calib.collect(model, [], ctx.calibration,
+                                   channel_names=[s.output for s in sites])
+    done = quantize_smooth.apply(graph, sites, {k: v.channel_absmax for k, v in stats.items()},
+                                 float(config.smoothquant_alpha))
+    record.notes.append(f"smoothquant (alpha {config.smoothquant_alpha}) on {len(done)} "
+                        "LayerNormalization outputs")
+    return export_model(tidy(graph), like=model)
+
+
+def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
+    record = PassRecord(NAME, params_before=model.parameter_count(),
+                        bytes_before=model.weight_bytes())
+    check_not_quantized(model)
+    needs_data = config.mode == "int8" or config.smoothquant_alpha is not None
+    if ctx.calibration is None and needs_data:
+        raise OnnxcompError(f"{config.mode}{' with smoothquant' if config.mode != 'int8' else ''}"
+                            " needs calibration data (--calib)")
+    if ctx.calibration is not None:
+        calibration.check_dataset(ctx.calibration, model)
+    notes: list[str] = []
+    prepared = prepare(model, config, notes)
+    quant_plan = plan(prepared, config)
+    record.skipped = list(quant_plan.skipped)
+    record.notes = notes + quant_plan.notes
+    if not quant_plan.sites:
+        record.notes.append(f"nothing to quantize ({config.mode}, op types {', '.join(config.ops)})")
+        record.params_after, record.bytes_after = record.params_before, record.bytes_before
+        return model, record
+    if config.smoothquant_alpha is not None:
+        prepared = _smooth(prepared, quant_plan, config, ctx, record)
+    ranges = _ranges(prepared, quant_plan, config, ctx) if config.mode == "int8" else None
+    result = apply(prepared, quant_plan, config, ranges)
+    if ctx.calibration is not None:
+        result, quant_plan = _measure(prepared, result, quant_plan, config, ranges, ctx, record)
+    else:
+        record.notes.append("no calibration data: per-layer SQNR not measured")
+    record.modified = True
+    record.touched = [s.node for s in quant_plan.sites]
+    record.skipped = list(quant_plan.skipped)
+    record.params_after, record.bytes_after = result.parameter_count(), result.weight_bytes()
+    record.details["plan"] = quant_plan.describe()
+    # The quantized layers and their output tensors (the same names in the teacher): distill
+    # uses them for bias correction.
+    record.details["layers"] = [{"node": s.node, "output": s.output} for s in quant_plan.sites]
+    return result, record
+
+
+def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
+             ranges, ctx: Context, record: PassRecord) -> tuple[Model, QuantPlan]:
+    """Per-layer SQNR; then, below ``min_cosine``, return the worst layers to float."""
+    ctx.progress("quantize: measuring per-layer SQNR")
+    outputs = {s.output: s.node for s in quant_plan.sites}
+    comparison = quantize_eval.compare(prepared, result, list(outputs), ctx.calibration,
+                                       EVAL_BATCHES)
+    layer_sqnr = sorted(((outputs[t], comparison.sqnr.get(t, math.inf)) for t in outputs),
+                        key=lambda item: item[1])
+    record.details["sqnr"] = [{"node": n, "sqnr_db": round(v, 2)} for n, v in layer_sqnr]
+    record.details["output_cosine"] = comparison.cosine
+    if config.min_cosine is None or comparison.min_cosine >= config.min_cosine:
+        return result, quant_plan
+    kept: list[str] = []
+    cosine = comparison.min_cosine
+    trial_plan, step = quant_plan, 1
+    while cosine < config.min_cosine and len(kept) < len(layer_sqnr):
+        kept = [n for n, _ in layer_sqnr[: min(len(layer_sqnr), len(kept) + step)]]
+        step *= 2
+        trial_plan = quant_plan.without(set(kept), "kept float to meet min_cosine "
+                                        f"{config.min_cosine} (low SQNR)")
+        if not trial_plan.sites:
+            result, cosine = prepared, 1.0
+            break
+        result = apply(prepared, trial_plan, config, ranges)
+        cosine = quantize_eval.compare(prepared, result, [], ctx.calibration,
+                                       EVAL_BATCHES).min_cosine
+        ctx.progress(f"quantize: {len(kept)} layers kept float, cosine {cosine:.5f}")
+    quant_plan = trial_plan
+    record.details["kept_float"] = kept
+    record.details["output_cosine_after"] = cosine
+    record.notes.append(f"mixed precision: {len(kept)} lowest-SQNR layers kept float "
+                        f"(output cosine {comparison.min_cosine:.5f} -> {cosine:.5f}, target "
+                        f"{config.min_cosine})")
+    if cosine < config.min_cosine:
+        record.notes.append("min_cosine not reached even with every layer float")
+    return result, quant_plan

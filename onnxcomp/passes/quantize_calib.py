@@ -1,0 +1,216 @@
+"""Calibration statistics for the quantize pass: streamed, one batch of activations alive at a time.
+
+Every tensor gets a running min/max and a histogram of its values on a symmetric range
+``[-R, R]`` with ``BINS`` bins. When a batch exceeds ``R`` the range doubles and adjacent bin
+pairs merge, which is exact: the old bin edges stay edges of the new histogram. So the final
+histogram equals ``np.histogram`` of all the data over the final range (no value is ever kept).
+
+Ranges for uint8 asymmetric activations (``rmin <= 0 <= rmax`` always, so 0 is exact):
+- ``minmax``: the observed min and max.
+- ``percentile``: the ``(100 - p)``-th and ``p``-th percentiles read off the histogram (to one bin).
+- ``entropy``: TensorRT's KL-divergence threshold ``T`` on the |x| histogram (quantized to
+  ``levels`` bins: 255 for a one-signed tensor, 128 otherwise); range = [min, max] clipped to ±T.
+- ``mse``: the clipping range ``c·[min, max]`` (c on a grid in (0, 1]) minimizing the expected
+  quantization error (round + clip to 256 levels) over the histogram.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxcomp import calibration
+from onnxcomp.calibration import Dataset
+from onnxcomp.model import Model
+
+BINS = 2048
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass
+class TensorStats:
+    """Running min, max and a range-doubling histogram of one tensor."""
+
+    bins: int = BINS
+    minimum: float = np.inf
+    maximum: float = -np.inf
+    bound: float = 0.0  # R: the histogram covers [-R, R]
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Per-channel max |x| over the last axis (for SmoothQuant); None unless asked for.
+    channel_absmax: np.ndarray | None = None
+
+    def update(self, values: np.ndarray, channels: bool = False) -> None:
+        values = np.asarray(values, dtype=np.float32)
+        if values.size == 0:
+            return
+        finite = values[np.isfinite(values)] if not np.isfinite(values).all() else values.ravel()
+        if finite.size == 0:
+            return
+        low, high = float(finite.min()), float(finite.max())
+        self.minimum, self.maximum = min(self.minimum, low), max(self.maximum, high)
+        if channels and values.ndim >= 1:
+            absmax = np.abs(values).reshape(-1, values.shape[-1]).max(axis=0)
+            self.channel_absmax = (absmax if self.channel_absmax is None
+                                   else np.maximum(self.channel_absmax, absmax))
+        extent = max(abs(low), abs(high))
+        if self.counts.size == 0:
+            if extent == 0.0:
+                return  # nothing to place yet: all zeros carry no range information
+            self.bound = extent
+            self.counts = np.zeros(self.bins, dtype=np.int64)
+        while extent > self.bound:
+            self._double()
+        hist, _ = np.histogram(finite, bins=self.bins, range=(-self.bound, self.bound))
+        self.counts += hist
+
+    def _double(self) -> None:
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        grown = np.zeros_like(self.counts)
+        quarter = self.bins // 4
+        grown[quarter:quarter + merged.size] = merged
+        self.counts = grown
+        self.bound *= 2.0
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(-self.bound, self.bound, self.bins + 1)
+
+
+def _clip_zero(low: float, high: float) -> tuple[float, float]:
+    return min(low, 0.0), max(high, 0.0)
+
+
+def percentile_range(stats: TensorStats, percentile: float) -> tuple[float, float]:
+    if stats.counts.sum() == 0:
+        return _clip_zero(stats.minimum, stats.maximum)
+    cdf = np.cumsum(stats.counts) / stats.counts.sum()
+    edges = stats.edges()
+    low_q, high_q = (100.0 - percentile) / 100.0, percentile / 100.0
+    low = edges[int(np.searchsorted(cdf, low_q, side="left"))]
+    high = edges[int(np.searchsorted(cdf, high_q, side="left")) + 1]
+    return _clip_zero(max(low, stats.minimum), min(high, stats.maximum))
+
+
+def abs_histogram(stats: TensorStats) -> tuple[np.ndarray, float]:
+    """The |x| histogram (``bins/2`` bins over [0, R]) folded from the symmetric one."""
+    half = stats.bins // 2
+    counts = stats.counts[half:].copy()
+    counts += stats.counts[:half][::-1]
+    return counts, stats.bound
+
+
+def entropy_threshold(counts: np.ndarray, bound: float, levels: int = 128) -> float:
+    """TensorRT-style: the |x| threshold whose clipped, ``levels``-quantized distribution is
+    closest (KL divergence) to the clipped reference distribution."""
+    counts = counts.astype(np.float64)
+    nbins = counts.size
+    if counts.sum() == 0:
+        return bound
+    width = bound / nbins
+    last = int(np.nonzero(counts)[0][-1]) + 1
+    if last <= levels:
+        return last * width
+    best_i, best_kl = last, np.inf
+    for i in range(levels, last + 1):
+        reference = counts[:i].copy()
+        reference[i - 1] += counts[i:].sum()
+        nonzero = (counts[:i] != 0).astype(np.float64)
+        base, extra = divmod(i, levels)
+        sizes = np.full(levels, base)
+        sizes[:extra] += 1
+        starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+        totals = np.add.reduceat(counts[:i], starts)
+        used = np.add.reduceat(nonzero, starts)
+        per_bin = np.divide(totals, used, out=np.zeros(levels), where=used > 0)
+        candidate = np.repeat(per_bin, sizes) * nonzero
+        p = reference / reference.sum()
+        q_total = candidate.sum()
+        if q_total == 0:
+            continue
+        q = candidate / q_total
+        mask = p > 0
+        with np.errstate(divide="ignore"):
+            kl = float(np.sum(p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i * width
+
+
+def entropy_range(stats: TensorStats) -> tuple[float, float]:
+    if stats.counts.sum() == 0:
+        return _clip_zero(stats.minimum, stats.maximum)
+    one_signed = stats.minimum >= 0 or stats.maximum <= 0
+    counts, bound = abs_histogram(stats)
+    threshold = entropy_threshold(counts, bound, levels=255 if one_signed else 128)
+    return _clip_zero(max(stats.minimum, -threshold), min(stats.maximum, threshold))
+
+
+def quant_params(low: float, high: float, qmin: int = 0, qmax: int = 255
+                 ) -> tuple[float, int]:
+    """Scale and zero point of an asymmetric affine quantizer covering [low, high] (0 exact)."""
+    low, high = _clip_zero(float(low), float(high))
+    scale = (high - low) / (qmax - qmin)
+    if not np.isfinite(scale) or scale <= 0:
+        return 1.0, int(np.clip(0, qmin, qmax)) if qmin >= 0 else 0
+    zero_point = int(np.clip(round(qmin - low / scale), qmin, qmax))
+    return float(scale), zero_point
+
+
+def histogram_mse(counts: np.ndarray, centers: np.ndarray, low: float, high: float) -> float:
+    scale, zero_point = quant_params(low, high)
+    q = np.clip(np.round(centers / scale) + zero_point, 0, 255)
+    error = (q - zero_point) * scale - centers
+    return float(np.sum(counts * error * error))
+
+
+MSE_GRID = np.linspace(0.05, 1.0, 96)
+
+
+def mse_range(stats: TensorStats) -> tuple[float, float]:
+    low, high = _clip_zero(stats.minimum, stats.maximum)
+    if stats.counts.sum() == 0:
+        return low, high
+    edges = stats.edges()
+    centers = (edges[:-1] + edges[1:]) / 2
+    used = stats.counts > 0
+    counts, centers = stats.counts[used].astype(np.float64), centers[used]
+    errors = [histogram_mse(counts, centers, c * low, c * high) for c in MSE_GRID]
+    best = float(MSE_GRID[int(np.argmin(errors))])
+    return best * low, best * high
+
+
+def tensor_range(stats: TensorStats, method: str, percentile: float = 99.99
+                 ) -> tuple[float, float]:
+    if method == "minmax":
+        return _clip_zero(stats.minimum, stats.maximum) if np.isfinite(stats.minimum) else (0, 0)
+    if not np.isfinite(stats.minimum):
+        return 0.0, 0.0
+    if method == "percentile":
+        return percentile_range(stats, percentile)
+    if method == "entropy":
+        return entropy_range(stats)
+    if method == "mse":
+        return mse_range(stats)
+    raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+
+
+def collect(model: Model, names: Sequence[str], data: Dataset,
+            channel_names: Sequence[str] = (),
+            progress: Callable[[int, int], None] | None = None) -> dict[str, TensorStats]:
+    """Stream the data through the model once; a TensorStats per named tensor."""
+    stats = {name: TensorStats() for name in names}
+    per_channel = set(channel_names)
+    for name in per_channel:
+        stats.setdefault(name, TensorStats())
+    wanted = list(stats)
+    if not wanted:
+        return stats
+
+    def on_batch(_: int, activations: dict[str, np.ndarray]) -> None:
+        for name, value in activations.items():
+            if np.issubdtype(np.asarray(value).dtype, np.floating):
+                stats[name].update(value, channels=name in per_channel)
+
+    calibration.stream_activations(model, wanted, data, on_batch, progress)
+    return stats

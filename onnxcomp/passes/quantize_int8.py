@@ -1,0 +1,199 @@
+"""int8 rewrites of the quantize pass: static QDQ and dynamic (run-time activation) quantization.
+
+Static (``QuantizeLinear``/``DequantizeLinear`` pairs, the form ONNX Runtime fuses):
+- an activation ``x`` read by a planned node becomes ``DQ(Q(x, s, zp), s, zp)`` with uint8,
+  ``s = (rmax - rmin) / 255``, ``zp = round(-rmin / s)`` (per tensor, one pair per tensor);
+- a weight ``W`` becomes an int8 initializer ``q = clip(round(W / s_c), -127, 127)`` with
+  ``s_c = max|W_c| / 127`` per output channel ``c`` (symmetric, zero point 0) and a
+  ``DequantizeLinear`` with the channel axis (Conv: 0; MatMul ``[K, N]``: last; Gemm: 0 if transB
+  else 1). So ``|DQ(q) - W| <= s_c / 2`` element-wise.
+- biases stay float: ONNX Runtime folds a float Conv bias into QLinearConv itself (checked in the
+  tests through the optimized graph).
+
+Dynamic: ``Y = MatMul(A, W)`` becomes ``DynamicQuantizeLinear(A) -> MatMulInteger(A_q, W_q, A_zp)
+-> Cast -> Mul(A_s * W_s)``, the pattern ONNX Runtime fuses into ``DynamicQuantizeMatMul``;
+a Gemm becomes the same plus ``Add(beta * C)`` (``alpha`` folded into ``W``); a Conv becomes
+``ConvInteger`` with a uint8 weight (zero point 128, per tensor, all ORT's CPU kernel takes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp.graph import unique_name
+
+INT8_MAX = 127
+
+
+def symmetric_int8(weight: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 values and scales (per channel along ``axis``, or one scale if None), zero point 0."""
+    weight = np.asarray(weight, dtype=np.float32)
+    if axis is None:
+        scale = np.asarray(np.abs(weight).max() / INT8_MAX, dtype=np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+        q = np.clip(np.round(weight / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+        return q, scale
+    axis = axis % weight.ndim
+    reduce = tuple(i for i in range(weight.ndim) if i != axis)
+    scale = (np.abs(weight).max(axis=reduce) / INT8_MAX).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(weight / scale.reshape(shape)), -INT8_MAX, INT8_MAX).astype(np.int8)
+    return q, scale
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, axis: int | None, zero_point=0) -> np.ndarray:
+    if axis is None or np.ndim(scale) == 0:
+        return (q.astype(np.float32) - zero_point) * scale
+    shape = [1] * q.ndim
+    shape[axis % q.ndim] = -1
+    zp = np.reshape(zero_point, shape) if np.ndim(zero_point) else zero_point
+    return (q.astype(np.float32) - zp) * np.reshape(scale, shape)
+
+
+def weight_axis(op: str, node_attrs: dict, weight_rank: int) -> int:
+    if op == "Conv":
+        return 0
+    if op == "Gemm":
+        return 0 if int(node_attrs.get("transB", 0)) else 1
+    return weight_rank - 1  # MatMul: [..., K, N], channels are the columns
+
+
+class QdqWriter:
+    """Adds Q/DQ pairs and quantized weights to a gs graph, one pair per tensor."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.tensors = graph.tensors()
+        self.pairs: dict[str, gs.Variable] = {}
+        self.weights: dict[tuple[str, int | None], gs.Variable] = {}
+        self.bytes_saved = 0
+
+    def _name(self, base: str) -> str:
+        name = unique_name(self.graph, base)
+        self.tensors[name] = None  # reserve
+        return name
+
+    def activation(self, tensor: gs.Tensor, scale: float, zero_point: int) -> gs.Variable:
+        if tensor.name in self.pairs:
+            return self.pairs[tensor.name]
+        s = gs.Constant(self._name(f"{tensor.name}_scale"), np.asarray(scale, dtype=np.float32))
+        zp = gs.Constant(self._name(f"{tensor.name}_zero_point"),
+                         np.asarray(zero_point, dtype=np.uint8))
+        quantized = gs.Variable(self._name(f"{tensor.name}_quantized"), dtype=np.uint8,
+                                shape=tensor.shape)
+        dequantized = gs.Variable(self._name(f"{tensor.name}_dequantized"), dtype=np.float32,
+                                  shape=tensor.shape)
+        self.graph.nodes.append(gs.Node("QuantizeLinear", self._name(f"{tensor.name}_Q"),
+                                        inputs=[tensor, s, zp], outputs=[quantized]))
+        self.graph.nodes.append(gs.Node("DequantizeLinear", self._name(f"{tensor.name}_DQ"),
+                                        inputs=[quantized, s, zp], outputs=[dequantized]))
+        self.pairs[tensor.name] = dequantized
+        return dequantized
+
+    def weight(self, tensor: gs.Constant, axis: int | None) -> gs.Variable:
+        key = (tensor.name, axis)
+        if key in self.weights:
+            return self.weights[key]
+        values = np.asarray(tensor.values, dtype=np.float32)
+        q, scale = symmetric_int8(values, axis)
+        quantized = gs.Constant(self._name(f"{tensor.name}_int8"), q)
+        s = gs.Constant(self._name(f"{tensor.name}_scale"), scale)
+        zp = gs.Constant(self._name(f"{tensor.name}_zero_point"), np.zeros_like(scale, np.int8))
+        dequantized = gs.Variable(self._name(f"{tensor.name}_dequantized"), dtype=np.float32,
+                                  shape=list(values.shape))
+        attrs = {"axis": int(axis)} if axis is not None else {}
+        self.graph.nodes.append(gs.Node("DequantizeLinear", self._name(f"{tensor.name}_DQ"),
+                                        attrs=attrs, inputs=[quantized, s, zp],
+                                        outputs=[dequantized]))
+        self.weights[key] = dequantized
+        return dequantized
+
+
+def rewire_consumers(tensor: gs.Tensor, replacement: gs.Tensor, skip_ops=("QuantizeLinear",)
+                     ) -> None:
+    """Every consumer of ``tensor`` (but its own Q node) reads ``replacement`` instead."""
+    for consumer in list(tensor.outputs):
+        if consumer.op in skip_ops:
+            continue
+        for i, value in enumerate(consumer.inputs):
+            if value is tensor:
+                consumer.inputs[i] = replacement
+
+
+def dynamic_matmul(graph: gs.Graph, node: gs.Node, weight: np.ndarray, axis: int | None,
+                   bias: np.ndarray | None = None) -> None:
+    """Replace a MatMul-like node (activation input 0, float weight [K, N]) by the dynamic form."""
+    activation, output = node.inputs[0], node.outputs[0]
+    q, scale = symmetric_int8(weight, axis)
+    base = node.name or output.name
+    name = lambda suffix: unique_name(graph, f"{base}_{suffix}")
+    a_q = gs.Variable(name("a_quantized"), dtype=np.uint8)
+    a_s = gs.Variable(name("a_scale"), dtype=np.float32)
+    a_zp = gs.Variable(name("a_zero_point"), dtype=np.uint8)
+    acc = gs.Variable(name("int32"), dtype=np.int32)
+    acc_f = gs.Variable(name("float"), dtype=np.float32)
+    both = gs.Variable(name("scale"), dtype=np.float32)
+    nodes = [
+        gs.Node("DynamicQuantizeLinear", name("dql"), inputs=[activation],
+                outputs=[a_q, a_s, a_zp]),
+        gs.Node("MatMulInteger", name("matmulinteger"),
+                inputs=[a_q, gs.Constant(name("W_int8"), q), a_zp], outputs=[acc]),
+        gs.Node("Cast", name("cast"), attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
+        gs.Node("Mul", name("scale_mul"),
+                inputs=[a_s, gs.Constant(name("W_scale"), scale)], outputs=[both]),
+    ]
+    node.outputs.clear()
+    node.inputs.clear()
+    if bias is None:
+        nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[output]))
+    else:
+        scaled = gs.Variable(name("scaled"), dtype=np.float32)
+        nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[scaled]))
+        nodes.append(gs.Node("Add", name("bias"),
+                             inputs=[scaled, gs.Constant(name("bias_value"),
+                                                         bias.astype(np.float32))],
+                             outputs=[output]))
+    graph.nodes.extend(nodes)
+
+
+def dynamic_conv(graph: gs.Graph, node: gs.Node, weight: np.ndarray,
+                 bias: np.ndarray | None) -> None:
+    """Conv -> DynamicQuantizeLinear + ConvInteger (uint8 weight, zero point 128) + rescale."""
+    activation, output = node.inputs[0], node.outputs[0]
+    q, scale = symmetric_int8(weight, None)
+    q_u8 = (q.astype(np.int16) + 128).astype(np.uint8)
+    base = node.name or output.name
+    name = lambda suffix: unique_name(graph, f"{base}_{suffix}")
+    a_q = gs.Variable(name("a_quantized"), dtype=np.uint8)
+    a_s = gs.Variable(name("a_scale"), dtype=np.float32)
+    a_zp = gs.Variable(name("a_zero_point"), dtype=np.uint8)
+    acc, acc_f = gs.Variable(name("int32"), dtype=np.int32), gs.Variable(name("float"),
+                                                                          dtype=np.float32)
+    both = gs.Variable(name("scale"), dtype=np.float32)
+    attrs = dict(node.attrs)
+    nodes = [
+        gs.Node("DynamicQuantizeLinear", name("dql"), inputs=[activation],
+                outputs=[a_q, a_s, a_zp]),
+        gs.Node("ConvInteger", name("convinteger"), attrs=attrs,
+                inputs=[a_q, gs.Constant(name("W_uint8"), q_u8), a_zp,
+                        gs.Constant(name("W_zero_point"), np.asarray(128, np.uint8))],
+                outputs=[acc]),
+        gs.Node("Cast", name("cast"), attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
+        gs.Node("Mul", name("scale_mul"), inputs=[a_s, gs.Constant(name("W_scale"), scale)],
+                outputs=[both]),
+    ]
+    node.outputs.clear()
+    node.inputs.clear()
+    if bias is None:
+        nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[output]))
+    else:
+        scaled = gs.Variable(name("scaled"), dtype=np.float32)
+        shaped = bias.astype(np.float32).reshape(1, -1, *([1] * (weight.ndim - 2)))
+        nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[scaled]))
+        nodes.append(gs.Node("Add", name("bias"),
+                             inputs=[scaled, gs.Constant(name("bias_value"), shaped)],
+                             outputs=[output]))
+    graph.nodes.extend(nodes)

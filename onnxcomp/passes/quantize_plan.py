@@ -1,0 +1,194 @@
+"""What the quantize pass will touch: a pure match over the graph, with a reason for every skip.
+
+A site is a Conv, MatMul or Gemm (or what ``op_types`` names) reading one activation and one
+constant float weight. Matching never mutates; ``apply`` in ``quantize.py`` does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp.graph import _subgraphs, constant_array
+from onnxcomp.passes.quantize_int8 import weight_axis
+
+logger = logging.getLogger(__name__)
+
+# Ops that mean the model was quantized already.
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
+                 "ConvInteger", "MatMulNBits", "QGemm", "MatMulIntegerToFloat",
+                 "DynamicQuantizeMatMul", "QAttention", "DynamicQuantizeLSTM"}
+
+
+def is_quantized_op(op: str) -> bool:
+    return op in QUANTIZED_OPS or op.startswith("QLinear")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One node to quantize: its activation input(s), its weight and the weight's channel axis."""
+
+    node: str
+    op: str
+    activation_inputs: tuple[int, ...]  # input positions that read activations
+    weight_input: int
+    weight_name: str
+    axis: int | None  # per-channel axis of the weight (None: per tensor)
+    output: str  # the node's output tensor (SQNR is measured on it)
+    # static: a tensor after the node to QDQ too (its output, or after a Relu/Clip), so that
+    # ONNX Runtime finds DQ -> op -> Q and chains QLinear kernels; None: no output QDQ.
+    output_qdq: str | None = None
+
+
+@dataclass
+class QuantPlan:
+    """The inspectable plan: sites to quantize, nodes skipped with the reason, notes."""
+
+    mode: str
+    sites: list[Site] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def without(self, names: set[str], reason: str) -> QuantPlan:
+        kept = [s for s in self.sites if s.node not in names]
+        dropped = [(s.node, reason) for s in self.sites if s.node in names]
+        return QuantPlan(self.mode, kept, self.skipped + dropped, list(self.notes))
+
+    def describe(self) -> list[str]:
+        lines = [f"quantize {self.mode}: {len(self.sites)} nodes"]
+        lines += [f"  {s.op} {s.node} (weight {s.weight_name}, axis {s.axis})" for s in self.sites]
+        lines += [f"  skip {name}: {why}" for name, why in self.skipped]
+        lines += [f"  note: {note}" for note in self.notes]
+        return lines
+
+
+def excluded(node: gs.Node, patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if node.op == pattern or node.name == pattern or fnmatch.fnmatchcase(node.name, pattern):
+            return f"excluded by {pattern!r}"
+    return None
+
+
+def _float_constant(tensor: gs.Tensor) -> np.ndarray | None:
+    value = constant_array(tensor)
+    if value is None or not np.issubdtype(value.dtype, np.floating):
+        return None
+    return value
+
+
+def match_node(node: gs.Node, mode: str, per_channel: bool) -> Site | str:
+    """The site for ``node``, or why it can't be quantized in ``mode``."""
+    inputs = node.inputs
+    if node.op == "Conv":
+        if mode == "int4":
+            return "int4 is weight-only for MatMul/Gemm"
+        if len(inputs) < 2 or (weight := _float_constant(inputs[1])) is None:
+            return "weight is not a constant float tensor"
+        if constant_array(inputs[0]) is not None:
+            return "input is a constant (fold it first)"
+        axis = 0 if per_channel and mode == "int8" else None
+        return Site(node.name, node.op, (0,), 1, inputs[1].name, axis, node.outputs[0].name)
+    if node.op == "MatMul":
+        left, right = (_float_constant(t) for t in inputs[:2])
+        if left is not None and right is not None:
+            return "both inputs are constants (fold it first)"
+        if right is None:
+            if left is not None:
+                return "the weight is the left operand (not supported)"
+            return "activation x activation (kept float)"
+        if right.ndim < 2:
+            return "weight of rank 1 (no output channels)"
+        if right.ndim != 2 and mode != "int8":
+            return f"weight of rank {right.ndim} ({mode} needs a 2-D weight)"
+        axis = weight_axis("MatMul", node.attrs, right.ndim) if per_channel else None
+        return Site(node.name, node.op, (0,), 1, inputs[1].name, axis, node.outputs[0].name)
+    if node.op == "Gemm":
+        if len(inputs) < 2 or (weight := _float_constant(inputs[1])) is None:
+            return "B is not a constant float tensor"
+        if constant_array(inputs[0]) is not None:
+            return "A is a constant (fold it first)"
+        if mode != "int8" and int(node.attrs.get("transA", 0)):
+            return "transA=1 (only static int8 handles it)"
+        if len(inputs) > 2 and mode != "int8" and constant_array(inputs[2]) is None:
+            return "C is not a constant"
+        axis = weight_axis("Gemm", node.attrs, weight.ndim) if per_channel else None
+        return Site(node.name, node.op, (0,), 1, inputs[1].name, axis, node.outputs[0].name)
+    return f"{node.op} is not a supported op type"
+
+
+def plan(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[str, ...],
+         per_channel: bool, output_qdq: str = "none") -> QuantPlan:
+    result = QuantPlan(mode)
+    seen = set()
+    for node in graph.nodes:
+        if node.op not in op_types:
+            continue
+        if not node.name or node.name in seen:
+            result.skipped.append((node.name or node.outputs[0].name,
+                                   "node has no unique name"))
+            continue
+        seen.add(node.name)
+        reason = excluded(node, exclude)
+        site = reason or match_node(node, mode, per_channel)
+        if isinstance(site, str):
+            logger.debug("quantize: skip %s: %s", node.name, site)
+            result.skipped.append((node.name, site))
+            continue
+        result.sites.append(site)
+    if mode == "int8" and output_qdq != "none":
+        _place_output_qdq(result, graph, output_qdq)
+    nested = sum(1 for sub in _subgraphs(graph) for n in sub.nodes if n.op in op_types)
+    if nested:
+        result.notes.append(f"{nested} {'/'.join(op_types)} nodes inside If/Loop subgraphs were "
+                            "not quantized")
+    return result
+
+
+# Ops ONNX Runtime folds into the quantized kernel before an output Q (Relu/Clip with matching
+# ranges are dropped), so the output QDQ goes after them.
+_FOLDED_ACTIVATIONS = ("Relu", "Clip")
+# Ops ONNX Runtime moves a Q across (value-preserving data movement).
+_PASSTHROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", *_FOLDED_ACTIVATIONS)
+
+
+def _reaches(tensor: gs.Tensor, quantized: set[str], graph_outputs: set[str]) -> bool:
+    """Whether ``tensor`` flows, through single-consumer pass-through ops, into a quantized input."""
+    for _ in range(8):
+        if tensor.name in quantized:
+            return True
+        if (len(tensor.outputs) != 1 or tensor.outputs[0].op not in _PASSTHROUGH
+                or tensor.name in graph_outputs):
+            return False
+        tensor = tensor.outputs[0].outputs[0]
+    return False
+
+
+def _feeds_bias_add(tensor: gs.Tensor) -> bool:
+    """MatMul -> Add(constant): ONNX Runtime fuses the pair into a float Gemm before its QDQ
+    fusions run, unless a Q follows the MatMul (then QLinearMatMul -> DQ -> Add)."""
+    return (len(tensor.outputs) == 1 and tensor.outputs[0].op == "Add"
+            and any(constant_array(t) is not None for t in tensor.outputs[0].inputs))
+
+
+def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str) -> None:
+    """Give each Conv site and each MatMul feeding a bias Add (every site for ``all``) an output
+    QDQ unless its output already reaches another site's quantized input."""
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    quantized_inputs = {nodes[s.node].inputs[i].name for s in result.sites
+                        for i in s.activation_inputs}
+    graph_outputs = {t.name for t in graph.outputs}
+    for index, site in enumerate(result.sites):
+        tensor = tensors[site.output]
+        if which == "conv" and site.op != "Conv" and not _feeds_bias_add(tensor):
+            continue
+        while (len(tensor.outputs) == 1 and tensor.outputs[0].op in _FOLDED_ACTIVATIONS
+               and tensor.name not in graph_outputs):
+            tensor = tensor.outputs[0].outputs[0]
+        if tensor.name in graph_outputs or _reaches(tensor, quantized_inputs, graph_outputs):
+            continue
+        result.sites[index] = Site(**{**site.__dict__, "output_qdq": tensor.name})

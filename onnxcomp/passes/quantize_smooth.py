@@ -1,0 +1,87 @@
+"""SmoothQuant-style scale migration for MatMuls that read a LayerNormalization's output.
+
+Transformer activations carry a few large channels; int8 per-tensor activation scales then
+waste their range. For ``Y = LN(x) @ W`` with ``LN(x) = n(x) * gamma + beta`` and a per-input-
+channel ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (``X = LN(x)`` on calibration data,
+``W_j`` row j of every consumer's weight):
+    ``Y = (n(x) * gamma / s + beta / s) @ (diag(s) W)``
+exactly in real arithmetic, so the rewrite is float-exact up to rounding (the tests check it in
+ONNX Runtime). Applied only when every consumer of the LN output is a MatMul with a constant
+2-D weight among the planned sites, and gamma/beta are constants of the normalized width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp.graph import constant_array, unique_name
+
+
+@dataclass(frozen=True)
+class SmoothSite:
+    norm: str  # the LayerNormalization node
+    output: str  # its output tensor (calibrated per channel)
+    matmuls: tuple[str, ...]
+
+
+def find_sites(graph: gs.Graph, quantized: set[str]) -> list[SmoothSite]:
+    sites = []
+    for node in graph.nodes:
+        if node.op != "LayerNormalization":
+            continue
+        axis, rank = int(node.attrs.get("axis", -1)), len(node.inputs[0].shape or [])
+        if axis != -1 and not (rank and axis == rank - 1):
+            continue
+        if len(node.inputs) > 2 and constant_array(node.inputs[2]) is None:
+            continue
+        gamma = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if gamma is None or gamma.ndim != 1:
+            continue
+        out = node.outputs[0]
+        consumers = list(out.outputs)
+        if not consumers or any(c.op != "MatMul" or c.name not in quantized
+                                or c.inputs[0] is not out for c in consumers):
+            continue
+        weights = [constant_array(c.inputs[1]) for c in consumers]
+        if any(w is None or w.ndim != 2 or w.shape[0] != gamma.size for w in weights):
+            continue
+        sites.append(SmoothSite(node.name, out.name, tuple(c.name for c in consumers)))
+    return sites
+
+
+def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float
+                     ) -> np.ndarray:
+    w_absmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.power(act_absmax, alpha) / np.power(w_absmax, 1.0 - alpha)
+    s = np.where(np.isfinite(s) & (s > 1e-5), s, 1.0)
+    return s.astype(np.float32)
+
+
+def apply(graph: gs.Graph, sites: list[SmoothSite], absmax: dict[str, np.ndarray],
+          alpha: float) -> list[str]:
+    """Fold the scales in place; returns the LayerNormalization nodes smoothed."""
+    nodes = {n.name: n for n in graph.nodes}
+    done = []
+    for site in sites:
+        if site.output not in absmax or absmax[site.output] is None:
+            continue
+        norm = nodes[site.norm]
+        matmuls = [nodes[name] for name in site.matmuls]
+        weights = [np.asarray(constant_array(m.inputs[1]), np.float32) for m in matmuls]
+        s = smoothing_scales(np.asarray(absmax[site.output], np.float64), weights, alpha)
+        gamma = np.asarray(constant_array(norm.inputs[1]), np.float32)
+        norm.inputs[1] = gs.Constant(unique_name(graph, f"{site.norm}_gamma_smoothed"),
+                                     (gamma / s).astype(np.float32))
+        if len(norm.inputs) > 2:
+            beta = constant_array(norm.inputs[2])
+            norm.inputs[2] = gs.Constant(unique_name(graph, f"{site.norm}_beta_smoothed"),
+                                         (np.asarray(beta, np.float32) / s).astype(np.float32))
+        for matmul, weight in zip(matmuls, weights):
+            matmul.inputs[1] = gs.Constant(unique_name(graph, f"{matmul.name}_W_smoothed"),
+                                           (weight * s[:, None]).astype(np.float32))
+        done.append(site.norm)
+    return done

@@ -1,0 +1,320 @@
+"""Seeded latin text and its rendering with the DejaVu fonts, for the OCR models' data.
+
+The text is a mix of what OCR meets on receipts, forms and signs: words, numbers, dates, times,
+prices, codes, e-mail-like strings and punctuation, 3 to 25 characters long. Each line is drawn
+in one of several DejaVu faces (Sans, Serif, Mono, Bold, Condensed, Oblique) with slight
+variations of size, grey level, background and position. Everything comes from a numpy
+``Generator`` handed in by the caller, so a (seed, split, index) triple always gives the same
+text and the same pixels.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from onnxcomp.errors import OnnxcompError
+
+FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"),
+             Path("/usr/share/fonts/TTF"))
+
+# Faces used, by file name; whichever of them are found are used.
+FACES = (
+    "DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf",
+    "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
+    "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
+    "DejaVuSansCondensed.ttf", "DejaVuSansCondensed-Bold.ttf", "DejaVuSerifCondensed.ttf",
+)
+
+_WORD_TEXT = (
+    "the of and to in is for on with as by at from that this are be or an it was new data "
+    "total price order invoice date time name street road city north south east west market "
+    "station office bank hotel coffee water paper model number account phone email store open "
+    "closed monday friday sunday january march june october december receipt amount change cash "
+    "card credit balance payment tax item quantity unit weight height width length speed level "
+    "green blue red black white yellow orange silver gold light dark small large medium high low "
+    "first second third last next page chapter section table figure report summary notice "
+    "warning caution danger exit entrance parking floor room door window street avenue lane "
+    "park garden river bridge tower center museum library school college university hospital "
+    "pharmacy bakery kitchen menu breakfast lunch dinner tea milk bread cheese apple orange "
+    "lemon sugar salt pepper rice pasta pizza burger salad soup fish chicken beef coffee juice "
+    "welcome thank you please call visit online service support customer delivery shipping "
+    "return refund discount sale offer free special limited edition version release update "
+    "system network server client memory storage battery power energy voltage current signal "
+    "engine motor sensor camera screen keyboard mouse printer scanner cable adapter charger "
+    "Berlin Paris London Madrid Rome Vienna Prague Dublin Oslo Lisbon Zurich Boston Denver "
+    "Anna Peter Maria John Laura David Sophie Martin Clara Thomas Emma Lucas"
+)
+WORDS = tuple(_WORD_TEXT.split())
+
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _number(rng: np.random.Generator) -> str:
+    kind = rng.integers(5)
+    if kind == 0:
+        return str(int(rng.integers(0, 100)))
+    if kind == 1:
+        return str(int(rng.integers(100, 100_000)))
+    if kind == 2:
+        return f"{rng.integers(0, 1000)}.{rng.integers(0, 100):02d}"
+    if kind == 3:
+        return f"{int(rng.integers(1, 1000)):,}"
+    return f"{rng.integers(0, 100)}%"
+
+
+def _date(rng: np.random.Generator) -> str:
+    year, month, day = int(rng.integers(1990, 2031)), int(rng.integers(1, 13)), int(
+        rng.integers(1, 29))
+    kind = rng.integers(4)
+    if kind == 0:
+        return f"{year}-{month:02d}-{day:02d}"
+    if kind == 1:
+        return f"{day:02d}/{month:02d}/{year}"
+    if kind == 2:
+        return f"{day} {MONTHS[month - 1]} {year}"
+    return f"{day:02d}.{month:02d}.{year % 100:02d}"
+
+
+def _time(rng: np.random.Generator) -> str:
+    text = f"{rng.integers(0, 24):02d}:{rng.integers(0, 60):02d}"
+    return text + (f":{rng.integers(0, 60):02d}" if rng.random() < 0.3 else "")
+
+
+def _price(rng: np.random.Generator) -> str:
+    value = f"{rng.integers(0, 2000)}.{rng.integers(0, 100):02d}"
+    kind = rng.integers(4)
+    if kind == 0:
+        return f"${value}"
+    if kind == 1:
+        return f"{value} USD"
+    if kind == 2:
+        return f"EUR {value}"
+    return f"-{value}"
+
+
+def _code(rng: np.random.Generator) -> str:
+    letters = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+    head = "".join(letters[i] for i in rng.integers(0, len(letters), size=rng.integers(1, 4)))
+    tail = str(int(rng.integers(10, 100_000)))
+    return f"{head}{rng.choice(['-', '', '/', '#'])}{tail}"
+
+
+def _word(rng: np.random.Generator) -> str:
+    word = WORDS[int(rng.integers(len(WORDS)))]
+    case = rng.random()
+    if case < 0.2:
+        return word.capitalize()
+    if case < 0.3:
+        return word.upper()
+    return word
+
+
+def _email(rng: np.random.Generator) -> str:
+    return f"{_word(rng).lower()}{rng.integers(0, 100)}@{_word(rng).lower()}.com"
+
+
+_PIECES: tuple[tuple[Callable[[np.random.Generator], str], float], ...] = (
+    (_word, 0.55), (_number, 0.12), (_date, 0.07), (_time, 0.05), (_price, 0.09),
+    (_code, 0.08), (_email, 0.04),
+)
+
+
+def random_text(rng: np.random.Generator, min_len: int = 3, max_len: int = 25,
+                allowed: Callable[[str], bool] | None = None) -> str:
+    """One line of 3-25 characters: pieces joined by spaces, with occasional punctuation."""
+    makers, weights = zip(*_PIECES)
+    probs = np.asarray(weights) / sum(weights)
+    target = int(rng.integers(min_len, max_len + 1))
+    for _ in range(100):
+        parts: list[str] = []
+        while len(" ".join(parts)) < target:
+            piece = makers[int(rng.choice(len(makers), p=probs))](rng)
+            if rng.random() < 0.12:
+                piece += str(rng.choice([",", ".", ":", ";", "!", "?"]))
+            elif rng.random() < 0.04:
+                piece = f"({piece})"
+            parts.append(piece)
+        text = " ".join(parts)
+        if len(text) > max_len:
+            # Drop the last piece if it overshoots (keep at least one).
+            shorter = " ".join(parts[:-1])
+            text = shorter if len(shorter) >= min_len else text[:max_len].rstrip()
+        if min_len <= len(text) <= max_len and (allowed is None or allowed(text)):
+            return text
+    raise OnnxcompError("could not generate a text line from the allowed characters")
+
+
+def text_split(text: str) -> int:
+    """0 or 1: which split a text belongs to, so calibration and evaluation texts never meet."""
+    return zlib.crc32(text.encode("utf-8")) & 1
+
+
+def texts_for_split(rng: np.random.Generator, split_bit: int, count: int,
+                    allowed: Callable[[str], bool] | None = None) -> list[str]:
+    texts = []
+    while len(texts) < count:
+        text = random_text(rng, allowed=allowed)
+        if text_split(text) == split_bit:
+            texts.append(text)
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+# fonts
+
+
+def _matplotlib_font_dir() -> Path | None:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("matplotlib")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "mpl-data" / "fonts" / "ttf"
+    return folder if folder.is_dir() else None
+
+
+@functools.lru_cache(maxsize=1)
+def font_files() -> tuple[Path, ...]:
+    """The DejaVu font files found on this machine (system fonts, else matplotlib's copies)."""
+    folders = [d for d in FONT_DIRS if d.is_dir()]
+    mpl = _matplotlib_font_dir()
+    if mpl is not None:
+        folders.append(mpl)
+    for folder in folders:
+        found = tuple(folder / face for face in FACES if (folder / face).is_file())
+        if found:
+            return found
+    raise OnnxcompError(
+        "no DejaVu fonts found (looked in "
+        + ", ".join(str(d) for d in FONT_DIRS)
+        + " and matplotlib's mpl-data/fonts/ttf); install them, e.g. apt-get install fonts-dejavu-core"
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def font(path: Path, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(path), size)
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering
+
+
+@dataclass(frozen=True)
+class LineStyle:
+    """How one line is drawn (all chosen from the seeded generator)."""
+
+    font_path: Path
+    size: int
+    ink: tuple[int, int, int]
+    paper: tuple[int, int, int]
+    margin_x: tuple[int, int]
+    margin_top: float  # fraction of the font size above the ascender line
+    margin_bottom: float
+    noise: float  # std of additive pixel noise
+    blur: float  # Gaussian blur radius in pixels (0: sharp)
+
+
+def _grey(rng: np.random.Generator, low: int, high: int) -> tuple[int, int, int]:
+    level = int(rng.integers(low, high + 1))
+    tint = rng.integers(-6, 7, size=3)
+    return tuple(int(np.clip(level + t, 0, 255)) for t in tint)
+
+
+def random_style(rng: np.random.Generator, size_range: tuple[int, int] = (12, 44)) -> LineStyle:
+    fonts = font_files()
+    ink, paper = _grey(rng, 0, 100), _grey(rng, 160, 255)
+    if rng.random() < 0.1:  # some light text on a dark background
+        ink, paper = _grey(rng, 200, 255), _grey(rng, 20, 80)
+    size = int(rng.integers(size_range[0], size_range[1] + 1))
+    return LineStyle(
+        font_path=fonts[int(rng.integers(len(fonts)))],
+        size=size,
+        ink=ink,
+        paper=paper,
+        margin_x=(round(rng.uniform(0.02, 0.2) * size),
+                  round(rng.uniform(0.02, 0.2) * size)),
+        margin_top=float(rng.uniform(0.02, 0.2)),
+        margin_bottom=float(rng.uniform(0.02, 0.2)),
+        noise=float(rng.uniform(0.0, 8.0)),
+        blur=float(rng.uniform(0.3, 1.0)) if rng.random() < 0.3 else 0.0,
+    )
+
+
+def render_line(text: str, style: LineStyle, rng: np.random.Generator) -> np.ndarray:
+    """A tight crop of one text line, as a detector would cut it: uint8 RGB [H, W, 3]."""
+    face = font(style.font_path, style.size)
+    ascent, descent = face.getmetrics()
+    left, _, right, _ = face.getbbox(text)
+    top_pad = round(style.margin_top * style.size)
+    bottom_pad = round(style.margin_bottom * style.size)
+    width = right - left + style.margin_x[0] + style.margin_x[1]
+    height = ascent + descent + top_pad + bottom_pad
+    image = Image.new("RGB", (max(width, 1), height), style.paper)
+    ImageDraw.Draw(image).text((style.margin_x[0] - left, top_pad), text, font=face,
+                               fill=style.ink)
+    if style.blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(style.blur))
+    pixels = np.asarray(image, dtype=np.float32)
+    if style.noise > 0:
+        pixels = pixels + rng.normal(0.0, style.noise, size=pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class PlacedLine:
+    text: str
+    style: LineStyle
+    x: int
+    y: int
+    box: tuple[int, int, int, int]  # ink bounding box on the page: x0, y0, x1, y1 (exclusive)
+
+
+def layout_page(rng: np.random.Generator, texts: Iterable[str], size: int = 640,
+                size_range: tuple[int, int] = (16, 44), tries: int = 60) -> list[PlacedLine]:
+    """Place the lines at random, non-overlapping positions (lines that don't fit are dropped)."""
+    placed: list[PlacedLine] = []
+    for text in texts:
+        style = random_style(rng, size_range)
+        face = font(style.font_path, style.size)
+        x0, y0, x1, y1 = face.getbbox(text)
+        w, h = x1 - x0, y1 - y0
+        if w >= size - 8 or h >= size - 8:
+            continue
+        for _ in range(tries):
+            x = int(rng.integers(4, size - w - 4))
+            y = int(rng.integers(4, size - h - 4))
+            box = (x, y, x + w, y + h)
+            gap = max(4, style.size // 3)
+            if all(box[0] >= b.box[2] + gap or box[2] + gap <= b.box[0]
+                   or box[1] >= b.box[3] + gap or box[3] + gap <= b.box[1] for b in placed):
+                placed.append(PlacedLine(text, style, x - x0, y - y0, box))
+                break
+    return placed
+
+
+def render_page(lines: list[PlacedLine], rng: np.random.Generator, size: int = 640
+                ) -> np.ndarray:
+    """A page with the placed lines on a smooth, lightly shaded background: uint8 RGB."""
+    base = np.asarray(_grey(rng, 200, 255), dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    shade = rng.uniform(-20, 20) * xx + rng.uniform(-20, 20) * yy
+    page = np.clip(base[None, None, :] + shade[..., None], 0, 255).astype(np.uint8)
+    image = Image.fromarray(page, "RGB")
+    draw = ImageDraw.Draw(image)
+    for line in lines:
+        face = font(line.style.font_path, line.style.size)
+        ink = line.style.ink if sum(line.style.ink) < 3 * 128 else (20, 20, 20)
+        draw.text((line.x, line.y), line.text, font=face, fill=ink)
+    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 3.0, size=(size, size, 3))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
