@@ -10,8 +10,8 @@ from pathlib import Path
 from onnxcomp import calibration
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import Model, load
-from onnxcomp.pipeline import Context, Pipeline, Step, parse_recipe
-from onnxcomp.report import Report, progress
+from onnxcomp.pipeline import Context, Pipeline, Step, apply_overrides, parse_recipe
+from onnxcomp.report import Report, markdown_table, progress
 
 DEFAULT_RECIPE = "quantize:int8"
 DEFAULT_EVAL_COUNT = 32
@@ -55,11 +55,15 @@ def evaluation_data(model: Model, eval_data, calib: calibration.Dataset | None,
 
 def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] | None = None,
              calib=None, eval_data=None, min_cosine: float | None = None,
-             validate: bool = True, show_progress: bool = True) -> CompressResult:
-    """Compress ``model`` with ``recipe``; the input model object is left untouched."""
+             validate: bool = True, show_progress: bool = True,
+             overrides: list[str] | None = None) -> CompressResult:
+    """Compress ``model`` with ``recipe``; the input model object is left untouched.
+
+    ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe."""
     source_path = None if isinstance(model, Model) else model
     original = _as_model(model)
-    steps = parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
+    steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
+                            overrides)
     report = Report("compress")
     report.models["reference"] = _model_facts(original, source_path)
     data = calibration.resolve(calib, original) if calib is not None else None
@@ -82,10 +86,13 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     return CompressResult(compressed, report, passed)
 
 
-def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None) -> list[str]:
-    """What each step would do, without changing anything: one text block per step."""
+def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
+            overrides: list[str] | None = None) -> list[str]:
+    """What each step would do, without changing anything: one text block per step. Every
+    step is planned on the cleaned-up input model (later steps would see earlier results)."""
     original = _as_model(model)
-    steps = parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
+    steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
+                            overrides)
     data = calibration.resolve(calib, original) if calib is not None else None
     ctx = Context(calibration=data, teacher=original)
     current, _ = Pipeline([]).run(original, ctx)  # cleanup only, as the real run starts
@@ -93,12 +100,27 @@ def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None) -> list[s
     for step in steps:
         module = step.module()
         text = step.describe()
-        if hasattr(module, "plan"):
-            try:
-                planned = module.plan(current, step.config, ctx)
-            except OnnxcompError as exc:
-                planned = f"cannot plan: {exc}"
-            summary = planned.summary() if hasattr(planned, "summary") else str(planned)
-            text += "\n" + summary
+        try:
+            if hasattr(module, "describe_plan"):
+                text += "\n" + module.describe_plan(current, step.config, ctx)
+            elif hasattr(module, "plan"):
+                text += "\n" + _describe(module.plan(current, step.config, ctx))
+        except OnnxcompError as exc:
+            text += f"\ncannot plan: {exc}"
         lines.append(text)
     return lines
+
+
+def _describe(planned) -> str:
+    if hasattr(planned, "describe"):
+        return _describe(planned.describe())
+    if isinstance(planned, (list, tuple)) and planned and all(isinstance(p, dict) for p in planned):
+        headers = list(planned[0])
+        return markdown_table(headers, [[row.get(h) for h in headers] for row in planned])
+    if isinstance(planned, (list, tuple)):
+        return "\n".join(_describe(item) for item in planned)
+    if hasattr(planned, "summary"):
+        summary = planned.summary()
+        return summary if isinstance(summary, str) else ", ".join(
+            f"{k}={v}" for k, v in summary.items())
+    return str(planned)

@@ -70,11 +70,11 @@ def cmd_compress(args) -> int:
 
     _check_output_path(args.model, args.output)
     if args.dry_run:
-        for block in api.dry_run(args.model, args.recipe, args.calib):
+        for block in api.dry_run(args.model, args.recipe, args.calib, overrides=args.set):
             print(block)
         return 0
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
-                          min_cosine=args.min_cosine)
+                          min_cosine=args.min_cosine, overrides=args.set)
     if result.passed:
         path = result.model.save(args.output)
         result.report.models["candidate"]["path"] = str(path)
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--report", default=None, help="write the JSON report here")
     compress.add_argument("--min-cosine", type=float, default=None,
                           help="exit 1 (and write no model) if any output's cosine is lower")
+    compress.add_argument("--set", action="append", metavar="PASS.FIELD=VALUE",
+                          help="override one option of a recipe step, e.g. "
+                          "quantize.calibration=minmax or prune.heads=0.25 (repeatable)")
     compress.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=cmd_compress)

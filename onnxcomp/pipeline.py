@@ -160,6 +160,36 @@ def parse_recipe(recipe: str | Path | list[Step] | None) -> list[Step]:
     return steps
 
 
+def _option_value(text: str):
+    """A TOML value (number, bool, list, quoted string); anything else is a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(steps: list[Step], overrides: list[str] | None) -> list[Step]:
+    """``PASS.FIELD=VALUE`` settings (the CLI's ``--set``) applied to every step of that pass."""
+    steps = list(steps)
+    for override in overrides or []:
+        key, sep, text = override.partition("=")
+        name, dot, field_name = key.strip().partition(".")
+        if not sep or not dot or not field_name:
+            raise OnnxcompError(f"bad --set {override!r}: expected PASS.FIELD=VALUE")
+        matching = [i for i, step in enumerate(steps) if step.name == name]
+        if not matching:
+            raise OnnxcompError(f"--set {override!r}: the recipe has no {name!r} step")
+        for i in matching:
+            table = {f.name: getattr(steps[i].config, f.name)
+                     for f in dataclasses.fields(steps[i].config)}
+            if field_name not in table:
+                raise OnnxcompError(f"--set {override!r}: pass {name!r} has no option "
+                                    f"{field_name!r}; known: {', '.join(sorted(table))}")
+            table[field_name] = _option_value(text.strip())
+            steps[i] = Step(name, _config_from_table(name, table))
+    return steps
+
+
 class PassFailed(RuntimeError):
     """A pass raised on a graph it should have handled or skipped: a bug, named with its context."""
 

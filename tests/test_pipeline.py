@@ -57,3 +57,16 @@ def test_pipeline_runs_cleanup_around_steps_and_names_a_failing_pass(mlp, monkey
     monkeypatch.setattr(cleanup, "run", explode)
     with pytest.raises(PassFailed, match="'cleanup' failed .*boom"):
         Pipeline([Step("cleanup", cleanup.Config())], cleanup=False).run(mlp, Context())
+
+
+def test_overrides_set_config_fields_with_types():
+    from onnxcomp.pipeline import apply_overrides
+
+    (step,) = apply_overrides(parse_recipe("cleanup"), ["cleanup.fold_size_limit=1024",
+                                                        "cleanup.fold_constants=false"])
+    assert step.config.fold_size_limit == 1024 and step.config.fold_constants is False
+    for bad, message in (("cleanup.nope=1", "no option"), ("prune.ratio=0.1", "no 'prune' step"),
+                         ("cleanup=1", "PASS.FIELD"), ("cleanup.fold_size_limit=-5",
+                                                       "fold_size_limit")):
+        with pytest.raises(OnnxcompError, match=message):
+            apply_overrides(parse_recipe("cleanup"), [bad])

@@ -391,3 +391,10 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     if cosine < config.min_cosine:
         record.notes.append("min_cosine not reached even with every layer float")
     return result, quant_plan
+
+
+def describe_plan(model: Model, config: Config, ctx: Context) -> str:
+    """The ``--dry-run`` text: what would be quantized and what skipped, changing nothing."""
+    notes: list[str] = []
+    quant_plan = plan(prepare(model, config, notes), config)
+    return "\n".join([*notes, *quant_plan.describe()])
