@@ -147,6 +147,12 @@ class _Layer:
         if self.op == "MatMul":
             out = self.node.output[0]
             users = [n for n in self.proto.graph.node if out in n.input]
+            # A quantized output (MatMul → QuantizeLinear → DequantizeLinear → Add) still ends
+            # in the bias Add: look through the pair.
+            for op in ("QuantizeLinear", "DequantizeLinear"):
+                if len(users) == 1 and users[0].op_type == op:
+                    out = users[0].output[0]
+                    users = [n for n in self.proto.graph.node if out in n.input]
             if len(users) == 1 and users[0].op_type == "Add":
                 other = [i for i in users[0].input if i != out]
                 if other and other[0] in self.inits:
