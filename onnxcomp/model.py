@@ -167,6 +167,12 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
                 os.replace(staging / data_name, target.parent / data_name)
         else:
             onnx.save_model(proto, str(staged_model))
+        # Staged files can come out owner-only; give them the modes a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in (staged_model, target.parent / data_name):
+            if written.exists() and (written == staged_model or external_data):
+                os.chmod(written, 0o666 & ~umask)
         os.replace(staged_model, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
