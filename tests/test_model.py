@@ -94,3 +94,14 @@ def test_large_model_is_saved_with_external_data_automatically(tmp_path, mlp, mo
     path = save(mlp, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx.data").is_file()
     assert load(path).weight_bytes() == mlp.weight_bytes()
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["ppocr-rec", "ppocr-det", "tiny-clip"])
+def test_zoo_models_round_trip_bit_exact(tmp_path, name):
+    from onnxcomp import zoo
+
+    original = load(zoo.fetch(name))
+    again = load(save(original, tmp_path / f"{name}.onnx"))
+    batch = zoo.dataset(name, "eval", 1).make_batch(0)
+    assert set(runtime.max_abs_difference(original, again, batch).values()) == {0.0}
