@@ -114,8 +114,20 @@ def cmd_bench(args) -> int:
 def cmd_export(args) -> int:
     from onnxcomp.export import export
 
-    result = export(args.source, args.output, opset=args.opset)
-    print(result.summary() if hasattr(result, "summary") else result)
+    from onnxcomp.model import same_file
+    from onnxcomp.report import progress, write_json_atomic
+
+    if same_file(args.source, args.output):
+        raise OnnxcompError("the output path is the source: refusing to overwrite it")
+    result = export(args.source, args.output, opset=args.opset, tolerance=args.tolerance,
+                    progress=progress)
+    if args.json:
+        write_json_atomic(result.to_dict(), args.json)
+    print(result.summary())
+    if not result.ok:
+        print(f"onnxcomp: the export differs from PyTorch by {result.max_abs_error:.3g} "
+              f"(> --tolerance {args.tolerance})", file=sys.stderr)
+        return EXIT_TARGET_MISSED
     return 0
 
 
@@ -202,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("source")
     export.add_argument("-o", "--output", required=True)
     export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="max abs error against PyTorch before exit 1")
+    export.add_argument("--json", default=None, help="write the export check as JSON here")
     export.set_defaults(func=cmd_export)
 
     zoo = sub.add_parser("zoo", help="the model zoo")

@@ -55,12 +55,13 @@ def config():
     """The ``CLIPConfig`` at ViT-B/32 size."""
     from transformers import CLIPConfig
 
-    text = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                num_attention_heads=8, max_position_embeddings=POSITIONS,
-                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, hidden_act="quick_gelu")
-    vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12, patch_size=32, image_size=IMAGE_SIZE, num_channels=3,
-                  hidden_act="quick_gelu")
+    text = {"vocab_size": VOCAB, "hidden_size": 512, "intermediate_size": 2048,
+            "num_hidden_layers": 12, "num_attention_heads": 8,
+            "max_position_embeddings": POSITIONS, "bos_token_id": BOS, "eos_token_id": EOS,
+            "pad_token_id": PAD, "hidden_act": "quick_gelu"}
+    vision = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "patch_size": 32, "image_size": IMAGE_SIZE,
+              "num_channels": 3, "hidden_act": "quick_gelu"}
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
 
 
@@ -92,9 +93,7 @@ def fetch(name: str, folder: Path) -> Path:
     export.require_torch()
 
     def make():
-        from onnxcomp import export_hf
-
-        prepared = export_hf.prepare_clip_model(build_model())
+        prepared = export.hf_module().prepare_clip_model(build_model())
         prepared.metadata["onnxcomp.zoo.name"] = name
         return prepared
 

