@@ -14,17 +14,28 @@ Mul, (mask Add), Softmax, MatMul, Transpose, Reshape, output Linear, residual Ad
 GELU written with Erf (``0.5 * x * (1 + erf(x / sqrt(2)))``), Linear, residual Add.
 
 Weights are drawn from ``numpy.random.default_rng(seed)`` in a fixed order: N(0, 1/fan_in)
-matrices (gain 2 on q/k and on the residual branches' output projections), small biases, LayerNorm gains near 1, so activations stay near unit scale and different
-inputs give clearly different embeddings. The same arguments always give the same bytes.
+matrices, small biases, LayerNorm gains near 1, so activations stay near unit scale.
+
+The towers are random, but the two embeddings are *aligned* in closed form (no training): the
+builder runs both towers (ONNX Runtime, one thread, no graph optimization) on a fixed set of
+pairs from the data generator's ``fit`` split (disjoint from ``calib`` and ``eval``), centres the
+pooled features by moving their mean into the final LayerNorms' biases, and sets
+``visual_projection`` / ``text_projection`` to the top ``embed_dim`` directions of a ridge-
+regularized canonical correlation analysis (CCA) of the two feature sets, each direction weighted
+by its canonical correlation. A pair's image and text then map to nearby unit vectors, so
+cross-modal recall@1 is far above chance and retrieval agreement after compression means
+something. The same arguments give the same bytes on one machine.
 """
 
 from __future__ import annotations
 
+import colorsys
 import json
 import os
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +51,18 @@ IR_VERSION = 8
 IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 BATCH = 8
-# Gains on the N(0, 1/fan_in) init of the q/k projections (sharper attention) and of the residual
-# branches' output projections (stronger branches). With gain 1 the untrained class token barely
-# depends on the image: the image embeddings of 32 eval pairs had mean pairwise cosine 0.79; with
-# 2 and 2 it is 0.57 (tests/test_zoo.py::test_tiny_clip_embeddings_are_spread guards this).
-QK_GAIN = 2.0
-OUT_GAIN = 2.0
+# Gains on the N(0, 1/fan_in) init of the q/k projections and of the residual branches' output
+# projections. Gain 2 on q/k made the text tower's pooled token attend to one word, so CCA could
+# not read the caption from it (recall@1 0.19 with gains 2 / 2 against 0.6 with 1 / 1).
+QK_GAIN = 1.0
+OUT_GAIN = 1.0
+# Build recipe version: bump whenever build() or the data generator changes what it produces;
+# fetch() rebuilds a cached model whose recorded recipe differs.
+RECIPE = "2"
+# Alignment: pairs of the ``fit`` split the projections are fitted on, and the CCA ridge (a
+# fraction of the mean feature variance added to each covariance's diagonal).
+FIT_PAIRS = 2048
+CCA_RIDGE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -209,7 +226,7 @@ def _text_tower(b: _Builder, config: TinyClipConfig) -> None:
 def build(seed: int = 0, width: int = 64, layers: int = 2, heads: int = 4, mlp: int | None = None,
           image_size: int = 32, patch: int = 8, vocab: int = 1000, seq_len: int = 16,
           embed_dim: int = 32) -> onnx.ModelProto:
-    """The tiny-clip graph with seeded weights (``mlp`` defaults to 4 x ``width``)."""
+    """The aligned tiny-clip graph with seeded weights (``mlp`` defaults to 4 x ``width``)."""
     config = TinyClipConfig(width=width, layers=layers, heads=heads,
                             mlp=4 * width if mlp is None else mlp, image_size=image_size,
                             patch=patch, vocab=vocab, seq_len=seq_len, embed_dim=embed_dim)
@@ -235,21 +252,113 @@ def build_from_config(config: TinyClipConfig, seed: int = 0) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="onnxcomp.zoo.tiny_clip")
     model.ir_version = IR_VERSION
+    _align(model, config, seed)
     helper.set_model_props(model, {"tiny_clip_config": json.dumps(asdict(config),
                                                                   sort_keys=True),
-                                   "seed": str(seed)})
+                                   "seed": str(seed), "tiny_clip_recipe": RECIPE})
     onnx.checker.check_model(model)
     return model
 
 
+# ---------------------------------------------------------------------------------------------
+# closed-form alignment of the two towers
+
+_POOLED = {"image": ("vision.pool/Gather", "vision.post_layernorm.bias", "visual_projection.weight"),
+           "text": ("text.pool/Gather", "text.final_layer_norm.bias", "text_projection.weight")}
+
+
+def pooled_features(model: onnx.ModelProto, feeds: dict[str, np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Both towers' pooled features (before the projections), one ORT thread, no optimization."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    names = [_POOLED["image"][0], _POOLED["text"][0]]
+    for name in names:
+        probe.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    image, text = session.run(names, feeds)
+    return image, text
+
+
+def _inverse_sqrt(covariance: np.ndarray) -> np.ndarray:
+    ridge = CCA_RIDGE * np.trace(covariance) / len(covariance)
+    values, vectors = np.linalg.eigh(covariance + ridge * np.eye(len(covariance)))
+    return (vectors / np.sqrt(values)) @ vectors.T
+
+
+def cca(image: np.ndarray, text: np.ndarray, k: int
+        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge CCA of centred features: projections [w, k'] per side and the correlations [k'].
+
+    Whiten each side, SVD of the whitened cross-covariance, keep the top ``k' = min(k, w)``
+    directions, each scaled by its canonical correlation (weaker directions count less)."""
+    n = len(image)
+    w_image = _inverse_sqrt(image.T @ image / n)
+    w_text = _inverse_sqrt(text.T @ text / n)
+    u, s, vt = np.linalg.svd(w_image @ (image.T @ text / n) @ w_text)
+    k = min(k, len(s))
+    return w_image @ u[:, :k] * s[:k], w_text @ vt[:k].T * s[:k], s[:k]
+
+
+def _align(model: onnx.ModelProto, config: TinyClipConfig, seed: int) -> None:
+    """Centre the pooled features and fit both projections by CCA on the ``fit`` split."""
+    chunk = 256
+    features: dict[str, list[np.ndarray]] = {"image": [], "text": []}
+    for index in range(FIT_PAIRS // chunk):
+        feeds, _ = make_pairs(seed, "fit", index, batch=chunk, config=config)
+        image, text = pooled_features(model, feeds)
+        features["image"].append(image.astype(np.float64))
+        features["text"].append(text.astype(np.float64))
+    pooled = {side: np.concatenate(rows) for side, rows in features.items()}
+    means = {side: rows.mean(axis=0) for side, rows in pooled.items()}
+    fitted = dict(zip(("image", "text"),
+                      cca(pooled["image"] - means["image"], pooled["text"] - means["text"],
+                          config.embed_dim)[:2]))
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    for side, (_, bias_name, weight_name) in _POOLED.items():
+        # Only the pooled token leaves the final LayerNorm, so its bias centres the features.
+        bias = numpy_helper.to_array(initializers[bias_name]).astype(np.float64) - means[side]
+        initializers[bias_name].CopyFrom(numpy_helper.from_array(bias.astype(np.float32),
+                                                                 bias_name))
+        weight = numpy_helper.to_array(initializers[weight_name]).copy()
+        projection = fitted[side]
+        # Same scale as the random init (the output is normalized, only directions matter).
+        projection = projection * (config.width ** -0.5 / projection.std())
+        weight[:, :projection.shape[1]] = projection
+        initializers[weight_name].CopyFrom(numpy_helper.from_array(weight.astype(np.float32),
+                                                                   weight_name))
+
+
+def _recorded(path: Path) -> dict[str, str] | None:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any unreadable file is rebuilt
+        return None
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
 def fetch(name: str, folder: Path) -> Path:
-    """Build the default tiny-clip into ``folder/model.onnx`` (kept when already identical)."""
+    """Build the default tiny-clip into ``folder/model.onnx``.
+
+    A cached file is kept when it records this recipe version, the default config and seed 0;
+    otherwise (older recipe, other build, unreadable file) it is rebuilt."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "model.onnx"
+    expected = {"tiny_clip_recipe": RECIPE, "seed": "0",
+                "tiny_clip_config": json.dumps(asdict(_default_config()), sort_keys=True)}
+    if target.is_file():
+        recorded = _recorded(target)
+        if recorded is not None and all(recorded.get(k) == v for k, v in expected.items()):
+            return target
     data = build().SerializeToString()
-    if target.is_file() and target.read_bytes() == data:
-        return target
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as out:
@@ -262,58 +371,93 @@ def fetch(name: str, folder: Path) -> Path:
     return target
 
 
+def _default_config() -> TinyClipConfig:
+    return TinyClipConfig(mlp=4 * TinyClipConfig().width)
+
+
 # ---------------------------------------------------------------------------------------------
 # data: related image + text pairs
+#
+# A pair is described by five factors the image shows and the caption names: hue (8), stripe
+# orientation (4), stripe frequency (2), brightness (4) and saturation (3). The first three make
+# the pair's topic (64 topics, the labels); brightness and saturation vary per pair, so most
+# pairs in a batch of 64 differ in at least one factor and exact-pair retrieval is well posed
+# (a pair whose five factors repeat elsewhere in the set is ambiguous by construction).
+# Per-sample nuisance: hue jitter, stripe phase and frequency jitter, a random blob, pixel
+# noise; for the text, one of two synonyms per factor word, two of four stop words, word order.
 
 TOPICS = 64
-_SPLITS = {"calib": 0, "eval": 1}
+FACTORS = (8, 4, 2, 4, 3)  # hue, orientation, frequency, brightness, saturation
+FREQUENCIES = (1.5, 4.0)  # stripe cycles per image
+STRIPE_AMPLITUDE = 0.35
+SYNONYMS = 2
+STOP_WORDS = 4
+STOPS_PER_CAPTION = 2
+PAD = 0
+_SPLITS = {"calib": 0, "eval": 1, "fit": 2}
+_SPLIT_TRIES = 64
 
 
-def _topic(topic: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A topic's colour (3), base frequencies (2) and key tokens (4)."""
-    rng = np.random.default_rng([int(seed), 1_000_003, topic])
-    colour = rng.uniform(0.1, 0.9, size=3)
-    frequency = rng.uniform(0.5, 3.0, size=2)
-    tokens = rng.integers(1, TinyClipConfig().vocab, size=4)
-    return colour, frequency, tokens
+def topic_factors(topic: int) -> tuple[int, int, int]:
+    """A topic's hue, orientation and frequency indices."""
+    return topic // 8, (topic // 2) % 4, topic % 2
 
 
-def pair_image(rng: np.random.Generator, topic: int, seed: int, size: int = 32) -> np.ndarray:
-    """A smooth image [3, size, size] in [0, 1]: sinusoids and blobs tinted by the topic."""
-    colour, frequency, _ = _topic(topic, seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    image = np.zeros((3, size, size), dtype=np.float32)
-    for _ in range(3):
-        fx, fy = frequency * rng.uniform(0.6, 1.6, size=2)
-        phase = rng.uniform(0, 2 * np.pi)
-        wave = np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
-        image += rng.uniform(0.1, 0.3) * wave[None] * rng.uniform(0.3, 1.0, size=(3, 1, 1))
-    for _ in range(int(rng.integers(1, 4))):
-        cx, cy = rng.uniform(0.1, 0.9, size=2)
-        radius = rng.uniform(0.08, 0.3)
-        blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius ** 2))
-        tint = np.clip(colour + rng.normal(0, 0.15, size=3), 0, 1) - 0.5
-        image += blob[None] * tint[:, None, None] * rng.uniform(0.5, 1.2)
-    image += colour[:, None, None] * 0.6 + rng.normal(0, 0.02, size=image.shape)
-    return np.clip(image, 0.0, 1.0)
+@lru_cache(maxsize=8)
+def _words(vocab: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The fixed caption vocabulary: per factor [levels, synonyms] token ids, and stop words.
+
+    Ids in [1, vocab - 1): 0 is padding and ``vocab - 1`` the end token the text tower pools."""
+    needed = SYNONYMS * sum(FACTORS) + STOP_WORDS
+    rng = np.random.default_rng(2_000_003)
+    if vocab - 2 >= needed:
+        ids = rng.permutation(np.arange(1, vocab - 1))[:needed]
+    else:  # a toy vocabulary: words share ids
+        ids = rng.integers(1, max(2, vocab - 1), size=needed)
+    tables, start = [], 0
+    for levels in FACTORS:
+        tables.append(ids[start:start + levels * SYNONYMS].reshape(levels, SYNONYMS))
+        start += levels * SYNONYMS
+    return tables, ids[start:]
 
 
-def pair_tokens(rng: np.random.Generator, topic: int, seed: int, config: TinyClipConfig,
-                split_bit: int) -> np.ndarray:
-    """Token ids in [1, vocab): random words with the topic's key tokens repeated among them.
+def pair_image(rng: np.random.Generator, factors: np.ndarray, size: int = 32) -> np.ndarray:
+    """A smooth image [3, size, size] in [0, 1]: tinted oriented stripes plus a random blob."""
+    hue, orientation, frequency, brightness, saturation = (int(f) for f in factors)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    h = ((hue + rng.normal(0, 0.1)) / FACTORS[0]) % 1.0
+    colour = np.array(colorsys.hsv_to_rgb(h, 0.35 + 0.3 * saturation, 0.35 + 0.2 * brightness))
+    angle = np.pi * orientation / FACTORS[1] + rng.normal(0, 0.05)
+    cycles = FREQUENCIES[frequency] * rng.uniform(0.9, 1.1)
+    wave = np.sin(2 * np.pi * cycles * (np.cos(angle) * xx + np.sin(angle) * yy)
+                  + rng.uniform(0, 2 * np.pi))
+    image = colour[:, None, None] * (1 + STRIPE_AMPLITUDE * wave[None])
+    cy, cx = rng.uniform(0.2, 0.8, size=2)
+    radius = rng.uniform(0.08, 0.2)
+    blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius ** 2))
+    image += 0.3 * blob[None] * (rng.uniform(0, 1, size=(3, 1, 1)) - 0.5)
+    image += rng.normal(0, 0.02, size=image.shape)
+    return np.clip(image, 0.0, 1.0).astype(np.float32)
 
-    Each sequence belongs to one split (a bit of its crc32), so the splits never share one."""
-    _, _, keys = _topic(topic, seed)
-    keys = keys % config.vocab
-    keys[keys == 0] = 1
-    while True:
-        ids = rng.integers(1, config.vocab, size=config.seq_len)
-        count = int(rng.integers(3, max(4, config.seq_len // 2)))
-        positions = rng.choice(config.seq_len, size=min(count, config.seq_len), replace=False)
-        ids[positions] = rng.choice(keys, size=positions.size)
-        ids = ids.astype(np.int64)
-        if zlib.crc32(ids.tobytes()) & 1 == split_bit:
-            return ids
+
+def pair_tokens(rng: np.random.Generator, factors: np.ndarray, config: TinyClipConfig,
+                split: int) -> np.ndarray:
+    """A caption: one word per factor and stop words, shuffled, then padding, then the end token.
+
+    Each caption belongs to one split (its crc32 modulo 3), so the splits never share one (for
+    a toy vocabulary or length, after a bounded number of redraws the last draw is kept)."""
+    tables, stops = _words(config.vocab)
+    length = config.seq_len
+    for _ in range(_SPLIT_TRIES):
+        words = [tables[i][int(f), rng.integers(SYNONYMS)] for i, f in enumerate(factors)]
+        words += list(rng.choice(stops, size=STOPS_PER_CAPTION))
+        words = [words[i] for i in rng.permutation(len(words))][:length - 1]
+        ids = np.full(length, PAD, dtype=np.int64)
+        ids[:len(words)] = words
+        ids[-1] = config.vocab - 1
+        if zlib.crc32(ids.tobytes()) % len(_SPLITS) == split:
+            break
+    return ids
 
 
 def _batch_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -322,19 +466,22 @@ def _batch_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 def make_pairs(seed: int, split: str, index: int, batch: int = BATCH,
                config: TinyClipConfig | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """One batch of pairs and their topics."""
+    """One batch of pairs and their topics (``split``: calib, eval, or fit for the alignment)."""
     config = config or TinyClipConfig()
     rng = _batch_rng(seed, split, index)
     topics = rng.integers(0, TOPICS, size=batch)
-    images = np.stack([pair_image(rng, int(t), seed, config.image_size) for t in topics])
+    factors = np.array([topic_factors(int(t)) + (int(rng.integers(FACTORS[3])),
+                                                 int(rng.integers(FACTORS[4])))
+                        for t in topics])
+    images = np.stack([pair_image(rng, f, config.image_size) for f in factors])
     pixels = (images - IMAGE_MEAN[None, :, None, None]) / IMAGE_STD[None, :, None, None]
-    ids = np.stack([pair_tokens(rng, int(t), seed, config, _SPLITS[split]) for t in topics])
+    ids = np.stack([pair_tokens(rng, f, config, _SPLITS[split]) for f in factors])
     return {"input_ids": ids, "pixel_values": pixels.astype(np.float32)}, topics
 
 
 def dataset(name: str, split: str, count: int, seed: int = 0) -> Dataset:
     """``count`` batches of 8 related (image, text) pairs; labels: the pairs' topic ids."""
-    if split not in _SPLITS:
+    if split not in ("calib", "eval"):
         raise OnnxcompError(f"unknown data split {split!r}: use calib or eval")
     if count <= 0:
         raise OnnxcompError(f"the data count must be positive, got {count}")
