@@ -59,7 +59,7 @@ EVAL_BATCHES = 16
 @dataclass(frozen=True)
 class Config:
     mode: str = "int8"
-    calibration: str = "percentile"
+    calibration: str = "mse"
     percentile: float = 99.99
     op_types: tuple[str, ...] | None = None  # None: the mode's default
     exclude: tuple[str, ...] = ()  # node names, op types or fnmatch patterns
