@@ -136,3 +136,54 @@ class Report:
 def progress(message: str) -> None:
     """Progress for long work goes to stderr so stdout stays a clean table or JSON."""
     print(message, file=sys.stderr, flush=True)
+
+
+def plot_tradeoff(bench: dict[str, Any], path: str | os.PathLike,
+                  fidelity: dict[str, float] | None = None, provider: str | None = None,
+                  threads: int | None = None) -> Path:
+    """Size against p50 latency, one point per model, labelled with its fidelity if given.
+
+    ``bench``: a report's ``bench`` section; ``fidelity``: model name -> a score (e.g. the mean
+    cosine against the reference); ``provider``/``threads``: which timing to plot (default: the
+    first measured). Needs the ``[report]`` extra (matplotlib), imported only here.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from onnxcomp.errors import OnnxcompError
+
+        raise OnnxcompError("plots need matplotlib: pip install 'onnxcomp[report]'") from None
+    results = bench.get("results") or []
+    if not results:
+        from onnxcomp.errors import OnnxcompError
+
+        raise OnnxcompError("the bench section has no timings to plot")
+    provider = provider or results[0]["provider"]
+    threads = threads or results[0]["threads"]
+    sizes = {m["name"]: m["bytes"] / 1e6 for m in bench.get("models", [])}
+    chosen = [r for r in results if r["provider"] == provider and r["threads"] == threads]
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for row in chosen:
+        x, y = sizes[row["model"]], row["p50_ms"]
+        axes.scatter([x], [y])
+        label = row["model"]
+        if fidelity and row["model"] in fidelity:
+            label += f" ({fidelity[row['model']]:.4f})"
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    axes.set_xlabel("size on disk (MB)")
+    axes.set_ylabel(f"p50 latency (ms), {provider.replace('ExecutionProvider', '')}, "
+                    f"{threads} thread(s)")
+    axes.set_title("size / latency" + (" / fidelity" if fidelity else ""))
+    # room on the right and on top for the labels
+    axes.set_xlim(0, 1.3 * max(sizes[r["model"]] for r in chosen))
+    axes.set_ylim(0, 1.15 * max(r["p50_ms"] for r in chosen))
+    axes.grid(alpha=0.3)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(target, dpi=120)
+    plt.close(figure)
+    return target

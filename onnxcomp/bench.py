@@ -1,0 +1,393 @@
+"""Latency, throughput, peak memory, size and parameter count, per provider and thread count.
+
+How the timings are taken, so that two models can be compared fairly on a noisy machine:
+- one ONNX Runtime session per model (default graph optimizations) for each provider x threads;
+- warm-up runs, then timed runs *interleaved* in one process: round r runs every model once, the
+  order reversed every other round (A B, B A, ...), so machine noise and clock changes hit all
+  models alike; at least ``runs`` rounds, and more until the rounds span ``min_seconds`` (1 s by
+  default): 30 runs of a 0.2 ms model last 6 ms, short enough for one burst of another
+  process to move the median;
+- p50/p90/p99 over the timed runs (``numpy.percentile``, linear interpolation), throughput =
+  batch / p50, and ratios against the first model (p50 ratio and file size ratio).
+- GPU providers (CUDA, TensorRT; DirectML) use I/O binding: inputs are copied to the device once
+  and outputs stay on the device, so host/device copies are not timed.
+
+Peak memory is measured apart from the timings, in a fresh child process per model (a
+``python -c`` subprocess, so no state or cached allocator of this process leaks in): the child
+reads its resident set size (``/proc/self/statm``, else ``ru_maxrss``) after importing ONNX Runtime
+and loading the inputs, then creates the session, runs it a few times and reports
+``resource.getrusage(RUSAGE_SELF).ru_maxrss``. ``peak_rss_mb`` is that absolute peak and
+``session_peak_mb`` the peak minus the resident size before the session was created: the memory
+the model costs (weights, optimized graph, arenas, activations). Device memory is not included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnx import external_data_helper
+
+from onnxcomp import calibration, runtime
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import Model, iter_tensors, load
+from onnxcomp.report import Report, markdown_table
+from onnxcomp.report import progress as default_progress
+
+MEMORY_RUNS = 3
+# OrtValue device names for providers whose inputs should live on the device.
+DEVICE_OF_PROVIDER = {
+    "CUDAExecutionProvider": "cuda",
+    "TensorrtExecutionProvider": "cuda",
+    "DmlExecutionProvider": "dml",
+}
+
+
+def percentiles(times_s: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/mean/min of run times given in seconds, in milliseconds."""
+    ms = np.asarray(times_s, dtype=np.float64) * 1000.0
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
+
+
+def model_size(path: str | os.PathLike) -> int:
+    """Bytes on disk: the .onnx file plus every external data file it references (once each)."""
+    path = Path(path)
+    proto = load(path, load_weights=False).proto
+    total = path.stat().st_size
+    locations = set()
+    for tensor in iter_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            locations.add(external_data_helper.ExternalDataInfo(tensor).location)
+    for location in locations:
+        total += (path.parent / location).stat().st_size
+    return total
+
+
+def parameter_count(model: Model) -> int:
+    """Elements of all stored tensors (initializers and Constant nodes, subgraphs included),
+    except 64-bit integer ones, which are shapes and indices rather than weights."""
+    from onnx import TensorProto
+
+    total = 0
+    for tensor in iter_tensors(model.proto):
+        if tensor.data_type == TensorProto.INT64:
+            continue
+        total += int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    return total
+
+
+class _Runner:
+    """One session with its inputs ready; ``__call__`` runs it once (timed by the caller)."""
+
+    def __init__(self, path: str, provider: str, threads: int | None,
+                 feeds: dict[str, np.ndarray], spinning: bool = True):
+        import onnxruntime as ort
+
+        self.provider = runtime.resolve_provider(provider)
+        if spinning:
+            self.session = runtime.session(path, provider=provider, threads=threads)
+        else:
+            self.session = _session_without_spinning(path, self.provider, threads)
+        if self.provider not in self.session.get_providers():
+            # ORT falls back to the CPU when a provider's libraries fail to load: say so rather
+            # than report CPU timings under the provider's name.
+            raise OnnxcompError(f"provider {provider!r} could not be initialised for {path} "
+                                f"(session providers: {', '.join(self.session.get_providers())})")
+        self.feeds = feeds
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        device = DEVICE_OF_PROVIDER.get(self.provider)
+        self.binding = None
+        if device:
+            # Untested here (this machine has no GPU): inputs copied to the device once, outputs
+            # bound to the device, so the timed run excludes host <-> device copies.
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                value = ort.OrtValue.ortvalue_from_numpy(array, device, 0)
+                binding.bind_ortvalue_input(name, value)
+            for name in self.outputs:
+                binding.bind_output(name, device, 0)
+            self.binding = binding
+
+    def __call__(self) -> None:
+        if self.binding is not None:
+            self.session.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+        else:
+            self.session.run(self.outputs, self.feeds)
+
+
+def _session_without_spinning(path: str, provider: str, threads: int | None):
+    import onnxruntime as ort
+
+    options = runtime.session_options(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider"
+                              else [])
+    try:
+        return ort.InferenceSession(path, options, providers=providers)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise OnnxcompError(f"ONNX Runtime could not load the model: {first}") from exc
+
+
+def _feeds_for(model: Model, data: Any, batch: int) -> dict[str, np.ndarray]:
+    if data is None:
+        dataset = calibration.random_data(model, 1, batch=batch)
+    else:
+        dataset = calibration.resolve(data, model, default_count=1, split="eval")
+    return {k: np.ascontiguousarray(v) for k, v in dataset.make_batch(0).items()}
+
+
+def _batch_size(feeds: dict[str, np.ndarray]) -> int:
+    for array in feeds.values():
+        if array.ndim:
+            return int(array.shape[0])
+    return 1
+
+
+def _unique_names(paths: list[Path], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != len(paths):
+            raise OnnxcompError(f"got {len(names)} names for {len(paths)} models")
+        if len(set(names)) != len(names):
+            raise OnnxcompError(f"model names must be unique: {names}")
+        return names
+    result: list[str] = []
+    for path in paths:
+        base = path.stem
+        name, n = base, 2
+        while name in result:
+            name, n = f"{base}#{n}", n + 1
+        result.append(name)
+    return result
+
+
+def _as_int_list(values: Any, what: str) -> list[int]:
+    if isinstance(values, (int, str)):
+        values = [values]
+    try:
+        result = [int(v) for v in values]
+    except (TypeError, ValueError):
+        raise OnnxcompError(f"{what} must be whole numbers, got {values!r}") from None
+    if not result or any(v < 1 for v in result):
+        raise OnnxcompError(f"{what} must be positive, got {values!r}")
+    return result
+
+
+def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] = ("cpu",),
+          threads: Sequence[int] | int = (1,), batch: int = 1, runs: int = 30,
+          warmup: int = 5, data: Any = None, names: Sequence[str] | None = None,
+          memory: bool = True, min_seconds: float = 1.0, spinning: bool = True,
+          progress: Callable[[str], None] | None = default_progress) -> Report:
+    """Time the models side by side; see the module docstring for the method.
+
+    ``models``: paths or Models (in-memory ones are saved to a temporary file first); the first
+    is the baseline of the ratios. ``data``: None for random inputs with ``batch`` rows, or a
+    data source (``calibration.resolve``), of which the first batch is used. ``memory``: also
+    measure peak memory in a child process per model and provider. ``min_seconds``: after
+    ``runs`` rounds, keep going until the timed rounds span at least this long, so that a
+    sub-millisecond model is not timed within one short burst of machine noise. ``spinning``:
+    ONNX Runtime's default lets idle intra-op threads spin-wait; False makes them sleep, which
+    keeps interleaved multi-threaded sessions from stealing each other's (and other processes')
+    cores on a busy machine, at some wake-up cost.
+    """
+    if isinstance(models, (str, os.PathLike, Model)):
+        models = [models]
+    if not models:
+        raise OnnxcompError("bench needs at least one model")
+    if isinstance(providers, str):
+        providers = [p for p in providers.split(",") if p]
+    if not providers:
+        raise OnnxcompError("bench needs at least one provider")
+    thread_counts = _as_int_list(threads, "threads")
+    batch = _as_int_list(batch, "batch")[0]
+    runs = _as_int_list(runs, "runs")[0]
+    if int(warmup) < 0:
+        raise OnnxcompError(f"warmup must be >= 0, got {warmup}")
+    if float(min_seconds) < 0:
+        raise OnnxcompError(f"min_seconds must be >= 0, got {min_seconds}")
+    resolved = {p: runtime.resolve_provider(p) for p in providers}  # fails early on bad names
+    say = progress or (lambda message: None)
+
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-bench-") as tmp:
+        paths, loaded = [], []
+        for index, model in enumerate(models):
+            if isinstance(model, Model):
+                path = Path(tmp) / f"model{index}.onnx"
+                model.copy().save(path)
+                loaded.append(model)
+            else:
+                path = Path(model)
+                loaded.append(load(path, load_weights=False))
+            paths.append(path)
+        labels = _unique_names(paths, names)  # in-memory models are named model0, model1...
+        feeds = [_feeds_for(m, data, batch) for m in loaded]
+        infos = []
+        for label, path, model, model_feeds in zip(labels, paths, loaded, feeds):
+            size = model_size(path)
+            infos.append({"name": label,
+                          "path": str(path) if not isinstance(model, Model) else "<in-memory>",
+                          "bytes": size, "params": parameter_count(model),
+                          "batch": _batch_size(model_feeds)})
+        for info in infos:
+            info["size_ratio"] = info["bytes"] / infos[0]["bytes"]
+
+        results = []
+        for provider in providers:
+            for count in thread_counts:
+                say(f"bench: {provider}, {count} thread(s): {runs} runs x {len(paths)} models")
+                times = _time_interleaved(paths, provider, count, feeds, runs, int(warmup),
+                                          float(min_seconds), spinning)
+                base = None
+                for index, (info, model_times) in enumerate(zip(infos, times)):
+                    stats = percentiles(model_times)
+                    base = base or stats["p50_ms"]
+                    results.append({
+                        "model": info["name"], "model_index": index,
+                        "provider": resolved[provider],
+                        "threads": count, "runs": len(model_times), **stats,
+                        "throughput": info["batch"] / (stats["p50_ms"] / 1000.0),
+                        "latency_ratio": stats["p50_ms"] / base,
+                        "speedup": base / stats["p50_ms"],
+                    })
+        memory_rows = []
+        if memory:
+            for provider in providers:
+                for info, path, model_feeds in zip(infos, paths, feeds):
+                    say(f"bench: peak memory of {info['name']} ({provider})")
+                    measured = measure_memory(path, provider, thread_counts[0], model_feeds)
+                    memory_rows.append({"model": info["name"], "provider": resolved[provider],
+                                        "threads": thread_counts[0], **measured})
+
+    report = Report(command="bench")
+    report.environment["provider"] = ",".join(resolved.values())
+    report.models = {info["name"]: {k: v for k, v in info.items() if k != "name"}
+                     for info in infos}
+    report.bench = {"batch": infos[0]["batch"], "runs": runs, "warmup": int(warmup),
+                    "min_seconds": float(min_seconds), "spinning": bool(spinning),
+                    "data": "random" if data is None else str(getattr(data, "name", data)),
+                    "order": "interleaved, reversed every other round",
+                    "models": infos, "results": results, "memory": memory_rows}
+    return report
+
+
+def _time_interleaved(paths: list[Path], provider: str, threads: int,
+                      feeds: list[dict[str, np.ndarray]], runs: int, warmup: int,
+                      min_seconds: float = 0.0, spinning: bool = True,
+                      max_rounds: int = 1_000_000) -> list[list[float]]:
+    runners = [_Runner(str(p), provider, threads, f, spinning) for p, f in zip(paths, feeds)]
+    order = list(range(len(runners)))
+    for _ in range(warmup):
+        for i in order:
+            runners[i]()
+    times: list[list[float]] = [[] for _ in runners]
+    clock = time.perf_counter
+    started = clock()
+    r = 0
+    while r < runs or (clock() - started < min_seconds and r < max_rounds):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            start = clock()
+            runners[i]()
+            times[i].append(clock() - start)
+        r += 1
+    return times
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory in a child process
+
+_CHILD = """
+import json, sys
+from onnxcomp.bench import _child_measure
+print(json.dumps(_child_measure(*sys.argv[1:])))
+"""
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes, else KiB
+
+
+def _child_measure(model_path: str, provider: str, threads: str, feeds_path: str
+                   ) -> dict[str, Any]:
+    with np.load(feeds_path, allow_pickle=False) as npz:
+        feeds = {k: npz[k] for k in npz.files}
+    before = _rss_bytes()
+    before = before if before is not None else _maxrss_bytes()
+    runner = _Runner(model_path, provider, int(threads), feeds)
+    for _ in range(MEMORY_RUNS):
+        runner()
+    peak = _maxrss_bytes()
+    return {"rss_before_mb": before / 2**20, "peak_rss_mb": peak / 2**20,
+            "session_peak_mb": max(0, peak - before) / 2**20}
+
+
+def measure_memory(path: str | os.PathLike, provider: str, threads: int,
+                   feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Peak resident memory of a fresh process that loads and runs the model (see module doc)."""
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-mem-") as tmp:
+        feeds_path = Path(tmp) / "feeds.npz"
+        np.savez(feeds_path, **feeds)
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
+                                    else "")
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(path), provider, str(threads), str(feeds_path)],
+            capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise OnnxcompError(f"memory measurement of {path} failed: "
+                            f"{lines[-1] if lines else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+
+
+def bench_table(bench: dict[str, Any]) -> str:
+    """Markdown table: one row per model x provider x threads, memory and size alongside."""
+    models = {m["name"]: m for m in bench.get("models", [])}
+    memory = {(m["model"], m["provider"]): m for m in bench.get("memory", [])}
+    rows = []
+    for r in bench.get("results", []):
+        info = models.get(r["model"], {})
+        mem = memory.get((r["model"], r["provider"]), {})
+        rows.append([
+            r["model"], r["provider"].replace("ExecutionProvider", ""), r["threads"],
+            r["p50_ms"], r["p90_ms"], r["p99_ms"], r["throughput"], r["latency_ratio"],
+            info.get("bytes", 0) / 1e6 if info else None, info.get("size_ratio"),
+            info.get("params"), mem.get("session_peak_mb"), mem.get("peak_rss_mb"),
+        ])
+    table = markdown_table(
+        ["model", "provider", "threads", "p50 ms", "p90 ms", "p99 ms", "samples/s",
+         "p50 ratio", "size MB", "size ratio", "params", "session peak MB", "process peak MB"],
+        rows)
+    runs = sorted({r["runs"] for r in bench.get("results", [])})
+    span = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}" if runs else "0"
+    return (table + f"\n\nbatch {bench.get('batch')}, {span} timed runs per model (at least "
+            f"{bench.get('runs')}, spanning >= {bench.get('min_seconds', 0):g} s) after "
+            f"{bench.get('warmup')} warm-up, interleaved; ratios against the first model")

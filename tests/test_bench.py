@@ -1,0 +1,152 @@
+"""bench: keys, orderings, ratios, sizes and errors on tiny in-memory models (runs=5)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp import calibration
+from onnxcomp.bench import bench, bench_table, model_size, parameter_count, percentiles
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import Model
+
+
+def mlp(hidden: int = 64) -> Model:
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((32, hidden)).astype(np.float32), "w1")
+    b1 = numpy_helper.from_array(np.zeros(hidden, np.float32), "b1")
+    w2 = numpy_helper.from_array(rng.standard_normal((hidden, 10)).astype(np.float32), "w2")
+    shape = numpy_helper.from_array(np.array([-1, 10], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]),
+         helper.make_node("Add", ["h", "b1"], ["hb"]),
+         helper.make_node("Relu", ["hb"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["o"]),
+         helper.make_node("Reshape", ["o", "shape"], ["y"])],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], [w1, b1, w2, shape])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return Model(proto)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "mlp.onnx"
+    mlp().save(path)
+    return path
+
+
+def test_percentiles_match_numpy():
+    times = [0.003, 0.001, 0.002, 0.010, 0.004]
+    stats = percentiles(times)
+    ms = np.array(times) * 1000
+    assert stats["p50_ms"] == pytest.approx(np.median(ms))
+    assert stats["p90_ms"] == pytest.approx(np.percentile(ms, 90))
+    assert stats["p99_ms"] == pytest.approx(np.percentile(ms, 99))
+    assert stats["min_ms"] == pytest.approx(1.0)
+
+
+def test_same_model_twice(model_path):
+    report = bench([model_path, model_path], threads=(1, 2), batch=3, runs=5, warmup=1,
+                   min_seconds=0, progress=None)
+    data = report.bench
+    assert [m["name"] for m in data["models"]] == ["mlp", "mlp#2"]
+    assert [r["model_index"] for r in data["results"]] == [0, 1, 0, 1]
+    assert len(data["results"]) == 4  # 2 models x 2 thread counts
+    for row in data["results"]:
+        for key in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "throughput",
+                    "latency_ratio", "speedup"):
+            assert row[key] > 0, key
+        assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["throughput"] == pytest.approx(3 / (row["p50_ms"] / 1000))
+        assert row["provider"] == "CPUExecutionProvider" and row["runs"] == 5
+    first, second = data["results"][0], data["results"][1]
+    assert first["latency_ratio"] == 1.0
+    assert 0.1 < second["latency_ratio"] < 10  # same model: only noise apart
+    assert [m["size_ratio"] for m in data["models"]] == [1.0, 1.0]
+    assert data["models"][0]["params"] == data["models"][1]["params"] == 32 * 64 + 64 + 64 * 10
+    assert data["batch"] == 3
+    memory = data["memory"]
+    assert len(memory) == 2
+    for row in memory:
+        assert row["peak_rss_mb"] > 10 and row["peak_rss_mb"] >= row["session_peak_mb"] >= 0
+    table = bench_table(data)
+    assert "mlp#2" in table and "p50 ms" in table
+    assert "p50 ms" in report.table()
+
+
+def test_in_memory_models_sizes_and_data(model_path):
+    small, big = mlp(16), mlp(256)
+    batches = [{"x": np.ones((2, 32), np.float32)}]
+    report = bench([small, big], runs=5, warmup=0, data=calibration.from_batches(batches),
+                   names=["small", "big"], memory=False, min_seconds=0, progress=None)
+    data = report.bench
+    assert [m["name"] for m in data["models"]] == ["small", "big"]
+    assert data["batch"] == 2 and data["memory"] == []
+    sizes = [m["bytes"] for m in data["models"]]
+    assert data["models"][1]["size_ratio"] == pytest.approx(sizes[1] / sizes[0])
+    assert sizes[1] > 10 * 256 * 4  # really the bigger file
+    assert parameter_count(small) == 32 * 16 + 16 + 16 * 10
+
+
+def test_min_seconds_extends_short_runs(model_path):
+    report = bench([model_path, model_path], runs=5, warmup=0, memory=False, min_seconds=0.2,
+                   progress=None)
+    rows = report.bench["results"]
+    assert report.bench["spinning"] is True
+    assert rows[0]["runs"] == rows[1]["runs"] > 5  # a ~10 us model needs many rounds for 0.2 s
+    assert "at least 5" in bench_table(report.bench)
+
+
+def test_without_spinning(model_path):
+    report = bench([model_path], threads=2, runs=5, warmup=1, memory=False, min_seconds=0,
+                   spinning=False, progress=None)
+    assert report.bench["spinning"] is False and report.bench["results"][0]["p50_ms"] > 0
+
+
+def test_model_size_counts_external_data(tmp_path):
+    model = mlp(256)
+    path = tmp_path / "ext.onnx"
+    model.save(path, external_data=True)
+    data_file = tmp_path / "ext.onnx.data"
+    assert data_file.exists()
+    assert model_size(path) == path.stat().st_size + data_file.stat().st_size
+
+
+def test_bad_arguments(model_path):
+    with pytest.raises(OnnxcompError, match="unknown provider 'foo'"):
+        bench([model_path], providers=["foo"], runs=5, progress=None)
+    with pytest.raises(OnnxcompError, match="provider 'cuda'.*not available"):
+        bench([model_path], providers=["cuda"], runs=5, progress=None)
+    with pytest.raises(OnnxcompError, match="threads must be positive"):
+        bench([model_path], threads=[0], runs=5, progress=None)
+    with pytest.raises(OnnxcompError, match="names"):
+        bench([model_path, model_path], names=["a"], runs=5, progress=None)
+    with pytest.raises(OnnxcompError, match="no such file"):
+        bench([model_path.parent / "missing.onnx"], runs=5, progress=None)
+
+
+def test_tradeoff_plot(tmp_path, model_path):
+    pytest.importorskip("matplotlib")
+    from onnxcomp.report import plot_tradeoff
+
+    report = bench([model_path, mlp(256)], runs=5, warmup=0, memory=False, min_seconds=0,
+                   progress=None)
+    names = [m["name"] for m in report.bench["models"]]
+    out = plot_tradeoff(report.bench, tmp_path / "plot.png", fidelity={names[1]: 0.9991})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.zoo
+def test_ppocr_rec_with_zoo_data():
+    from onnxcomp import zoo
+
+    path = zoo.fetch("ppocr-rec")
+    report = bench([path], runs=5, warmup=1, data="ppocr-rec:eval:1", memory=False,
+                   min_seconds=0, progress=None)
+    (row,) = report.bench["results"]
+    assert row["p50_ms"] > 0 and report.bench["models"][0]["params"] > 1_000_000
