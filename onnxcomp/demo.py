@@ -37,7 +37,8 @@ def run_demo(out_dir: Path, recipe: str | None = None, as_json: bool = False) ->
     candidate_path = result.model.save(out_dir / f"{DEMO_MODEL}.compressed.onnx")
     progress("timing reference and candidate (interleaved, 1 and 2 threads)")
     timing = bench([reference_path, candidate_path], threads=[1, 2], runs=30,
-                   data=f"{DEMO_MODEL}:eval:1")
+                   data=f"{DEMO_MODEL}:eval:1", names=[f"{DEMO_MODEL} (reference)",
+                                                       f"{DEMO_MODEL} (compressed)"])
     report = result.report
     report.bench = timing.bench
     report.models["candidate"]["path"] = str(candidate_path)
