@@ -145,12 +145,13 @@ _ZOO_SPEC = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_.-]*?)(?::(?P<split>calib|eva
 
 
 def resolve(spec: str | Path | Dataset | None, model: Model, default_count: int = 16,
-            split: str = "calib") -> Dataset:
-    """Turn a ``SRC`` (see the module docstring) into a Dataset checked against the model."""
+            split: str = "calib", dims: dict[str, int] | None = None) -> Dataset:
+    """Turn a ``SRC`` (see the module docstring) into a Dataset checked against the model.
+    ``dims`` sizes named dynamic input dimensions of random data."""
     if isinstance(spec, Dataset):
         dataset = spec
     elif spec is None or str(spec) == "random":
-        dataset = random_data(model, default_count)
+        dataset = random_data(model, default_count, dims=dims)
     else:
         text = str(spec)
         if text.startswith("random:"):
@@ -160,7 +161,7 @@ def resolve(spec: str | Path | Dataset | None, model: Model, default_count: int 
                 raise OnnxcompError(f"bad data source {text!r}: expected random:N") from None
             if count <= 0:
                 raise OnnxcompError(f"bad data source {text!r}: N must be positive")
-            dataset = random_data(model, count)
+            dataset = random_data(model, count, dims=dims)
         elif Path(text).is_dir():
             dataset = from_npz_folder(text)
         else:

@@ -273,13 +273,8 @@ def resolve_data(data: Any, reference: Model, candidate: Model, count: int | Non
     models. ``batch_dims`` sizes named dynamic input dims of random inputs (``{"batch": 4}``)."""
     if count is not None and count <= 0:
         raise OnnxcompError(f"count must be positive, got {count}")
-    text = None if data is None or isinstance(data, Dataset) else str(data)
-    if text is not None and text.startswith("random:") and batch_dims:
-        data = _random_with_dims(text, reference, batch_dims)
-    elif data is None or text == "random":
-        data = calibration.random_data(reference, count or DEFAULT_COUNT, dims=batch_dims)
     dataset = calibration.resolve(data, reference, default_count=count or DEFAULT_COUNT,
-                                  split="eval")
+                                  split="eval", dims=batch_dims)
     if count is not None and count < dataset.count:
         zoo_name = dataset.zoo_name
         dataset = dataset.take(count)
@@ -290,16 +285,6 @@ def resolve_data(data: Any, reference: Model, candidate: Model, count: int | Non
     except OnnxcompError as exc:
         raise OnnxcompError(f"candidate: {exc}") from None
     return dataset
-
-
-def _random_with_dims(text: str, model: Model, dims: dict[str, int]) -> Dataset:
-    try:
-        count = int(text.split(":", 1)[1])
-    except ValueError:
-        raise OnnxcompError(f"bad data source {text!r}: expected random:N") from None
-    if count <= 0:
-        raise OnnxcompError(f"bad data source {text!r}: N must be positive")
-    return calibration.random_data(model, count, dims=dims)
 
 
 def dual_encoder_outputs(outputs: dict[str, np.ndarray]) -> tuple[str, str] | None:
