@@ -14,6 +14,8 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+from onnx import numpy_helper
+
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import Model
 from onnxcomp.pipeline import Context, PassRecord
@@ -41,6 +43,46 @@ class Config:
         return cls(model_type=arg) if arg else cls()
 
 
+def detect_heads(model: Model) -> tuple[int, int]:
+    """(num_heads, hidden_size) from the Reshapes that split heads, ``[B, S, H, d]``: a constant
+    shape, or a Concat whose last two parts are constants (exporters build the shape at run
+    time from Shape ops); (0, 0) when there is none (ORT's optimizer then guesses)."""
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producers = {out: node for node in model.graph.node for out in node.output}
+    seen: Counter = Counter()
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2:
+            continue
+        shape = node.input[1]
+        if shape in values:
+            dims = values[shape].reshape(-1).tolist()
+        elif shape in producers and producers[shape].op_type == "Concat" and \
+                all(part in values for part in producers[shape].input[-2:]):
+            dims = [None, None, *(int(values[p].reshape(-1)[0])
+                                  for p in producers[shape].input[-2:])]
+        else:
+            continue
+        if len(dims) == 4 and dims[3] and dims[3] > 0 and dims[2] and \
+                (dims[2] > 0 or dims[2] == -1):
+            seen[(int(dims[2]), int(dims[3]))] += 1
+    if not seen:
+        return 0, 0
+    heads, head_size = seen.most_common(1)[0][0]
+    if heads > 0:
+        return heads, heads * head_size
+    # [B, S, -1, d]: the hidden size is that of the square q/k/v/output projections.
+    squares = Counter(v.shape[0] for name, v in values.items()
+                      if v.ndim == 2 and v.shape[0] == v.shape[1] and v.shape[0] % head_size == 0
+                      and any(name in n.input for n in model.graph.node if n.op_type == "MatMul"))
+    if not squares:
+        return 0, 0
+    hidden = squares.most_common(1)[0][0]
+    return hidden // head_size, hidden
+
+
 def _ops(model: Model) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 
@@ -55,17 +97,23 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
                             f"({exc}); on some versions it needs torch: pip install "
                             "'onnxcomp[export]'") from None
     before = _ops(model)
+    num_heads, hidden_size = config.num_heads, config.hidden_size
+    if not num_heads or not hidden_size:
+        num_heads, hidden_size = detect_heads(model)
     optimized = optimizer.optimize_model(model.copy().proto, model_type=config.model_type,
-                                         num_heads=config.num_heads,
-                                         hidden_size=config.hidden_size, opt_level=0)
+                                         num_heads=num_heads, hidden_size=hidden_size,
+                                         opt_level=0)
     fused = Model(optimized.model, model.source, model.external_data)
     after = _ops(fused)
     gained = {op: after[op] - before.get(op, 0) for op in after if after[op] > before.get(op, 0)}
-    record.modified = before != after
-    record.params_after, record.bytes_after = fused.parameter_count(), fused.weight_bytes()
+    # Only fusions count: the optimizer's own housekeeping (dropping an Identity) alone is not
+    # worth a graph that needs ONNX Runtime.
+    record.modified = bool(gained)
     if not record.modified:
+        record.params_after, record.bytes_after = record.params_before, record.bytes_before
         record.notes.append(f"no {config.model_type} fusion pattern matched")
         return model, record
+    record.params_after, record.bytes_after = fused.parameter_count(), fused.weight_bytes()
     record.touched = [n.name for n in fused.graph.node if n.domain == "com.microsoft"]
     record.details = {"ops_before": dict(before), "ops_after": dict(after), "fused": gained}
     record.notes.append("fused " + ", ".join(f"{count} {op}" for op, count in gained.items())
