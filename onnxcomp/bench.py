@@ -14,11 +14,14 @@ How the timings are taken, so that two models can be compared fairly on a noisy 
 
 Peak memory is measured apart from the timings, in a fresh child process per model (a
 ``python -c`` subprocess, so no state or cached allocator of this process leaks in): the child
-reads its resident set size (``/proc/self/statm``, else ``ru_maxrss``) after importing ONNX Runtime
-and loading the inputs, then creates the session, runs it a few times and reports
-``resource.getrusage(RUSAGE_SELF).ru_maxrss``. ``peak_rss_mb`` is that absolute peak and
-``session_peak_mb`` the peak minus the resident size before the session was created: the memory
-the model costs (weights, optimized graph, arenas, activations). Device memory is not included.
+reads its resident set size (``VmRSS``) after importing ONNX Runtime and loading the inputs, then
+creates the session, runs it a few times and reads its peak resident size. ``peak_rss_mb`` is that
+absolute peak and ``session_peak_mb`` the peak minus the resident size before the session was
+created: the memory the model costs (weights, optimized graph, arenas, activations). Device
+memory is not included. The peak is ``VmHWM`` from /proc/self/status, not
+``getrusage(RUSAGE_SELF).ru_maxrss``: on Linux exec carries the parent's ru_maxrss over to the
+child, so a child started from a process holding 160 MB reported a 160 MB peak whatever the model
+(measured). ``ru_maxrss`` remains the fallback where /proc is missing.
 """
 
 from __future__ import annotations
@@ -315,12 +318,16 @@ print(json.dumps(_child_measure(*sys.argv[1:])))
 """
 
 
-def _rss_bytes() -> int | None:
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (Linux), in bytes; None elsewhere."""
     try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         return None
+    return None
 
 
 def _maxrss_bytes() -> int:
@@ -330,16 +337,24 @@ def _maxrss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes, else KiB
 
 
+def _peak_bytes() -> int:
+    # VmHWM is the high-water mark of this process's own address space. ru_maxrss is not usable
+    # on Linux: exec carries the parent's peak over (a child started by a 160 MB process
+    # reports at least 160 MB), so it is only the fallback where /proc is missing.
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else _maxrss_bytes()
+
+
 def _child_measure(model_path: str, provider: str, threads: str, feeds_path: str
                    ) -> dict[str, Any]:
     with np.load(feeds_path, allow_pickle=False) as npz:
         feeds = {k: npz[k] for k in npz.files}
-    before = _rss_bytes()
+    before = _proc_status_bytes("VmRSS")
     before = before if before is not None else _maxrss_bytes()
     runner = _Runner(model_path, provider, int(threads), feeds)
     for _ in range(MEMORY_RUNS):
         runner()
-    peak = _maxrss_bytes()
+    peak = _peak_bytes()
     return {"rss_before_mb": before / 2**20, "peak_rss_mb": peak / 2**20,
             "session_peak_mb": max(0, peak - before) / 2**20}
 

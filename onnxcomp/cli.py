@@ -103,10 +103,13 @@ def cmd_validate(args) -> int:
 
 def cmd_bench(args) -> int:
     from onnxcomp.bench import bench
+    from onnxcomp.report import progress
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     report = bench(args.models, providers=providers, threads=_int_list(args.threads, "--threads"),
-                   batch=args.batch, runs=args.runs, data=args.data)
+                   batch=args.batch, runs=args.runs, warmup=args.warmup, data=args.data,
+                   memory=not args.no_memory, min_seconds=args.min_seconds,
+                   spinning=not args.no_spinning, progress=None if args.json else progress)
     _emit(report, args.json, args.report)
     return 0
 
@@ -205,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", default="1")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--runs", type=int, default=30)
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--min-seconds", type=float, default=1.0,
+                       help="keep timing past --runs until the runs span this long")
+    bench.add_argument("--no-spinning", action="store_true",
+                       help="idle ONNX Runtime threads sleep instead of spin-waiting "
+                       "(fairer on a busy machine)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     bench.add_argument("--data", default=None)
     bench.add_argument("--report", default=None)
     bench.add_argument("--json", action="store_true")

@@ -449,8 +449,8 @@ def fidelity_table(fidelity: dict[str, Any]) -> str:
         rows = [
             [f"{a} -> {b} argmax agreement", retrieval["a_to_b_agreement"], None, None],
             [f"{b} -> {a} argmax agreement", retrieval["b_to_a_agreement"], None, None],
-            ["mean |S_ref - S_cand|", retrieval["mean_abs_sim_diff"], None, None],
-            ["max |S_ref - S_cand|", retrieval["max_abs_sim_diff"], None, None],
+            ["mean abs(S_ref - S_cand)", retrieval["mean_abs_sim_diff"], None, None],
+            ["max abs(S_ref - S_cand)", retrieval["max_abs_sim_diff"], None, None],
         ]
         recall = retrieval.get("recall@1")
         if recall:

@@ -108,6 +108,17 @@ def test_without_spinning(model_path):
     assert report.bench["spinning"] is False and report.bench["results"][0]["p50_ms"] > 0
 
 
+def test_memory_peak_is_the_childs_own(model_path):
+    """The child's peak must not inherit this process's size (ru_maxrss does across exec)."""
+    from onnxcomp.bench import measure_memory
+
+    ballast = np.ones(300 * 2**20 // 8)  # this process grows by 300 MB
+    measured = measure_memory(model_path, "cpu", 1, {"x": np.ones((1, 32), np.float32)})
+    assert ballast.sum() > 0
+    assert 10 < measured["peak_rss_mb"] < 250
+    assert 0 <= measured["session_peak_mb"] < measured["peak_rss_mb"]
+
+
 def test_model_size_counts_external_data(tmp_path):
     model = mlp(256)
     path = tmp_path / "ext.onnx"
