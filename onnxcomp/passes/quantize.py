@@ -54,6 +54,8 @@ DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul
                     "int4": ("MatMul", "Gemm")}
 # Batches of calibration data used for SQNR and the mixed-precision search.
 EVAL_BATCHES = 16
+# Batches per layer for the one-layer-at-a-time sensitivity probe of mixed precision.
+SENSITIVITY_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -354,6 +356,20 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     return result, record
 
 
+def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config, ranges,
+                          ctx: Context) -> list[tuple[str, float]]:
+    """(node, model output cosine with only that node quantized), most harmful first."""
+    everything = {s.node for s in quant_plan.sites}
+    scores = []
+    for index, site in enumerate(quant_plan.sites, start=1):
+        ctx.progress(f"quantize: sensitivity {index}/{len(quant_plan.sites)} {site.node}")
+        alone = quant_plan.without(everything - {site.node}, "sensitivity probe")
+        trial = apply(prepared, alone, config, ranges)
+        scores.append((site.node, quantize_eval.compare(prepared, trial, [], ctx.calibration,
+                                                        SENSITIVITY_BATCHES).min_cosine))
+    return sorted(scores, key=lambda item: item[1])
+
+
 def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
              ranges, ctx: Context, record: PassRecord) -> tuple[Model, QuantPlan]:
     """Per-layer SQNR; then, below ``min_cosine``, return the worst layers to float."""
@@ -367,14 +383,20 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     record.details["output_cosine"] = comparison.cosine
     if config.min_cosine is None or comparison.min_cosine >= config.min_cosine:
         return result, quant_plan
+    # SQNR inside the quantized model carries the error of every layer upstream, so it ranks
+    # deep layers worst whatever their own harm (on MiniLM it pointed at attention outputs when
+    # the FFN down-projections were the culprits). Rank by each layer's effect alone instead.
+    ranking = _isolated_sensitivity(prepared, quant_plan, config, ranges, ctx)
+    record.details["sensitivity"] = [{"node": n, "output_cosine_alone": round(c, 6)}
+                                     for n, c in ranking]
     kept: list[str] = []
     cosine = comparison.min_cosine
     trial_plan, step = quant_plan, 1
-    while cosine < config.min_cosine and len(kept) < len(layer_sqnr):
-        kept = [n for n, _ in layer_sqnr[: min(len(layer_sqnr), len(kept) + step)]]
+    while cosine < config.min_cosine and len(kept) < len(ranking):
+        kept = [n for n, _ in ranking[: min(len(ranking), len(kept) + step)]]
         step *= 2
         trial_plan = quant_plan.without(set(kept), "kept float to meet min_cosine "
-                                        f"{config.min_cosine} (low SQNR)")
+                                        f"{config.min_cosine} (most sensitive)")
         if not trial_plan.sites:
             result, cosine = prepared, 1.0
             break
@@ -385,7 +407,7 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     quant_plan = trial_plan
     record.details["kept_float"] = kept
     record.details["output_cosine_after"] = cosine
-    record.notes.append(f"mixed precision: {len(kept)} lowest-SQNR layers kept float "
+    record.notes.append(f"mixed precision: {len(kept)} most sensitive layers kept float "
                         f"(output cosine {comparison.min_cosine:.5f} -> {cosine:.5f}, target "
                         f"{config.min_cosine})")
     if cosine < config.min_cosine:
