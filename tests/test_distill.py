@@ -115,3 +115,20 @@ def test_bias_correction_removes_a_constant_output_shift():
     np.testing.assert_array_equal(fitted["w"], w)
     x = {"x": np.random.default_rng(3).standard_normal((4, K)).astype(np.float32)}
     assert max(runtime.max_abs_difference(teacher, out, x).values()) < 1e-4
+
+
+def test_fits_that_hurt_the_outputs_are_undone(monkeypatch):
+    teacher, student, record, _ = _teacher_and_student(noise=0.3)
+    scores = iter([0.99, 0.98])  # before, after: the outputs got worse
+    monkeypatch.setattr(distill, "_output_cosine", lambda *args: next(scores))
+    out, rec = distill.run(student, distill.Config(), _ctx(teacher, student, record))
+    assert out is student and not rec.modified and "undone" in rec.notes[-1]
+    assert rec.details["output_cosine"] == {"before": 0.99, "after": 0.98}
+
+
+def test_output_cosine_measures_the_repair():
+    teacher, student, record, _ = _teacher_and_student(noise=0.3)
+    ctx = _ctx(teacher, student, record)
+    out, rec = distill.run(student, distill.Config(ridge=1e-9), ctx)
+    assert rec.details["output_cosine"]["before"] < 0.999
+    assert rec.details["output_cosine"]["after"] > 0.99999

@@ -284,6 +284,27 @@ def _teacher_view(value: np.ndarray, site: Site, axis: int) -> np.ndarray:
     return np.take(value, site.teacher_channels, axis=axis)
 
 
+def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
+    """Lowest (over outputs) mean per-sample cosine of ``candidate`` to the teacher."""
+    sessions = [runtime.session(m, optimize=False) for m in (ctx.teacher, candidate)]
+    names = [o.name for o in sessions[0].get_outputs()]
+    sums: dict[str, float] = dict.fromkeys(names, 0.0)
+    count = 0
+    for i, batch in enumerate(ctx.calibration):
+        if config.max_batches and i >= config.max_batches:
+            break
+        want, got = (runtime.run(sess, batch, names) for sess in sessions)
+        for name in names:
+            a = np.asarray(want[name], np.float64).reshape(len(want[name]), -1) \
+                if np.ndim(want[name]) > 1 else np.asarray(want[name], np.float64).reshape(1, -1)
+            b = np.asarray(got[name], np.float64).reshape(a.shape)
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            sums[name] += float(np.mean(np.where(norms > 0, (a * b).sum(axis=1) /
+                                                 np.maximum(norms, 1e-30), 1.0)))
+        count += 1
+    return min(total / max(count, 1) for total in sums.values())
+
+
 def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     record = PassRecord(NAME, params_before=model.parameter_count(),
                         bytes_before=model.weight_bytes())
@@ -336,6 +357,16 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     record.details["layers"] = layers
     record.modified = bool(record.touched)
     if not record.modified:
+        return model, record
+    # Each fit lowers its own layer's error, but that need not carry to the outputs (seen with
+    # bias correction on MiniLM int8). Keep the repair only if the outputs got closer too.
+    before, after = (_output_cosine(candidate, ctx, config) for candidate in (model, student))
+    record.details["output_cosine"] = {"before": before, "after": after}
+    if after < before:
+        record.modified, record.touched = False, []
+        record.params_after, record.bytes_after = record.params_before, record.bytes_before
+        record.notes.append(f"undone: the layer fits lowered the output cosine on the "
+                            f"calibration data ({before:.5f} -> {after:.5f})")
         return model, record
     record.params_after, record.bytes_after = student.parameter_count(), student.weight_bytes()
     gained = [(r["rel_error_before"], r["rel_error_after"]) for r in layers if not r.get("reverted")]
