@@ -1,26 +1,36 @@
-"""onnxcomp's quantize pass side by side with ONNX Runtime's own quantizer, in one run.
+"""onnxcomp's quantize pass side by side with ONNX Runtime's own quantizer, in one run per model.
 
 For each model: the float model (Constant-node weights lifted, opset raised to 13: the same
 preprocessed file is given to every quantizer), onnxcomp int8 (static QDQ) and int8-dynamic,
 ONNX Runtime's ``quantize_static`` (QDQ, per-channel, uint8 activations, int8 weights,
-op_types_to_quantize Conv/MatMul/Gemm, the same calibration batches) and ``quantize_dynamic``.
-Reported: file size, p50 latency at 1 and 2 threads (interleaved runs, median of ``--runs``),
-fidelity on the evaluation split (mean cosine per output, and the zoo's task metric: PP-OCR line
-and character accuracy, tiny-clip retrieval agreement through ``onnxcomp.validate``), and the
-time each quantizer took.
+op_types_to_quantize Conv/MatMul/Gemm, MinMax calibrator, the same calibration batches) and
+``quantize_dynamic``. For transformers (more MatMul/Gemm weight than Conv weight: minilm,
+clip-vit-b32, tiny-clip) also: onnxcomp int4 (MatMulNBits, block 32, symmetric) against ONNX
+Runtime's ``MatMulNBitsQuantizer`` (block 32, symmetric, same float model), and ONNX Runtime's
+recommended transformer flow: the ``fuse`` pass (``onnxruntime.transformers.optimizer``), then
+onnxcomp int8-dynamic and ``quantize_dynamic`` on the same fused model.
 
-    python benchmarks/quantize_vs_ort.py --models ppocr-rec tiny-clip --calib 32 --eval 64
+Reported: file size, float weight bytes left, p50 latency at 1 and 2 threads (interleaved runs,
+median of ``--runs``), fidelity on the evaluation split against the unfused float model (mean
+cosine per output; PP-OCR line and character accuracy; CLIP retrieval agreement, through
+``onnxcomp.validate``), and the time each quantizer took.
 
-Writes ``benchmarks/results/quantize_vs_ort.json`` and the table into ``docs/quantize.md``.
+    python benchmarks/quantize_vs_ort.py --models minilm clip-vit-b32
+    python benchmarks/quantize_vs_ort.py --models ppocr-rec tiny-clip
+
+Each run replaces its models' entries in ``benchmarks/results/quantize_vs_ort.json`` (the other
+models' entries stay) and rewrites the tables of every model there into ``docs/quantize.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +39,27 @@ import onnxruntime as ort
 
 from onnxcomp import calibration, runtime
 from onnxcomp.model import load
-from onnxcomp.passes import cleanup, quantize
+from onnxcomp.passes import cleanup, fuse, quantize
 from onnxcomp.pipeline import Context
 from onnxcomp.report import environment, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "quantize.md"
+RESULTS = ROOT / "benchmarks" / "results" / "quantize_vs_ort.json"
 BEGIN, END = "<!-- quantize_vs_ort:begin -->", "<!-- quantize_vs_ort:end -->"
+ORDER = ("ppocr-rec", "tiny-clip", "minilm", "clip-vit-b32")
+# calibration batches, evaluation batches, timed runs when the flags are not given
+SIZES = {"clip-vit-b32": (8, 8, 20)}
+DEFAULT_SIZES = (32, 64, 30)
+# ONNX Runtime's transformer optimizer settings per model. MiniLM's head count is not detected
+# (no Attention fused without it). The CLIP optimizer fuses the attention of one tower per call
+# (a second call on the fused graph matches nothing): given 12 heads x 768 it takes the vision
+# tower, the larger one.
+FUSE = {
+    "minilm": fuse.Config(model_type="bert", num_heads=12, hidden_size=384),
+    "clip-vit-b32": fuse.Config(model_type="clip", num_heads=12, hidden_size=768),
+    "tiny-clip": fuse.Config(model_type="clip"),
+}
 
 
 def preprocess(path: Path, folder: Path) -> Path:
@@ -49,6 +73,30 @@ def preprocess(path: Path, folder: Path) -> Path:
     return out
 
 
+def weight_params(proto: onnx.ModelProto) -> dict[str, int]:
+    """Initializer elements read by each op type (MatMul/Gemm vs Conv decides 'transformer')."""
+    sizes = {i.name: int(np.prod(i.dims)) for i in proto.graph.initializer}
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            if name in sizes:
+                counts[node.op_type] = counts.get(node.op_type, 0) + sizes[name]
+    return counts
+
+
+def is_transformer(proto: onnx.ModelProto) -> bool:
+    counts = weight_params(proto)
+    return counts.get("MatMul", 0) + counts.get("Gemm", 0) > counts.get("Conv", 0)
+
+
+def float_weight_mb(path: Path) -> float:
+    """Megabytes of float initializers of 1024+ elements left in the file (weights kept float)."""
+    proto = onnx.load(str(path))
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    return sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer
+               if i.data_type in floats and int(np.prod(i.dims)) >= 1024) / 1e6
+
+
 class _Reader:
     """ONNX Runtime's CalibrationDataReader over our Dataset (same batches as onnxcomp)."""
 
@@ -59,35 +107,120 @@ class _Reader:
         return next(self.iterator, None)
 
 
-def make_variants(float_path: Path, calib, folder: Path) -> dict[str, tuple[Path, float]]:
+def _timed(variants: dict, errors: dict, name: str, path: Path, make) -> None:
+    """Run ``make(path)``; record (path, seconds), or the error when a quantizer fails."""
+    started = time.perf_counter()
+    try:
+        make(path)
+    except Exception as exc:  # noqa: BLE001 - a failing quantizer is a result, not a crash
+        errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        print(f"{name}: failed\n{traceback.format_exc()}")
+        return
+    variants[name] = (path, time.perf_counter() - started)
+
+
+def _onnxcomp(source: Path, config: quantize.Config, calib=None):
+    def make(path: Path) -> None:
+        result, _ = quantize.run(load(source), config, Context(calibration=calib))
+        result.save(path)
+    return make
+
+
+def make_variants(name: str, float_path: Path, calib, folder: Path, transformer: bool
+                  ) -> tuple[dict[str, tuple[Path, float]], dict[str, str], dict]:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    variants = {"float": (float_path, 0.0)}
-    model = load(float_path)
-    for name, config in (("onnxcomp int8", quantize.Config()),
-                         ("onnxcomp int8-dynamic", quantize.Config(mode="int8-dynamic"))):
-        started = time.perf_counter()
-        result, _ = quantize.run(model, config, Context(calibration=calib))
-        seconds = time.perf_counter() - started
-        path = folder / (name.replace(" ", "_") + ".onnx")
-        result.save(path)
-        variants[name] = (path, seconds)
-    started = time.perf_counter()
-    path = folder / "ort_static.onnx"
-    quantize_static(str(float_path), str(path), _Reader(calib), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"])
-    variants["ORT quantize_static"] = (path, time.perf_counter() - started)
-    started = time.perf_counter()
-    path = folder / "ort_dynamic.onnx"
-    quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8)
-    variants["ORT quantize_dynamic"] = (path, time.perf_counter() - started)
-    return variants
+    variants: dict[str, tuple[Path, float]] = {"float": (float_path, 0.0)}
+    errors: dict[str, str] = {}
+    extra: dict = {}
+    _timed(variants, errors, "onnxcomp int8", folder / "onnxcomp_int8.onnx",
+           _onnxcomp(float_path, quantize.Config(), calib))
+    _timed(variants, errors, "onnxcomp int8-dynamic", folder / "onnxcomp_dyn.onnx",
+           _onnxcomp(float_path, quantize.Config(mode="int8-dynamic")))
+    _timed(variants, errors, "ORT quantize_static", folder / "ort_static.onnx",
+           lambda path: quantize_static(
+               str(float_path), str(path), _Reader(calib), quant_format=QuantFormat.QDQ,
+               per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+               op_types_to_quantize=["Conv", "MatMul", "Gemm"]))
+    _timed(variants, errors, "ORT quantize_dynamic", folder / "ort_dynamic.onnx",
+           lambda path: quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8))
+    if not transformer:
+        return variants, errors, extra
+    # Not the default, but what a careful ORT user would set on a transformer: per-channel
+    # weights (the default per-tensor weights cost MiniLM most of its fidelity)
+    _timed(variants, errors, "ORT quantize_dynamic per_channel",
+           folder / "ort_dynamic_pc.onnx",
+           lambda path: quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8,
+                                         per_channel=True))
+
+    _timed(variants, errors, "onnxcomp int4", folder / "onnxcomp_int4.onnx",
+           _onnxcomp(float_path, quantize.Config(mode="int4", block_size=32)))
+
+    def ort_int4(path: Path) -> None:
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(float_path)), bits=4, block_size=32,
+                                         is_symmetric=True)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(path))
+
+    _timed(variants, errors, "ORT MatMulNBitsQuantizer int4", folder / "ort_int4.onnx", ort_int4)
+
+    config = FUSE.get(name, fuse.Config())
+    fused_path = folder / "fused.onnx"
+
+    def fused(path: Path) -> None:
+        model, record = fuse.run(load(float_path), config, Context())
+        extra["fuse"] = {"config": {"model_type": config.model_type,
+                                    "num_heads": config.num_heads,
+                                    "hidden_size": config.hidden_size},
+                         "notes": record.notes, "fused": record.details.get("fused", {})}
+        if not record.modified:
+            raise RuntimeError(record.notes[0])
+        # The fused graph uses com.microsoft ops but the pass leaves out that opset import
+        # (ONNX Runtime's own optimizer adds it when it saves); quantize_dynamic's shape
+        # inference refuses the graph without it. Added here, for both quantizers.
+        if not any(o.domain == "com.microsoft" for o in model.proto.opset_import):
+            model.proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+            extra["fuse"]["notes"].append("com.microsoft opset import added by the benchmark")
+        model.save(path)
+
+    _timed(variants, errors, "fused float", fused_path, fused)
+    if "fused float" not in variants:
+        return variants, errors, extra
+    _timed(variants, errors, "fused + onnxcomp int8-dynamic", folder / "fused_onnxcomp_dyn.onnx",
+           _onnxcomp(fused_path, quantize.Config(mode="int8-dynamic")))
+    _timed(variants, errors, "fused + ORT quantize_dynamic", folder / "fused_ort_dynamic.onnx",
+           # ONNX shape inference knows no types past com.microsoft ops; the option is what
+           # the quantizer's own error message prescribes for such graphs
+           lambda path: quantize_dynamic(str(fused_path), str(path), weight_type=QuantType.QInt8,
+                                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
+    return variants, errors, extra
+
+
+def wait_for_quiet(max_load: float, max_wait: float) -> float:
+    """Wait (idle) until the 1-minute load average is under ``max_load``, at most ``max_wait``
+    seconds: the machine is shared, and timings under load say little. Returns the wait."""
+    started = time.monotonic()
+    while os.getloadavg()[0] > max_load and time.monotonic() - started < max_wait:
+        time.sleep(15)
+    return time.monotonic() - started
 
 
 def latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], threads: int, runs: int
             ) -> dict[str, float]:
-    sessions = {name: runtime.session(path, threads=threads) for name, path in paths.items()}
+    """p50 milliseconds per variant, runs interleaved across the variants' sessions.
+
+    Intra-op spinning is off: with it on, each idle session's spinning worker threads took the
+    cores from the one being timed (MiniLM, 2 threads: 12.4 ms with four sessions interleaved
+    vs 3.0 ms alone; spinning off: 4.3-4.8 ms either way), so interleaved 2-thread timings
+    measured the interference, not the model."""
+    sessions = {}
+    for name, path in paths.items():
+        options = runtime.session_options(threads)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions[name] = ort.InferenceSession(str(path), options,
+                                              providers=["CPUExecutionProvider"])
     times = {name: [] for name in sessions}
     for sess in sessions.values():  # warm-up
         for _ in range(3):
@@ -157,32 +290,53 @@ def run_model(name: str, args, workdir: Path) -> dict:
 
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
+    n_calib, n_eval, runs = SIZES.get(name, DEFAULT_SIZES)
+    n_calib, n_eval, runs = args.calib or n_calib, args.eval or n_eval, args.runs or runs
     local_metric = None
     try:
         source = zoo.fetch(name)
-        calib = zoo.dataset(name, "calib", args.calib)
-        evaluation = zoo.dataset(name, "eval", args.eval)
+        calib = zoo.dataset(name, "calib", n_calib)
+        evaluation = zoo.dataset(name, "eval", n_eval)
     except (ModuleNotFoundError, ImportError):
         if name != "ppocr-rec" or not args.ppocr_model:
             raise
         source = Path(args.ppocr_model)
-        calib, _ = _local_ppocr(str(source), "calib", args.calib)
-        evaluation, local_metric = _local_ppocr(str(source), "eval", args.eval)
+        calib, _ = _local_ppocr(str(source), "calib", n_calib)
+        evaluation, local_metric = _local_ppocr(str(source), "eval", n_eval)
     float_path = preprocess(source, folder)
-    variants = make_variants(float_path, calib, folder)
+    float_proto = onnx.load(str(float_path))
+    transformer = is_transformer(float_proto)
+    params = weight_params(float_proto)
+    del float_proto
+    print(f"{name}: quantizing ({'transformer' if transformer else 'conv net'})", flush=True)
+    variants, errors, extra = make_variants(name, float_path, calib, folder, transformer)
     paths = {k: v[0] for k, v in variants.items()}
     feeds = evaluation.make_batch(0)
-    rows = {k: {"size_mb": os.path.getsize(p) / 1e6, "quantize_s": variants[k][1]}
-            for k, p in paths.items()}
+    rows = {k: {"size_mb": os.path.getsize(p) / 1e6, "float_weight_mb": float_weight_mb(p),
+                "quantize_s": variants[k][1]} for k, p in paths.items()}
+    waited = wait_for_quiet(args.max_load, args.max_wait)
+    load_before = os.getloadavg()
+    print(f"{name}: timing {len(paths)} variants x {runs} runs (load {load_before[0]:.2f})",
+          flush=True)
     for threads in (1, 2):
-        for k, ms in latency(paths, feeds, threads, args.runs).items():
+        for k, ms in latency(paths, feeds, threads, runs).items():
             rows[k][f"p50_ms_{threads}t"] = ms
+    load_after = os.getloadavg()
+    print(f"{name}: fidelity", flush=True)
     for k, path in paths.items():
         rows[k]["fidelity"] = _fidelity_summary(float_path, path, evaluation)
         if local_metric is not None and "error" not in rows[k]["fidelity"]:
             rows[k]["fidelity"].update(_task(path, evaluation, local_metric))
-    return {"model": name, "input": {k: list(v.shape) for k, v in feeds.items()},
-            "calib": len(calib), "eval": len(evaluation), "variants": rows}
+    for k, message in errors.items():
+        rows[k] = {"error": message}
+    return {"model": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": args.command, "input": {k: list(v.shape) for k, v in feeds.items()},
+            "calib": len(calib), "eval": len(evaluation), "runs": runs,
+            "transformer": transformer, "weight_params_by_op": params,
+            "waited_for_load_s": round(waited),
+            "loadavg_1_5_15": {"before_timing": [round(x, 2) for x in load_before],
+                               "after_timing": [round(x, 2) for x in load_after]},
+            **extra, "variants": rows}
 
 
 def _fidelity_summary(reference: Path, candidate: Path, data) -> dict:
@@ -213,22 +367,59 @@ def _flatten_fidelity(fid) -> dict:
     return flat
 
 
+def _label(metric: str) -> str:
+    parts = metric.split(".")
+    if parts[0] == "outputs":
+        short = {"cosine_mean": "cos", "top1_agreement": "top-1", "top5_agreement": "top-5"}
+        return f"{short.get(parts[-1], parts[-1])} {'.'.join(parts[1:-1])}"
+    if parts[0] == "task":
+        return parts[-1].replace("_accuracy", " acc")
+    if parts[0] == "retrieval":
+        if parts[1].startswith("recall@"):
+            return f"{parts[1]} {parts[2].replace('_to_', '->')}"
+        return "agree " + parts[1].replace("_agreement", "").replace("_to_", "->")
+    return metric
+
+
+def _shown(metric: str) -> bool:
+    """Table columns: the candidate's own figures (references are the float row, deltas are
+    differences from it); everything stays in the JSON."""
+    if metric.startswith("outputs.") and "embed" in metric and "_agreement" in metric:
+        return False  # top-k of an embedding's dimensions means nothing
+    return not any(word in metric for word in (".reference", ".delta", "error"))
+
+
 def table(results: list[dict]) -> str:
     lines = []
     for result in results:
         variants = result["variants"]
         metrics = sorted({m for v in variants.values() for m in v.get("fidelity", {})
-                          if not m.startswith("error")})
-        headers = ["variant", "size MB", "p50 ms 1T", "p50 ms 2T", "quantize s", *metrics]
+                          if _shown(m)})
+        headers = ["variant", "size MB", "float weights MB", "p50 ms 1T", "p50 ms 2T",
+                   "quantize s", *[_label(m) for m in metrics]]
         rows = []
         for name, v in variants.items():
+            if "error" in v:
+                rows.append([name, "failed: " + v["error"][:120], *[""] * (len(headers) - 2)])
+                continue
             fid = v.get("fidelity", {})
-            rows.append([name, f"{v['size_mb']:.2f}", f"{v['p50_ms_1t']:.2f}",
-                         f"{v['p50_ms_2t']:.2f}", f"{v['quantize_s']:.1f}",
+            rows.append([name, f"{v['size_mb']:.2f}", f"{v.get('float_weight_mb', float('nan')):.2f}",
+                         f"{v['p50_ms_1t']:.2f}", f"{v['p50_ms_2t']:.2f}",
+                         f"{v['quantize_s']:.1f}",
                          *[f"{fid[m]:.4f}" if m in fid else fid.get("error", "-")[:40]
                            for m in metrics]])
-        lines.append(f"**{result['model']}** (input {result['input']}, calibration "
-                     f"{result['calib']} samples, evaluation {result['eval']} samples)\n")
+        load = result.get("loadavg_1_5_15", {}).get("before_timing")
+        lines.append(f"**{result['model']}** (input {result['input']}; calibration "
+                     f"{result['calib']} batches, evaluation {result['eval']} batches, "
+                     f"{result.get('runs', '?')} timed runs; {result.get('date', '')}"
+                     + (f", load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} "
+                        "before timing" if load else "")
+                     + (f" (after waiting {result['waited_for_load_s']} s)"
+                        if result.get("waited_for_load_s") else "")
+                     + f"; `{result.get('command', '')}`)\n")
+        if result.get("fuse"):
+            lines.append(f"fuse {result['fuse']['config']}: {'; '.join(result['fuse']['notes'])}"
+                         "\n")
         lines.append(markdown_table(headers, rows))
         lines.append("")
     return "\n".join(lines)
@@ -241,16 +432,44 @@ def write_doc(text: str) -> None:
     DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
+def merged(results: list[dict]) -> list[dict]:
+    """This run's results plus the other models' entries already in the JSON file."""
+    fresh = {r["model"]: r for r in results}
+    kept = {}
+    if RESULTS.exists():
+        try:
+            previous = json.loads(RESULTS.read_text())
+        except json.JSONDecodeError:
+            previous = {}
+        for entry in previous.get("results", []):
+            entry.setdefault("command", previous.get("command", ""))
+            kept[entry["model"]] = entry
+    kept.update(fresh)
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return sorted(kept.values(), key=lambda r: rank.get(r["model"], len(ORDER)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["ppocr-rec", "tiny-clip"])
-    parser.add_argument("--calib", type=int, default=32)
-    parser.add_argument("--eval", type=int, default=64)
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--calib", type=int, help="calibration batches (default: 32; "
+                        "clip-vit-b32: 8)")
+    parser.add_argument("--eval", type=int, help="evaluation batches (default: 64; "
+                        "clip-vit-b32: 8)")
+    parser.add_argument("--runs", type=int, help="timed runs per variant and thread count "
+                        "(default: 30; clip-vit-b32: 20)")
+    parser.add_argument("--max-load", type=float, default=2.5, help="before timing a model, "
+                        "wait while the 1-minute load average is above this (default 2.5)")
+    parser.add_argument("--max-wait", type=float, default=600, help="wait at most this many "
+                        "seconds for --max-load (default 600)")
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--ppocr-model", help="ppocr-rec .onnx to use (with locally rendered "
                         "lines) while the zoo's ppocr module is missing")
     args = parser.parse_args()
+    args.command = "python benchmarks/quantize_vs_ort.py " + " ".join(
+        f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for k, v in vars(args).items()
+        if k not in ("no_doc", "command", "max_load", "max_wait") and v is not None)
     results = []
     with tempfile.TemporaryDirectory(prefix="quantize-vs-ort-") as tmp:
         for name in args.models:
@@ -258,19 +477,17 @@ def main() -> None:
                 results.append(run_model(name, args, Path(tmp)))
             except (ModuleNotFoundError, ImportError) as exc:
                 print(f"{name}: skipped, its zoo module is not available ({exc})")
+            for leftover in (Path(tmp) / name).glob("*"):
+                leftover.unlink()  # clip-vit-b32's variants take 2.5 GB
+    everything = merged(results)
     output = {"environment": environment("cpu"), "ort_version": ort.__version__,
-              "command": "python benchmarks/quantize_vs_ort.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if k != "no_doc" and v is not None),
-              "results": results}
-    out = ROOT / "benchmarks" / "results" / "quantize_vs_ort.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(output, indent=2, default=str))
-    text = table(results)
+              "results": everything}
     if not args.no_doc:
-        write_doc(f"Measured with `{output['command']}` (ONNX Runtime {ort.__version__}, "
-                  f"{os.cpu_count()} cores):\n\n{text}")
-    print(text)
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(output, indent=2, default=str))
+        write_doc(f"ONNX Runtime {ort.__version__}, {os.cpu_count()} cores; each model's "
+                  f"command, date and load average are in its heading.\n\n{table(everything)}")
+    print(table(results))
 
 
 if __name__ == "__main__":
