@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+import onnx
 from onnx import numpy_helper
 
 from onnxcomp.errors import OnnxcompError
@@ -104,6 +105,10 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
                                          num_heads=num_heads, hidden_size=hidden_size,
                                          opt_level=0)
     fused = Model(optimized.model, model.source, model.external_data)
+    # The optimizer adds contrib ops without declaring their domain (ORT adds it only on save).
+    if any(n.domain == "com.microsoft" for n in fused.graph.node) and \
+            not any(o.domain == "com.microsoft" for o in fused.proto.opset_import):
+        fused.proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     after = _ops(fused)
     gained = {op: after[op] - before.get(op, 0) for op in after if after[op] > before.get(op, 0)}
     # Only fusions count: the optimizer's own housekeeping (dropping an Identity) alone is not
