@@ -286,6 +286,8 @@ def _teacher_view(value: np.ndarray, site: Site, axis: int) -> np.ndarray:
 
 def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
     """Lowest (over outputs) mean per-sample cosine of ``candidate`` to the teacher."""
+    from onnxcomp.validate import per_sample_cosine
+
     sessions = [runtime.session(m, optimize=False) for m in (ctx.teacher, candidate)]
     names = [o.name for o in sessions[0].get_outputs()]
     sums: dict[str, float] = dict.fromkeys(names, 0.0)
@@ -295,12 +297,7 @@ def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
             break
         want, got = (runtime.run(sess, batch, names) for sess in sessions)
         for name in names:
-            a = np.asarray(want[name], np.float64).reshape(len(want[name]), -1) \
-                if np.ndim(want[name]) > 1 else np.asarray(want[name], np.float64).reshape(1, -1)
-            b = np.asarray(got[name], np.float64).reshape(a.shape)
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            sums[name] += float(np.mean(np.where(norms > 0, (a * b).sum(axis=1) /
-                                                 np.maximum(norms, 1e-30), 1.0)))
+            sums[name] += float(np.mean(per_sample_cosine(want[name], got[name])))
         count += 1
     return min(total / max(count, 1) for total in sums.values())
 
