@@ -25,7 +25,8 @@ class CompressResult:
 
 
 def _as_model(model: Model | str | os.PathLike) -> Model:
-    return model if isinstance(model, Model) else load(model)
+    # Weights in external data stay on disk until a pass reads them (see model.load).
+    return model if isinstance(model, Model) else load(model, load_weights=False)
 
 
 def _model_facts(model: Model, path: str | os.PathLike | None = None) -> dict:

@@ -73,8 +73,11 @@ def cmd_compress(args) -> int:
         for block in api.dry_run(args.model, args.recipe, args.calib, overrides=args.set):
             print(block)
         return 0
+    if args.no_validate and args.min_cosine is not None:
+        raise OnnxcompError("--min-cosine needs the fidelity check: drop --no-validate")
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
-                          min_cosine=args.min_cosine, overrides=args.set)
+                          min_cosine=args.min_cosine, overrides=args.set,
+                          validate=not args.no_validate)
     if result.passed:
         path = result.model.save(args.output)
         result.report.models["candidate"]["path"] = str(path)
@@ -188,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--set", action="append", metavar="PASS.FIELD=VALUE",
                           help="override one option of a recipe step, e.g. "
                           "quantize.calibration=minmax or prune.heads=0.25 (repeatable)")
+    compress.add_argument("--no-validate", action="store_true",
+                          help="skip the fidelity check (run `onnxcomp validate` later; keeps "
+                          "the reference model out of memory for very large models)")
     compress.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=cmd_compress)

@@ -8,12 +8,16 @@ across that round trip and treat weights stored as ``Constant`` nodes like initi
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxcomp.model import Model
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import Model, read_external
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +25,71 @@ logger = logging.getLogger(__name__)
 _VALUE_PASSTHROUGH = {"Identity"}
 
 
+class _MappedWeight(np.memmap):
+    """A lazy weight's values as read from disk; ``onnx_tensor`` names where they came from."""
+
+    onnx_tensor: onnx.TensorProto | None = None
+
+
+class _DiskValues(LazyValues):
+    """gs's LazyValues for a tensor in external data: read from the model's folder (safely, as a
+    read-only map) instead of from the working directory, and never copied into the proto."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: Path):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        values = read_external(self.tensor, self.base_dir)
+        if isinstance(values, np.memmap):
+            values = values.view(_MappedWeight)
+            values.onnx_tensor = self.tensor
+        return values
+
+
+def _constants(graph: gs.Graph):
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant):
+            yield tensor
+    for subgraph in _subgraphs(graph):
+        yield from _constants(subgraph)
+
+
 def import_graph(model: Model) -> gs.Graph:
-    return gs.import_onnx(model.proto)
+    return import_proto(model.proto, model.source)
+
+
+def import_proto(proto: onnx.ModelProto, source: Path | None) -> gs.Graph:
+    """``gs.import_onnx``, with weights still in external data read from ``source`` (the model's
+    folder) when a pass asks for them; never ``gs.import_onnx`` alone, which would read them
+    relative to the working directory."""
+    graph = gs.import_onnx(proto)
+    for const in _constants(graph):
+        lazy = const._values
+        if (isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto)
+                and external_data_helper.uses_external_data(lazy.tensor)):
+            if source is None:
+                raise OnnxcompError(f"weight {lazy.tensor.name!r} is in external data but the "
+                                    "model's folder is unknown")
+            const._values = _DiskValues(lazy.tensor, Path(source))
+    return graph
+
+
+def _keep_on_disk(graph: gs.Graph) -> None:
+    """Weights a pass only read go back out as references to their file, not as copies: the map
+    is read-only, so values still backed by it are unchanged."""
+    for const in _constants(graph):
+        values = const._values
+        if isinstance(values, _MappedWeight) and values.onnx_tensor is not None:
+            const._values = LazyValues(values.onnx_tensor)
+        elif not isinstance(values, LazyValues):
+            # New values for a tensor imported from external data are written inline.
+            const.data_location = None
 
 
 def export_model(graph: gs.Graph, like: Model) -> Model:
     """Turn a gs graph back into a Model with the original's model-level fields."""
+    _keep_on_disk(graph)
     proto = gs.export_onnx(graph, do_type_check=False)
     original = like.proto
     proto.ir_version = original.ir_version

@@ -172,7 +172,7 @@ def inspect_model(model: Model | str | os.PathLike,
     path = None
     if not isinstance(model, Model):
         path = Path(model)
-        model = load(path)
+        model = load(path, load_weights=False)  # weights stay on disk: only shapes are needed
     proto = model.proto
     histogram: Counter = Counter()
     in_subgraphs: Counter = Counter()

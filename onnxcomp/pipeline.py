@@ -212,8 +212,15 @@ class Pipeline:
         for index, step in enumerate(self.steps, start=1):
             ctx.progress(f"[{index}/{len(self.steps)}] {step.name}")
             started = time.perf_counter()
+            module = step.module()
+            if model.lazy and not getattr(module, "LAZY_WEIGHTS", False):
+                # This pass reads weights straight from the protobuf: give it all of them.
+                ctx.progress(f"{step.name}: reading all {model.lazy_bytes() / 2**20:.0f} MiB of "
+                             "weights into memory (this pass does not read them lazily)")
+                model = model.copy()
+                model.materialize()
             try:
-                model, record = step.module().run(model, step.config, ctx)
+                model, record = module.run(model, step.config, ctx)
             except OnnxcompError:
                 raise
             except Exception as exc:

@@ -1,7 +1,8 @@
 """ONNX Runtime sessions for our models, and the one helper that compares two models numerically.
 
 Models under the protobuf limit are handed to ONNX Runtime as bytes; larger ones go through a
-file (ONNX Runtime reads external data only from disk).
+file. Weights a model still holds on disk (lazy loading) are read by ONNX Runtime from the model's
+folder.
 """
 
 from __future__ import annotations
@@ -70,7 +71,14 @@ def session(model: Model | str | os.PathLike, provider: str = "cpu", threads: in
         providers.append("CPUExecutionProvider")
     try:
         if isinstance(model, Model):
-            if model.weight_bytes() > PROTOBUF_SAFE_BYTES:
+            lazy = model.lazy
+            if lazy and model.weight_bytes() - model.lazy_bytes() <= PROTOBUF_SAFE_BYTES:
+                # Weights still on disk: ONNX Runtime reads them from the model's folder.
+                options.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(model.source))
+                return ort.InferenceSession(model.proto.SerializeToString(), options,
+                                            providers=providers)
+            if lazy or model.weight_bytes() > PROTOBUF_SAFE_BYTES:
                 with tempfile.TemporaryDirectory(prefix="onnxcomp-session-") as tmp:
                     path = Path(tmp) / "model.onnx"
                     model.save(path, external_data=True)

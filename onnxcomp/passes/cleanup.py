@@ -20,6 +20,8 @@ from onnxcomp.model import Model
 from onnxcomp.pipeline import Context, PassRecord
 
 NAME = "cleanup"
+# Reads weights through gs constants only: works on models whose weights stay on disk.
+LAZY_WEIGHTS = True
 logger = logging.getLogger(__name__)
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import export_model, lift_constant_nodes, tidy
+from onnxcomp.graph import export_model, import_proto, lift_constant_nodes, tidy
 from onnxcomp.model import Model
 from onnxcomp.passes import prune_importance as imp
 from onnxcomp.passes.prune_groups import WEIGHT_OPS, Group, analyze, positions
@@ -143,7 +143,7 @@ def prepare(model: Model) -> gs.Graph:
     except Exception as exc:  # noqa: BLE001  inference is best effort: unknown shapes only block groups
         logger.debug("prune: shape inference failed: %s", exc)
         proto = model.proto
-    graph = gs.import_onnx(proto)
+    graph = import_proto(proto, model.source)
     lift_constant_nodes(graph)
     seen: set[str] = set()
     for i, node in enumerate(graph.nodes):

@@ -9,6 +9,9 @@ why it skips the others); ``apply()`` rewrites them in one place:
 - ``int8-dynamic``: int8 weights, activations quantized at run time (DynamicQuantizeLinear +
   MatMulInteger, fused by ONNX Runtime into DynamicQuantizeMatMul). MatMul/Gemm by default.
 - ``int4``: blockwise 4-bit MatMul weights, as com.microsoft.MatMulNBits or opset-21 QDQ.
+- every mode (``embeddings``): Gather tables as int8 rows, one scale per row, dequantized after
+  the gather (``quantize_gather``); int8-dynamic (``attention``): the fuse pass's
+  com.microsoft.Attention -> QAttention (``quantize_attention``); other modes leave it float, noted.
 Then, with calibration data: per-layer SQNR, and with ``min_cosine`` automatic mixed precision
 (the layers with the lowest SQNR go back to float until the model output cosine meets it).
 
@@ -18,6 +21,7 @@ Opset-12 models (PP-OCR) are upgraded to 13 for per-channel DequantizeLinear (21
 
 from __future__ import annotations
 
+import gc
 import math
 from dataclasses import dataclass
 
@@ -38,8 +42,10 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.passes import (
+    quantize_attention,
     quantize_calib,
     quantize_eval,
+    quantize_gather,
     quantize_int4,
     quantize_int8,
     quantize_smooth,
@@ -49,6 +55,8 @@ from onnxcomp.passes.quantize_plan import plan as match_plan
 from onnxcomp.pipeline import Context, PassRecord
 
 NAME = "quantize"
+# Reads weights through gs constants only: works on models whose weights stay on disk.
+LAZY_WEIGHTS = True
 MODES = ("int8", "int8-dynamic", "int4")
 DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm"),
                     "int4": ("MatMul", "Gemm")}
@@ -71,8 +79,11 @@ class Config:
     block_size: int = 32
     int4_format: str = "matmulnbits"
     int4_symmetric: bool = True
+    int4_scale: str = "mse"  # per-block scale: "mse" (least squared error) or "max" (no clipping)
     min_cosine: float | None = None
     smoothquant_alpha: float | None = None
+    embeddings: bool = True  # Gather tables as int8 rows (every mode; quantize_gather)
+    attention: bool = True  # int8-dynamic: fused Attention -> QAttention (quantize_attention)
 
     def __post_init__(self) -> None:
         for name in ("op_types", "exclude"):
@@ -97,12 +108,18 @@ class Config:
             raise ValueError(f"output_qdq must be none, conv or all, got {self.output_qdq!r}")
         if self.block_size not in (16, 32, 64, 128, 256):
             raise ValueError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size!r}")
+        if self.int4_scale not in quantize_int4.SCALE_RULES:
+            raise ValueError(f"int4_scale must be one of {', '.join(quantize_int4.SCALE_RULES)}, "
+                             f"got {self.int4_scale!r}")
         if self.int4_format not in ("matmulnbits", "qdq"):
             raise ValueError(f"int4_format must be matmulnbits or qdq, got {self.int4_format!r}")
         if self.min_cosine is not None and not -1.0 <= float(self.min_cosine) <= 1.0:
             raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
         if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
+        for name in ("embeddings", "attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_short(cls, arg: str | None) -> Config:
@@ -157,12 +174,32 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
 
 def plan(model: Model, config: Config) -> QuantPlan:
     """The sites of ``model`` (a prepared one) that ``config`` quantizes."""
-    result = match_plan(import_graph(model), config.mode, config.ops, config.exclude,
-                        config.per_channel, config.output_qdq)
+    graph = import_graph(model)
+    result = match_plan(graph, config.mode, config.ops, config.exclude, config.per_channel,
+                        config.output_qdq)
+    if config.embeddings:
+        sites, skipped = quantize_gather.match(graph, config.exclude)
+        result.sites += sites
+        result.skipped += skipped
+    _plan_attention(graph, config, result)
     if config.mode == "int8-dynamic" and "Conv" in config.ops:
         result.notes.append("int8-dynamic on Conv (ConvInteger) measured 4.5x slower and lost all "
                             "accuracy on PP-OCR: prefer static int8 for conv nets")
     return result
+
+
+def _plan_attention(graph: gs.Graph, config: Config, result: QuantPlan) -> None:
+    fused = quantize_attention.float_count(graph)
+    if config.mode == "int8-dynamic" and config.attention:
+        sites, skipped = quantize_attention.match(graph, config.exclude)
+        result.sites += sites
+        result.skipped += skipped
+    elif fused:
+        why = {"int8-dynamic": "attention = false",
+               "int8": "ONNX Runtime fuses no QDQ Attention; its QAttention is int8-dynamic's",
+               "int4": "ONNX Runtime has no 4-bit Attention kernel"}[config.mode]
+        result.notes.append(f"{fused} fused com.microsoft.Attention nodes left float ({why}): "
+                            "their Q/K/V weights keep their float size")
 
 
 def activation_tensors(model: Model, quant_plan: QuantPlan) -> list[str]:
@@ -182,9 +219,18 @@ def apply(model: Model, quant_plan: QuantPlan, config: Config,
     """Rewrite the planned sites; ``ranges`` (tensor -> (min, max)) is needed for static int8."""
     graph = import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
+    tables: dict = {}
+    sites = []
+    for site in quant_plan.sites:  # Gather tables and fused Attention have their own rewrites
+        if site.op == "Gather":
+            quantize_gather.rewrite(graph, nodes[site.node], tables)
+        elif site.op == "Attention":
+            quantize_attention.rewrite(graph, nodes[site.node], config.per_channel)
+        else:
+            sites.append(site)
     if config.mode == "int8":
         writer = quantize_int8.QdqWriter(graph)
-        for site in quant_plan.sites:
+        for site in sites:
             node = nodes[site.node]
             for i in site.activation_inputs:
                 scale, zp = quantize_calib.quant_params(*ranges[node.inputs[i].name])
@@ -192,15 +238,21 @@ def apply(model: Model, quant_plan: QuantPlan, config: Config,
             node.inputs[site.weight_input] = writer.weight(node.inputs[site.weight_input],
                                                            site.axis)
         tensors = graph.tensors()
-        for site in quant_plan.sites:
+        for site in sites:
             if site.output_qdq:
                 tensor = tensors[site.output_qdq]
                 scale, zp = quantize_calib.quant_params(*ranges[tensor.name])
                 quantize_int8.rewire_consumers(tensor, writer.activation(tensor, scale, zp))
     four_bit: set[str] = set()
     if config.mode != "int8":
-        for site in quant_plan.sites:
+        lazy = model.lazy
+        for site in sites:
             four_bit.update(_apply_weight_only(graph, nodes[site.node], site, config))
+            if lazy:
+                # A replaced weight's memory map is freed only by the cycle collector (gs tensors
+                # and nodes point at each other): collect now, so that one float weight at a
+                # time is resident, not every weight read so far.
+                gc.collect()
     result = _export(tidy(graph), model)
     if four_bit:
         quantize_int4.to_4bit(result.proto, four_bit)
@@ -263,7 +315,9 @@ def _apply_weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Confi
         axis = 1 if config.per_channel else None
         quantize_int8.dynamic_matmul(graph, node, weight, axis, bias)
         return []
-    blocks = quantize_int4.quantize_blocks(weight, config.block_size, config.int4_symmetric)
+    blocks = quantize_int4.quantize_blocks(weight, config.block_size, config.int4_symmetric,
+                                           config.int4_scale,
+                                           positive=config.int4_format == "qdq")
     activation, output = node.inputs[0], node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()

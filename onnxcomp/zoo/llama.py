@@ -10,6 +10,7 @@ while the graph is built, so a multi-GiB model never sits in memory: peak memory
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +32,16 @@ class LlamaConfig:
     vocab: int = 512
     max_positions: int = 128
     seed: int = 0
+    # "scaled": the residual-branch output projections (o_proj, down_proj) start with their std
+    # divided by sqrt(2 * layers), as GPT-2 and Megatron-LM initialize, so each layer adds a small
+    # update to the residual stream as in trained models; "plain": every weight std 1/sqrt(fan_in)
+    # (about Hugging Face Llama's 0.02 at 1B), where every layer overwrites the stream and small
+    # perturbations grow from layer to layer.
+    init: str = "scaled"
 
     def __post_init__(self) -> None:
+        if self.init not in ("scaled", "plain"):
+            raise ValueError(f"init must be scaled or plain, got {self.init!r}")
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise ValueError("hidden must divide by heads, heads by kv_heads")
         if (self.hidden // self.heads) % 2:
@@ -106,8 +115,12 @@ def build(path: str | os.PathLike, config: LlamaConfig = PRESETS["tiny"]) -> Pat
     nodes: list[onnx.NodeProto] = []
     h, hd, kv = config.hidden, config.head_dim, config.kv_heads
 
-    def weight(name: str, shape: tuple[int, ...], scale: float | None = None) -> str:
+    residual_std = 1.0 / np.sqrt(2 * config.layers) if config.init == "scaled" else 1.0
+
+    def weight(name: str, shape: tuple[int, ...], scale: float | None = None,
+               residual: bool = False) -> str:
         std = scale if scale is not None else 1.0 / np.sqrt(shape[0])
+        std *= residual_std if residual else 1.0
         inits.append(writer.tensor(name, (rng.standard_normal(shape, dtype=np.float32) * std)
                                    .astype(np.float32)))
         return name
@@ -200,7 +213,7 @@ def build(path: str | os.PathLike, config: LlamaConfig = PRESETS["tiny"]) -> Pat
         context = node("Transpose", [node("MatMul", [probs, v], f"{p}.ctx")], f"{p}.ctx_t",
                        perm=[0, 2, 1, 3])
         merged = node("Reshape", [context, "merge_shape"], f"{p}.merged")
-        attn = node("MatMul", [merged, weight(f"{p}.o_proj", (h, h))], f"{p}.attn")
+        attn = node("MatMul", [merged, weight(f"{p}.o_proj", (h, h), residual=True)], f"{p}.attn")
         x = node("Add", [x, attn], f"{p}.resid1")
         normed = rms_norm(x, f"{p}.post_norm")
         gate = node("MatMul", [normed, weight(f"{p}.gate_proj", (h, config.intermediate))],
@@ -208,7 +221,8 @@ def build(path: str | os.PathLike, config: LlamaConfig = PRESETS["tiny"]) -> Pat
         up = node("MatMul", [normed, weight(f"{p}.up_proj", (h, config.intermediate))], f"{p}.up")
         silu = node("Mul", [gate, node("Sigmoid", [gate], f"{p}.gate_sig")], f"{p}.silu")
         down = node("MatMul", [node("Mul", [silu, up], f"{p}.swiglu"),
-                               weight(f"{p}.down_proj", (config.intermediate, h))], f"{p}.down")
+                               weight(f"{p}.down_proj", (config.intermediate, h),
+                                      residual=True)], f"{p}.down")
         x = node("Add", [x, down], f"{p}.resid2")
     final = rms_norm(x, "final_norm")
     nodes.append(helper.make_node("Identity", [final], ["last_hidden_state"], name="hidden_out"))
@@ -249,8 +263,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--init", choices=("scaled", "plain"), default="scaled")
     args = parser.parse_args()
-    config = PRESETS[args.preset]
+    config = dataclasses.replace(PRESETS[args.preset], init=args.init)
     path = build(args.output, config)
     print(f"{path}: {config.parameter_count():,} parameters")
 

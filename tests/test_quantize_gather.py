@@ -1,0 +1,266 @@
+"""quantize: int8 embedding tables (Gather, every mode) and fused Attention -> QAttention
+(int8-dynamic): structure, the saved file, numerics in ONNX Runtime, skips and their reasons."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp import calibration, runtime
+from onnxcomp.model import Model
+from onnxcomp.passes import quantize, quantize_gather
+from onnxcomp.pipeline import Context
+
+V, D = 300, 32  # 9600 elements: above quantize_gather.MIN_ELEMENTS
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def gather_model(tied: bool = False, second_gather: bool = False, small: bool = False) -> Model:
+    """ids[2,6] -> Gather(table) -> emb (an output) -> MatMul W -> y; ``tied``: the table also
+    feeds a Transpose -> MatMul lm_head; ``second_gather``: another Gather reads the same table;
+    ``small``: the table is [2, D] (under MIN_ELEMENTS)."""
+    rng = np.random.default_rng(7)
+    rows = 2 if small else V
+    # rows of very different magnitudes: per-row scales matter
+    table = (rng.standard_normal((rows, D)) * rng.uniform(0.01, 2.0, (rows, 1))).astype(np.float32)
+    inits = [_init("table", table), _init("W", rng.standard_normal((D, 16)).astype(np.float32))]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="emb_gather"),
+             helper.make_node("MatMul", ["emb", "W"], ["y"], name="proj")]
+    outputs = [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [2, 6, D]),
+               helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 16])]
+    if tied:
+        nodes += [helper.make_node("Transpose", ["table"], ["table_t"], name="tie_t"),
+                  helper.make_node("MatMul", ["emb", "table_t"], ["logits"], name="lm_head")]
+        outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 6, rows]))
+    if second_gather:
+        nodes.append(helper.make_node("Gather", ["table", "ids2"], ["emb2"], name="emb_gather2"))
+        outputs.append(helper.make_tensor_value_info("emb2", TensorProto.FLOAT, [3, D]))
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 6])]
+    if second_gather:
+        inputs.append(helper.make_tensor_value_info("ids2", TensorProto.INT64, [3]))
+    graph = helper.make_graph(nodes, "emb", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return Model(model)
+
+
+def ids_batches(model: Model, count: int = 3) -> calibration.Dataset:
+    rows = numpy_helper.to_array(model.graph.initializer[0]).shape[0]
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(count):
+        ids = rng.integers(0, rows, (2, 6)).astype(np.int64)
+        ids[0, 0], ids[0, 1] = 0, rows - 1  # first and last rows, and a negative index below
+        ids[1, 0] = -1
+        batch = {"ids": ids}
+        if any(i.name == "ids2" for i in model.graph.input):
+            batch["ids2"] = np.array([2, 1, rows - 2], np.int64)
+        batches.append(batch)
+    return calibration.from_batches(batches)
+
+
+def ops(model: Model) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def int8_tables(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
+            if t.data_type == TensorProto.INT8}
+
+
+# --- Gather tables ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", quantize.MODES)
+def test_gather_table_is_int8_in_every_mode(mode, tmp_path):
+    model = gather_model()
+    data = ids_batches(model)
+    result, record = quantize.run(model, quantize.Config(mode=mode), Context(calibration=data))
+    assert "emb_gather" in record.touched and record.modified
+    assert any("Gather emb_gather" in line for line in record.details["plan"])
+    assert record.bytes_after < record.bytes_before
+    # The saved file holds the table as int8 [V, D] and no float table any more.
+    path = tmp_path / "q.onnx"
+    result.save(path)
+    saved = onnx.load(str(path))
+    tables = {k: v for k, v in int8_tables(saved).items() if v.shape == (V, D)}
+    assert len(tables) == 1
+    assert not any(t.data_type == TensorProto.FLOAT and list(t.dims) == [V, D]
+                   for t in saved.graph.initializer)
+    # Only the gathered rows are dequantized: no DequantizeLinear reads the table.
+    (name,) = tables
+    readers = [n.op_type for n in saved.graph.node if name in n.input]
+    assert readers == ["Gather"]
+    onnx.checker.check_model(saved)
+
+
+def test_gather_output_within_half_a_step_in_ort():
+    model = gather_model()
+    result, _ = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
+    table = numpy_helper.to_array(model.graph.initializer[0])
+    _, scales = quantize_gather.quantize_table(table)
+    for batch in ids_batches(model):
+        step = scales.reshape(-1)[batch["ids"]][..., None]  # per row scale, gathered
+        for optimize in (False, True):
+            ref = runtime.run_model(model, batch)["emb"]
+            got = runtime.run_model(result, batch, optimize=optimize)["emb"]
+            assert np.all(np.abs(got - ref) <= step / 2 + 1e-7)
+    # and the error is not trivially zero: the table really was rounded
+    assert np.abs(got - ref).max() > 0
+
+
+def test_gather_exclude_by_name_and_op_type():
+    model = gather_model()
+    for pattern in ("emb_gather", "Gather", "emb_*"):
+        result, record = quantize.run(model, quantize.Config(mode="int8-dynamic",
+                                                             exclude=(pattern,)), Context())
+        assert "emb_gather" not in record.touched
+        assert "excluded" in dict(record.skipped)["emb_gather"]
+        assert not any(v.shape == (V, D) for v in int8_tables(result.proto).values())
+        assert "proj" in record.touched or pattern == "emb_*"
+
+
+def test_shared_table_with_tied_matmul_is_skipped_with_reason(caplog):
+    model = gather_model(tied=True)
+    with caplog.at_level("DEBUG", logger="onnxcomp.passes.quantize_gather"):
+        result, record = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
+    reason = dict(record.skipped)["emb_gather"]
+    assert "shared with Transpose" in reason and "tied" in reason
+    assert "emb_gather" in caplog.text and "shared" in caplog.text
+    assert "emb_gather" not in record.touched
+    inits = {t.name: t for t in result.graph.initializer}
+    assert inits["table"].data_type == TensorProto.FLOAT  # still there, float, once
+    batch = next(iter(ids_batches(model)))
+    np.testing.assert_array_equal(runtime.run_model(result, batch)["emb"],
+                                  runtime.run_model(model, batch)["emb"])
+
+
+def test_gathers_sharing_a_table_share_one_int8_copy():
+    model = gather_model(second_gather=True)
+    result, record = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
+    assert {"emb_gather", "emb_gather2"} <= set(record.touched)
+    assert len([v for v in int8_tables(result.proto).values() if v.shape == (V, D)]) == 1
+    batch = next(iter(ids_batches(model)))
+    ref, got = runtime.run_model(model, batch), runtime.run_model(result, batch)
+    assert np.abs(got["emb2"] - ref["emb2"]).max() < 0.02
+    # excluding one of them keeps the shared table float for both (an int8 copy would be extra)
+    _, record = quantize.run(model, quantize.Config(mode="int8-dynamic",
+                                                    exclude=("emb_gather2",)), Context())
+    assert "emb_gather" not in record.touched
+    assert "shared with Gather 'emb_gather2'" in dict(record.skipped)["emb_gather"]
+
+
+def test_no_large_gather_table_changes_nothing_and_is_idempotent():
+    small = gather_model(small=True)
+    config = quantize.Config(mode="int8-dynamic", op_types=("Conv",))  # no MatMul either
+    result, record = quantize.run(small, config, Context())
+    assert not record.modified and result is small
+    assert "emb_gather" not in dict(record.skipped)  # small tables are not worth a record line
+    # A quantized table is int8: a second run finds nothing left to do.
+    once, first = quantize.run(gather_model(), config, Context())
+    assert first.touched == ["emb_gather"]
+    twice, second = quantize.run(once, config, Context())
+    assert not second.modified and twice is once
+
+
+def test_embeddings_switch_and_validation():
+    model = gather_model()
+    _, record = quantize.run(model, quantize.Config(mode="int4", embeddings=False), Context())
+    assert "emb_gather" not in record.touched and record.touched == ["proj"]
+    with pytest.raises(ValueError):
+        quantize.Config(embeddings="yes")
+    with pytest.raises(ValueError):
+        quantize.Config(attention=1)
+
+
+# --- fused Attention ----------------------------------------------------------------------------
+
+HIDDEN, HEADS, SEQ = 64, 4, 7
+
+
+def attention_model(**attrs) -> Model:
+    """x[2,S,H] -> com.microsoft.Attention(W [H, 3H], bias, mask_index int32 [2]) -> y."""
+    rng = np.random.default_rng(11)
+    inits = [_init("qkv_w", rng.standard_normal((HIDDEN, 3 * HIDDEN)).astype(np.float32) * 0.1),
+             _init("qkv_b", rng.standard_normal(3 * HIDDEN).astype(np.float32) * 0.1)]
+    node = helper.make_node("Attention", ["x", "qkv_w", "qkv_b", "mask_index"], ["y"],
+                            name="attn", domain="com.microsoft", num_heads=HEADS, **attrs)
+    graph = helper.make_graph(
+        [node], "attn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, SEQ, HIDDEN]),
+         helper.make_tensor_value_info("mask_index", TensorProto.INT32, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, SEQ, HIDDEN])], inits)
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                         helper.make_opsetid("com.microsoft", 1)]))
+
+
+def attention_batch() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(12)
+    return {"x": rng.standard_normal((2, SEQ, HIDDEN)).astype(np.float32),
+            "mask_index": np.array([SEQ, SEQ - 2], np.int32)}  # second sequence padded
+
+
+def test_attention_becomes_qattention_and_stays_close():
+    model = attention_model()
+    result, record = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
+    assert record.touched == ["attn"]
+    assert sorted(ops(result)) == ["DynamicQuantizeLinear", "QAttention"]
+    q_attention = next(n for n in result.graph.node if n.op_type == "QAttention")
+    assert q_attention.domain == "com.microsoft" and q_attention.name == "attn"
+    inits = {t.name: numpy_helper.to_array(t) for t in result.graph.initializer}
+    weight, scale = inits[q_attention.input[1]], inits[q_attention.input[4]]
+    assert weight.dtype == np.int8 and scale.shape == (3 * HIDDEN,)  # per column
+    original = numpy_helper.to_array(model.graph.initializer[0])
+    assert np.all(np.abs(weight * scale - original) <= scale / 2 + 1e-7)
+    batch = attention_batch()
+    ref = runtime.run_model(model, batch)["y"]
+    for optimize in (False, True):
+        got = runtime.run_model(result, batch, optimize=optimize)["y"]
+        # uint8 input (range/255) and int8 weight rounding through softmax: ~1 % of the norm
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.03
+    assert result.weight_bytes() < 0.4 * model.weight_bytes()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_attention_left_float_is_said_in_static_and_int4(mode):
+    model = attention_model()
+    data = calibration.from_batches([attention_batch()])
+    result, record = quantize.run(model, quantize.Config(mode=mode), Context(calibration=data))
+    assert "Attention" in ops(result) and "QAttention" not in ops(result)
+    assert any("Attention nodes left float" in note for note in record.notes)
+
+
+def test_attention_switch_and_unsupported_variant():
+    model = attention_model()
+    result, record = quantize.run(model, quantize.Config(mode="int8-dynamic", attention=False),
+                                  Context())
+    assert not record.modified and "Attention" in ops(result)
+    assert any("attention = false" in note for note in record.notes)
+    variant = attention_model(qkv_hidden_sizes=[HIDDEN, HIDDEN, HIDDEN])
+    _, record = quantize.run(variant, quantize.Config(mode="int8-dynamic"), Context())
+    assert "qkv_hidden_sizes" in dict(record.skipped)["attn"]
+    _, record = quantize.run(model, quantize.Config(mode="int8-dynamic", exclude=("attn",)),
+                             Context())
+    assert "excluded" in dict(record.skipped)["attn"]
+
+
+def test_float16_table_stays_float16():
+    table = np.random.default_rng(0).standard_normal((V, D)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="g")], "g16",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT16, [4, D])],
+        [_init("table", table)])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result, record = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
+    assert record.touched == ["g"]
+    ids = {"ids": np.array([0, 5, V - 1, -1], np.int64)}
+    ref, got = runtime.run_model(model, ids)["emb"], runtime.run_model(result, ids)["emb"]
+    assert got.dtype == np.float16
+    step = np.abs(table.astype(np.float32)).max(axis=1)[ids["ids"]][:, None] / 127
+    # half a step, plus float16 rounding of the scale and of the product
+    assert np.all(np.abs(got.astype(np.float32) - ref) <= step / 2 + 2e-3 * np.abs(ref) + 1e-3)
