@@ -128,3 +128,15 @@ def test_a_lazy_model_saved_as_one_file_has_its_weights_inside(llama, tmp_path):
     want, got = outputs(str(llama), batch), outputs(str(out), batch)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_an_opset_upgrade_of_a_lazy_model_works_from_another_directory(llama, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = api.compress(llama, recipe="quantize:int4", overrides=["quantize.int4_format=qdq"],
+                          validate=False, show_progress=False)
+    assert result.model.opset() == 21 and result.model.lazy
+    batch = prompts(TINY, 1).make_batch(0)
+    got = outputs(result.model, batch)["last_hidden_state"]
+    want = outputs(str(llama), batch)["last_hidden_state"]
+    assert float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want)) > 0.9

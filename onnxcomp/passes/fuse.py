@@ -6,6 +6,13 @@ The fused graph uses ONNX Runtime's contrib ops (domain ``com.microsoft``): it r
 only, which the record says. Fusion is exact up to float rounding. Measured on this machine: on a
 float transformer alone it does not always pay (DESIGN.md: MiniLM FP32 got slightly slower), so it
 is never in a default recipe; put it before ``quantize`` where a benchmark shows it helps.
+
+``embed_layer_norm = false`` turns off ONNX Runtime's EmbedLayerNormalization fusion (BERT's
+word + position + segment Gathers, their Adds and the first LayerNorm as one contrib op); the
+other fusions still run. Use it when ``quantize`` follows: the fused op reads its tables whole and
+in float, so quantize's int8 Gather rewrite can no longer reach them (all-MiniLM-L6-v2: fuse +
+int8-dynamic 58.5 MB with the fusion, 22.9 MB without, and faster; docs/quantize.md). ``true``
+keeps ONNX Runtime's default for the model type (it never fuses embeddings for ``clip``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ class Config:
     model_type: str = "bert"
     num_heads: int = 0      # 0: detected from the graph
     hidden_size: int = 0    # 0: detected from the graph
+    # False: no EmbedLayerNormalization, so quantize can store the embedding tables as int8
+    embed_layer_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -38,6 +47,9 @@ class Config:
                              f"got {self.model_type!r}")
         if self.num_heads < 0 or self.hidden_size < 0:
             raise ValueError("num_heads and hidden_size must be >= 0 (0 = detect)")
+        if not isinstance(self.embed_layer_norm, bool):
+            raise ValueError(f"embed_layer_norm must be true or false, "
+                             f"got {self.embed_layer_norm!r}")
 
     @classmethod
     def from_short(cls, arg: str | None) -> Config:
@@ -93,6 +105,7 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
                         bytes_before=model.weight_bytes())
     try:
         from onnxruntime.transformers import optimizer
+        from onnxruntime.transformers.fusion_options import FusionOptions
     except ImportError as exc:
         raise OnnxcompError(f"fuse needs onnxruntime.transformers, which failed to import "
                             f"({exc}); on some versions it needs torch: pip install "
@@ -101,9 +114,13 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     num_heads, hidden_size = config.num_heads, config.hidden_size
     if not num_heads or not hidden_size:
         num_heads, hidden_size = detect_heads(model)
+    # ONNX Runtime's per-model-type defaults, with only what the config overrides changed
+    options = FusionOptions(config.model_type)
+    if not config.embed_layer_norm:
+        options.enable_embed_layer_norm = False
     optimized = optimizer.optimize_model(model.copy().proto, model_type=config.model_type,
                                          num_heads=num_heads, hidden_size=hidden_size,
-                                         opt_level=0)
+                                         optimization_options=options, opt_level=0)
     fused = Model(optimized.model, model.source, model.external_data)
     # The optimizer adds contrib ops without declaring their domain (ORT adds it only on save).
     if any(n.domain == "com.microsoft" for n in fused.graph.node) and \

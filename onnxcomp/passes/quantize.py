@@ -162,13 +162,18 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
     if opset < needed:
         try:
             proto = version_converter.convert_version(prepared.proto, needed)
-            onnx.checker.check_model(proto)
+            if prepared.lazy:
+                # The checker would look for the weights' files in the working directory; the
+                # graph's consistency is what the upgrade can break, and inference checks that.
+                onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+            else:
+                onnx.checker.check_model(proto)
         except Exception as exc:  # noqa: BLE001 - the converter raises many types
             raise OnnxcompError(f"could not upgrade the model from opset {opset} to {needed} "
                                 f"(needed by {config.mode}): {exc}") from None
         notes.append(f"upgraded the opset from {opset} to {needed} (needed by {config.mode}"
                      f"{' per-channel' if needed == 13 else ''})")
-        prepared = Model(proto, model.source)
+        prepared = Model(proto, model.source, model.external_data)
     return prepared
 
 
