@@ -57,3 +57,22 @@ def test_zoo_list_and_unknown_fetch(capsys):
     assert "ppocr-rec" in capsys.readouterr().out
     assert main(["zoo", "fetch", "no-such-model"]) == 2
     assert "unknown zoo model" in capsys.readouterr().err
+
+
+def test_compress_no_validate_writes_the_model_without_a_fidelity_check(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    make_mlp().save(path)
+    out = tmp_path / "out.onnx"
+    report = tmp_path / "r.json"
+    assert main(["compress", str(path), "-o", str(out), "--recipe", "quantize:int8-dynamic",
+                 "--no-validate", "--report", str(report)]) == 0
+    assert out.exists()
+    import json
+
+    assert not json.loads(report.read_text()).get("fidelity")
+    # A fidelity gate needs the check: asking for both is a usage error, and nothing is written.
+    other = tmp_path / "other.onnx"
+    assert main(["compress", str(path), "-o", str(other), "--no-validate",
+                 "--min-cosine", "0.9"]) == 2
+    assert "--no-validate" in capsys.readouterr().err
+    assert not other.exists()

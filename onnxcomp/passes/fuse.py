@@ -7,12 +7,14 @@ only, which the record says. Fusion is exact up to float rounding. Measured on t
 float transformer alone it does not always pay (DESIGN.md: MiniLM FP32 got slightly slower), so it
 is never in a default recipe; put it before ``quantize`` where a benchmark shows it helps.
 
-``embed_layer_norm = false`` turns off ONNX Runtime's EmbedLayerNormalization fusion (BERT's
-word + position + segment Gathers, their Adds and the first LayerNorm as one contrib op); the
-other fusions still run. Use it when ``quantize`` follows: the fused op reads its tables whole and
-in float, so quantize's int8 Gather rewrite can no longer reach them (all-MiniLM-L6-v2: fuse +
-int8-dynamic 58.5 MB with the fusion, 22.9 MB without, and faster; docs/quantize.md). ``true``
-keeps ONNX Runtime's default for the model type (it never fuses embeddings for ``clip``).
+``embed_layer_norm`` (default false) decides ONNX Runtime's EmbedLayerNormalization fusion
+(BERT's word + position + segment Gathers, their Adds and the first LayerNorm as one contrib op);
+the other fusions run either way. Off by default, unlike ONNX Runtime, because ``quantize`` is what
+``fuse`` is for here: the fused op reads its tables whole and in float, out of reach of quantize's
+int8 Gather rewrite (all-MiniLM-L6-v2, fuse + int8-dynamic: 58.5 MB with the fusion, 22.9 MB
+without), and on float MiniLM the fusion did not pay on this CPU (1 thread: 4.31 ms without vs
+4.44 ms with at 9 tokens, 25.2 ms either way at 128). ``true`` restores ONNX Runtime's default for
+the model type (which never fuses embeddings for ``clip``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Config:
     num_heads: int = 0      # 0: detected from the graph
     hidden_size: int = 0    # 0: detected from the graph
     # False: no EmbedLayerNormalization, so quantize can store the embedding tables as int8
-    embed_layer_norm: bool = True
+    embed_layer_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -116,7 +118,8 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
         num_heads, hidden_size = detect_heads(model)
     # ONNX Runtime's per-model-type defaults, with only what the config overrides changed
     options = FusionOptions(config.model_type)
-    if not config.embed_layer_norm:
+    embed_off = options.enable_embed_layer_norm and not config.embed_layer_norm
+    if embed_off:
         options.enable_embed_layer_norm = False
     optimized = optimizer.optimize_model(model.copy().proto, model_type=config.model_type,
                                          num_heads=num_heads, hidden_size=hidden_size,
@@ -140,4 +143,7 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     record.details = {"ops_before": dict(before), "ops_after": dict(after), "fused": gained}
     record.notes.append("fused " + ", ".join(f"{count} {op}" for op, count in gained.items())
                         + "; the graph now needs ONNX Runtime (com.microsoft ops)")
+    if embed_off:
+        record.notes.append("EmbedLayerNormalization fusion off (embed_layer_norm = false): the "
+                            "embedding Gathers stay plain, for quantize's int8 tables")
     return fused, record
