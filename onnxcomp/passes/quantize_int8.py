@@ -126,8 +126,37 @@ def rewire_consumers(tensor: gs.Tensor, replacement: gs.Tensor, skip_ops=("Quant
 def dynamic_matmul(graph: gs.Graph, node: gs.Node, weight: np.ndarray, axis: int | None,
                    bias: np.ndarray | None = None) -> None:
     """Replace a MatMul-like node (activation input 0, float weight [K, N]) by the dynamic form."""
-    activation, output = node.inputs[0], node.outputs[0]
     q, scale = symmetric_int8(weight, axis)
+    bias_value = None if bias is None else bias.astype(np.float32)
+    _replace_by_dynamic_form(graph, node, "MatMulInteger", weight_q=q, weight_scale=scale,
+                             bias_value=bias_value)
+
+
+def dynamic_conv(graph: gs.Graph, node: gs.Node, weight: np.ndarray,
+                 bias: np.ndarray | None) -> None:
+    """Conv -> DynamicQuantizeLinear + ConvInteger (uint8 weight, zero point 128) + rescale."""
+    q, scale = symmetric_int8(weight, None)
+    # ORT's CPU ConvInteger takes uint8 weights only: the symmetric int8 values shifted by 128.
+    q_u8 = (q.astype(np.int16) + 128).astype(np.uint8)
+    bias_value = None
+    if bias is not None:  # [C] -> [1, C, 1, ...] so it broadcasts over the conv output
+        bias_value = bias.astype(np.float32).reshape(1, -1, *([1] * (weight.ndim - 2)))
+    _replace_by_dynamic_form(graph, node, "ConvInteger", attrs=dict(node.attrs), weight_q=q_u8,
+                             weight_zero_point=np.asarray(128, np.uint8), weight_scale=scale,
+                             bias_value=bias_value)
+
+
+def _replace_by_dynamic_form(graph: gs.Graph, node: gs.Node, integer_op: str, *,
+                             weight_q: np.ndarray, weight_scale: np.ndarray,
+                             weight_zero_point: np.ndarray | None = None,
+                             attrs: dict | None = None,
+                             bias_value: np.ndarray | None = None) -> None:
+    """Replace ``node`` (activation input 0) by DynamicQuantizeLinear(A) -> ``integer_op``(A_q,
+    W_q, A_zp[, W_zp]) -> Cast -> Mul(A_s * W_s) [-> Add(bias_value)], into its own output.
+
+    The int32 result is rescaled once, by the activation's run-time scale times the weight
+    scale, the form ONNX Runtime fuses. New names are ``<node (else output) name>_<step>``."""
+    activation, output = node.inputs[0], node.outputs[0]
     base = node.name or output.name
     name = lambda suffix: unique_name(graph, f"{base}_{suffix}")
     a_q = gs.Variable(name("a_quantized"), dtype=np.uint8)
@@ -136,64 +165,26 @@ def dynamic_matmul(graph: gs.Graph, node: gs.Node, weight: np.ndarray, axis: int
     acc = gs.Variable(name("int32"), dtype=np.int32)
     acc_f = gs.Variable(name("float"), dtype=np.float32)
     both = gs.Variable(name("scale"), dtype=np.float32)
+    integer_inputs = [a_q, gs.Constant(name(f"W_{weight_q.dtype}"), weight_q), a_zp]
+    if weight_zero_point is not None:
+        integer_inputs.append(gs.Constant(name("W_zero_point"), weight_zero_point))
     nodes = [
         gs.Node("DynamicQuantizeLinear", name("dql"), inputs=[activation],
                 outputs=[a_q, a_s, a_zp]),
-        gs.Node("MatMulInteger", name("matmulinteger"),
-                inputs=[a_q, gs.Constant(name("W_int8"), q), a_zp], outputs=[acc]),
-        gs.Node("Cast", name("cast"), attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-        gs.Node("Mul", name("scale_mul"),
-                inputs=[a_s, gs.Constant(name("W_scale"), scale)], outputs=[both]),
-    ]
-    node.outputs.clear()
-    node.inputs.clear()
-    if bias is None:
-        nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[output]))
-    else:
-        scaled = gs.Variable(name("scaled"), dtype=np.float32)
-        nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[scaled]))
-        nodes.append(gs.Node("Add", name("bias"),
-                             inputs=[scaled, gs.Constant(name("bias_value"),
-                                                         bias.astype(np.float32))],
-                             outputs=[output]))
-    graph.nodes.extend(nodes)
-
-
-def dynamic_conv(graph: gs.Graph, node: gs.Node, weight: np.ndarray,
-                 bias: np.ndarray | None) -> None:
-    """Conv -> DynamicQuantizeLinear + ConvInteger (uint8 weight, zero point 128) + rescale."""
-    activation, output = node.inputs[0], node.outputs[0]
-    q, scale = symmetric_int8(weight, None)
-    q_u8 = (q.astype(np.int16) + 128).astype(np.uint8)
-    base = node.name or output.name
-    name = lambda suffix: unique_name(graph, f"{base}_{suffix}")
-    a_q = gs.Variable(name("a_quantized"), dtype=np.uint8)
-    a_s = gs.Variable(name("a_scale"), dtype=np.float32)
-    a_zp = gs.Variable(name("a_zero_point"), dtype=np.uint8)
-    acc, acc_f = gs.Variable(name("int32"), dtype=np.int32), gs.Variable(name("float"),
-                                                                          dtype=np.float32)
-    both = gs.Variable(name("scale"), dtype=np.float32)
-    attrs = dict(node.attrs)
-    nodes = [
-        gs.Node("DynamicQuantizeLinear", name("dql"), inputs=[activation],
-                outputs=[a_q, a_s, a_zp]),
-        gs.Node("ConvInteger", name("convinteger"), attrs=attrs,
-                inputs=[a_q, gs.Constant(name("W_uint8"), q_u8), a_zp,
-                        gs.Constant(name("W_zero_point"), np.asarray(128, np.uint8))],
+        gs.Node(integer_op, name(integer_op.lower()), attrs=attrs, inputs=integer_inputs,
                 outputs=[acc]),
         gs.Node("Cast", name("cast"), attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-        gs.Node("Mul", name("scale_mul"), inputs=[a_s, gs.Constant(name("W_scale"), scale)],
-                outputs=[both]),
+        gs.Node("Mul", name("scale_mul"),
+                inputs=[a_s, gs.Constant(name("W_scale"), weight_scale)], outputs=[both]),
     ]
     node.outputs.clear()
     node.inputs.clear()
-    if bias is None:
+    if bias_value is None:
         nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[output]))
     else:
         scaled = gs.Variable(name("scaled"), dtype=np.float32)
-        shaped = bias.astype(np.float32).reshape(1, -1, *([1] * (weight.ndim - 2)))
         nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[scaled]))
         nodes.append(gs.Node("Add", name("bias"),
-                             inputs=[scaled, gs.Constant(name("bias_value"), shaped)],
+                             inputs=[scaled, gs.Constant(name("bias_value"), bias_value)],
                              outputs=[output]))
     graph.nodes.extend(nodes)

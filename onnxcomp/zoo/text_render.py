@@ -69,17 +69,17 @@ def _number(rng: np.random.Generator) -> str:
     return f"{rng.integers(0, 100)}%"
 
 
+def _one_of(rng: np.random.Generator, choices: tuple[str, ...]) -> str:
+    """One of ``choices``, uniformly (one draw from ``rng``)."""
+    return choices[int(rng.integers(len(choices)))]
+
+
 def _date(rng: np.random.Generator) -> str:
     year, month, day = int(rng.integers(1990, 2031)), int(rng.integers(1, 13)), int(
         rng.integers(1, 29))
-    kind = rng.integers(4)
-    if kind == 0:
-        return f"{year}-{month:02d}-{day:02d}"
-    if kind == 1:
-        return f"{day:02d}/{month:02d}/{year}"
-    if kind == 2:
-        return f"{day} {MONTHS[month - 1]} {year}"
-    return f"{day:02d}.{month:02d}.{year % 100:02d}"
+    return _one_of(rng, (f"{year}-{month:02d}-{day:02d}", f"{day:02d}/{month:02d}/{year}",
+                         f"{day} {MONTHS[month - 1]} {year}",
+                         f"{day:02d}.{month:02d}.{year % 100:02d}"))
 
 
 def _time(rng: np.random.Generator) -> str:
@@ -89,14 +89,7 @@ def _time(rng: np.random.Generator) -> str:
 
 def _price(rng: np.random.Generator) -> str:
     value = f"{rng.integers(0, 2000)}.{rng.integers(0, 100):02d}"
-    kind = rng.integers(4)
-    if kind == 0:
-        return f"${value}"
-    if kind == 1:
-        return f"{value} USD"
-    if kind == 2:
-        return f"EUR {value}"
-    return f"-{value}"
+    return _one_of(rng, (f"${value}", f"{value} USD", f"EUR {value}", f"-{value}"))
 
 
 def _code(rng: np.random.Generator) -> str:
@@ -107,7 +100,7 @@ def _code(rng: np.random.Generator) -> str:
 
 
 def _word(rng: np.random.Generator) -> str:
-    word = WORDS[int(rng.integers(len(WORDS)))]
+    word = _one_of(rng, WORDS)
     case = rng.random()
     if case < 0.2:
         return word.capitalize()
