@@ -46,6 +46,7 @@ from onnxcomp.passes import (
     quantize_calib,
     quantize_eval,
     quantize_gather,
+    quantize_gptq,
     quantize_int4,
     quantize_int8,
     quantize_smooth,
@@ -80,6 +81,7 @@ class Config:
     int4_format: str = "matmulnbits"
     int4_symmetric: bool = True
     int4_scale: str = "mse"  # per-block scale: "mse" (least squared error) or "max" (no clipping)
+    int4_method: str = "rtn"  # "rtn" (round to nearest) or "gptq" (error compensation; --calib)
     min_cosine: float | None = None
     smoothquant_alpha: float | None = None
     embeddings: bool = True  # Gather tables as int8 rows (every mode; quantize_gather)
@@ -111,6 +113,8 @@ class Config:
         if self.int4_scale not in quantize_int4.SCALE_RULES:
             raise ValueError(f"int4_scale must be one of {', '.join(quantize_int4.SCALE_RULES)}, "
                              f"got {self.int4_scale!r}")
+        if self.int4_method not in ("rtn", "gptq"):
+            raise ValueError(f"int4_method must be rtn or gptq, got {self.int4_method!r}")
         if self.int4_format not in ("matmulnbits", "qdq"):
             raise ValueError(f"int4_format must be matmulnbits or qdq, got {self.int4_format!r}")
         if self.min_cosine is not None and not -1.0 <= float(self.min_cosine) <= 1.0:
@@ -220,8 +224,9 @@ def activation_tensors(model: Model, quant_plan: QuantPlan) -> list[str]:
 
 
 def apply(model: Model, quant_plan: QuantPlan, config: Config,
-          ranges: dict[str, tuple[float, float]] | None = None) -> Model:
-    """Rewrite the planned sites; ``ranges`` (tensor -> (min, max)) is needed for static int8."""
+          stats: dict | None = None) -> Model:
+    """Rewrite the planned sites. ``stats``: calibration statistics of the activation inputs, by
+    tensor name: ``(min, max)`` for static int8 (needed), ``X^T X`` for int4 with GPTQ."""
     graph = import_graph(model)
     nodes = {n.name: n for n in graph.nodes}
     tables: dict = {}
@@ -238,7 +243,7 @@ def apply(model: Model, quant_plan: QuantPlan, config: Config,
         for site in sites:
             node = nodes[site.node]
             for i in site.activation_inputs:
-                scale, zp = quantize_calib.quant_params(*ranges[node.inputs[i].name])
+                scale, zp = quantize_calib.quant_params(*stats[node.inputs[i].name])
                 node.inputs[i] = writer.activation(node.inputs[i], scale, zp)
             node.inputs[site.weight_input] = writer.weight(node.inputs[site.weight_input],
                                                            site.axis)
@@ -246,13 +251,13 @@ def apply(model: Model, quant_plan: QuantPlan, config: Config,
         for site in sites:
             if site.output_qdq:
                 tensor = tensors[site.output_qdq]
-                scale, zp = quantize_calib.quant_params(*ranges[tensor.name])
+                scale, zp = quantize_calib.quant_params(*stats[tensor.name])
                 quantize_int8.rewire_consumers(tensor, writer.activation(tensor, scale, zp))
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy
         for site in sites:
-            four_bit.update(_apply_weight_only(graph, nodes[site.node], site, config))
+            four_bit.update(_apply_weight_only(graph, nodes[site.node], site, config, stats))
             if lazy:
                 # A replaced weight's memory map is freed only by the cycle collector (gs tensors
                 # and nodes point at each other): collect now, so that one float weight at a
@@ -305,8 +310,8 @@ def _gemms_as_matmul(graph: gs.Graph, config: Config) -> int:
     return count
 
 
-def _apply_weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Config
-                       ) -> list[str]:
+def _apply_weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Config,
+                       stats: dict | None = None) -> list[str]:
     """Dynamic int8 or int4 rewrite of one site; returns initializers to store as 4-bit."""
     if node.op == "Conv":  # int8-dynamic only (plan refuses Conv for int4)
         bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
@@ -320,9 +325,14 @@ def _apply_weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Confi
         axis = 1 if config.per_channel else None
         quantize_int8.dynamic_matmul(graph, node, weight, axis, bias)
         return []
-    blocks = quantize_int4.quantize_blocks(weight, config.block_size, config.int4_symmetric,
-                                           config.int4_scale,
-                                           positive=config.int4_format == "qdq")
+    positive = config.int4_format == "qdq"
+    hessian = (stats or {}).get(node.inputs[0].name) if config.int4_method == "gptq" else None
+    if hessian is not None:
+        blocks = quantize_gptq.quantize(weight, hessian, config.block_size, config.int4_symmetric,
+                                        config.int4_scale, positive)
+    else:
+        blocks = quantize_int4.quantize_blocks(weight, config.block_size, config.int4_symmetric,
+                                               config.int4_scale, positive=positive)
     activation, output = node.inputs[0], node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()
@@ -350,6 +360,21 @@ def _export(graph: gs.Graph, like: Model) -> Model:
     for domain in domains - declared:
         result.proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
     return result
+
+
+def _statistics(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
+                ) -> dict | None:
+    """What ``apply`` needs from the calibration data for this mode, if anything."""
+    if config.mode == "int8":
+        return _ranges(model, quant_plan, config, ctx)
+    if config.mode == "int4" and config.int4_method == "gptq":
+        nodes = {n.name: n for n in import_graph(model).nodes}
+        names = list(dict.fromkeys(nodes[s.node].inputs[0].name for s in quant_plan.sites
+                                   if s.op in ("MatMul", "Gemm")))
+        ctx.progress(f"quantize: GPTQ statistics of {len(names)} inputs on "
+                     f"{len(ctx.calibration)} batches")
+        return quantize_gptq.hessians(model, names, ctx.calibration)
+    return None
 
 
 def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
@@ -381,10 +406,12 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     record = PassRecord(NAME, params_before=model.parameter_count(),
                         bytes_before=model.weight_bytes())
     check_not_quantized(model)
-    needs_data = config.mode == "int8" or config.smoothquant_alpha is not None
+    gptq = config.mode == "int4" and config.int4_method == "gptq"
+    needs_data = config.mode == "int8" or config.smoothquant_alpha is not None or gptq
     if ctx.calibration is None and needs_data:
-        raise OnnxcompError(f"{config.mode}{' with smoothquant' if config.mode != 'int8' else ''}"
-                            " needs calibration data (--calib)")
+        what = ("int4 with GPTQ" if gptq else f"{config.mode}"
+                f"{' with smoothquant' if config.mode != 'int8' else ''}")
+        raise OnnxcompError(f"{what} needs calibration data (--calib)")
     if ctx.calibration is not None:
         calibration.check_dataset(ctx.calibration, model)
     notes: list[str] = []
@@ -398,10 +425,10 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
         return model, record
     if config.smoothquant_alpha is not None:
         prepared = _smooth(prepared, quant_plan, config, ctx, record)
-    ranges = _ranges(prepared, quant_plan, config, ctx) if config.mode == "int8" else None
-    result = apply(prepared, quant_plan, config, ranges)
+    stats = _statistics(prepared, quant_plan, config, ctx)
+    result = apply(prepared, quant_plan, config, stats)
     if ctx.calibration is not None:
-        result, quant_plan = _measure(prepared, result, quant_plan, config, ranges, ctx, record)
+        result, quant_plan = _measure(prepared, result, quant_plan, config, stats, ctx, record)
     else:
         record.notes.append("no calibration data: per-layer SQNR not measured")
     record.modified = True
@@ -415,7 +442,7 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     return result, record
 
 
-def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config, ranges,
+def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config, stats,
                           ctx: Context) -> list[tuple[str, float]]:
     """(node, model output cosine with only that node quantized), most harmful first."""
     everything = {s.node for s in quant_plan.sites}
@@ -423,14 +450,14 @@ def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config
     for index, site in enumerate(quant_plan.sites, start=1):
         ctx.progress(f"quantize: sensitivity {index}/{len(quant_plan.sites)} {site.node}")
         alone = quant_plan.without(everything - {site.node}, "sensitivity probe")
-        trial = apply(prepared, alone, config, ranges)
+        trial = apply(prepared, alone, config, stats)
         scores.append((site.node, quantize_eval.compare(prepared, trial, [], ctx.calibration,
                                                         SENSITIVITY_BATCHES).min_cosine))
     return sorted(scores, key=lambda item: item[1])
 
 
 def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
-             ranges, ctx: Context, record: PassRecord) -> tuple[Model, QuantPlan]:
+             stats, ctx: Context, record: PassRecord) -> tuple[Model, QuantPlan]:
     """Per-layer SQNR; then, below ``min_cosine``, return the worst layers to float."""
     ctx.progress("quantize: measuring per-layer SQNR")
     outputs = {s.output: s.node for s in quant_plan.sites}
@@ -445,7 +472,7 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     # SQNR inside the quantized model carries the error of every layer upstream, so it ranks
     # deep layers worst whatever their own harm (on MiniLM it pointed at attention outputs when
     # the FFN down-projections were the culprits). Rank by each layer's effect alone instead.
-    ranking = _isolated_sensitivity(prepared, quant_plan, config, ranges, ctx)
+    ranking = _isolated_sensitivity(prepared, quant_plan, config, stats, ctx)
     record.details["sensitivity"] = [{"node": n, "output_cosine_alone": round(c, 6)}
                                      for n, c in ranking]
     kept: list[str] = []
@@ -459,7 +486,7 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
         if not trial_plan.sites:
             result, cosine = prepared, 1.0
             break
-        result = apply(prepared, trial_plan, config, ranges)
+        result = apply(prepared, trial_plan, config, stats)
         cosine = quantize_eval.compare(prepared, result, [], ctx.calibration,
                                        EVAL_BATCHES).min_cosine
         ctx.progress(f"quantize: {len(kept)} layers kept float, cosine {cosine:.5f}")
