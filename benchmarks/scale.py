@@ -9,6 +9,9 @@ the user would, through the ``onnxcomp`` command line, each in a fresh process:
     onnxcomp compress MODEL -o int8dyn.onnx --recipe quantize:int8-dynamic --no-validate
     onnxcomp validate MODEL int4.onnx --data PROMPTS     (and the same for int8dyn.onnx)
 
+and, asked for with ``--steps``, ``int4-gptq`` (``--set quantize.int4_method=gptq`` with
+``--calib`` prompts disjoint from the evaluation ones) and its ``validate-int4-gptq``,
+
 and records each step's wall time and peak resident memory (the child's own ``VmHWM``, read when
 it ends), the peak as a multiple of the float model's size, and the output size. Fidelity: the
 validate reports of ``last_hidden_state`` (per-prompt cosine, mean and worst) and the logits'
@@ -34,6 +37,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("inspect", "int4", "int8-dynamic", "validate-int4", "validate-int8-dynamic")
+# Opt-in: int4 with GPTQ needs a calibration pass through the whole float model in ONNX Runtime
+# and one K x K matrix per MatMul input, so it does not keep to the memory target.
+EXTRA_STEPS = ("int4-gptq", "validate-int4-gptq")
 TARGET_PEAK = 1.5  # x the float model's size, for int4 (the issue's target)
 TARGET_COSINE = 0.98
 
@@ -86,11 +92,11 @@ def build_model(workdir: Path, preset: str, init: str) -> tuple[Path, dict]:
                   "config": dataclasses.asdict(config)}
 
 
-def write_prompts(folder: Path, preset: str, count: int, length: int) -> Path:
+def write_prompts(folder: Path, preset: str, count: int, length: int, seed: int = 1) -> Path:
     from onnxcomp.zoo import llama
 
     folder.mkdir(parents=True, exist_ok=True)
-    data = llama.prompts(llama.PRESETS[preset], count, length=length)
+    data = llama.prompts(llama.PRESETS[preset], count, length=length, seed=seed)
     for i in range(count):
         np.savez(folder / f"prompt_{i:03d}.npz", **data.make_batch(i))
     return folder
@@ -111,20 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "onnxcomp-scale")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--length", type=int, default=32)
-    parser.add_argument("--steps", default=",".join(STEPS))
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"comma-separated, from {', '.join(STEPS + EXTRA_STEPS)}")
+    parser.add_argument("--calib-prompts", type=int, default=64,
+                        help="calibration prompts for int4-gptq (of --calib-length tokens)")
+    parser.add_argument("--calib-length", type=int, default=128)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     steps = [s for s in args.steps.split(",") if s]
-    unknown = set(steps) - set(STEPS)
+    unknown = set(steps) - set(STEPS + EXTRA_STEPS)
     if unknown:
-        parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(STEPS)}")
+        parser.error(f"unknown steps {sorted(unknown)}; known: {', '.join(STEPS + EXTRA_STEPS)}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     model, build = build_model(args.workdir, args.preset, args.init)
     float_bytes = files_size(model)
     prompts = write_prompts(args.workdir / f"prompts-{args.prompts}x{args.length}", args.preset,
                             args.prompts, args.length)
     outputs = {"int4": args.workdir / f"{model.stem}.int4.onnx",
-               "int8-dynamic": args.workdir / f"{model.stem}.int8dyn.onnx"}
+               "int8-dynamic": args.workdir / f"{model.stem}.int8dyn.onnx",
+               "int4-gptq": args.workdir / f"{model.stem}.int4gptq.onnx"}
     rows = []
     for step in steps:
         log = args.workdir / f"{model.stem}.{step}.log"
@@ -134,9 +145,15 @@ def main(argv: list[str] | None = None) -> int:
             row.update(run_step(["inspect", str(model)], log))
         elif step in outputs:
             target = outputs[step]
+            extra = []
+            if step == "int4-gptq":
+                calib = write_prompts(args.workdir / f"calib-{args.calib_prompts}x"
+                                      f"{args.calib_length}", args.preset, args.calib_prompts,
+                                      args.calib_length, seed=11)
+                extra = ["--calib", str(calib), "--set", "quantize.int4_method=gptq"]
             row.update(run_step(["compress", str(model), "-o", str(target), "--recipe",
-                                 f"quantize:{step}", "--no-validate",
-                                 "--report", str(log.with_suffix(".json"))], log))
+                                 f"quantize:{step.removesuffix('-gptq')}", "--no-validate",
+                                 "--report", str(log.with_suffix(".json")), *extra], log))
             row["output_bytes"] = files_size(target)
         else:
             mode = step.removeprefix("validate-")

@@ -12,9 +12,10 @@ is never in a default recipe; put it before ``quantize`` where a benchmark shows
 the other fusions run either way. Off by default, unlike ONNX Runtime, because ``quantize`` is what
 ``fuse`` is for here: the fused op reads its tables whole and in float, out of reach of quantize's
 int8 Gather rewrite (all-MiniLM-L6-v2, fuse + int8-dynamic: 58.5 MB with the fusion, 22.9 MB
-without), and on float MiniLM the fusion did not pay on this CPU (1 thread: 4.31 ms without vs
-4.44 ms with at 9 tokens, 25.2 ms either way at 128). ``true`` restores ONNX Runtime's default for
-the model type (which never fuses embeddings for ``clip``).
+without), and on float MiniLM the fusion did not pay on this CPU (benchmarks/quantize_vs_ort.py,
+9 tokens: 4.82 ms without vs 4.92 ms with at 1 thread; 25.2 ms either way at 128 tokens).
+``true`` restores ONNX Runtime's default for the model type (which never fuses embeddings for
+``clip``).
 """
 
 from __future__ import annotations
