@@ -14,7 +14,13 @@ from onnxcomp import calibration, runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import export_model, import_graph, tidy
 from onnxcomp.model import Model
-from onnxcomp.passes import quantize, quantize_calib, quantize_int4, quantize_smooth
+from onnxcomp.passes import (
+    quantize,
+    quantize_calib,
+    quantize_int4,
+    quantize_int8,
+    quantize_smooth,
+)
 from onnxcomp.pipeline import Context
 
 
@@ -242,6 +248,125 @@ def test_subgraph_weights_are_noted():
     _, record = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
     assert not record.modified
     assert any("If/Loop" in note for note in record.notes)
+
+
+# --- activation x activation MatMuls (attention) ------------------------------------------------
+
+def attention_block(d: int = 32, s: int = 6) -> Model:
+    """x[2,S,D] -> q/k/v projections -> MatMul(q, k^T) -> Softmax -> MatMul(., v) -> out_proj:
+    two activation x activation MatMuls (``scores``, ``context``) among four weighted ones."""
+    rng = np.random.default_rng(9)
+    weights = {k: (rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+               for k in ("Wq", "Wk", "Wv", "Wo")}
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"], name="q_proj"),
+             helper.make_node("MatMul", ["x", "Wk"], ["k"], name="k_proj"),
+             helper.make_node("MatMul", ["x", "Wv"], ["v"], name="v_proj"),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1], name="k_t"),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+             helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["probs", "v"], ["context"], name="context"),
+             helper.make_node("MatMul", ["context", "Wo"], ["y"], name="out_proj")]
+    graph = helper.make_graph(
+        nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, s, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, s, d])],
+        [_init(k, v) for k, v in weights.items()])
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+FLOAT_MATMULS = {"MatMul", "FusedMatMul"}
+
+
+def test_activation_matmuls_become_qlinearmatmul(tmp_path):
+    model = attention_block()
+    data = data_for(model, 6)
+    plain, record = quantize.run(model, quantize.Config(), Context(calibration=data))
+    assert "activation_matmuls = false" in dict(record.skipped)["scores"]
+    assert sum(k in FLOAT_MATMULS for k in optimized_ops(plain, tmp_path)) == 2
+    config = quantize.Config(activation_matmuls=True)
+    result, record = quantize.run(model, config, Context(calibration=data))
+    assert set(record.touched) == {"q_proj", "k_proj", "v_proj", "scores", "context", "out_proj"}
+    assert "  MatMul scores (activation x activation)" in record.details["plan"]
+    producers = {o: n for n in result.graph.node for o in n.output}
+    consumers = {i: n for n in result.graph.node for i in n.input}
+    nodes = {n.name: n for n in result.graph.node}
+    for name in ("scores", "context"):  # both inputs read through their own calibrated QDQ pair
+        dequantized = [producers[i] for i in nodes[name].input]
+        assert [n.op_type for n in dequantized] == ["DequantizeLinear"] * 2
+        assert all(producers[n.input[0]].op_type == "QuantizeLinear" for n in dequantized)
+    # the scores go into a Softmax: a Q after them, or ONNX Runtime keeps a float MatMul
+    assert consumers["scores"].op_type == "QuantizeLinear"
+    kernels = optimized_ops(result, tmp_path)
+    # q/k/v projections and both attention MatMuls; out_proj feeds the graph output (float)
+    assert kernels.count("QLinearMatMul") == 5 and kernels.count("MatMulIntegerToFloat") == 1
+    assert not FLOAT_MATMULS & set(kernels)
+
+
+def test_activation_matmuls_numerics_in_ort():
+    model = attention_block()
+    data = data_for(model, 6)
+    result, record = quantize.run(model, quantize.Config(activation_matmuls=True),
+                                  Context(calibration=data))
+    for batch in data:
+        as_written = runtime.run_model(result, batch)["y"]  # Q/DQ run as float reference ops
+        kernels = runtime.run_model(result, batch, optimize=True)["y"]  # QLinearMatMul
+        # ONNX Runtime's integer kernels compute what the QDQ graph says: float rounding only
+        # (measured ~1e-7)
+        assert rel_l2(as_written, kernels) < 1e-5
+        # uint8/int8 half-step roundings on every MatMul input, the scores' output pair and
+        # through the softmax: a few percent of the output norm (measured 0.02-0.05; the
+        # default, with float attention, 0.06 on this random model)
+        assert rel_l2(runtime.run_model(model, batch)["y"], kernels) < 0.08
+    assert record.details["output_cosine"]["y"] > 0.995
+
+
+def test_activation_matmul_alone_and_other_modes(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [3, 4]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [4, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    data = data_for(model)
+    result, record = quantize.run(model, quantize.Config(), Context(calibration=data))
+    assert not record.modified and result is model  # the default leaves it float
+    result, record = quantize.run(model, quantize.Config(activation_matmuls=True),
+                                  Context(calibration=data))
+    assert record.touched == ["mm"] and ops(result).count("QuantizeLinear") == 2  # a and b
+    # y is a graph output (no pair after it): a float-output integer kernel
+    assert optimized_ops(result, tmp_path) == ["QuantizeLinear"] * 2 + ["MatMulIntegerToFloat"]
+    for mode in ("int8-dynamic", "int4"):  # weight-only modes: nothing to put there
+        _, record = quantize.run(attention_block(), quantize.Config(
+            mode=mode, activation_matmuls=True), Context())
+        assert f"{mode} quantizes weights only" in dict(record.skipped)["scores"]
+        assert "scores" not in record.touched and "q_proj" in record.touched
+    with pytest.raises(ValueError):
+        quantize.Config(activation_matmuls="yes")
+
+
+def test_dead_weight_channels_get_no_subnormal_scale():
+    # Trained nets have dead channels (PP-OCRv4 rec: max |w| ~1e-40). A subnormal scale made
+    # ONNX Runtime's QLinearConv 1.9x slower there; such a channel is stored as zeros, scale 1.
+    weight = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    weight[:, 1] = np.float32(3e-40)
+    weight[:, 3] = 0.0
+    weight[2, 4] = np.float32(1e-30)  # one tiny value in a live channel changes nothing
+    q, scale = quantize_int8.symmetric_int8(weight, 1)
+    assert scale[1] == 1.0 and scale[3] == 1.0 and not q[:, [1, 3]].any()
+    assert np.all(scale >= np.finfo(np.float32).tiny)
+    assert np.all(np.abs(quantize_int8.dequantize(q, scale, 1) - weight) <= scale / 2 + 1e-7)
+    q, scale = quantize_int8.symmetric_int8(np.full((3, 3), 1e-39, np.float32), None)
+    assert float(scale) == 1.0 and not q.any()
+    # through the pass: a Conv with a dead output channel keeps every scale normal
+    model = conv_mlp()
+    inits = {t.name: t for t in model.graph.initializer}
+    w1 = numpy_helper.to_array(inits["W1"]).copy()
+    w1[3] = np.float32(2e-40)
+    inits["W1"].CopyFrom(numpy_helper.from_array(w1, "W1"))
+    result, _ = quantize.run(model, quantize.Config(), Context(calibration=data_for(model)))
+    floats = [numpy_helper.to_array(t) for t in result.graph.initializer
+              if t.data_type == TensorProto.FLOAT]
+    assert all(np.all((np.abs(v) >= np.finfo(np.float32).tiny) | (v == 0)) for v in floats
+               if v.size and v.ndim <= 1)
 
 
 # --- calibration statistics against numpy -------------------------------------------------------
@@ -506,3 +631,27 @@ def test_ppocr_rec_int8_keeps_recognition(tmp_path):
     assert result.weight_bytes() < 0.3 * model.weight_bytes()
     kernels = optimized_ops(result, tmp_path)
     assert kernels.count("QLinearConv") == 38 and "Conv" not in kernels
+
+
+@pytest.mark.zoo
+def test_ppocr_rec_activation_matmuls(tmp_path):
+    pytest.importorskip("onnxcomp.zoo.ppocr")
+    from onnxcomp import zoo as zoo_index
+    from onnxcomp.model import load
+
+    model = load(zoo_index.fetch("ppocr-rec"))
+    data = zoo_index.dataset("ppocr-rec", "calib", 4)
+    result, record = quantize.run(model, quantize.Config(activation_matmuls=True),
+                                  Context(calibration=data))
+    # the 4 attention MatMuls (scores and context of both blocks) join the 9 weighted ones,
+    # as in ONNX Runtime's own static quantization of this model
+    kernels = optimized_ops(result, tmp_path)
+    assert kernels.count("QLinearMatMul") == 13 and not FLOAT_MATMULS & set(kernels)
+    assert record.details["output_cosine"]["softmax_11.tmp_0"] > 0.9
+
+
+def test_near_zero_activation_ranges_get_a_normal_scale():
+    scale, zero_point = quantize_calib.quant_params(0.0, 1e-39)
+    assert scale == 1.0 and zero_point == 0
+    scale, _ = quantize_calib.quant_params(-1.0, 1.0)
+    assert abs(scale - 2.0 / 255) < 1e-9

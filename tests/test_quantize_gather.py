@@ -264,3 +264,25 @@ def test_float16_table_stays_float16():
     step = np.abs(table.astype(np.float32)).max(axis=1)[ids["ids"]][:, None] / 127
     # half a step, plus float16 rounding of the scale and of the product
     assert np.all(np.abs(got.astype(np.float32) - ref) <= step / 2 + 2e-3 * np.abs(ref) + 1e-3)
+
+
+def test_dead_rows_get_scale_one_not_a_subnormal_one():
+    # A row of subnormal values (a never-trained token) would give a subnormal row scale, which
+    # the CPU multiplies on its slow path; it is stored as zeros with scale 1 instead.
+    table = np.random.default_rng(1).standard_normal((V, D)).astype(np.float32)
+    table[5] = np.float32(4e-40)
+    table[6] = 0.0
+    q, scales = quantize_gather.quantize_table(table)
+    assert scales[5, 0] == 1.0 and scales[6, 0] == 1.0 and not q[[5, 6]].any()
+    assert np.all(scales >= np.finfo(np.float32).tiny)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="g")], "dead",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, [3, D])], [_init("table", table)])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    result, record = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
+    assert record.touched == ["g"]
+    ids = {"ids": np.array([5, 6, 7], np.int64)}
+    got, ref = runtime.run_model(result, ids)["emb"], runtime.run_model(model, ids)["emb"]
+    assert not got[:2].any()  # the dead rows come back as zeros (|error| = 4e-40)
+    assert np.all(np.abs(got[2] - ref[2]) <= scales[7, 0] / 2 + 1e-7)

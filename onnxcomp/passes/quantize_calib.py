@@ -151,7 +151,9 @@ def quant_params(low: float, high: float, qmin: int = 0, qmax: int = 255
     """Scale and zero point of an asymmetric affine quantizer covering [low, high] (0 exact)."""
     low, high = _clip_zero(float(low), float(high))
     scale = (high - low) / (qmax - qmin)
-    if not np.isfinite(scale) or scale <= 0:
+    # A subnormal scale would send ONNX Runtime's kernels down the CPU's slow path (measured on a
+    # dead PP-OCR conv weight): near-zero ranges quantize to the zero point with scale 1 instead.
+    if not np.isfinite(scale) or scale < 1e-30:
         return 1.0, int(np.clip(0, qmin, qmax)) if qmin >= 0 else 0
     zero_point = int(np.clip(round(qmin - low / scale), qmin, qmax))
     return float(scale), zero_point
