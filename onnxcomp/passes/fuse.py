@@ -122,9 +122,12 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     embed_off = options.enable_embed_layer_norm and not config.embed_layer_norm
     if embed_off:
         options.enable_embed_layer_norm = False
-    optimized = optimizer.optimize_model(model.copy().proto, model_type=config.model_type,
-                                         num_heads=num_heads, hidden_size=hidden_size,
-                                         optimization_options=options, opt_level=0)
+    try:
+        optimized = optimizer.optimize_model(model.copy().proto, model_type=config.model_type,
+                                             num_heads=num_heads, hidden_size=hidden_size,
+                                             optimization_options=options, opt_level=0)
+    except ImportError as exc:  # its symbolic shape inference imports sympy only when it runs
+        raise OnnxcompError(f"fuse: onnxruntime.transformers could not run ({exc})") from None
     fused = Model(optimized.model, model.source, model.external_data)
     # The optimizer adds contrib ops without declaring their domain (ORT adds it only on save).
     if any(n.domain == "com.microsoft" for n in fused.graph.node) and \
