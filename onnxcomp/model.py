@@ -71,7 +71,7 @@ class Model:
     @property
     def lazy(self) -> bool:
         """Some weights are still on disk (loaded with ``load_weights=False``)."""
-        return any(external_data_helper.uses_external_data(t) for t in iter_tensors(self.proto))
+        return weights_on_disk(self.proto)
 
     def lazy_bytes(self) -> int:
         return sum(_tensor_nbytes(t) for t in iter_tensors(self.proto)
@@ -96,6 +96,11 @@ def opset_version(proto: onnx.ModelProto, domain: str = "") -> int:
 def iter_tensors(proto: onnx.ModelProto):
     """Every TensorProto of the model: initializers, Constant attributes, subgraphs included."""
     yield from external_data_helper._get_all_tensors(proto)
+
+
+def weights_on_disk(proto: onnx.ModelProto) -> bool:
+    """Some tensor's data is in an external file rather than in the protobuf."""
+    return any(external_data_helper.uses_external_data(t) for t in iter_tensors(proto))
 
 
 def tensor_bytes(proto: onnx.ModelProto) -> int:
@@ -160,7 +165,7 @@ def load(path: str | os.PathLike, load_weights: bool = True) -> Model:
     if not proto.graph.node and not proto.graph.output:
         raise OnnxcompError(f"{path}: not an ONNX model (empty graph)")
     _check_external_locations(proto, path.parent)
-    external = any(external_data_helper.uses_external_data(t) for t in iter_tensors(proto))
+    external = weights_on_disk(proto)
     if load_weights:
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
     return Model(proto, path.resolve().parent, external)
@@ -202,7 +207,7 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     if target.is_dir():
         raise OnnxcompError(f"{target}: is a folder, expected an output file name")
     target.parent.mkdir(parents=True, exist_ok=True)
-    lazy = any(external_data_helper.uses_external_data(t) for t in iter_tensors(proto))
+    lazy = weights_on_disk(proto)
     if external_data is None:
         external_data = getattr(model, "external_data", False) or _needs_external_data(proto)
     data_name = target.name + ".data"
