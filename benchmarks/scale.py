@@ -9,8 +9,14 @@ the user would, through the ``onnxcomp`` command line, each in a fresh process:
     onnxcomp compress MODEL -o int8dyn.onnx --recipe quantize:int8-dynamic --no-validate
     onnxcomp validate MODEL int4.onnx --data PROMPTS     (and the same for int8dyn.onnx)
 
-and, asked for with ``--steps``, ``int4-gptq`` (``--set quantize.int4_method=gptq`` with
-``--calib`` prompts disjoint from the evaluation ones) and its ``validate-int4-gptq``,
+    onnxcomp compress MODEL -o int4mixed.onnx --recipe quantize:int4 --no-validate \
+        --calib CALIB --set quantize.int4_method=gptq --set quantize.min_cosine=0.985
+    onnxcomp validate MODEL int4mixed.onnx --data PROMPTS
+
+(``int4-mixed``: GPTQ error compensation, its statistics collected one decoder block at a time,
+then the layer groups the output is most sensitive to raised to 8 bits until the cosine on the
+calibration prompts, disjoint from the evaluation ones, reaches ``--mixed-target``) and, asked
+for with ``--steps``, ``int4-gptq`` (GPTQ alone) and its ``validate-int4-gptq``,
 
 and records each step's wall time and peak resident memory (the child's own ``VmHWM``, read when
 it ends), the peak as a multiple of the float model's size, and the output size. Fidelity: the
@@ -36,9 +42,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("inspect", "int4", "int8-dynamic", "validate-int4", "validate-int8-dynamic")
-# Opt-in: int4 with GPTQ needs a calibration pass through the whole float model in ONNX Runtime
-# and one K x K matrix per MatMul input, so it does not keep to the memory target.
+STEPS = ("inspect", "int4", "int8-dynamic", "int4-mixed", "validate-int4",
+         "validate-int8-dynamic", "validate-int4-mixed")
 EXTRA_STEPS = ("int4-gptq", "validate-int4-gptq")
 TARGET_PEAK = 1.5  # x the float model's size, for int4 (the target)
 TARGET_COSINE = 0.98
@@ -119,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--steps", default=",".join(STEPS),
                         help=f"comma-separated, from {', '.join(STEPS + EXTRA_STEPS)}")
-    parser.add_argument("--calib-prompts", type=int, default=64,
-                        help="calibration prompts for int4-gptq (of --calib-length tokens)")
+    parser.add_argument("--calib-prompts", type=int, default=32,
+                        help="calibration prompts for int4-gptq/-mixed (of --calib-length tokens)")
+    parser.add_argument("--mixed-target", type=float, default=0.985,
+                        help="int4-mixed: min_cosine on the calibration prompts")
     parser.add_argument("--calib-length", type=int, default=128)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -135,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.prompts, args.length)
     outputs = {"int4": args.workdir / f"{model.stem}.int4.onnx",
                "int8-dynamic": args.workdir / f"{model.stem}.int8dyn.onnx",
-               "int4-gptq": args.workdir / f"{model.stem}.int4gptq.onnx"}
+               "int4-gptq": args.workdir / f"{model.stem}.int4gptq.onnx",
+               "int4-mixed": args.workdir / f"{model.stem}.int4mixed.onnx"}
     rows = []
     for step in steps:
         log = args.workdir / f"{model.stem}.{step}.log"
@@ -146,13 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         elif step in outputs:
             target = outputs[step]
             extra = []
-            if step == "int4-gptq":
+            if step in ("int4-gptq", "int4-mixed"):
                 calib = write_prompts(args.workdir / f"calib-{args.calib_prompts}x"
                                       f"{args.calib_length}", args.preset, args.calib_prompts,
                                       args.calib_length, seed=11)
                 extra = ["--calib", str(calib), "--set", "quantize.int4_method=gptq"]
+            if step == "int4-mixed":
+                extra += ["--set", f"quantize.min_cosine={args.mixed_target}"]
             row.update(run_step(["compress", str(model), "-o", str(target), "--recipe",
-                                 f"quantize:{step.removesuffix('-gptq')}", "--no-validate",
+                                 f"quantize:{step.split('-')[0]}", "--no-validate",
                                  "--report", str(log.with_suffix(".json")), *extra], log))
             row["output_bytes"] = files_size(target)
         else:
@@ -179,15 +189,16 @@ def main(argv: list[str] | None = None) -> int:
         top1 = f"{row['top1_agreement']:.3f}" if row.get("top1_agreement") is not None else "-"
         print(f"| {row['step']} | {row['seconds']:.1f} | {row['peak_bytes'] / 2**30:.2f} | "
               f"{row['peak_over_float']:.2f} | {out} | {cos} | {top1} |")
-    int4 = next((r for r in rows if r["step"] == "int4"), None)
-    checked = next((r for r in rows if r["step"] == "validate-int4"), None)
-    if int4:
-        print(f"int4 peak {int4['peak_over_float']:.2f}x float (target <= {TARGET_PEAK}): "
-              f"{'met' if int4['peak_over_float'] <= TARGET_PEAK else 'MISSED'}")
-    if checked:
-        cos = checked["hidden_cosine_mean"]
-        print(f"int4 last_hidden_state cosine {cos:.4f} (target >= {TARGET_COSINE}): "
-              f"{'met' if cos >= TARGET_COSINE else 'MISSED'}")
+    for variant in ("int4", "int4-gptq", "int4-mixed"):
+        made = next((r for r in rows if r["step"] == variant), None)
+        checked = next((r for r in rows if r["step"] == f"validate-{variant}"), None)
+        if made:
+            print(f"{variant} peak {made['peak_over_float']:.2f}x float (target <= "
+                  f"{TARGET_PEAK}): {'met' if made['peak_over_float'] <= TARGET_PEAK else 'MISSED'}")
+        if checked:
+            cos = checked["hidden_cosine_mean"]
+            print(f"{variant} last_hidden_state cosine {cos:.4f} (target >= {TARGET_COSINE}): "
+                  f"{'met' if cos >= TARGET_COSINE else 'MISSED'}")
     if args.json:
         args.json.write_text(json.dumps({"model": str(model), "float_bytes": float_bytes,
                                          "build": build, "rows": rows}, indent=1))

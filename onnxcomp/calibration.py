@@ -222,13 +222,27 @@ def with_outputs(model: Model, names: Sequence[str]) -> Model:
 
 def stream_activations(model: Model, names: Sequence[str], data: Dataset,
                        on_batch: Callable[[int, dict[str, np.ndarray]], None],
-                       progress: Callable[[int, int], None] | None = None) -> None:
+                       progress: Callable[[int, int], None] | None = None,
+                       per_segment: int | None = None) -> None:
     """Run the model over the data and hand each batch's named activations to ``on_batch``.
 
     Only one batch of activations is alive at a time, so memory does not grow with the data set;
-    callers keep running statistics (min/max, histograms, covariances)."""
-    from onnxcomp import runtime
+    callers keep running statistics (min/max, histograms, covariances). With ``per_segment``, the
+    model runs one segment at a time (``onnxcomp.segments``: at most that many of the names
+    each), so only one segment's weights are in ONNX Runtime at once; ``on_batch`` is then called
+    once per segment and batch with that segment's names, batches in order for each name, and
+    ``progress`` counts segments."""
+    from onnxcomp import runtime, segments
 
+    if per_segment is not None:
+        flow = segments.iterate(model, names, data, per_segment)
+        total = len(segments.plan(model, names, per_segment))
+        for done, (_, values) in enumerate(flow, start=1):
+            for i, batch in enumerate(values):
+                on_batch(i, batch)
+            if progress:
+                progress(done, total)
+        return
     sess = runtime.session(with_outputs(model, names), optimize=False)
     for i, batch in enumerate(data):
         on_batch(i, runtime.run(sess, batch, list(names)))

@@ -8,7 +8,7 @@ import pytest
 from onnx import external_data_helper, numpy_helper
 
 import onnxcomp
-from onnxcomp import api, runtime
+from onnxcomp import api, runtime, segments
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load
 from onnxcomp.zoo.llama import PRESETS, build, prompts
@@ -140,3 +140,22 @@ def test_an_opset_upgrade_of_a_lazy_model_works_from_another_directory(llama, tm
     got = outputs(result.model, batch)["last_hidden_state"]
     want = outputs(str(llama), batch)["last_hidden_state"]
     assert float(np.sum(got * want) / np.linalg.norm(got) / np.linalg.norm(want)) > 0.9
+
+
+def test_static_int8_calibrates_a_lazy_model_a_segment_at_a_time(llama, tmp_path, monkeypatch):
+    # Eager: one ONNX Runtime run of the whole model per batch; lazy (weights on disk): the
+    # histograms are collected segment by segment. Same ranges, so the same model.
+    monkeypatch.chdir(tmp_path)
+    calls = []
+    iterate = segments.iterate
+    monkeypatch.setattr(segments, "iterate", lambda *a: calls.append(a[3]) or iterate(*a))
+    calib = prompts(TINY, 3, length=12, seed=4)
+    eager = api.compress(load(llama), recipe="quantize:int8", calib=calib, validate=False,
+                         show_progress=False).model
+    lazy = api.compress(llama, recipe="quantize:int8", calib=calib, validate=False,
+                        show_progress=False).model
+    assert lazy.lazy and len(calls) == 1  # only the lazy run went segment by segment
+    batch = prompts(TINY, 2).make_batch(1)
+    want, got = outputs(eager, batch), outputs(lazy, batch)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import gc
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import version_converter
+from onnx import external_data_helper, numpy_helper, version_converter
 
 from onnxcomp import calibration
 from onnxcomp.errors import OnnxcompError
@@ -40,7 +41,7 @@ from onnxcomp.graph import (
     tidy,
     unique_name,
 )
-from onnxcomp.model import Model
+from onnxcomp.model import Model, read_external
 from onnxcomp.passes import (
     quantize_attention,
     quantize_calib,
@@ -49,6 +50,7 @@ from onnxcomp.passes import (
     quantize_gptq,
     quantize_int4,
     quantize_int8,
+    quantize_mixed,
     quantize_smooth,
 )
 from onnxcomp.passes.quantize_plan import QuantPlan, Site, excluded, is_quantized_op
@@ -65,6 +67,8 @@ DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul
 EVAL_BATCHES = 16
 # Batches per layer for the one-layer-at-a-time sensitivity probe of mixed precision.
 SENSITIVITY_BATCHES = 8
+# GPTQ statistics are collected this many MatMul inputs at a time (a decoder block has four).
+GPTQ_INPUTS_PER_SEGMENT = 4
 
 
 @dataclass(frozen=True)
@@ -93,8 +97,8 @@ class Config:
     def __post_init__(self) -> None:
         for name in ("op_types", "exclude"):
             value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
+            if isinstance(value, str):  # "a,b" from --set: a list of names or patterns
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
             if value is not None:
                 object.__setattr__(self, name, tuple(str(v) for v in value))
         if self.mode not in MODES:
@@ -348,8 +352,11 @@ def _apply_weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Confi
                                    outputs=[output]))
         output = product
     if config.int4_format == "matmulnbits":
-        graph.nodes.append(quantize_int4.matmulnbits_node(graph, node.name, activation, output,
-                                                          blocks))
+        # The MatMulNBits takes the layer's name, so mixed precision (and the user) can find it.
+        name = node.name
+        node.name = unique_name(graph, f"{name}_replaced")
+        graph.nodes.append(quantize_int4.matmulnbits_node(graph, name, activation, output,
+                                                          blocks, name=name))
         return []
     dq, weight_out, four_bit = quantize_int4.qdq_weight(graph, site.weight_name, blocks)
     graph.nodes += [dq, gs.Node("MatMul", unique_name(graph, f"{node.name}_int4"),
@@ -373,17 +380,17 @@ def _statistics(model: Model, quant_plan: QuantPlan, config: Config, ctx: Contex
         return _ranges(model, quant_plan, config, ctx)
     if config.mode == "int4" and config.int4_method == "gptq":
         nodes = {n.name: n for n in import_graph(model).nodes}
-        names = list(dict.fromkeys(nodes[s.node].inputs[0].name for s in quant_plan.sites
-                                   if s.op in ("MatMul", "Gemm")))
+        inputs = [nodes[s.node].inputs[0].name for s in quant_plan.sites
+                  if s.op in ("MatMul", "Gemm")]
+        names = list(dict.fromkeys(inputs))
         ctx.progress(f"quantize: GPTQ statistics of {len(names)} inputs on "
-                     f"{len(ctx.calibration)} batches")
-        step = max(1, len(ctx.calibration) // 10)
+                     f"{len(ctx.calibration)} batches, {GPTQ_INPUTS_PER_SEGMENT} inputs a segment")
 
-        def batches_done(done: int, total: int) -> None:
-            if done % step == 0 or done == total:
-                ctx.progress(f"quantize: GPTQ statistics, batch {done}/{total}")
+        def segment_done(done: int, total: int) -> None:
+            ctx.progress(f"quantize: GPTQ statistics, segment {done}/{total}")
 
-        return quantize_gptq.hessians(model, names, ctx.calibration, batches_done)
+        return quantize_gptq.Hessians(model, names, ctx.calibration, Counter(inputs),
+                                      GPTQ_INPUTS_PER_SEGMENT, segment_done)
     return None
 
 
@@ -452,7 +459,7 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     return result, record
 
 
-def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config, stats,
+def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config, fresh_stats,
                           ctx: Context) -> list[tuple[str, float]]:
     """(node, model output cosine with only that node quantized), most harmful first."""
     everything = {s.node for s in quant_plan.sites}
@@ -460,7 +467,7 @@ def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config
     for index, site in enumerate(quant_plan.sites, start=1):
         ctx.progress(f"quantize: sensitivity {index}/{len(quant_plan.sites)} {site.node}")
         alone = quant_plan.without(everything - {site.node}, "sensitivity probe")
-        trial = apply(prepared, alone, config, stats)
+        trial = apply(prepared, alone, config, fresh_stats())
         scores.append((site.node, quantize_eval.compare(prepared, trial, [], ctx.calibration,
                                                         SENSITIVITY_BATCHES).min_cosine))
     return sorted(scores, key=lambda item: item[1])
@@ -479,10 +486,16 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     record.details["output_cosine"] = comparison.cosine
     if config.min_cosine is None or comparison.min_cosine >= config.min_cosine:
         return result, quant_plan
+    if config.mode == "int4" and config.int4_format == "matmulnbits":
+        return _mixed_bits(prepared, result, quant_plan, config, ctx, record,
+                           comparison.min_cosine), quant_plan
+    gptq = config.mode == "int4" and config.int4_method == "gptq"
     # SQNR inside the quantized model carries the error of every layer upstream, so it ranks
     # deep layers worst whatever their own harm (on MiniLM it pointed at attention outputs when
     # the FFN down-projections were the culprits). Rank by each layer's effect alone instead.
-    ranking = _isolated_sensitivity(prepared, quant_plan, config, stats, ctx)
+    # GPTQ statistics are read once by apply (a segment at a time): every trial needs them anew.
+    fresh = (lambda: _statistics(prepared, quant_plan, config, ctx)) if gptq else (lambda: stats)
+    ranking = _isolated_sensitivity(prepared, quant_plan, config, fresh, ctx)
     record.details["sensitivity"] = [{"node": n, "output_cosine_alone": round(c, 6)}
                                      for n, c in ranking]
     kept: list[str] = []
@@ -496,7 +509,7 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
         if not trial_plan.sites:
             result, cosine = prepared, 1.0
             break
-        result = apply(prepared, trial_plan, config, stats)
+        result = apply(prepared, trial_plan, config, fresh())
         cosine = quantize_eval.compare(prepared, result, [], ctx.calibration,
                                        EVAL_BATCHES).min_cosine
         ctx.progress(f"quantize: {len(kept)} layers kept float, cosine {cosine:.5f}")
@@ -509,6 +522,69 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     if cosine < config.min_cosine:
         record.notes.append("min_cosine not reached even with every layer float")
     return result, quant_plan
+
+
+def _float_weight(model: Model, node_name: str) -> np.ndarray:
+    """A MatMul/Gemm node's weight as float ``[K, N]``, read from disk if it is there (a copy:
+    the map is released at once)."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    tensor = next(t for t in model.graph.initializer if t.name == node.input[1])
+    if external_data_helper.uses_external_data(tensor):
+        weight = np.array(read_external(tensor, model.source), np.float32)
+    else:
+        weight = numpy_helper.to_array(tensor).astype(np.float32)
+    if node.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = (weight.T if attrs.get("transB", 0) else weight) * float(attrs.get("alpha", 1.0))
+    return weight
+
+
+def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
+                ctx: Context, record: PassRecord, baseline: float) -> Model:
+    """int4 below ``min_cosine``: raise the most sensitive layer groups to 8 bits
+    (``quantize_mixed``) until the model output cosine meets it."""
+    layers = [s.node for s in quant_plan.sites if s.op in ("MatMul", "Gemm")]
+    grouped = quantize_mixed.groups(layers)
+    ctx.progress(f"quantize: mixed precision, reference outputs on {EVAL_BATCHES} batches")
+    reference = quantize_eval.Reference(prepared, ctx.calibration, EVAL_BATCHES)
+    base = reference.min_cosine(result, SENSITIVITY_BATCHES)
+
+    def weight_of(name: str) -> np.ndarray:
+        return _float_weight(prepared, name)
+
+    scores = []
+    for index, (group, members) in enumerate(grouped.items(), start=1):
+        trial = quantize_mixed.upgrade(result, members, weight_of)
+        cosine = reference.min_cosine(trial, SENSITIVITY_BATCHES)
+        del trial
+        scores.append(quantize_mixed.GroupScore(group, members, cosine, cosine - base,
+                                                quantize_mixed.added_bytes(result, members)))
+        ctx.progress(f"quantize: 8-bit trial {index}/{len(grouped)} {group}: cosine "
+                     f"{base:.5f} -> {cosine:.5f}")
+    ranked = quantize_mixed.order(scores)
+    record.details["mixed_groups"] = [
+        {"group": s.group, "layers": len(s.layers), "cosine_at_8bit": round(s.cosine, 6),
+         "gain": round(s.gain, 6), "added_bytes": s.added_bytes} for s in ranked]
+    count = quantize_mixed.first_guess(ranked, baseline, float(config.min_cosine))
+    cosine, chosen, upgraded = baseline, [], result
+    while count <= len(ranked):
+        chosen = [name for s in ranked[:count] for name in s.layers]
+        upgraded = quantize_mixed.upgrade(result, chosen, weight_of)
+        cosine = reference.min_cosine(upgraded)
+        ctx.progress(f"quantize: {count} groups ({len(chosen)} layers) at 8 bits, cosine "
+                     f"{cosine:.5f}")
+        if cosine >= config.min_cosine:
+            break
+        count += 1
+    record.details["int8_layers"] = chosen
+    record.details["output_cosine_after"] = cosine
+    record.notes.append(
+        f"mixed precision: {len(chosen)} of {len(layers)} layers at 8 bits "
+        f"({', '.join(s.group for s in ranked[:count])}; output cosine {baseline:.5f} -> "
+        f"{cosine:.5f}, target {config.min_cosine})")
+    if cosine < config.min_cosine:
+        record.notes.append("min_cosine not reached even with every layer at 8 bits")
+    return upgraded
 
 
 def describe_plan(model: Model, config: Config, ctx: Context) -> str:

@@ -197,6 +197,10 @@ def tensor_range(stats: TensorStats, method: str, percentile: float = 99.99
     raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
 
 
+# Tensors whose statistics one segment of a lazy (large) model provides at a time.
+SEGMENT_TENSORS = 16
+
+
 def collect(model: Model, names: Sequence[str], data: Dataset,
             channel_names: Sequence[str] = (),
             progress: Callable[[int, int], None] | None = None) -> dict[str, TensorStats]:
@@ -214,5 +218,7 @@ def collect(model: Model, names: Sequence[str], data: Dataset,
             if np.issubdtype(np.asarray(value).dtype, np.floating):
                 stats[name].update(value, channels=name in per_channel)
 
-    calibration.stream_activations(model, wanted, data, on_batch, progress)
+    # Weights on disk mean a large model: calibrate a few layers at a time, not all at once.
+    per_segment = SEGMENT_TENSORS if model.lazy else None
+    calibration.stream_activations(model, wanted, data, on_batch, progress, per_segment)
     return stats

@@ -69,3 +69,34 @@ def compare(reference: Model, candidate: Model, tensors: Sequence[str], data: Da
     result.sqnr = {name: sqnr_db(signal[name], noise[name]) for name in names}
     result.cosine = {name: cosine_sum[name] / samples[name] for name in outputs if samples[name]}
     return result
+
+
+class Reference:
+    """The reference model's outputs on the first ``count`` batches, computed once, so that many
+    candidates can be scored without holding the reference in ONNX Runtime (for a large model,
+    the float weights are the bulk of the memory)."""
+
+    def __init__(self, reference: Model, data: Dataset, count: int):
+        sess = runtime.session(reference, optimize=False)
+        self.outputs = [o.name for o in reference.graph.output]
+        self.batches = list(islice(iter(data), count))
+        self.values = []
+        for batch in self.batches:
+            result = runtime.run(sess, batch, self.outputs)
+            self.values.append({name: value for name, value in result.items()
+                                if np.issubdtype(value.dtype, np.floating)})
+        del sess
+
+    def min_cosine(self, candidate: Model, count: int | None = None) -> float:
+        """Lowest over outputs of the mean per-sample cosine, on the first ``count`` batches."""
+        sess = runtime.session(candidate, optimize=False)
+        sums: dict[str, float] = {}
+        samples: dict[str, int] = {}
+        for batch, ref in zip(self.batches[:count], self.values[:count]):
+            got = runtime.run(sess, batch, list(ref))
+            for name, value in ref.items():
+                cos = per_sample_cosine(np.asarray(value, np.float64),
+                                        np.asarray(got[name], np.float64))
+                sums[name] = sums.get(name, 0.0) + float(cos.sum())
+                samples[name] = samples.get(name, 0) + cos.size
+        return min((sums[n] / samples[n] for n in sums), default=1.0)

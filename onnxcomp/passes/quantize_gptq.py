@@ -17,8 +17,8 @@ or opset-21 QDQ alike.
 
 Where it helps: layers whose inputs are correlated (trained models; the attention output
 projection even in random ones). With isotropic inputs ``H`` is a multiple of the identity and
-GPTQ is round-to-nearest. Memory: one ``K x K`` float64 matrix per distinct MatMul input,
-accumulated in one pass over the calibration data (for a 2048-wide decoder layer about 180 MB).
+GPTQ is round-to-nearest. Memory: one ``K x K`` float64 matrix per distinct MatMul input, for one segment
+of the model at a time (``Hessians``: a 2048-wide decoder block's four inputs, about 350 MB).
 Rows that the calibration data never excites (``H[k, k] == 0``) are quantized as they are.
 """
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxcomp import calibration
+from onnxcomp import calibration, segments
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize_int4 import Blockwise, quantize_blocks
 
@@ -35,19 +35,41 @@ BLOCK = 128
 DAMP = 0.01
 
 
-def hessians(model: Model, names: list[str], data: calibration.Dataset,
-             progress=None) -> dict[str, np.ndarray]:
-    """``X^T X`` (float64) of each named activation, its last axis as the features."""
-    sums: dict[str, np.ndarray] = {}
+class Hessians:
+    """``X^T X`` (float64) of named activations (last axis = features), computed a segment of the
+    model at a time (``onnxcomp.segments``) as ``get`` asks for them, and dropped once each has
+    been read ``uses[name]`` times: at most one segment's matrices are held, never the model's.
+    Reading in graph order runs the model once over the data."""
 
-    def add(_, values: dict[str, np.ndarray]) -> None:
-        for name, value in values.items():
-            rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
-            product = rows.T @ rows
-            sums[name] = product if name not in sums else sums[name] + product
+    def __init__(self, model: Model, names: list[str], data: calibration.Dataset,
+                 uses: dict[str, int], per_segment: int = 4, progress=None):
+        self._flow = segments.iterate(model, names, data, per_segment)
+        self._uses = dict(uses)
+        self._ready: dict[str, np.ndarray] = {}
+        self._progress = progress
+        self._total = len(segments.plan(model, names, per_segment))
+        self._done = 0
 
-    calibration.stream_activations(model, names, data, add, progress)
-    return sums
+    def get(self, name: str, default=None) -> np.ndarray | None:
+        while name not in self._ready:
+            try:
+                _, values = next(self._flow)
+            except StopIteration:
+                return default
+            for batch in values:
+                for key, value in batch.items():
+                    rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
+                    product = rows.T @ rows
+                    self._ready[key] = product if key not in self._ready else (
+                        self._ready[key] + product)
+            self._done += 1
+            if self._progress:
+                self._progress(self._done, self._total)
+        hessian = self._ready[name]
+        self._uses[name] = self._uses.get(name, 1) - 1
+        if self._uses[name] <= 0:
+            del self._ready[name]
+        return hessian
 
 
 def quantize(weight: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,

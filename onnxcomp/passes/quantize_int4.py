@@ -49,6 +49,7 @@ class Blockwise:
     zero_points: np.ndarray | None  # uint8 [N, n_blocks] values in [0, 15], or None (symmetric)
     k: int
     block_size: int
+    bits: int = 4  # 8: symmetric q in [-127, 127] (``quantize_blocks8``)
 
     def dequantize(self) -> np.ndarray:
         """Back to float ``[K, N]``, exactly as the kernels compute it."""
@@ -93,6 +94,20 @@ def quantize_blocks(weight: np.ndarray, block_size: int, symmetric: bool, rule: 
     zero_points = np.clip(np.round(-low / scales), 0, 15).astype(np.uint8)
     q = np.clip(np.round(blocks / scales[..., None]) + zero_points[..., None], 0, 15)
     return Blockwise(q.astype(np.uint8), scales, zero_points, k, block_size)
+
+
+def quantize_blocks8(weight: np.ndarray, block_size: int) -> Blockwise:
+    """Symmetric 8-bit blocks, ``s = max|w| / 127``: the precision mixed-precision int4 gives
+    the layers the model output is most sensitive to (within 0.4 % of the block's extreme)."""
+    weight = np.asarray(weight, dtype=np.float32)
+    k, n = weight.shape
+    n_blocks = -(-k // block_size)
+    padded = np.zeros((n_blocks * block_size, n), dtype=np.float32)
+    padded[:k] = weight
+    blocks = np.ascontiguousarray(padded.T).reshape(n, n_blocks, block_size)
+    scales = _nonzero(np.abs(blocks).max(axis=2) / 127.0)
+    q = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int8)
+    return Blockwise(q, scales, None, k, block_size, bits=8)
 
 
 def _nonzero(scales: np.ndarray) -> np.ndarray:
@@ -151,20 +166,29 @@ def pack_nibbles(values: np.ndarray) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def matmulnbits_node(graph: gs.Graph, base: str, activation: gs.Tensor, output: gs.Tensor,
-                     blocks: Blockwise) -> gs.Node:
-    """A com.microsoft.MatMulNBits computing ``output = activation @ dequantize(blocks)``."""
-    n = blocks.q.shape[0]
+def nbits_weight(blocks: Blockwise) -> np.ndarray:
+    """MatMulNBits' ``B``: 4-bit values two a byte ``[N, n_blocks, block_size / 2]`` (symmetric:
+    ``q + 8``), or 8-bit ones ``q + 128`` one a byte (the kernel's implicit zero points)."""
+    if blocks.bits == 8:
+        return (blocks.q.astype(np.int16) + 128).astype(np.uint8)
     unsigned = blocks.q.astype(np.int16) + (8 if blocks.zero_points is None else 0)
-    packed = pack_nibbles(unsigned.astype(np.uint8))  # [N, n_blocks, block_size / 2]
+    return pack_nibbles(unsigned.astype(np.uint8))
+
+
+def matmulnbits_node(graph: gs.Graph, base: str, activation: gs.Tensor, output: gs.Tensor,
+                     blocks: Blockwise, name: str | None = None) -> gs.Node:
+    """A com.microsoft.MatMulNBits computing ``output = activation @ dequantize(blocks)``; 8-bit
+    blocks are stored one a byte as ``q + 128`` (the kernel's implicit zero point)."""
+    n = blocks.q.shape[0]
     inputs = [activation,
-              gs.Constant(unique_name(graph, f"{base}_B_int4"), packed),
+              gs.Constant(unique_name(graph, f"{base}_B_int{blocks.bits}"), nbits_weight(blocks)),
               gs.Constant(unique_name(graph, f"{base}_scales"), blocks.scales.reshape(-1))]
     if blocks.zero_points is not None:
         zp = pack_nibbles(blocks.zero_points).reshape(-1)
         inputs.append(gs.Constant(unique_name(graph, f"{base}_zero_points"), zp))
-    return gs.Node("MatMulNBits", unique_name(graph, f"{base}_nbits"), domain="com.microsoft",
-                   attrs={"K": int(blocks.k), "N": int(n), "bits": 4,
+    return gs.Node("MatMulNBits", name or unique_name(graph, f"{base}_nbits"),
+                   domain="com.microsoft",
+                   attrs={"K": int(blocks.k), "N": int(n), "bits": int(blocks.bits),
                           "block_size": int(blocks.block_size)},
                    inputs=inputs, outputs=[output])
 

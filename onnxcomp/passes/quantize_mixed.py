@@ -1,0 +1,101 @@
+"""int4 mixed precision: the layer groups the model output is most sensitive to go to 8 bits.
+
+Used by ``quantize`` (int4, MatMulNBits) when the model output cosine on calibration data is
+below ``min_cosine``. Keeping layers float (what the int8 modes do) would leave a large model's
+file several times bigger; 8-bit blocks (``quantize_int4.quantize_blocks8``, MatMulNBits
+``bits = 8``, same block size) are near-lossless at twice the 4-bit size.
+
+- Layers are grouped by *role*: the node name with every run of digits replaced by ``#``
+  (``layers.7.v`` -> ``layers.#.v``), so a 22-block decoder has 8 groups, not 156 layers, to
+  try; a model without numbered blocks gets one group per layer.
+- Each group is scored by the model output cosine with *that group at 8 bits and everything else
+  at 4* (the int4 model is the baseline, so the gain is measured where it will be used, errors
+  of the other layers included), divided by the bytes it adds.
+- Groups are raised in that order, the predicted gains added up until they cover the gap, then
+  the real cosine is measured, one more group at a time until the target is met or none is left.
+Upgrading rewrites the chosen MatMulNBits nodes of the int4 model in place from the float
+weights, so the 4-bit layers (GPTQ ones included) are never recomputed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp.graph import export_model, import_graph, tidy, unique_name
+from onnxcomp.model import Model
+from onnxcomp.passes.quantize_int4 import nbits_weight, quantize_blocks8
+
+
+def role(node_name: str) -> str:
+    return re.sub(r"\d+", "#", node_name)
+
+
+def groups(node_names: list[str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for name in node_names:
+        grouped.setdefault(role(name), []).append(name)
+    return grouped
+
+
+def added_bytes(model: Model, nodes: list[str]) -> int:
+    """Bytes that 8-bit blocks add over 4-bit ones for these MatMulNBits nodes of ``model``."""
+    wanted = set(nodes)
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and node.name in wanted:
+            attrs = {a.name: a.i for a in node.attribute}
+            blocks = -(-attrs["K"] // attrs["block_size"])
+            total += attrs["N"] * blocks * attrs["block_size"] // 2
+    return total
+
+
+def upgrade(model: Model, nodes: list[str], weight_of: Callable[[str], np.ndarray]) -> Model:
+    """``model`` with the named 4-bit MatMulNBits nodes rewritten as 8-bit ones, quantized from
+    ``weight_of(node name)`` (the float ``[K, N]`` weight)."""
+    graph = import_graph(model)
+    wanted = set(nodes)
+    for node in graph.nodes:
+        if node.op != "MatMulNBits" or node.name not in wanted or node.attrs.get("bits") != 4:
+            continue
+        blocks = quantize_blocks8(weight_of(node.name), int(node.attrs["block_size"]))
+        while len(node.inputs) > 1:
+            node.inputs.pop()
+        node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}_B_int8"),
+                                       nbits_weight(blocks)))
+        node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}_scales8"),
+                                       blocks.scales.reshape(-1)))
+        node.attrs["bits"] = 8
+    return export_model(tidy(graph), like=model)
+
+
+@dataclass
+class GroupScore:
+    group: str
+    layers: list[str]
+    cosine: float  # model output cosine with this group at 8 bits, the rest at 4
+    gain: float  # over the all-4-bit model
+    added_bytes: int
+
+    @property
+    def gain_per_mb(self) -> float:
+        return self.gain / max(self.added_bytes / 1e6, 1e-9)
+
+
+def order(scores: list[GroupScore]) -> list[GroupScore]:
+    """Most cosine per added byte first; groups that do not help last."""
+    return sorted(scores, key=lambda s: (s.gain <= 0, -s.gain_per_mb))
+
+
+def first_guess(ranked: list[GroupScore], baseline: float, target: float) -> int:
+    """How many groups, in ``ranked`` order, are predicted (gains added) to reach ``target``."""
+    total = baseline
+    for count, score in enumerate(ranked, start=1):
+        total += max(score.gain, 0.0)
+        if total >= target:
+            return count
+    return len(ranked)

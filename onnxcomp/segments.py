@@ -1,0 +1,179 @@
+"""Running a model one segment at a time, so calibration holds one layer's worth of state.
+
+Collecting statistics of many intermediate tensors in one ONNX Runtime run of the whole model
+costs the whole model's weights in memory plus every statistic at once (for GPTQ on a 1B decoder:
+4 GiB of weights and 7.8 GB of ``K x K`` matrices). Instead the graph is cut into consecutive
+segments of its node list (which ONNX keeps in topological order):
+
+- A cut at node position ``p`` is crossed by the *live* tensors: produced before ``p`` (graph
+  inputs included) and read at or after ``p``. Cuts are placed between the requested tensors,
+  at the position with the fewest live tensors in the allowed range: in a transformer that is
+  between two blocks, where only the residual stream and a few shared tensors (rotary tables,
+  the attention mask) cross.
+- Each segment becomes a model of its own: its nodes, the initializers they read (weights kept
+  on disk stay there), its live inputs as graph inputs and, as outputs, the live tensors the
+  next segments need plus the requested tensors it produces. ``Constant`` nodes are copied into
+  every segment that reads them.
+- Data flows segment by segment: the boundary tensors of every batch are kept (for a decoder,
+  one hidden state per batch), the segment runs over all batches, hands the requested tensors
+  to the caller, and is released before the next one is built. Peak memory is one segment's
+  weights plus the boundary tensors plus what the caller keeps for the current segment.
+
+The values are those of the whole model (same ONNX Runtime kernels, optimizations off; the tests
+compare them). Limits: nodes with subgraphs (If, Loop) are kept whole inside one segment, their
+outer-scope reads counted as inputs; the boundary tensors of all batches live in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+import onnx
+
+from onnxcomp.model import Model
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int  # node positions [start, end) in the graph
+    end: int
+    inputs: tuple[str, ...]  # live tensors entering (graph inputs or earlier segments' outputs)
+    outputs: tuple[str, ...]  # live tensors leaving, needed by later segments
+    names: tuple[str, ...]  # requested tensors available in this segment
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    reads: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.HasField("g") else []
+        for graph in graphs + list(attribute.graphs):
+            for inner in graph.node:
+                reads.update(i for i in inner.input if i)
+                reads |= _subgraph_reads(inner)
+    return reads
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """Every tensor a node reads, outer-scope reads of its subgraphs included."""
+    return list(dict.fromkeys([i for i in node.input if i] + sorted(_subgraph_reads(node))))
+
+
+class _Liveness:
+    """Where each non-constant tensor is produced and last read, by node position."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.constants = {t.name for t in graph.initializer}
+        self.constant_nodes = {n.output[0]: i for i, n in enumerate(graph.node)
+                               if n.op_type == "Constant" and n.output}
+        self.produced: dict[str, int] = {i.name: -1 for i in graph.input
+                                         if i.name not in self.constants}
+        self.last_read: dict[str, int] = {}
+        for position, node in enumerate(graph.node):
+            for name in node_reads(node):
+                if name in self.produced or name not in self.constants:
+                    self.last_read[name] = position
+            if node.op_type != "Constant":
+                for name in node.output:
+                    if name:
+                        self.produced[name] = position
+        self.count = len(graph.node)
+
+    def crossing_counts(self) -> np.ndarray:
+        """``counts[p]``: how many tensors cross a cut before node ``p`` (0 < p < count)."""
+        delta = np.zeros(self.count + 2, np.int64)
+        for name, made in self.produced.items():
+            last = self.last_read.get(name, -1)
+            if last > made:
+                delta[made + 1] += 1
+                delta[last + 1] -= 1
+        return np.cumsum(delta)[: self.count + 1]
+
+    def live_at(self, position: int) -> list[str]:
+        return [name for name, made in self.produced.items()
+                if made < position <= self.last_read.get(name, -1)]
+
+
+def plan(model: Model, names: Sequence[str], per_segment: int) -> list[Segment]:
+    """Consecutive segments, each producing at most ``per_segment`` of the requested ``names``."""
+    if per_segment < 1:
+        raise ValueError(f"per_segment must be at least 1, got {per_segment}")
+    graph = model.graph
+    live = _Liveness(graph)
+    missing = [n for n in names if n not in live.produced]
+    if missing:
+        raise ValueError(f"not a tensor computed by the graph: {missing[0]!r}")
+    order = sorted(dict.fromkeys(names), key=lambda n: live.produced[n])
+    counts = live.crossing_counts()
+    cuts = [0]
+    for i in range(per_segment, len(order), per_segment):
+        # between the last tensor of this segment and the first of the next, the cheapest cut
+        low = max(live.produced[order[i - 1]] + 1, cuts[-1] + 1)
+        high = live.produced[order[i]]
+        if high < low:  # produced by the same node: cannot separate them
+            continue
+        window = counts[low:high + 1]
+        cuts.append(low + int(np.flatnonzero(window == window.min())[-1]))
+    cuts.append(live.count)
+    segments = []
+    for start, end in pairwise(cuts):
+        here = tuple(n for n in order if start <= max(live.produced[n], 0) < end)
+        segments.append(Segment(start, end, tuple(live.live_at(start)), tuple(live.live_at(end)),
+                                here))
+    return segments
+
+
+def segment_model(model: Model, segment: Segment, dtypes: dict[str, int]) -> Model:
+    """The nodes of ``segment`` as a model: live inputs in, live outputs and requests out."""
+    graph = model.graph
+    nodes = list(graph.node[segment.start:segment.end])
+    reads = {name for node in nodes for name in node_reads(node)}
+    constant_nodes = [n for n in graph.node[:segment.start]
+                      if n.op_type == "Constant" and n.output and n.output[0] in reads]
+    initializers = [t for t in graph.initializer if t.name in reads]
+    inputs = [onnx.helper.make_tensor_value_info(name, dtypes[name], None)
+              for name in segment.inputs]
+    outputs = [onnx.ValueInfoProto(name=name)
+               for name in dict.fromkeys(segment.outputs + segment.names)
+               if name not in segment.inputs]
+    sub = onnx.helper.make_graph(constant_nodes + nodes, f"{graph.name}_{segment.start}",
+                                 inputs, outputs, initializers)
+    proto = onnx.helper.make_model(sub, opset_imports=list(model.proto.opset_import),
+                                   ir_version=model.proto.ir_version)
+    proto.functions.extend(model.proto.functions)
+    return Model(proto, model.source, model.external_data)
+
+
+def iterate(model: Model, names: Sequence[str], batches: Iterable[dict[str, np.ndarray]],
+            per_segment: int) -> Iterator[tuple[Segment, Iterator[dict[str, np.ndarray]]]]:
+    """Run ``model`` segment by segment over ``batches``: yields ``(segment, values)`` in order,
+    where ``values`` gives, batch by batch, the requested tensors available in that segment.
+    Asking for the next segment finishes the current one (its unread batches still run)."""
+    from onnxcomp import runtime
+
+    segments = plan(model, names, per_segment)
+    carried = [dict(batch) for batch in batches]  # boundary tensors, per batch
+    for segment in segments:
+        dtypes = {name: onnx.helper.np_dtype_to_tensor_dtype(np.asarray(carried[0][name]).dtype)
+                  for name in segment.inputs}
+        sub = segment_model(model, segment, dtypes)
+        wanted = [o.name for o in sub.graph.output]
+        # A segment whose requests are all its inputs, with nothing to hand on, need not run.
+        sess = runtime.session(sub, optimize=False) if wanted else None
+        del sub
+
+        def values(sess=sess, wanted=wanted, segment=segment):
+            for i, batch in enumerate(carried):
+                result = (runtime.run(sess, {n: batch[n] for n in segment.inputs}, wanted)
+                          if wanted else {})
+                result.update({n: batch[n] for n in segment.inputs})
+                carried[i] = {name: result[name] for name in segment.outputs}
+                yield {name: result[name] for name in segment.names}
+
+        flow = values()
+        yield segment, flow
+        for _ in flow:  # whatever the caller left unread still has to reach the next segment
+            pass
+        del sess, flow
