@@ -10,12 +10,13 @@ the user would, through the ``onnxcomp`` command line, each in a fresh process:
     onnxcomp validate MODEL int4.onnx --data PROMPTS     (and the same for int8dyn.onnx)
 
     onnxcomp compress MODEL -o int4mixed.onnx --recipe quantize:int4 --no-validate \
-        --calib CALIB --set quantize.int4_method=gptq --set quantize.min_cosine=0.985
+        --calib CALIB --eval TUNE --set quantize.int4_method=gptq --set quantize.min_cosine=0.985
     onnxcomp validate MODEL int4mixed.onnx --data PROMPTS
 
-(``int4-mixed``: GPTQ error compensation, its statistics collected one decoder block at a time,
-then the layer groups the output is most sensitive to raised to 8 bits until the cosine on the
-calibration prompts, disjoint from the evaluation ones, reaches ``--mixed-target``) and, asked
+(``int4-mixed``: GPTQ error compensation fitted on ``--calib-prompts`` prompts, its statistics
+collected one decoder block at a time, then the layer groups the output is most sensitive to
+raised to 8 bits until the cosine on 16 tuning prompts reaches ``--mixed-target``; calibration,
+tuning and evaluation prompts are three disjoint seeded sets) and, asked
 for with ``--steps``, ``int4-gptq`` (GPTQ alone) and its ``validate-int4-gptq``,
 
 and records each step's wall time and peak resident memory (the child's own ``VmHWM``, read when
@@ -160,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
                                       args.calib_length, seed=11)
                 extra = ["--calib", str(calib), "--set", "quantize.int4_method=gptq"]
             if step == "int4-mixed":
-                extra += ["--set", f"quantize.min_cosine={args.mixed_target}"]
+                # The layer choice is scored on held-out prompts of its own (GPTQ scores too
+                # well on the prompts it was fitted to), not on the final evaluation prompts.
+                tune = write_prompts(args.workdir / f"tune-16x{args.length}", args.preset, 16,
+                                     args.length, seed=21)
+                extra += ["--eval", str(tune), "--set", f"quantize.min_cosine={args.mixed_target}"]
             row.update(run_step(["compress", str(model), "-o", str(target), "--recipe",
                                  f"quantize:{step.split('-')[0]}", "--no-validate",
                                  "--report", str(log.with_suffix(".json")), *extra], log))

@@ -69,7 +69,10 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     report.models["reference"] = _model_facts(original, source_path)
     data = calibration.resolve(calib, original) if calib is not None else None
     log = progress if show_progress else (lambda message: None)
-    ctx = Context(calibration=data, teacher=original, progress=log)
+    held_out = None
+    if eval_data is not None or (data is not None and data.zoo_name):
+        held_out = evaluation_data(original, eval_data, data, report.notes)
+    ctx = Context(calibration=data, evaluation=held_out, teacher=original, progress=log)
     started = time.perf_counter()
     compressed, records = Pipeline(steps).run(original, ctx)
     report.passes = records
@@ -79,7 +82,7 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     if validate:
         from onnxcomp.validate import validate as run_validation
 
-        eval_set = evaluation_data(original, eval_data, data, report.notes)
+        eval_set = held_out or evaluation_data(original, eval_data, data, report.notes)
         log(f"validating on {eval_set.name} ({len(eval_set)} batches)")
         fidelity = run_validation(original, compressed, data=eval_set, min_cosine=min_cosine)
         report.fidelity = fidelity.fidelity

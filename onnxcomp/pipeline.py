@@ -69,6 +69,9 @@ class Context:
     """What passes share: calibration data, the teacher (uncompressed model), earlier records."""
 
     calibration: Dataset | None = None
+    # Held-out data, when given: what fidelity decisions inside a pass are measured on (a
+    # method fitted to the calibration data scores too well on it).
+    evaluation: Dataset | None = None
     teacher: Model | None = None
     records: list[PassRecord] = field(default_factory=list)
     progress: Callable[[str], None] = lambda message: None

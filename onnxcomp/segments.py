@@ -33,7 +33,7 @@ from itertools import pairwise
 import numpy as np
 import onnx
 
-from onnxcomp.model import Model
+from onnxcomp.model import Model, _tensor_nbytes
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,14 @@ class _Liveness:
                 if made < position <= self.last_read.get(name, -1)]
 
 
-def plan(model: Model, names: Sequence[str], per_segment: int) -> list[Segment]:
-    """Consecutive segments, each producing at most ``per_segment`` of the requested ``names``."""
+# A segment reads at most this many bytes of weights (unless one node alone reads more).
+MAX_WEIGHT_BYTES = 256 << 20
+
+
+def plan(model: Model, names: Sequence[str], per_segment: int,
+         max_weight_bytes: int | None = MAX_WEIGHT_BYTES) -> list[Segment]:
+    """Consecutive segments, each producing at most ``per_segment`` of the requested ``names``
+    and reading at most ``max_weight_bytes`` of initializers."""
     if per_segment < 1:
         raise ValueError(f"per_segment must be at least 1, got {per_segment}")
     graph = model.graph
@@ -112,17 +118,65 @@ def plan(model: Model, names: Sequence[str], per_segment: int) -> list[Segment]:
         # between the last tensor of this segment and the first of the next, the cheapest cut
         low = max(live.produced[order[i - 1]] + 1, cuts[-1] + 1)
         high = live.produced[order[i]]
-        if high < low:  # produced by the same node: cannot separate them
-            continue
-        window = counts[low:high + 1]
-        cuts.append(low + int(np.flatnonzero(window == window.min())[-1]))
+        if high >= low:  # else produced by the same node: they cannot be separated
+            cuts.append(_cheapest(counts, low, high))
     cuts.append(live.count)
+    if max_weight_bytes is not None:
+        cuts = _split_heavy(cuts, _first_read_bytes(graph), counts, max_weight_bytes)
     segments = []
     for start, end in pairwise(cuts):
         here = tuple(n for n in order if start <= max(live.produced[n], 0) < end)
         segments.append(Segment(start, end, tuple(live.live_at(start)), tuple(live.live_at(end)),
                                 here))
     return segments
+
+
+def _cheapest(counts: np.ndarray, low: int, high: int) -> int:
+    """The position in ``[low, high]`` crossed by the fewest tensors (the latest such)."""
+    window = counts[low:high + 1]
+    return low + int(np.flatnonzero(window == window.min())[-1])
+
+
+def _first_read_bytes(graph: onnx.GraphProto) -> np.ndarray:
+    """Bytes of the initializers each node is the first to read."""
+    sizes = {t.name: _tensor_nbytes(t) for t in graph.initializer}
+    result = np.zeros(len(graph.node), np.int64)
+    for position, node in enumerate(graph.node):
+        for name in node_reads(node):
+            result[position] += sizes.pop(name, 0)
+    return result
+
+
+def _split_heavy(cuts: list[int], node_bytes: np.ndarray, counts: np.ndarray, budget: int
+                 ) -> list[int]:
+    """``cuts`` with more cuts wherever a segment's weights would exceed ``budget``."""
+    result = [0]
+    for start, end in pairwise(cuts):
+        last, running = start, 0
+        for position in range(start, end):
+            running += int(node_bytes[position])
+            if running > budget and position > last:
+                cut = _cheapest(counts, last + 1, position)
+                result.append(cut)
+                running = int(node_bytes[cut:position + 1].sum())
+                last = cut
+        if end != result[-1]:
+            result.append(end)
+    return result
+
+
+def _sub_model(model: Model, nodes: list[onnx.NodeProto], inputs: Sequence[str],
+               outputs: Sequence[str], dtypes: dict[str, int], name: str) -> Model:
+    graph = model.graph
+    reads = {n for node in nodes for n in node_reads(node)}
+    sub = onnx.helper.make_graph(
+        nodes, name, [onnx.helper.make_tensor_value_info(n, dtypes[n], None) for n in inputs],
+        [onnx.ValueInfoProto(name=n) for n in dict.fromkeys(outputs) if n not in inputs],
+        [t for t in graph.initializer if t.name in reads])
+    proto = onnx.helper.make_model(sub, opset_imports=list(model.proto.opset_import),
+                                   ir_version=model.proto.ir_version)
+    proto.functions.extend(model.proto.functions)
+    return Model(proto, model.source, model.external_data)
 
 
 def segment_model(model: Model, segment: Segment, dtypes: dict[str, int]) -> Model:
@@ -132,33 +186,46 @@ def segment_model(model: Model, segment: Segment, dtypes: dict[str, int]) -> Mod
     reads = {name for node in nodes for name in node_reads(node)}
     constant_nodes = [n for n in graph.node[:segment.start]
                       if n.op_type == "Constant" and n.output and n.output[0] in reads]
-    initializers = [t for t in graph.initializer if t.name in reads]
-    inputs = [onnx.helper.make_tensor_value_info(name, dtypes[name], None)
-              for name in segment.inputs]
-    outputs = [onnx.ValueInfoProto(name=name)
-               for name in dict.fromkeys(segment.outputs + segment.names)
-               if name not in segment.inputs]
-    sub = onnx.helper.make_graph(constant_nodes + nodes, f"{graph.name}_{segment.start}",
-                                 inputs, outputs, initializers)
-    proto = onnx.helper.make_model(sub, opset_imports=list(model.proto.opset_import),
-                                   ir_version=model.proto.ir_version)
-    proto.functions.extend(model.proto.functions)
-    return Model(proto, model.source, model.external_data)
+    return _sub_model(model, constant_nodes + nodes, segment.inputs,
+                      segment.outputs + segment.names, dtypes, f"{graph.name}_{segment.start}")
+
+
+def extract(model: Model, inputs: Sequence[str], outputs: Sequence[str],
+            dtypes: dict[str, int]) -> Model:
+    """The part of ``model`` that computes ``outputs`` from ``inputs`` (and its initializers):
+    how another model with the same boundary tensors (a quantized copy) is cut like a segment.
+    Raises ``ValueError`` when ``outputs`` need a tensor that is neither given nor computed."""
+    graph = model.graph
+    given = set(inputs) | {t.name for t in graph.initializer}
+    needed = {n for n in outputs if n not in given}
+    chosen = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            chosen.append(node)
+            needed.update(n for n in node_reads(node) if n not in given)
+    made = {o for node in chosen for o in node.output}
+    missing = sorted(needed - made)
+    if missing:
+        raise ValueError(f"{missing[0]!r} is needed but neither given nor computed")
+    return _sub_model(model, chosen[::-1], inputs, outputs, dtypes, f"{graph.name}_part")
+
+
+def dtypes_of(batch: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, int]:
+    return {n: onnx.helper.np_dtype_to_tensor_dtype(np.asarray(batch[n]).dtype) for n in names}
 
 
 def iterate(model: Model, names: Sequence[str], batches: Iterable[dict[str, np.ndarray]],
-            per_segment: int) -> Iterator[tuple[Segment, Iterator[dict[str, np.ndarray]]]]:
+            per_segment: int, max_weight_bytes: int | None = MAX_WEIGHT_BYTES
+            ) -> Iterator[tuple[Segment, Iterator[dict[str, np.ndarray]]]]:
     """Run ``model`` segment by segment over ``batches``: yields ``(segment, values)`` in order,
     where ``values`` gives, batch by batch, the requested tensors available in that segment.
     Asking for the next segment finishes the current one (its unread batches still run)."""
     from onnxcomp import runtime
 
-    segments = plan(model, names, per_segment)
+    segments = plan(model, names, per_segment, max_weight_bytes)
     carried = [dict(batch) for batch in batches]  # boundary tensors, per batch
     for segment in segments:
-        dtypes = {name: onnx.helper.np_dtype_to_tensor_dtype(np.asarray(carried[0][name]).dtype)
-                  for name in segment.inputs}
-        sub = segment_model(model, segment, dtypes)
+        sub = segment_model(model, segment, dtypes_of(carried[0], segment.inputs))
         wanted = [o.name for o in sub.graph.output]
         # A segment whose requests are all its inputs, with nothing to hand on, need not run.
         sess = runtime.session(sub, optimize=False) if wanted else None

@@ -128,3 +128,38 @@ def test_gptq_statistics_a_segment_at_a_time(tiny_llama):
         np.testing.assert_allclose(hessians.get(name), want[name], rtol=1e-10)
         assert len(hessians._ready) <= 3
     assert not hessians._ready
+
+
+def test_weight_budget_splits_segments_and_extract_cuts_another_model(tiny_llama):
+    names = [o.name for o in tiny_llama.graph.output]
+    whole = segments.plan(tiny_llama, names, 16, max_weight_bytes=None)
+    small = segments.plan(tiny_llama, names, 16, max_weight_bytes=64 << 10)
+    assert len(small) > len(whole)
+    sizes = {t.name: np.prod(t.dims) * 4 for t in tiny_llama.graph.initializer}
+    for segment in small:
+        reads = {n for node in tiny_llama.graph.node[segment.start:segment.end]
+                 for n in segments.node_reads(node)}
+        single = max((sizes.get(n, 0) for n in reads), default=0)
+        assert sum(sizes.get(n, 0) for n in reads) <= max(64 << 10, 2 * single)
+
+
+def test_compare_by_segment_equals_the_whole_model_comparison(tiny_llama, monkeypatch):
+    from onnxcomp.passes import quantize, quantize_eval
+    from onnxcomp.pipeline import Context
+
+    monkeypatch.setattr(quantize_eval, "SEGMENT_TENSORS", 2)  # many segments, even for tiny
+
+    data = prompts(PRESETS["tiny"], 3, length=10)
+    int4, record = quantize.run(tiny_llama, quantize.Config(mode="int4"), Context())
+    tensors = [layer["output"] for layer in record.details["layers"]]
+    eager = load(tiny_llama.source / "tiny.onnx")
+    assert len(segments.plan(tiny_llama, tensors, 2)) > 5
+    want = quantize_eval.compare(eager, int4, tensors, data, 3)
+    got = quantize_eval.compare(tiny_llama, int4, tensors, data, 3)  # lazy: by segment
+    assert got.cosine.keys() == want.cosine.keys()
+    for name, value in want.cosine.items():
+        assert got.cosine[name] == pytest.approx(value, abs=1e-9)
+    for name, value in want.sqnr.items():
+        assert got.sqnr[name] == pytest.approx(value, abs=1e-6)
+    reference = quantize_eval.Reference(tiny_llama, data, 3)
+    assert reference.min_cosine(int4) == pytest.approx(want.min_cosine, abs=1e-9)

@@ -463,12 +463,13 @@ def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config
                           ctx: Context) -> list[tuple[str, float]]:
     """(node, model output cosine with only that node quantized), most harmful first."""
     everything = {s.node for s in quant_plan.sites}
+    scoring = ctx.evaluation or ctx.calibration
     scores = []
     for index, site in enumerate(quant_plan.sites, start=1):
         ctx.progress(f"quantize: sensitivity {index}/{len(quant_plan.sites)} {site.node}")
         alone = quant_plan.without(everything - {site.node}, "sensitivity probe")
         trial = apply(prepared, alone, config, fresh_stats())
-        scores.append((site.node, quantize_eval.compare(prepared, trial, [], ctx.calibration,
+        scores.append((site.node, quantize_eval.compare(prepared, trial, [], scoring,
                                                         SENSITIVITY_BATCHES).min_cosine))
     return sorted(scores, key=lambda item: item[1])
 
@@ -476,10 +477,13 @@ def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config
 def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
              stats, ctx: Context, record: PassRecord) -> tuple[Model, QuantPlan]:
     """Per-layer SQNR; then, below ``min_cosine``, return the worst layers to float."""
-    ctx.progress("quantize: measuring per-layer SQNR")
+    scoring = ctx.evaluation or ctx.calibration
+    ctx.progress(f"quantize: measuring per-layer SQNR on {scoring.name}")
+    if ctx.evaluation is None and config.mode == "int4" and config.int4_method == "gptq":
+        record.notes.append("SQNR and output cosine measured on the calibration data GPTQ was "
+                            "fitted to: optimistic (pass held-out data with --eval)")
     outputs = {s.output: s.node for s in quant_plan.sites}
-    comparison = quantize_eval.compare(prepared, result, list(outputs), ctx.calibration,
-                                       EVAL_BATCHES)
+    comparison = quantize_eval.compare(prepared, result, list(outputs), scoring, EVAL_BATCHES)
     layer_sqnr = sorted(((outputs[t], comparison.sqnr.get(t, math.inf)) for t in outputs),
                         key=lambda item: item[1])
     record.details["sqnr"] = [{"node": n, "sqnr_db": round(v, 2)} for n, v in layer_sqnr]
@@ -510,8 +514,7 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
             result, cosine = prepared, 1.0
             break
         result = apply(prepared, trial_plan, config, fresh())
-        cosine = quantize_eval.compare(prepared, result, [], ctx.calibration,
-                                       EVAL_BATCHES).min_cosine
+        cosine = quantize_eval.compare(prepared, result, [], scoring, EVAL_BATCHES).min_cosine
         ctx.progress(f"quantize: {len(kept)} layers kept float, cosine {cosine:.5f}")
     quant_plan = trial_plan
     record.details["kept_float"] = kept
@@ -546,7 +549,8 @@ def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: C
     layers = [s.node for s in quant_plan.sites if s.op in ("MatMul", "Gemm")]
     grouped = quantize_mixed.groups(layers)
     ctx.progress(f"quantize: mixed precision, reference outputs on {EVAL_BATCHES} batches")
-    reference = quantize_eval.Reference(prepared, ctx.calibration, EVAL_BATCHES)
+    scoring = ctx.evaluation or ctx.calibration
+    reference = quantize_eval.Reference(prepared, scoring, EVAL_BATCHES)
     base = reference.min_cosine(result, SENSITIVITY_BATCHES)
 
     def weight_of(name: str) -> np.ndarray:
@@ -569,6 +573,7 @@ def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: C
     cosine, chosen, upgraded = baseline, [], result
     while count <= len(ranked):
         chosen = [name for s in ranked[:count] for name in s.layers]
+        upgraded = None  # one candidate in memory at a time
         upgraded = quantize_mixed.upgrade(result, chosen, weight_of)
         cosine = reference.min_cosine(upgraded)
         ctx.progress(f"quantize: {count} groups ({len(chosen)} layers) at 8 bits, cosine "

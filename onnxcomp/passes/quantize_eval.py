@@ -5,7 +5,8 @@
   layers included, as in deployment).
 - Model output cosine: mean per-sample cosine per output (``validate.per_sample_cosine``); the
   figure the automatic mixed precision compares with ``min_cosine`` is the lowest over outputs.
-Both models run on the CPU with graph optimizations off, so the numbers describe the graph.
+Both models run on the CPU with graph optimizations off, so the numbers describe the graph. A
+reference whose weights are on disk (a large model) runs a segment at a time (``onnxcomp.segments``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from itertools import islice
 
 import numpy as np
 
-from onnxcomp import runtime
+from onnxcomp import runtime, segments
 from onnxcomp.calibration import Dataset, with_outputs
 from onnxcomp.model import Model
 from onnxcomp.validate import per_sample_cosine
+
+
+# Requested tensors per segment when a large model is compared segment by segment.
+SEGMENT_TENSORS = 16
 
 
 @dataclass
@@ -40,35 +45,78 @@ def sqnr_db(signal: float, noise: float) -> float:
     return float(10.0 * np.log10(signal / noise))
 
 
+class _Sums:
+    def __init__(self, names: Sequence[str], outputs: Sequence[str]):
+        self.outputs = list(outputs)
+        self.signal = dict.fromkeys(names, 0.0)
+        self.noise = dict.fromkeys(names, 0.0)
+        self.cosine_sum = dict.fromkeys(outputs, 0.0)
+        self.samples = dict.fromkeys(outputs, 0)
+
+    def add(self, name: str, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if not np.issubdtype(np.asarray(reference).dtype, np.floating):
+            return
+        a = np.asarray(reference, np.float64)
+        b = np.asarray(candidate, np.float64)
+        self.signal[name] += float(np.sum(a * a))
+        self.noise[name] += float(np.sum((a - b) ** 2))
+        if name in self.cosine_sum:
+            cos = per_sample_cosine(a, b)
+            self.cosine_sum[name] += float(cos.sum())
+            self.samples[name] += cos.size
+
+    def result(self) -> Comparison:
+        result = Comparison()
+        result.sqnr = {n: sqnr_db(self.signal[n], self.noise[n]) for n in self.signal}
+        result.cosine = {n: self.cosine_sum[n] / self.samples[n] for n in self.outputs
+                         if self.samples[n]}
+        return result
+
+
 def compare(reference: Model, candidate: Model, tensors: Sequence[str], data: Dataset,
             max_batches: int) -> Comparison:
+    """``reference`` with weights on disk (a large model) is compared a segment at a time
+    (``compare_by_segment``), so the float model is never whole in ONNX Runtime."""
     outputs = [o.name for o in reference.graph.output]
     tensors = [t for t in dict.fromkeys(tensors) if t not in outputs]
+    if reference.lazy:
+        return compare_by_segment(reference, candidate, outputs + tensors, data, max_batches)
     ref_sess = runtime.session(with_outputs(reference, tensors), optimize=False)
     cand_sess = runtime.session(with_outputs(candidate, tensors), optimize=False)
     names = outputs + tensors
-    signal = dict.fromkeys(names, 0.0)
-    noise = dict.fromkeys(names, 0.0)
-    cosine_sum = dict.fromkeys(outputs, 0.0)
-    samples = dict.fromkeys(outputs, 0)
+    sums = _Sums(names, outputs)
     for batch in islice(iter(data), max_batches):
         ref = runtime.run(ref_sess, batch, names)
         cand = runtime.run(cand_sess, batch, names)
         for name in names:
-            a = np.asarray(ref[name], np.float64)
-            if not np.issubdtype(np.asarray(ref[name]).dtype, np.floating):
-                continue
-            b = np.asarray(cand[name], np.float64)
-            signal[name] += float(np.sum(a * a))
-            noise[name] += float(np.sum((a - b) ** 2))
-            if name in cosine_sum:
-                cos = per_sample_cosine(a, b)
-                cosine_sum[name] += float(cos.sum())
-                samples[name] += cos.size
-    result = Comparison()
-    result.sqnr = {name: sqnr_db(signal[name], noise[name]) for name in names}
-    result.cosine = {name: cosine_sum[name] / samples[name] for name in outputs if samples[name]}
-    return result
+            sums.add(name, ref[name], cand[name])
+    return sums.result()
+
+
+def compare_by_segment(reference: Model, candidate: Model, names: Sequence[str], data: Dataset,
+                       max_batches: int) -> Comparison:
+    """``compare`` in lockstep, one segment of the reference at a time: the same part of the
+    candidate (cut at the same boundary tensors, ``segments.extract``) runs on the candidate's
+    own boundary values, so its errors still flow end to end. Memory: one segment of each."""
+    outputs = [o.name for o in reference.graph.output]
+    sums = _Sums(names, outputs)
+    batches = list(islice(iter(data), max_batches))
+    carried = [dict(batch) for batch in batches]
+    for segment, values in segments.iterate(reference, names, batches, SEGMENT_TENSORS):
+        wanted = list(dict.fromkeys(segment.outputs + segment.names))
+        part = segments.extract(candidate, segment.inputs, wanted,
+                                segments.dtypes_of(carried[0], segment.inputs))
+        run_names = [n for n in wanted if n not in segment.inputs]
+        sess = runtime.session(part, optimize=False) if run_names else None
+        for i, ref in enumerate(values):
+            feeds = {n: carried[i][n] for n in segment.inputs}
+            got = runtime.run(sess, feeds, run_names) if sess else {}
+            got.update(feeds)
+            carried[i] = {n: got[n] for n in segment.outputs}
+            for name in segment.names:
+                sums.add(name, ref[name], got[name])
+        del sess, part
+    return sums.result()
 
 
 class Reference:
@@ -77,15 +125,22 @@ class Reference:
     the float weights are the bulk of the memory)."""
 
     def __init__(self, reference: Model, data: Dataset, count: int):
-        sess = runtime.session(reference, optimize=False)
         self.outputs = [o.name for o in reference.graph.output]
         self.batches = list(islice(iter(data), count))
-        self.values = []
-        for batch in self.batches:
-            result = runtime.run(sess, batch, self.outputs)
-            self.values.append({name: value for name, value in result.items()
-                                if np.issubdtype(value.dtype, np.floating)})
-        del sess
+        self.values: list[dict[str, np.ndarray]] = [{} for _ in self.batches]
+        if reference.lazy:  # weights on disk: a large model, run a segment at a time
+            for _, values in segments.iterate(reference, self.outputs, self.batches,
+                                              SEGMENT_TENSORS):
+                for i, result in enumerate(values):
+                    self._keep(i, result)
+            return
+        sess = runtime.session(reference, optimize=False)
+        for i, batch in enumerate(self.batches):
+            self._keep(i, runtime.run(sess, batch, self.outputs))
+
+    def _keep(self, index: int, result: dict[str, np.ndarray]) -> None:
+        self.values[index].update({name: value for name, value in result.items()
+                                   if np.issubdtype(value.dtype, np.floating)})
 
     def min_cosine(self, candidate: Model, count: int | None = None) -> float:
         """Lowest over outputs of the mean per-sample cosine, on the first ``count`` batches."""
