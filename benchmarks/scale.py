@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--steps", default=",".join(STEPS),
                         help=f"comma-separated, from {', '.join(STEPS + EXTRA_STEPS)}")
-    parser.add_argument("--calib-prompts", type=int, default=32,
+    parser.add_argument("--calib-prompts", type=int, default=64,
                         help="calibration prompts for int4-gptq/-mixed (of --calib-length tokens)")
     parser.add_argument("--mixed-target", type=float, default=0.985,
                         help="int4-mixed: min_cosine on the calibration prompts")

@@ -20,7 +20,9 @@ def test_8bit_blocks_run_exactly_in_onnx_runtime():
     model = matmul_model(k=72, n=24)
     int4, _ = quantize.run(model, quantize.Config(mode="int4"), Context())
     weight = quantize._float_weight(model, "mm1")
-    upgraded = quantize_mixed.upgrade(int4, ["mm1"], lambda name: weight)
+    before = int4.proto.SerializeToString()
+    upgraded = int4.copy()
+    undo = quantize_mixed.upgrade(upgraded, ["mm1"], lambda name: weight)
     node = next(n for n in upgraded.graph.node if n.name == "mm1")
     assert {a.name: a.i for a in node.attribute}["bits"] == 8
     blocks = quantize_int4.quantize_blocks8(weight, 32)
@@ -34,6 +36,9 @@ def test_8bit_blocks_run_exactly_in_onnx_runtime():
     four = runtime.run(runtime.session(int4, optimize=False), {"x": x})["y"]
     assert np.abs(got - want).max() < 0.1 * np.abs(four - want).max()
     assert quantize_mixed.added_bytes(int4, ["mm1"]) == 24 * 3 * 32 // 2
+    # A trial is undone exactly.
+    quantize_mixed.restore(upgraded, undo)
+    assert upgraded.proto.SerializeToString() == before
 
 
 def test_groups_are_layer_roles():

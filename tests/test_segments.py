@@ -113,11 +113,16 @@ def test_constant_nodes_and_graph_inputs():
 def test_gptq_statistics_a_segment_at_a_time(tiny_llama):
     names = _weight_inputs(tiny_llama)
     data = prompts(PRESETS["tiny"], 3, length=10)
-    want = {}
+    want, counts = {}, {}
     for batch in _whole(tiny_llama, names, data):
         for name, value in batch.items():
             rows = value.reshape(-1, value.shape[-1]).astype(np.float64)
             want[name] = want.get(name, 0) + rows.T @ rows
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+    for name, h in want.items():
+        k = h.shape[0]
+        # shrunk toward isotropic by SHRINK * K / rows of the mean diagonal (30 rows here)
+        h[np.diag_indices(k)] += quantize_gptq.SHRINK * k / counts[name] * np.mean(np.diag(h))
     uses = {name: 1 for name in names}
     hessians = quantize_gptq.Hessians(tiny_llama, names, data, uses, per_segment=4)
     first = hessians.get(names[0])

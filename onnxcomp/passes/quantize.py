@@ -558,9 +558,9 @@ def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: C
 
     scores = []
     for index, (group, members) in enumerate(grouped.items(), start=1):
-        trial = quantize_mixed.upgrade(result, members, weight_of)
-        cosine = reference.min_cosine(trial, SENSITIVITY_BATCHES)
-        del trial
+        undo = quantize_mixed.upgrade(result, members, weight_of)
+        cosine = reference.min_cosine(result, SENSITIVITY_BATCHES)
+        quantize_mixed.restore(result, undo)
         scores.append(quantize_mixed.GroupScore(group, members, cosine, cosine - base,
                                                 quantize_mixed.added_bytes(result, members)))
         ctx.progress(f"quantize: 8-bit trial {index}/{len(grouped)} {group}: cosine "
@@ -570,12 +570,12 @@ def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: C
         {"group": s.group, "layers": len(s.layers), "cosine_at_8bit": round(s.cosine, 6),
          "gain": round(s.gain, 6), "added_bytes": s.added_bytes} for s in ranked]
     count = quantize_mixed.first_guess(ranked, baseline, float(config.min_cosine))
-    cosine, chosen, upgraded = baseline, [], result
+    cosine, chosen, undo = baseline, [], []
     while count <= len(ranked):
+        quantize_mixed.restore(result, undo)
         chosen = [name for s in ranked[:count] for name in s.layers]
-        upgraded = None  # one candidate in memory at a time
-        upgraded = quantize_mixed.upgrade(result, chosen, weight_of)
-        cosine = reference.min_cosine(upgraded)
+        undo = quantize_mixed.upgrade(result, chosen, weight_of)
+        cosine = reference.min_cosine(result)
         ctx.progress(f"quantize: {count} groups ({len(chosen)} layers) at 8 bits, cosine "
                      f"{cosine:.5f}")
         if cosine >= config.min_cosine:
@@ -589,7 +589,7 @@ def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: C
         f"{cosine:.5f}, target {config.min_cosine})")
     if cosine < config.min_cosine:
         record.notes.append("min_cosine not reached even with every layer at 8 bits")
-    return upgraded
+    return result
 
 
 def describe_plan(model: Model, config: Config, ctx: Context) -> str:

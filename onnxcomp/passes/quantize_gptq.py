@@ -33,6 +33,8 @@ from onnxcomp.passes.quantize_int4 import Blockwise, quantize_blocks
 # Rows per lazy-update block: the inner loop touches only these; later rows get one GEMM each.
 BLOCK = 128
 DAMP = 0.01
+# Shrinkage of the input statistics toward isotropic, relative to K / calibration rows.
+SHRINK = 0.5
 
 
 class Hessians:
@@ -56,12 +58,16 @@ class Hessians:
                 _, values = next(self._flow)
             except StopIteration:
                 return default
+            counts: dict[str, int] = {}
             for batch in values:
                 for key, value in batch.items():
                     rows = np.asarray(value, np.float64).reshape(-1, value.shape[-1])
                     product = rows.T @ rows
                     self._ready[key] = product if key not in self._ready else (
                         self._ready[key] + product)
+                    counts[key] = counts.get(key, 0) + rows.shape[0]
+            for key, count in counts.items():
+                _shrink(self._ready[key], count)
             self._done += 1
             if self._progress:
                 self._progress(self._done, self._total)
@@ -70,6 +76,20 @@ class Hessians:
         if self._uses[name] <= 0:
             del self._ready[name]
         return hessian
+
+
+def _shrink(hessian: np.ndarray, rows: int) -> None:
+    """Shrink ``X^T X`` toward a multiple of the identity by ``SHRINK * K / rows`` (in place).
+
+    From fewer rows than about a few times ``K`` the matrix is a poor (for ``rows < K``, rank
+    deficient) estimate of the inputs' covariance, and GPTQ pushes rounding error into the
+    directions the calibration rows happen not to span, which held-out inputs do excite: on the
+    ``small`` decoder 512 calibration tokens gave a *worse* held-out cosine than rounding to
+    nearest (0.932 vs 0.940). Shrinking as the sample gets small moves GPTQ toward rounding to
+    nearest exactly where its statistics can't be trusted (0.949 there, unchanged with 2048)."""
+    k = hessian.shape[0]
+    mean = float(np.mean(np.diag(hessian)))
+    hessian[np.diag_indices(k)] += SHRINK * k / max(rows, 1) * mean
 
 
 def quantize(weight: np.ndarray, hessian: np.ndarray, block_size: int, symmetric: bool,

@@ -14,7 +14,9 @@ file several times bigger; 8-bit blocks (``quantize_int4.quantize_blocks8``, Mat
 - Groups are raised in that order, the predicted gains added up until they cover the gap, then
   the real cosine is measured, one more group at a time until the target is met or none is left.
 Upgrading rewrites the chosen MatMulNBits nodes of the int4 model in place from the float
-weights, so the 4-bit layers (GPTQ ones included) are never recomputed.
+weights (and a trial puts them back), so the 4-bit layers (GPTQ ones included) are never
+recomputed and no trial copies the model. A zero-point input of an asymmetric 4-bit node is
+dropped from the node (8-bit blocks are symmetric); the unused tensor goes at cleanup.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
+import onnx
+from onnx import numpy_helper
 
-from onnxcomp.graph import export_model, import_graph, tidy, unique_name
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize_int4 import nbits_weight, quantize_blocks8
 
@@ -54,23 +56,47 @@ def added_bytes(model: Model, nodes: list[str]) -> int:
     return total
 
 
-def upgrade(model: Model, nodes: list[str], weight_of: Callable[[str], np.ndarray]) -> Model:
-    """``model`` with the named 4-bit MatMulNBits nodes rewritten as 8-bit ones, quantized from
-    ``weight_of(node name)`` (the float ``[K, N]`` weight)."""
-    graph = import_graph(model)
+def upgrade(model: Model, nodes: list[str], weight_of: Callable[[str], np.ndarray]) -> list:
+    """Rewrite the named 4-bit MatMulNBits nodes of ``model`` as 8-bit ones *in place*, quantized
+    from ``weight_of(node name)`` (the float ``[K, N]`` weight); returns what ``restore`` needs
+    to undo it. In place because a trial must not cost a copy of a large model: only the
+    replaced layers' tensors change hands."""
+    graph = model.graph
+    slots = {t.name: i for i, t in enumerate(graph.initializer)}
     wanted = set(nodes)
-    for node in graph.nodes:
-        if node.op != "MatMulNBits" or node.name not in wanted or node.attrs.get("bits") != 4:
+    undo = []
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or node.name not in wanted:
             continue
-        blocks = quantize_blocks8(weight_of(node.name), int(node.attrs["block_size"]))
-        while len(node.inputs) > 1:
-            node.inputs.pop()
-        node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}_B_int8"),
-                                       nbits_weight(blocks)))
-        node.inputs.append(gs.Constant(unique_name(graph, f"{node.name}_scales8"),
-                                       blocks.scales.reshape(-1)))
-        node.attrs["bits"] = 8
-    return export_model(tidy(graph), like=model)
+        bits = next(a for a in node.attribute if a.name == "bits")
+        if bits.i != 4:
+            continue
+        block_size = next(a.i for a in node.attribute if a.name == "block_size")
+        blocks = quantize_blocks8(weight_of(node.name), block_size)
+        old_inputs = list(node.input)
+        saved = []
+        for name, values in ((f"{node.name}_B_int8", nbits_weight(blocks)),
+                             (f"{node.name}_scales8", blocks.scales.reshape(-1))):
+            slot = slots[old_inputs[1 + len(saved)]]
+            kept = onnx.TensorProto()
+            kept.CopyFrom(graph.initializer[slot])
+            saved.append((slot, kept))
+            graph.initializer[slot].CopyFrom(numpy_helper.from_array(values, name))
+        del node.input[1:]
+        node.input.extend([f"{node.name}_B_int8", f"{node.name}_scales8"])
+        bits.i = 8
+        undo.append((node, old_inputs, saved))
+    return undo
+
+
+def restore(model: Model, undo: list) -> None:
+    """Put back what ``upgrade`` replaced."""
+    for node, old_inputs, saved in reversed(undo):
+        for slot, kept in saved:
+            model.graph.initializer[slot].CopyFrom(kept)
+        del node.input[:]
+        node.input.extend(old_inputs)
+        next(a for a in node.attribute if a.name == "bits").i = 4
 
 
 @dataclass
