@@ -66,14 +66,12 @@ class _Liveness:
 
     def __init__(self, graph: onnx.GraphProto):
         self.constants = {t.name for t in graph.initializer}
-        self.constant_nodes = {n.output[0]: i for i, n in enumerate(graph.node)
-                               if n.op_type == "Constant" and n.output}
         self.produced: dict[str, int] = {i.name: -1 for i in graph.input
                                          if i.name not in self.constants}
         self.last_read: dict[str, int] = {}
         for position, node in enumerate(graph.node):
             for name in node_reads(node):
-                if name in self.produced or name not in self.constants:
+                if name not in self.constants:
                     self.last_read[name] = position
             if node.op_type != "Constant":
                 for name in node.output:
@@ -224,6 +222,8 @@ def iterate(model: Model, names: Sequence[str], batches: Iterable[dict[str, np.n
 
     segments = plan(model, names, per_segment, max_weight_bytes)
     carried = [dict(batch) for batch in batches]  # boundary tensors, per batch
+    if not carried:
+        return
     for segment in segments:
         sub = segment_model(model, segment, dtypes_of(carried[0], segment.inputs))
         wanted = [o.name for o in sub.graph.output]

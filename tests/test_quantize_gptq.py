@@ -83,3 +83,20 @@ def test_gptq_needs_calibration_data():
         quantize.run(matmul_model(), quantize.Config(mode="int4", int4_method="gptq"), Context())
     with pytest.raises(ValueError, match="int4_method"):
         quantize.Config(mode="int4", int4_method="awq")
+
+
+def test_held_out_data_scores_gptq_and_calibration_scores_are_flagged():
+    from onnxcomp.passes import quantize_eval
+
+    model = matmul_model(k=72, n=24)
+    calib = batches(correlated(8, 10, 72, seed=3))
+    held_out = batches(correlated(4, 10, 72, seed=4))
+    config = quantize.Config(mode="int4", int4_method="gptq")
+    result, record = quantize.run(model, config, Context(calibration=calib, evaluation=held_out))
+    assert not any("optimistic" in note for note in record.notes)
+    want = quantize_eval.compare(model, result, [], held_out, 16).cosine
+    assert record.details["output_cosine"] == pytest.approx(want)
+    _, fitted = quantize.run(model, config, Context(calibration=calib))
+    assert any("optimistic" in note for note in fitted.notes)
+    # GPTQ fits the calibration inputs: it scores better on them than on held-out ones.
+    assert fitted.details["output_cosine"]["y"] > record.details["output_cosine"]["y"]

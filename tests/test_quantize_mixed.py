@@ -19,7 +19,7 @@ from test_quantize import matmul_model
 def test_8bit_blocks_run_exactly_in_onnx_runtime():
     model = matmul_model(k=72, n=24)
     int4, _ = quantize.run(model, quantize.Config(mode="int4"), Context())
-    weight = quantize._float_weight(model, "mm1")
+    weight = quantize_mixed.float_weight(model, "mm1")
     before = int4.proto.SerializeToString()
     upgraded = int4.copy()
     undo = quantize_mixed.upgrade(upgraded, ["mm1"], lambda name: weight)

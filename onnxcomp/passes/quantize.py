@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import external_data_helper, numpy_helper, version_converter
+from onnx import version_converter
 
 from onnxcomp import calibration
 from onnxcomp.errors import OnnxcompError
@@ -41,7 +41,7 @@ from onnxcomp.graph import (
     tidy,
     unique_name,
 )
-from onnxcomp.model import Model, read_external
+from onnxcomp.model import Model
 from onnxcomp.passes import (
     quantize_attention,
     quantize_calib,
@@ -527,67 +527,24 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     return result, quant_plan
 
 
-def _float_weight(model: Model, node_name: str) -> np.ndarray:
-    """A MatMul/Gemm node's weight as float ``[K, N]``, read from disk if it is there (a copy:
-    the map is released at once)."""
-    node = next(n for n in model.graph.node if n.name == node_name)
-    tensor = next(t for t in model.graph.initializer if t.name == node.input[1])
-    if external_data_helper.uses_external_data(tensor):
-        weight = np.array(read_external(tensor, model.source), np.float32)
-    else:
-        weight = numpy_helper.to_array(tensor).astype(np.float32)
-    if node.op_type == "Gemm":
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        weight = (weight.T if attrs.get("transB", 0) else weight) * float(attrs.get("alpha", 1.0))
-    return weight
-
-
 def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
                 ctx: Context, record: PassRecord, baseline: float) -> Model:
-    """int4 below ``min_cosine``: raise the most sensitive layer groups to 8 bits
-    (``quantize_mixed``) until the model output cosine meets it."""
+    """int4 below ``min_cosine``: the most sensitive layer groups go to 8 bits (in place)."""
     layers = [s.node for s in quant_plan.sites if s.op in ("MatMul", "Gemm")]
-    grouped = quantize_mixed.groups(layers)
     ctx.progress(f"quantize: mixed precision, reference outputs on {EVAL_BATCHES} batches")
-    scoring = ctx.evaluation or ctx.calibration
-    reference = quantize_eval.Reference(prepared, scoring, EVAL_BATCHES)
-    base = reference.min_cosine(result, SENSITIVITY_BATCHES)
-
-    def weight_of(name: str) -> np.ndarray:
-        return _float_weight(prepared, name)
-
-    scores = []
-    for index, (group, members) in enumerate(grouped.items(), start=1):
-        undo = quantize_mixed.upgrade(result, members, weight_of)
-        cosine = reference.min_cosine(result, SENSITIVITY_BATCHES)
-        quantize_mixed.restore(result, undo)
-        scores.append(quantize_mixed.GroupScore(group, members, cosine, cosine - base,
-                                                quantize_mixed.added_bytes(result, members)))
-        ctx.progress(f"quantize: 8-bit trial {index}/{len(grouped)} {group}: cosine "
-                     f"{base:.5f} -> {cosine:.5f}")
-    ranked = quantize_mixed.order(scores)
+    found = quantize_mixed.search(prepared, result, layers, float(config.min_cosine), baseline,
+                                  ctx.evaluation or ctx.calibration, ctx.progress,
+                                  EVAL_BATCHES, SENSITIVITY_BATCHES)
     record.details["mixed_groups"] = [
         {"group": s.group, "layers": len(s.layers), "cosine_at_8bit": round(s.cosine, 6),
-         "gain": round(s.gain, 6), "added_bytes": s.added_bytes} for s in ranked]
-    count = quantize_mixed.first_guess(ranked, baseline, float(config.min_cosine))
-    cosine, chosen, undo = baseline, [], []
-    while count <= len(ranked):
-        quantize_mixed.restore(result, undo)
-        chosen = [name for s in ranked[:count] for name in s.layers]
-        undo = quantize_mixed.upgrade(result, chosen, weight_of)
-        cosine = reference.min_cosine(result)
-        ctx.progress(f"quantize: {count} groups ({len(chosen)} layers) at 8 bits, cosine "
-                     f"{cosine:.5f}")
-        if cosine >= config.min_cosine:
-            break
-        count += 1
-    record.details["int8_layers"] = chosen
-    record.details["output_cosine_after"] = cosine
+         "gain": round(s.gain, 6), "added_bytes": s.added_bytes} for s in found.ranked]
+    record.details["int8_layers"] = found.layers
+    record.details["output_cosine_after"] = found.cosine
     record.notes.append(
-        f"mixed precision: {len(chosen)} of {len(layers)} layers at 8 bits "
-        f"({', '.join(s.group for s in ranked[:count])}; output cosine {baseline:.5f} -> "
-        f"{cosine:.5f}, target {config.min_cosine})")
-    if cosine < config.min_cosine:
+        f"mixed precision: {len(found.layers)} of {len(layers)} layers at 8 bits "
+        f"({', '.join(found.groups)}; output cosine {baseline:.5f} -> {found.cosine:.5f}, "
+        f"target {config.min_cosine})")
+    if found.cosine < config.min_cosine:
         record.notes.append("min_cosine not reached even with every layer at 8 bits")
     return result
 

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
-from onnxcomp.model import Model
+from onnxcomp.calibration import Dataset
+from onnxcomp.model import Model, read_external
+from onnxcomp.passes import quantize_eval
 from onnxcomp.passes.quantize_int4 import nbits_weight, quantize_blocks8
 
 
@@ -125,3 +127,63 @@ def first_guess(ranked: list[GroupScore], baseline: float, target: float) -> int
         if total >= target:
             return count
     return len(ranked)
+
+
+def float_weight(model: Model, node_name: str) -> np.ndarray:
+    """A MatMul/Gemm node's weight as float ``[K, N]``, read from disk if it is there (a copy:
+    the map is released at once)."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    tensor = next(t for t in model.graph.initializer if t.name == node.input[1])
+    if external_data_helper.uses_external_data(tensor):
+        weight = np.array(read_external(tensor, model.source), np.float32)
+    else:
+        weight = numpy_helper.to_array(tensor).astype(np.float32)
+    if node.op_type == "Gemm":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = (weight.T if attrs.get("transB", 0) else weight) * float(attrs.get("alpha", 1.0))
+    return weight
+
+
+@dataclass
+class Found:
+    ranked: list[GroupScore]
+    groups: list[str]  # raised to 8 bits, in order
+    layers: list[str]
+    cosine: float  # model output cosine with them at 8 bits (all batches)
+
+
+def search(reference_model: Model, model: Model, layers: list[str], target: float,
+           baseline: float, data: Dataset, progress: Callable[[str], None], batches: int,
+           trial_batches: int) -> Found:
+    """Raise groups of ``layers`` of the int4 ``model`` to 8 bits (in place) until its output
+    cosine against ``reference_model`` on ``data`` reaches ``target``."""
+    grouped = groups(layers)
+    reference = quantize_eval.Reference(reference_model, data, batches)
+    base = reference.min_cosine(model, trial_batches)
+
+    def weight_of(name: str) -> np.ndarray:
+        return float_weight(reference_model, name)
+
+    scores = []
+    for index, (group, members) in enumerate(grouped.items(), start=1):
+        undo = upgrade(model, members, weight_of)
+        cosine = reference.min_cosine(model, trial_batches)
+        restore(model, undo)
+        scores.append(GroupScore(group, members, cosine, cosine - base,
+                                 added_bytes(model, members)))
+        progress(f"quantize: 8-bit trial {index}/{len(grouped)} {group}: cosine "
+                 f"{base:.5f} -> {cosine:.5f}")
+    ranked = order(scores)
+    count = first_guess(ranked, baseline, target)
+    cosine, chosen, undo = baseline, [], []
+    while True:
+        restore(model, undo)
+        chosen = [name for s in ranked[:count] for name in s.layers]
+        undo = upgrade(model, chosen, weight_of)
+        cosine = reference.min_cosine(model)
+        progress(f"quantize: {count} groups ({len(chosen)} layers) at 8 bits, cosine "
+                 f"{cosine:.5f}")
+        if cosine >= target or count >= len(ranked):
+            break
+        count += 1
+    return Found(ranked, [s.group for s in ranked[:count]], chosen, cosine)
