@@ -31,7 +31,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
 
-from onnxcomp import calibration
+from onnxcomp import calibration, runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import (
     constant_array,
@@ -272,6 +272,8 @@ def apply(model: Model, quant_plan: QuantPlan, config: Config,
                 # time is resident, not every weight read so far.
                 gc.collect()
     result = _export(tidy(graph), model)
+    if model.lazy:
+        runtime.release_free_memory()  # the float weights and statistics read on the way
     if four_bit:
         quantize_int4.to_4bit(result.proto, four_bit)
     return result

@@ -11,8 +11,9 @@ file several times bigger; 8-bit blocks (``quantize_int4.quantize_blocks8``, Mat
 - Each group is scored by the model output cosine with *that group at 8 bits and everything else
   at 4* (the int4 model is the baseline, so the gain is measured where it will be used, errors
   of the other layers included), divided by the bytes it adds.
-- Groups are raised in that order, the predicted gains added up until they cover the gap, then
-  the real cosine is measured, one more group at a time until the target is met or none is left.
+- Groups are raised in that order: the fewest that meet the target are found by bisection over
+  how many (the predicted gains, added up, only bound the search: measured one at a time they
+  add up to less than their joint effect).
 Upgrading rewrites the chosen MatMulNBits nodes of the int4 model in place from the float
 weights (and a trial puts them back), so the 4-bit layers (GPTQ ones included) are never
 recomputed and no trial copies the model. A zero-point input of an asymmetric 4-bit node is
@@ -29,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
+from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.model import Model, read_external
 from onnxcomp.passes import quantize_eval
@@ -169,21 +171,35 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
         undo = upgrade(model, members, weight_of)
         cosine = reference.min_cosine(model, trial_batches)
         restore(model, undo)
+        runtime.release_free_memory()
         scores.append(GroupScore(group, members, cosine, cosine - base,
                                  added_bytes(model, members)))
         progress(f"quantize: 8-bit trial {index}/{len(grouped)} {group}: cosine "
                  f"{base:.5f} -> {cosine:.5f}")
     ranked = order(scores)
-    count = first_guess(ranked, baseline, target)
-    cosine, chosen, undo = baseline, [], []
-    while True:
-        restore(model, undo)
-        chosen = [name for s in ranked[:count] for name in s.layers]
-        undo = upgrade(model, chosen, weight_of)
-        cosine = reference.min_cosine(model)
-        progress(f"quantize: {count} groups ({len(chosen)} layers) at 8 bits, cosine "
-                 f"{cosine:.5f}")
-        if cosine >= target or count >= len(ranked):
-            break
-        count += 1
-    return Found(ranked, [s.group for s in ranked[:count]], chosen, cosine)
+    # The fewest groups, in ranked order, that meet the target: a bisection (the cosine grows
+    # with each group raised). Gains measured one group at a time add up to less than their
+    # joint effect (one 1B decoder: 7 groups predicted, 3 enough), so they only bound the search.
+    measured: dict[int, float] = {}
+
+    def cosine_with(count: int) -> float:
+        if count not in measured:
+            undo = upgrade(model, [n for s in ranked[:count] for n in s.layers], weight_of)
+            measured[count] = reference.min_cosine(model)
+            restore(model, undo)
+            runtime.release_free_memory()
+            progress(f"quantize: {count} groups at 8 bits, cosine {measured[count]:.5f}")
+        return measured[count]
+
+    low, high = 1, max(1, first_guess(ranked, baseline, target))
+    while high < len(ranked) and cosine_with(high) < target:
+        low, high = high + 1, len(ranked)
+    while low < high:
+        middle = (low + high) // 2
+        if cosine_with(middle) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    chosen = [n for s in ranked[:high] for n in s.layers]
+    upgrade(model, chosen, weight_of)
+    return Found(ranked, [s.group for s in ranked[:high]], chosen, cosine_with(high))
