@@ -79,6 +79,10 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     report.models["candidate"] = _model_facts(compressed)
     report.models["seconds"] = time.perf_counter() - started
     passed = True
+    if "tuned_on_evaluation" in ctx.cache:
+        report.notes.append(f"{ctx.cache['tuned_on_evaluation']} chose its mixed precision on "
+                            "the --eval data: a fidelity check on the same data is optimistic "
+                            "(validate on other held-out data)")
     if validate:
         from onnxcomp.validate import validate as run_validation
 

@@ -46,13 +46,18 @@ class Segment:
 
 
 def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs read from the enclosing scope (not the ones they define)."""
     reads: set[str] = set()
     for attribute in node.attribute:
         graphs = [attribute.g] if attribute.HasField("g") else []
         for graph in graphs + list(attribute.graphs):
+            inner_reads: set[str] = set()
+            defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
             for inner in graph.node:
-                reads.update(i for i in inner.input if i)
-                reads |= _subgraph_reads(inner)
+                inner_reads.update(i for i in inner.input if i)
+                inner_reads |= _subgraph_reads(inner)
+                defined.update(o for o in inner.output if o)
+            reads |= inner_reads - defined
     return reads
 
 
@@ -100,8 +105,9 @@ MAX_WEIGHT_BYTES = 256 << 20
 
 def plan(model: Model, names: Sequence[str], per_segment: int,
          max_weight_bytes: int | None = MAX_WEIGHT_BYTES) -> list[Segment]:
-    """Consecutive segments, each producing at most ``per_segment`` of the requested ``names``
-    and reading at most ``max_weight_bytes`` of initializers."""
+    """Consecutive segments, each producing about ``per_segment`` of the requested ``names``
+    (more when one node produces several) and reading at most ``max_weight_bytes`` of
+    initializers (unless a single node reads more)."""
     if per_segment < 1:
         raise ValueError(f"per_segment must be at least 1, got {per_segment}")
     graph = model.graph
@@ -243,4 +249,4 @@ def iterate(model: Model, names: Sequence[str], batches: Iterable[dict[str, np.n
         yield segment, flow
         for _ in flow:  # whatever the caller left unread still has to reach the next segment
             pass
-        del sess, flow
+        del sess, flow, values  # values' defaults hold the session: free it before the next

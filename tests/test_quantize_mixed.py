@@ -103,3 +103,18 @@ def test_matmulnbits_nodes_keep_the_layer_names():
 def test_exclude_given_as_one_comma_separated_string():
     config = quantize.Config(exclude="*.v, *.attn")
     assert config.exclude == ("*.v", "*.attn")
+
+
+def test_a_failed_upgrade_leaves_the_model_as_it_was():
+    model = matmul_model(k=72, n=24)
+    int4, _ = quantize.run(model, quantize.Config(mode="int4"), Context())
+    before = int4.proto.SerializeToString()
+
+    def weight_of(name):
+        if name == "mm2":
+            raise RuntimeError("weight unreadable")
+        return quantize_mixed.float_weight(model, name)
+
+    with pytest.raises(RuntimeError):
+        quantize_mixed.upgrade(int4, ["mm1", "mm2"], weight_of)
+    assert int4.proto.SerializeToString() == before

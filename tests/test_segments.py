@@ -168,3 +168,40 @@ def test_compare_by_segment_equals_the_whole_model_comparison(tiny_llama, monkey
         assert got.sqnr[name] == pytest.approx(value, abs=1e-6)
     reference = quantize_eval.Reference(tiny_llama, data, 3)
     assert reference.min_cosine(int4) == pytest.approx(want.min_cosine, abs=1e-9)
+
+
+def test_if_subgraphs_stay_whole_and_their_inner_tensors_are_not_outer_reads():
+    rng = np.random.default_rng(2)
+    then_branch = helper.make_graph(
+        [helper.make_node("Add", ["x", "x"], ["t"]), helper.make_node("Identity", ["t"], ["o1"])],
+        "then", [], [helper.make_tensor_value_info("o1", TensorProto.FLOAT, [2, 4])])
+    else_branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["o2"])], "else", [],
+        [helper.make_tensor_value_info("o2", TensorProto.FLOAT, [2, 4])])
+    weight = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm1"),
+             helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0, name="sum"),
+             helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
+             helper.make_node("If", ["c"], ["b"], then_branch=then_branch,
+                              else_branch=else_branch, name="if"),
+             helper.make_node("MatMul", ["b", "W"], ["y"], name="mm2")]
+    zero = numpy_helper.from_array(np.float32(0.0).reshape(()), "zero")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                         [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+                              [weight, zero])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert segments.node_reads(model.graph.node[3]) == ["c", "x"]  # not the branch's own "t"
+    data = calibration.from_batches([{"x": rng.standard_normal((2, 4)).astype(np.float32)}
+                                     for _ in range(3)])
+    names = ["h", "b"]
+    want = _whole(model, names, data)
+    got: list[dict] = [{} for _ in range(3)]
+    for _, values in segments.iterate(model, names, data, 1):
+        for i, batch in enumerate(values):
+            got[i].update(batch)
+    for i in range(3):
+        for name in names:
+            np.testing.assert_array_equal(got[i][name], want[i][name])
+    part = segments.extract(model, ["x", "c"], ["b"], {"x": 1, "c": 9})
+    assert [n.op_type for n in part.graph.node] == ["If"]

@@ -446,6 +446,8 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
         prepared = _smooth(prepared, quant_plan, config, ctx, record)
     stats = _statistics(prepared, quant_plan, config, ctx)
     result = apply(prepared, quant_plan, config, stats)
+    if isinstance(stats, quantize_gptq.Hessians):
+        stats = None  # read once, a segment at a time: nothing to keep
     if ctx.calibration is not None:
         result, quant_plan = _measure(prepared, result, quant_plan, config, stats, ctx, record)
     else:
@@ -492,6 +494,9 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
     record.details["output_cosine"] = comparison.cosine
     if config.min_cosine is None or comparison.min_cosine >= config.min_cosine:
         return result, quant_plan
+    if ctx.evaluation is not None:
+        # The layer choice is fitted to this data: a fidelity check on it is optimistic.
+        ctx.cache["tuned_on_evaluation"] = NAME
     if config.mode == "int4" and config.int4_format == "matmulnbits":
         return _mixed_bits(prepared, result, quant_plan, config, ctx, record,
                            comparison.min_cosine), quant_plan

@@ -75,6 +75,8 @@ class Hessians:
         self._uses[name] = self._uses.get(name, 1) - 1
         if self._uses[name] <= 0:
             del self._ready[name]
+        if all(count <= 0 for count in self._uses.values()):
+            self._flow.close()  # frees the last segment's session and boundary tensors
         return hessian
 
 

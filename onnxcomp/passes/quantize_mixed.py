@@ -17,7 +17,8 @@ file several times bigger; 8-bit blocks (``quantize_int4.quantize_blocks8``, Mat
 Upgrading rewrites the chosen MatMulNBits nodes of the int4 model in place from the float
 weights (and a trial puts them back), so the 4-bit layers (GPTQ ones included) are never
 recomputed and no trial copies the model. A zero-point input of an asymmetric 4-bit node is
-dropped from the node (8-bit blocks are symmetric); the unused tensor goes at cleanup.
+dropped from the node (8-bit blocks are symmetric); the unused tensor goes at the pipeline's
+cleanup, and ``added_bytes`` does not count it as saved.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from onnx import external_data_helper, numpy_helper
 
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
+from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import Model, read_external
 from onnxcomp.passes import quantize_eval
 from onnxcomp.passes.quantize_int4 import nbits_weight, quantize_blocks8
@@ -60,35 +62,46 @@ def added_bytes(model: Model, nodes: list[str]) -> int:
     return total
 
 
+def upgradable(node: onnx.NodeProto, readers: dict[str, int]) -> bool:
+    """A 4-bit MatMulNBits with inputs (A, B, scales[, zero_points]) read by no other node."""
+    attrs = {a.name: a.i for a in node.attribute}
+    return (node.op_type == "MatMulNBits" and attrs.get("bits") == 4 and len(node.input) <= 4
+            and all(readers.get(name, 0) == 1 for name in node.input[1:] if name))
+
+
 def upgrade(model: Model, nodes: list[str], weight_of: Callable[[str], np.ndarray]) -> list:
     """Rewrite the named 4-bit MatMulNBits nodes of ``model`` as 8-bit ones *in place*, quantized
     from ``weight_of(node name)`` (the float ``[K, N]`` weight); returns what ``restore`` needs
     to undo it. In place because a trial must not cost a copy of a large model: only the
-    replaced layers' tensors change hands."""
+    replaced layers' tensors change hands. All weights are quantized before the graph is
+    touched, so a failure leaves the model as it was. Nodes that share a tensor with another
+    node (or carry inputs beyond the zero points) are left at 4 bits."""
     graph = model.graph
-    slots = {t.name: i for i, t in enumerate(graph.initializer)}
-    wanted = set(nodes)
-    undo = []
+    readers: dict[str, int] = {}
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or node.name not in wanted:
-            continue
-        bits = next(a for a in node.attribute if a.name == "bits")
-        if bits.i != 4:
-            continue
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    wanted = set(nodes)
+    targets = [n for n in graph.node if n.name in wanted and upgradable(n, readers)]
+    new = []
+    for node in targets:
         block_size = next(a.i for a in node.attribute if a.name == "block_size")
         blocks = quantize_blocks8(weight_of(node.name), block_size)
+        new.append((node, numpy_helper.from_array(nbits_weight(blocks), f"{node.name}_B_int8"),
+                    numpy_helper.from_array(blocks.scales.reshape(-1), f"{node.name}_scales8")))
+    slots = {t.name: i for i, t in enumerate(graph.initializer)}
+    undo = []
+    for node, weight, scales in new:
         old_inputs = list(node.input)
         saved = []
-        for name, values in ((f"{node.name}_B_int8", nbits_weight(blocks)),
-                             (f"{node.name}_scales8", blocks.scales.reshape(-1))):
-            slot = slots[old_inputs[1 + len(saved)]]
+        for name, tensor in zip(old_inputs[1:3], (weight, scales)):
             kept = onnx.TensorProto()
-            kept.CopyFrom(graph.initializer[slot])
-            saved.append((slot, kept))
-            graph.initializer[slot].CopyFrom(numpy_helper.from_array(values, name))
+            kept.CopyFrom(graph.initializer[slots[name]])
+            saved.append((slots[name], kept))
+            graph.initializer[slots[name]].CopyFrom(tensor)
         del node.input[1:]
-        node.input.extend([f"{node.name}_B_int8", f"{node.name}_scales8"])
-        bits.i = 8
+        node.input.extend([weight.name, scales.name])
+        next(a for a in node.attribute if a.name == "bits").i = 8
         undo.append((node, old_inputs, saved))
     return undo
 
@@ -135,7 +148,14 @@ def float_weight(model: Model, node_name: str) -> np.ndarray:
     """A MatMul/Gemm node's weight as float ``[K, N]``, read from disk if it is there (a copy:
     the map is released at once)."""
     node = next(n for n in model.graph.node if n.name == node_name)
-    tensor = next(t for t in model.graph.initializer if t.name == node.input[1])
+    producers = {o: n for n in model.graph.node for o in n.output}
+    initializers = {t.name: t for t in model.graph.initializer}
+    name = node.input[1]
+    while name not in initializers and name in producers and producers[name].op_type == "Identity":
+        name = producers[name].input[0]  # tied weights come through Identity nodes
+    tensor = initializers.get(name)
+    if tensor is None:
+        raise OnnxcompError(f"{node_name}: its weight {node.input[1]!r} is not an initializer")
     if external_data_helper.uses_external_data(tensor):
         weight = np.array(read_external(tensor, model.source), np.float32)
     else:
@@ -169,8 +189,10 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
     scores = []
     for index, (group, members) in enumerate(grouped.items(), start=1):
         undo = upgrade(model, members, weight_of)
-        cosine = reference.min_cosine(model, trial_batches)
-        restore(model, undo)
+        try:
+            cosine = reference.min_cosine(model, trial_batches)
+        finally:
+            restore(model, undo)
         runtime.release_free_memory()
         scores.append(GroupScore(group, members, cosine, cosine - base,
                                  added_bytes(model, members)))
@@ -185,8 +207,10 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
     def cosine_with(count: int) -> float:
         if count not in measured:
             undo = upgrade(model, [n for s in ranked[:count] for n in s.layers], weight_of)
-            measured[count] = reference.min_cosine(model)
-            restore(model, undo)
+            try:
+                measured[count] = reference.min_cosine(model)
+            finally:
+                restore(model, undo)
             runtime.release_free_memory()
             progress(f"quantize: {count} groups at 8 bits, cosine {measured[count]:.5f}")
         return measured[count]
