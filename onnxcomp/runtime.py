@@ -64,12 +64,6 @@ def session_options(threads: int | None = None, optimize: bool = True,
     return options
 
 
-# A model with weights on disk is handed to ONNX Runtime as bytes only while its in-memory
-# weights are small: bytes, ONNX Runtime's parsed copy and its tensors would each hold them
-# (3x); above this it is written to a temporary folder with external data and loaded from there.
-INLINE_BYTES = 256 << 20
-
-
 def release_free_memory() -> None:
     """Hand freed heap memory back to the operating system (glibc only; else nothing).
 
@@ -90,7 +84,7 @@ def session(model: Model | str | os.PathLike, provider: str = "cpu", threads: in
     try:
         if isinstance(model, Model):
             lazy = model.lazy
-            if lazy and model.weight_bytes() - model.lazy_bytes() <= INLINE_BYTES:
+            if lazy and model.weight_bytes() - model.lazy_bytes() <= PROTOBUF_SAFE_BYTES:
                 # Weights still on disk: ONNX Runtime reads them from the model's folder.
                 options.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path", str(model.source))

@@ -161,15 +161,3 @@ def test_static_int8_calibrates_a_lazy_model_a_segment_at_a_time(llama, tmp_path
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
 
-
-def test_large_in_memory_weights_of_a_lazy_model_reach_onnx_runtime_through_a_file(
-        llama, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    lazy = api.compress(llama, recipe="quantize:int4", validate=False, show_progress=False).model
-    batch = prompts(TINY, 1).make_batch(0)
-    inline = outputs(lazy, batch)
-    monkeypatch.setattr(runtime, "INLINE_BYTES", 0)  # every lazy model takes the file route
-    through_file = outputs(lazy, batch)
-    assert lazy.lazy and list(tmp_path.iterdir()) == [tmp_path / "src"]  # nothing left behind
-    for name in inline:
-        np.testing.assert_array_equal(through_file[name], inline[name])

@@ -15,8 +15,8 @@ file several times bigger; 8-bit blocks (``quantize_int4.quantize_blocks8``, Mat
   how many (the predicted gains, added up, only bound the search: measured one at a time they
   add up to less than their joint effect).
 Upgrading rewrites the chosen MatMulNBits nodes of the int4 model in place from the float
-weights (and a trial puts them back), so the 4-bit layers (GPTQ ones included) are never
-recomputed and no trial copies the model. A zero-point input of an asymmetric 4-bit node is
+weights (trials on a copy that is dropped after scoring), so the 4-bit layers (GPTQ ones
+included) are never recomputed. A zero-point input of an asymmetric 4-bit node is
 dropped from the node (8-bit blocks are symmetric); the unused tensor goes at the pipeline's
 cleanup, and ``added_bytes`` does not count it as saved.
 """
@@ -166,6 +166,20 @@ def float_weight(model: Model, node_name: str) -> np.ndarray:
     return weight
 
 
+def _score(model: Model, layers: list[str], weight_of: Callable[[str], np.ndarray],
+           reference: quantize_eval.Reference, batches: int | None) -> float:
+    """Output cosine of ``model`` with ``layers`` at 8 bits, on a copy: protobuf keeps replaced
+    tensor bytes in the message's arena until the message dies, so trials on the model itself
+    would pile up every trial's tensors (measured: 2 GB more after eight on the 1B decoder)."""
+    trial = model.copy()
+    upgrade(trial, layers, weight_of)
+    try:
+        return reference.min_cosine(trial, batches)
+    finally:
+        del trial
+        runtime.release_free_memory()
+
+
 @dataclass
 class Found:
     ranked: list[GroupScore]
@@ -188,12 +202,7 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
 
     scores = []
     for index, (group, members) in enumerate(grouped.items(), start=1):
-        undo = upgrade(model, members, weight_of)
-        try:
-            cosine = reference.min_cosine(model, trial_batches)
-        finally:
-            restore(model, undo)
-        runtime.release_free_memory()
+        cosine = _score(model, members, weight_of, reference, trial_batches)
         scores.append(GroupScore(group, members, cosine, cosine - base,
                                  added_bytes(model, members)))
         progress(f"quantize: 8-bit trial {index}/{len(grouped)} {group}: cosine "
@@ -206,12 +215,8 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
 
     def cosine_with(count: int) -> float:
         if count not in measured:
-            undo = upgrade(model, [n for s in ranked[:count] for n in s.layers], weight_of)
-            try:
-                measured[count] = reference.min_cosine(model)
-            finally:
-                restore(model, undo)
-            runtime.release_free_memory()
+            measured[count] = _score(model, [n for s in ranked[:count] for n in s.layers],
+                                     weight_of, reference, None)
             progress(f"quantize: {count} groups at 8 bits, cosine {measured[count]:.5f}")
         return measured[count]
 
