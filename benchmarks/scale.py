@@ -166,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
                 tune = write_prompts(args.workdir / f"tune-16x{args.length}", args.preset, 16,
                                      args.length, seed=21)
                 extra += ["--eval", str(tune), "--set", f"quantize.min_cosine={args.mixed_target}"]
+            mode = step.removesuffix("-gptq").removesuffix("-mixed")
             row.update(run_step(["compress", str(model), "-o", str(target), "--recipe",
-                                 f"quantize:{step.split('-')[0]}", "--no-validate",
+                                 f"quantize:{mode}", "--no-validate",
                                  "--report", str(log.with_suffix(".json")), *extra], log))
             row["output_bytes"] = files_size(target)
         else:

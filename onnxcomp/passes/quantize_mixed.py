@@ -210,7 +210,7 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
     ranked = order(scores)
     # The fewest groups, in ranked order, that meet the target: a bisection (the cosine grows
     # with each group raised). Gains measured one group at a time add up to less than their
-    # joint effect (one 1B decoder: 7 groups predicted, 3 enough), so they only bound the search.
+    # joint effect (1B decoder: 7 groups predicted, 5 enough), so they only bound the search.
     measured: dict[int, float] = {}
 
     def cosine_with(count: int) -> float:
