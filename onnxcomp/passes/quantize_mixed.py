@@ -62,27 +62,30 @@ def added_bytes(model: Model, nodes: list[str]) -> int:
     return total
 
 
-def upgradable(node: onnx.NodeProto, readers: dict[str, int]) -> bool:
-    """A 4-bit MatMulNBits with inputs (A, B, scales[, zero_points]) read by no other node."""
+def upgradable(node: onnx.NodeProto, readers: dict[str, int], stored: set[str]) -> bool:
+    """A 4-bit MatMulNBits with inputs (A, B, scales[, zero_points]), B and scales stored
+    initializers that no other node reads."""
     attrs = {a.name: a.i for a in node.attribute}
     return (node.op_type == "MatMulNBits" and attrs.get("bits") == 4 and len(node.input) <= 4
+            and all(name in stored for name in node.input[1:3])
             and all(readers.get(name, 0) == 1 for name in node.input[1:] if name))
 
 
 def upgrade(model: Model, nodes: list[str], weight_of: Callable[[str], np.ndarray]) -> list:
     """Rewrite the named 4-bit MatMulNBits nodes of ``model`` as 8-bit ones *in place*, quantized
     from ``weight_of(node name)`` (the float ``[K, N]`` weight); returns what ``restore`` needs
-    to undo it. In place because a trial must not cost a copy of a large model: only the
-    replaced layers' tensors change hands. All weights are quantized before the graph is
-    touched, so a failure leaves the model as it was. Nodes that share a tensor with another
-    node (or carry inputs beyond the zero points) are left at 4 bits."""
+    to undo it (trials run it on a copy, ``_score``; the final choice on the model itself). All
+    weights are quantized before the graph is touched, so a failure leaves the model as it was.
+    Nodes that share a tensor with another node (or carry inputs beyond the zero points) are
+    left at 4 bits: the undo list names the nodes that changed."""
     graph = model.graph
     readers: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     wanted = set(nodes)
-    targets = [n for n in graph.node if n.name in wanted and upgradable(n, readers)]
+    stored = {t.name for t in graph.initializer}
+    targets = [n for n in graph.node if n.name in wanted and upgradable(n, readers, stored)]
     new = []
     for node in targets:
         block_size = next(a.i for a in node.attribute if a.name == "block_size")
@@ -229,6 +232,6 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
             high = middle
         else:
             low = middle + 1
-    chosen = [n for s in ranked[:high] for n in s.layers]
-    upgrade(model, chosen, weight_of)
-    return Found(ranked, [s.group for s in ranked[:high]], chosen, cosine_with(high))
+    done = upgrade(model, [n for s in ranked[:high] for n in s.layers], weight_of)
+    return Found(ranked, [s.group for s in ranked[:high]], [node.name for node, _, _ in done],
+                 cosine_with(high))
