@@ -32,6 +32,17 @@ def _whole(model: Model, names: list[str], data) -> list[dict[str, np.ndarray]]:
     return got
 
 
+def _check_segments_equal_whole(model: Model, names: list[str], data, per_segment: int) -> None:
+    want = _whole(model, names, data)
+    got: list[dict] = [{} for _ in range(len(data))]
+    for _, values in segments.iterate(model, names, data, per_segment):
+        for i, batch in enumerate(values):
+            got[i].update(batch)
+    for i in range(len(data)):
+        for name in names:
+            np.testing.assert_array_equal(got[i][name], want[i][name])
+
+
 @pytest.mark.parametrize("per_segment", [1, 3, 4, 1000])
 def test_segments_give_the_whole_models_values(tiny_llama, per_segment):
     names = _weight_inputs(tiny_llama)
@@ -100,14 +111,7 @@ def test_constant_nodes_and_graph_inputs():
     names = ["x", "m"]
     plan = segments.plan(model, names, 1)
     assert len(plan) == 2 and "x" in plan[1].inputs  # x is still needed by the last Add
-    want = _whole(model, names, data)
-    got: list[dict] = [{}, {}]
-    for _, values in segments.iterate(model, names, data, 1):
-        for i, batch in enumerate(values):
-            got[i].update(batch)
-    for i in range(2):
-        for name in names:
-            np.testing.assert_array_equal(got[i][name], want[i][name])
+    _check_segments_equal_whole(model, names, data, 1)
 
 
 def test_gptq_statistics_a_segment_at_a_time(tiny_llama):
@@ -195,13 +199,6 @@ def test_if_subgraphs_stay_whole_and_their_inner_tensors_are_not_outer_reads():
     data = calibration.from_batches([{"x": rng.standard_normal((2, 4)).astype(np.float32)}
                                      for _ in range(3)])
     names = ["h", "b"]
-    want = _whole(model, names, data)
-    got: list[dict] = [{} for _ in range(3)]
-    for _, values in segments.iterate(model, names, data, 1):
-        for i, batch in enumerate(values):
-            got[i].update(batch)
-    for i in range(3):
-        for name in names:
-            np.testing.assert_array_equal(got[i][name], want[i][name])
+    _check_segments_equal_whole(model, names, data, 1)
     part = segments.extract(model, ["x", "c"], ["b"], {"x": 1, "c": 9})
     assert [n.op_type for n in part.graph.node] == ["If"]

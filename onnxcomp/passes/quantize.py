@@ -12,8 +12,10 @@ why it skips the others); ``apply()`` rewrites them in one place:
 - every mode (``embeddings``): Gather tables as int8 rows, one scale per row, dequantized after
   the gather (``quantize_gather``); int8-dynamic (``attention``): the fuse pass's
   com.microsoft.Attention -> QAttention (``quantize_attention``); other modes leave it float, noted.
-Then, with calibration data: per-layer SQNR, and with ``min_cosine`` automatic mixed precision
-(the layers with the lowest SQNR go back to float until the model output cosine meets it).
+Then, with calibration data (scored on the held-out ``ctx.evaluation`` when given): per-layer
+SQNR, and with ``min_cosine`` automatic mixed precision: int8 modes return the layers most harmful
+on their own to float; int4 raises the most sensitive layer groups to 8 bits (``quantize_mixed``).
+Large models (weights on disk) are calibrated and measured a segment at a time (``segments``).
 
 Refuses models already quantized; weights inside If/Loop bodies are left float (noted).
 Opset-12 models (PP-OCR) are upgraded to 13 for per-channel DequantizeLinear (21 for int4 QDQ).

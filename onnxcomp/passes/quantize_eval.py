@@ -145,13 +145,10 @@ class Reference:
     def min_cosine(self, candidate: Model, count: int | None = None) -> float:
         """Lowest over outputs of the mean per-sample cosine, on the first ``count`` batches."""
         sess = runtime.session(candidate, optimize=False)
-        sums: dict[str, float] = {}
-        samples: dict[str, int] = {}
+        names = list(self.values[0]) if self.values else []
+        sums = _Sums(names, names)
         for batch, ref in zip(self.batches[:count], self.values[:count]):
-            got = runtime.run(sess, batch, list(ref))
-            for name, value in ref.items():
-                cos = per_sample_cosine(np.asarray(value, np.float64),
-                                        np.asarray(got[name], np.float64))
-                sums[name] = sums.get(name, 0.0) + float(cos.sum())
-                samples[name] = samples.get(name, 0) + cos.size
-        return min((sums[n] / samples[n] for n in sums), default=1.0)
+            got = runtime.run(sess, batch, names)
+            for name in names:
+                sums.add(name, ref[name], got[name])
+        return sums.result().min_cosine

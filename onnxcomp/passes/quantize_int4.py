@@ -66,16 +66,20 @@ ASYM_RATIOS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8, 0.75)
 SCALE_RULES = ("mse", "max")
 
 
-def quantize_blocks(weight: np.ndarray, block_size: int, symmetric: bool, rule: str = "max",
-                    positive: bool = False) -> Blockwise:
+def _as_blocks(weight: np.ndarray, block_size: int) -> tuple[int, np.ndarray]:
+    """``K`` and the weight ``[K, N]`` as ``[N, n_blocks, block_size]`` blocks, K zero-padded."""
     weight = np.asarray(weight, dtype=np.float32)
     k, n = weight.shape
     n_blocks = -(-k // block_size)
     padded = np.zeros((n_blocks * block_size, n), dtype=np.float32)
     padded[:k] = weight
     # Contiguous blocks: a view of the transpose would stride by a whole row per element.
-    blocks = np.ascontiguousarray(padded.T).reshape(n, n_blocks, block_size)
-    del padded
+    return k, np.ascontiguousarray(padded.T).reshape(n, n_blocks, block_size)
+
+
+def quantize_blocks(weight: np.ndarray, block_size: int, symmetric: bool, rule: str = "max",
+                    positive: bool = False) -> Blockwise:
+    k, blocks = _as_blocks(weight, block_size)
     if rule not in SCALE_RULES:
         raise ValueError(f"int4 scale rule must be one of {', '.join(SCALE_RULES)}, got {rule!r}")
     if symmetric:
@@ -99,12 +103,7 @@ def quantize_blocks(weight: np.ndarray, block_size: int, symmetric: bool, rule: 
 def quantize_blocks8(weight: np.ndarray, block_size: int) -> Blockwise:
     """Symmetric 8-bit blocks, ``s = max|w| / 127``: the precision mixed-precision int4 gives
     the layers the model output is most sensitive to (within 0.4 % of the block's extreme)."""
-    weight = np.asarray(weight, dtype=np.float32)
-    k, n = weight.shape
-    n_blocks = -(-k // block_size)
-    padded = np.zeros((n_blocks * block_size, n), dtype=np.float32)
-    padded[:k] = weight
-    blocks = np.ascontiguousarray(padded.T).reshape(n, n_blocks, block_size)
+    k, blocks = _as_blocks(weight, block_size)
     scales = _nonzero(np.abs(blocks).max(axis=2) / 127.0)
     q = np.clip(np.rint(blocks / scales[..., None]), -127, 127).astype(np.int8)
     return Blockwise(q, scales, None, k, block_size, bits=8)
