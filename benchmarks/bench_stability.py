@@ -31,7 +31,7 @@ def child(runs: int, warmup: int, min_seconds: float, spinning: bool, out: Path)
     import numpy as np
 
     from onnxcomp import calibration, zoo
-    from onnxcomp.bench import bench
+    from onnxcomp.measure.bench import bench
     from onnxcomp.model import load
 
     results = {}

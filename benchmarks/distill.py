@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from onnxcomp import api, zoo
+from onnxcomp.measure.validate import validate
 from onnxcomp.report import markdown_table
-from onnxcomp.validate import validate
 
 RECIPES = {
     "tiny-clip": [("prune:0.3,lowrank:0.9", "prune:0.3,lowrank:0.9,distill"),

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 from onnxcomp import api, zoo
+from onnxcomp.measure.validate import validate
 from onnxcomp.model import load
 from onnxcomp.report import markdown_table
-from onnxcomp.validate import validate
 from onnxcomp.zoo import llama
 
 

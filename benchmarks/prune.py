@@ -37,11 +37,12 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxcomp import calibration, runtime, zoo
+from onnxcomp.measure.validate import validate
 from onnxcomp.model import Model, load
 from onnxcomp.passes import distill, prune
 from onnxcomp.pipeline import Context, Pipeline
+from onnxcomp.recipe import with_cleanup
 from onnxcomp.report import environment, write_json_atomic
-from onnxcomp.validate import validate
 from onnxcomp.zoo import tiny_clip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,7 +168,7 @@ def bench(name: str, ratio: float, runs: int, log) -> dict:
         prune.Config(ratio=ratio)
 
     def cleanup(m: Model) -> Model:  # what the pipeline runs before the first / after the last pass
-        return Pipeline([]).run(m, Context())[0]
+        return Pipeline(with_cleanup([])).run(m, Context())[0]
 
     # The recipe `prune:0.3,distill` (with heads/ffn for transformers), step by step so the
     # pruned-only model and the plan (for the zeroed baseline) are kept too.

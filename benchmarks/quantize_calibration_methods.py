@@ -3,8 +3,10 @@ held-out lines (the figures behind the default calibration method).
 
     python benchmarks/quantize_calibration_methods.py > benchmarks/results/quantize_calibration_methods.txt
 """
-import time, sys, onnxcomp
-from onnxcomp import zoo, api
+import time
+
+from onnxcomp import api, zoo
+
 p = zoo.fetch('ppocr-rec')
 for recipe, sets in [("quantize:int8", ["quantize.calibration=percentile"]), ("quantize:int8", ["quantize.calibration=minmax"]), ("quantize:int8", ["quantize.calibration=mse"]),
                      ("quantize:int8", ["quantize.output_qdq=none"]), ("quantize:int8", ["quantize.calibration=percentile", "quantize.percentile=99.999"]), ("quantize:int8", ["quantize.exclude=['p2o.MatMul.24']"])]:

@@ -364,7 +364,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
 
 
 def _fidelity_summary(reference: Path, candidate: Path, data) -> dict:
-    from onnxcomp import validate
+    from onnxcomp.measure import validate
 
     try:
         report = validate.validate(str(reference), str(candidate), data=data, progress=None)

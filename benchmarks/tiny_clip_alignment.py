@@ -17,9 +17,9 @@ import time
 import numpy as np
 
 from onnxcomp import runtime, zoo
+from onnxcomp.measure.validate import retrieval_metrics
 from onnxcomp.model import Model
 from onnxcomp.report import write_json_atomic
-from onnxcomp.validate import retrieval_metrics
 from onnxcomp.zoo import tiny_clip
 
 VARIANTS = {"default": {}, "large": {"width": 256, "layers": 4, "heads": 8}}

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxcomp.errors import OnnxcompError, UnsafeModelError  # noqa: E402
-from onnxcomp.model import Model, load, save  # noqa: E402
+from onnxcomp.errors import OnnxcompError, UnsafeModelError
+from onnxcomp.model import Model, load, save
 
 
 def compress(*args, **kwargs):
@@ -21,13 +21,13 @@ def compress(*args, **kwargs):
 
 
 def validate(*args, **kwargs):
-    from onnxcomp.validate import validate as _validate
+    from onnxcomp.measure.validate import validate as _validate
 
     return _validate(*args, **kwargs)
 
 
 def bench(*args, **kwargs):
-    from onnxcomp.bench import bench as _bench
+    from onnxcomp.measure.bench import bench as _bench
 
     return _bench(*args, **kwargs)
 
@@ -38,5 +38,15 @@ def inspect(*args, **kwargs):
     return inspect_model(*args, **kwargs)
 
 
-__all__ = ["Model", "OnnxcompError", "UnsafeModelError", "load", "save", "compress", "validate",
-           "bench", "inspect", "__version__"]
+__all__ = [
+    "Model",
+    "OnnxcompError",
+    "UnsafeModelError",
+    "__version__",
+    "bench",
+    "compress",
+    "inspect",
+    "load",
+    "save",
+    "validate",
+]

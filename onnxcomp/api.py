@@ -10,7 +10,8 @@ from pathlib import Path
 from onnxcomp import calibration
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import Model, load
-from onnxcomp.pipeline import Context, Pipeline, Step, apply_overrides, parse_recipe
+from onnxcomp.pipeline import Context, Pipeline, Plan, Step, check_requirements, plan_step
+from onnxcomp.recipe import apply_overrides, parse_recipe, with_cleanup
 from onnxcomp.report import Report, markdown_table, progress
 
 DEFAULT_RECIPE = "quantize:int8"
@@ -74,17 +75,17 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         held_out = evaluation_data(original, eval_data, data, report.notes)
     ctx = Context(calibration=data, evaluation=held_out, teacher=original, progress=log)
     started = time.perf_counter()
-    compressed, records = Pipeline(steps).run(original, ctx)
+    compressed, records = Pipeline(with_cleanup(steps)).run(original, ctx)
     report.passes = records
     report.models["candidate"] = _model_facts(compressed)
     report.models["seconds"] = time.perf_counter() - started
     passed = True
-    if "tuned_on_evaluation" in ctx.cache:
-        report.notes.append(f"{ctx.cache['tuned_on_evaluation']} chose its mixed precision on "
+    for name in ctx.tuned_on_evaluation:
+        report.notes.append(f"{name} chose its mixed precision on "
                             "the --eval data: a fidelity check on the same data is optimistic "
                             "(validate on other held-out data)")
     if validate:
-        from onnxcomp.validate import validate as run_validation
+        from onnxcomp.measure.validate import validate as run_validation
 
         eval_set = held_out or evaluation_data(original, eval_data, data, report.notes)
         log(f"validating on {eval_set.name} ({len(eval_set)} batches)")
@@ -95,40 +96,21 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
 
 
 def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
-            overrides: list[str] | None = None) -> list[str]:
-    """What each step would do, without changing anything: one text block per step. Every
-    step is planned on the cleaned-up input model (later steps would see earlier results)."""
+            overrides: list[str] | None = None) -> list[Plan]:
+    """What each step would do, without changing anything: one Plan per step. Every step is
+    planned on the cleaned-up input model (later steps would see earlier results)."""
     original = _as_model(model)
     steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
                             overrides)
     data = calibration.resolve(calib, original) if calib is not None else None
     ctx = Context(calibration=data, teacher=original)
-    current, _ = Pipeline([]).run(original, ctx)  # cleanup only, as the real run starts
-    lines = []
     for step in steps:
-        module = step.module()
-        text = step.describe()
-        try:
-            if hasattr(module, "describe_plan"):
-                text += "\n" + module.describe_plan(current, step.config, ctx)
-            elif hasattr(module, "plan"):
-                text += "\n" + _describe(module.plan(current, step.config, ctx))
-        except OnnxcompError as exc:
-            text += f"\ncannot plan: {exc}"
-        lines.append(text)
-    return lines
+        check_requirements(step, ctx)
+    current, _ = Pipeline(with_cleanup([])).run(original, ctx)  # as the real run starts
+    return [plan_step(step, current, ctx) for step in steps]
 
 
-def _describe(planned) -> str:
-    if hasattr(planned, "describe"):
-        return _describe(planned.describe())
-    if isinstance(planned, (list, tuple)) and planned and all(isinstance(p, dict) for p in planned):
-        headers = list(planned[0])
-        return markdown_table(headers, [[row.get(h) for h in headers] for row in planned])
-    if isinstance(planned, (list, tuple)):
-        return "\n".join(_describe(item) for item in planned)
-    if hasattr(planned, "summary"):
-        summary = planned.summary()
-        return summary if isinstance(summary, str) else ", ".join(
-            f"{k}={v}" for k, v in summary.items())
-    return str(planned)
+def describe_dry_run(plans: list[Plan], steps_text: list[str] | None = None) -> list[str]:
+    """The ``--dry-run`` text: each step's configuration, then its plan table."""
+    return [(f"{steps_text[i]}\n" if steps_text else "") + plan.table()
+            for i, plan in enumerate(plans)]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.model import Model
 
 Batch = dict[str, np.ndarray]
@@ -60,14 +60,14 @@ def from_npz_folder(folder: str | Path) -> Dataset:
     folder = Path(folder)
     files = sorted(folder.glob("*.npz"))
     if not files:
-        raise OnnxcompError(f"{folder}: no .npz files in this folder")
+        raise UserError(f"{folder}: no .npz files in this folder")
 
     def load(i: int) -> Batch:
         try:
             with np.load(files[i], allow_pickle=False) as npz:
                 return {key: npz[key] for key in npz.files}
         except Exception as exc:
-            raise OnnxcompError(f"{files[i]}: not a readable .npz file ({exc})") from None
+            raise UserError(f"{files[i]}: not a readable .npz file ({exc})") from None
 
     return Dataset(str(folder), len(files), load)
 
@@ -158,9 +158,9 @@ def resolve(spec: str | Path | Dataset | None, model: Model, default_count: int 
             try:
                 count = int(text.split(":", 1)[1])
             except ValueError:
-                raise OnnxcompError(f"bad data source {text!r}: expected random:N") from None
+                raise UserError(f"bad data source {text!r}: expected random:N") from None
             if count <= 0:
-                raise OnnxcompError(f"bad data source {text!r}: N must be positive")
+                raise UserError(f"bad data source {text!r}: N must be positive")
             dataset = random_data(model, count, dims=dims)
         elif Path(text).is_dir():
             dataset = from_npz_folder(text)
@@ -169,7 +169,7 @@ def resolve(spec: str | Path | Dataset | None, model: Model, default_count: int 
             from onnxcomp import zoo  # the zoo imports this module
 
             if not match or match["name"] not in zoo.names():
-                raise OnnxcompError(
+                raise UserError(
                     f"data source {text!r} is neither a folder of .npz files, random:N, nor a zoo "
                     f"generator ({', '.join(zoo.names())})"
                 )
@@ -182,31 +182,31 @@ def resolve(spec: str | Path | Dataset | None, model: Model, default_count: int 
 def check_batch(batch: Batch, model: Model, where: str = "batch") -> None:
     expected = {v.name: v for v in graph_inputs(model)}
     if set(batch) != set(expected):
-        raise OnnxcompError(
+        raise UserError(
             f"{where}: arrays {sorted(batch)} do not match the model inputs {sorted(expected)}"
         )
     for name, value_info in expected.items():
         array = batch[name]
         dims = value_info.type.tensor_type.shape.dim
         if len(dims) and array.ndim != len(dims):
-            raise OnnxcompError(
+            raise UserError(
                 f"{where}: input {name!r} has rank {array.ndim}, the model expects {len(dims)}"
             )
         for axis, dim in enumerate(dims):
             if dim.HasField("dim_value") and dim.dim_value > 0 and array.shape[axis] != dim.dim_value:
-                raise OnnxcompError(
+                raise UserError(
                     f"{where}: input {name!r} has shape {list(array.shape)}, the model expects "
                     f"{dim.dim_value} on axis {axis}"
                 )
         want = _elem_dtype(value_info)
         if array.dtype != want:
-            raise OnnxcompError(f"{where}: input {name!r} is {array.dtype}, the model expects {want}")
+            raise UserError(f"{where}: input {name!r} is {array.dtype}, the model expects {want}")
 
 
 def check_dataset(dataset: Dataset, model: Model) -> None:
     """Check the first batch (cheap) so a wrong data source fails before any work starts."""
     if dataset.count == 0:
-        raise OnnxcompError(f"data source {dataset.name!r} is empty")
+        raise UserError(f"data source {dataset.name!r} is empty")
     check_batch(dataset.make_batch(0), model, where=f"{dataset.name} batch 0")
 
 

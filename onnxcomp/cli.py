@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import OnnxcompError, OurBug, UserError
 
 EXIT_TARGET_MISSED = 1
 EXIT_BAD_INPUT = 2
@@ -26,9 +26,9 @@ def _shapes(values: list[str] | None) -> dict[str, list[int]]:
         try:
             shapes[name] = [int(d) for d in dims.split(",")]
         except ValueError:
-            raise OnnxcompError(f"bad --shape {value!r}: expected NAME=D,D,D") from None
+            raise UserError(f"bad --shape {value!r}: expected NAME=D,D,D") from None
         if not name or not shapes[name]:
-            raise OnnxcompError(f"bad --shape {value!r}: expected NAME=D,D,D")
+            raise UserError(f"bad --shape {value!r}: expected NAME=D,D,D")
     return shapes
 
 
@@ -36,9 +36,9 @@ def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise OnnxcompError(f"bad {flag} {text!r}: expected integers like 1,2") from None
+        raise UserError(f"bad {flag} {text!r}: expected integers like 1,2") from None
     if not values or any(v <= 0 for v in values):
-        raise OnnxcompError(f"bad {flag} {text!r}: expected positive integers like 1,2")
+        raise UserError(f"bad {flag} {text!r}: expected positive integers like 1,2")
     return values
 
 
@@ -60,21 +60,32 @@ def _check_output_path(model: str, output: str) -> None:
     from onnxcomp.model import same_file
 
     if same_file(model, output):
-        raise OnnxcompError("the output path is the input model: refusing to overwrite it")
+        raise UserError("the output path is the input model: refusing to overwrite it")
     if not output.endswith(".onnx"):
-        raise OnnxcompError(f"output {output!r} should end with .onnx")
+        raise UserError(f"output {output!r} should end with .onnx")
 
 
 def cmd_compress(args) -> int:
     from onnxcomp import api
 
+    if args.help_pass:
+        from onnxcomp.recipe import describe_pass
+
+        print(describe_pass(args.help_pass))
+        return 0
+    if not args.model or not args.output:
+        raise UserError("compress needs MODEL and -o OUT (or --help-pass NAME)")
     _check_output_path(args.model, args.output)
     if args.dry_run:
-        for block in api.dry_run(args.model, args.recipe, args.calib, overrides=args.set):
-            print(block)
+        plans = api.dry_run(args.model, args.recipe, args.calib, overrides=args.set)
+        if args.json:
+            print(json.dumps([plan.to_dict() for plan in plans], indent=2, default=str))
+        else:
+            for plan in plans:
+                print(plan.table())
         return 0
     if args.no_validate and args.min_cosine is not None:
-        raise OnnxcompError("--min-cosine needs the fidelity check: drop --no-validate")
+        raise UserError("--min-cosine needs the fidelity check: drop --no-validate")
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
                           min_cosine=args.min_cosine, overrides=args.set,
                           validate=not args.no_validate)
@@ -93,7 +104,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from onnxcomp.validate import validate
+    from onnxcomp.measure.validate import validate
 
     report = validate(args.reference, args.candidate, data=args.data, count=args.count,
                       min_cosine=args.min_cosine)
@@ -105,7 +116,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from onnxcomp.bench import bench
+    from onnxcomp.measure.bench import bench
     from onnxcomp.report import progress
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -119,12 +130,11 @@ def cmd_bench(args) -> int:
 
 def cmd_export(args) -> int:
     from onnxcomp.export import export
-
     from onnxcomp.model import same_file
     from onnxcomp.report import progress, write_json_atomic
 
     if same_file(args.source, args.output):
-        raise OnnxcompError("the output path is the source: refusing to overwrite it")
+        raise UserError("the output path is the source: refusing to overwrite it")
     result = export(args.source, args.output, opset=args.opset, tolerance=args.tolerance,
                     progress=progress)
     if args.json:
@@ -178,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=cmd_inspect)
 
     compress = sub.add_parser("compress", help="run a compression recipe")
-    compress.add_argument("model")
-    compress.add_argument("-o", "--output", required=True)
+    compress.add_argument("model", nargs="?")
+    compress.add_argument("-o", "--output")
+    compress.add_argument("--help-pass", metavar="NAME", default=None,
+                          help="print a pass's options (type, default, description) and exit")
     compress.add_argument("--recipe", default=None,
                           help="TOML file or short form like 'prune:0.3,lowrank:0.9,quantize:int8'")
     compress.add_argument("--calib", default=None, help="calibration data: folder of .npz, "
@@ -244,6 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     import logging
 
@@ -253,17 +270,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except OurBug as exc:
+        if os.environ.get("ONNXCOMP_DEBUG"):
+            raise
+        print(f"onnxcomp: internal error: {_one_line(exc)} (a bug in onnxcomp, nothing was "
+              "written; please report it; ONNXCOMP_DEBUG=1 shows the trace)", file=sys.stderr)
+        return EXIT_INTERNAL
     except OnnxcompError as exc:
-        print(f"onnxcomp: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        print(f"onnxcomp: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug, not the user's fault: one line unless debugging
         if os.environ.get("ONNXCOMP_DEBUG"):
             raise
-        print(f"onnxcomp: internal error: {type(exc).__name__}: {exc} "
-              "(rerun with ONNXCOMP_DEBUG=1 for the trace)", file=sys.stderr)
+        print(f"onnxcomp: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(a bug in onnxcomp; rerun with ONNXCOMP_DEBUG=1 for the trace)", file=sys.stderr)
         return EXIT_INTERNAL
 
 

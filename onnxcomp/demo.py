@@ -26,7 +26,7 @@ def _ratio(candidate, reference):
 
 
 def run_demo(out_dir: Path, recipe: str | None = None, as_json: bool = False) -> int:
-    from onnxcomp.bench import bench
+    from onnxcomp.measure.bench import bench
 
     progress(f"fetching {DEMO_MODEL}")
     reference_path = zoo.fetch(DEMO_MODEL)

@@ -16,7 +16,7 @@ import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.model import Model, read_external
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def import_proto(proto: onnx.ModelProto, source: Path | None) -> gs.Graph:
         if (isinstance(lazy, LazyValues) and isinstance(lazy.tensor, onnx.TensorProto)
                 and external_data_helper.uses_external_data(lazy.tensor)):
             if source is None:
-                raise OnnxcompError(f"weight {lazy.tensor.name!r} is in external data but the "
+                raise UserError(f"weight {lazy.tensor.name!r} is in external data but the "
                                     "model's folder is unknown")
             const._values = _DiskValues(lazy.tensor, Path(source))
     return graph

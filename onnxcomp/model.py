@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from onnxcomp.errors import OnnxcompError, UnsafeModelError
+from onnxcomp.errors import UnsafeModelError, UserError
 
 # Protobuf refuses messages of 2 GiB; stay clear of it, the graph itself takes room too.
 PROTOBUF_SAFE_BYTES = 1_800_000_000
@@ -81,7 +81,7 @@ class Model:
         """Read every lazy weight into memory (in place): for code that needs them all."""
         if self.lazy:
             if self.source is None:
-                raise OnnxcompError("the model's weights are on disk but its folder is unknown")
+                raise UserError("the model's weights are on disk but its folder is unknown")
             _check_external_locations(self.proto, self.source)
             external_data_helper.load_external_data_for_model(self.proto, str(self.source))
 
@@ -139,7 +139,7 @@ def _safe_location(tensor: onnx.TensorProto, location: str, root: Path) -> Path:
             f"folder {root}: refused"
         )
     if not target.is_file():
-        raise OnnxcompError(f"external data file {location!r} of tensor {tensor.name!r} is missing")
+        raise UserError(f"external data file {location!r} of tensor {tensor.name!r} is missing")
     return target
 
 
@@ -155,15 +155,15 @@ def load(path: str | os.PathLike, load_weights: bool = True) -> Model:
     (``load_weights=False``: left on disk and read per tensor when needed, see the module doc)."""
     path = Path(path)
     if not path.exists():
-        raise OnnxcompError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     if path.is_dir():
-        raise OnnxcompError(f"{path}: is a folder, expected an .onnx file")
+        raise UserError(f"{path}: is a folder, expected an .onnx file")
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises several unrelated types on garbage
-        raise OnnxcompError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if not proto.graph.node and not proto.graph.output:
-        raise OnnxcompError(f"{path}: not an ONNX model (empty graph)")
+        raise UserError(f"{path}: not an ONNX model (empty graph)")
     _check_external_locations(proto, path.parent)
     external = weights_on_disk(proto)
     if load_weights:
@@ -190,7 +190,7 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
         external_data_helper.load_external_data_for_tensor(copy, str(path.parent))
         return numpy_helper.to_array(copy)
     if info.length and int(info.length) != count * dtype.itemsize:
-        raise OnnxcompError(f"tensor {tensor.name!r}: external data length {info.length} does not "
+        raise UserError(f"tensor {tensor.name!r}: external data length {info.length} does not "
                             f"match its shape {list(shape)}")
     if count == 0:
         return np.zeros(shape, dtype)
@@ -205,20 +205,20 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
     source = model.source if isinstance(model, Model) else None
     target = Path(path)
     if target.is_dir():
-        raise OnnxcompError(f"{target}: is a folder, expected an output file name")
+        raise UserError(f"{target}: is a folder, expected an output file name")
     target.parent.mkdir(parents=True, exist_ok=True)
     lazy = weights_on_disk(proto)
     if external_data is None:
         external_data = getattr(model, "external_data", False) or _needs_external_data(proto)
     data_name = target.name + ".data"
     if lazy and source is None:
-        raise OnnxcompError("this model's weights are on disk but its folder is unknown")
+        raise UserError("this model's weights are on disk but its folder is unknown")
     if lazy and not external_data:  # asked for one self-contained file: read the weights in
         whole = model.copy()
         whole.materialize()
         return save(whole, target, external_data=False)
     if lazy and _reads_from(proto, source, target.parent / data_name):
-        raise OnnxcompError(f"{target.parent / data_name}: the model reads its weights from this "
+        raise UserError(f"{target.parent / data_name}: the model reads its weights from this "
                             "file; save it under another name")
     staging = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
     try:
@@ -283,7 +283,7 @@ def _write_with_external_data(proto: onnx.ModelProto, model_path: Path, data_nam
                         while left > 0:
                             chunk = handle.read(min(COPY_CHUNK, left))
                             if not chunk:
-                                raise OnnxcompError(f"external data of {tensor.name!r} is "
+                                raise UserError(f"external data of {tensor.name!r} is "
                                                     "truncated")
                             out.write(chunk)
                             left -= len(chunk)

@@ -122,12 +122,8 @@ class Report:
                 for note in r.get("notes", []):
                     parts.append(f"- {r['name']}: {note}")
         if self.fidelity:
-            from onnxcomp.validate import fidelity_table
-
             parts.append(fidelity_table(self.fidelity))
         if self.bench:
-            from onnxcomp.bench import bench_table
-
             parts.append(bench_table(self.bench))
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n\n".join(p for p in parts if p)
@@ -153,14 +149,14 @@ def plot_tradeoff(bench: dict[str, Any], path: str | os.PathLike,
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from onnxcomp.errors import OnnxcompError
+        from onnxcomp.errors import UserError
 
-        raise OnnxcompError("plots need matplotlib: pip install 'onnxcomp[report]'") from None
+        raise UserError("plots need matplotlib: pip install 'onnxcomp[report]'") from None
     results = bench.get("results") or []
     if not results:
-        from onnxcomp.errors import OnnxcompError
+        from onnxcomp.errors import UserError
 
-        raise OnnxcompError("the bench section has no timings to plot")
+        raise UserError("the bench section has no timings to plot")
     provider = provider or results[0]["provider"]
     threads = threads or results[0]["threads"]
     sizes = {m["name"]: m["bytes"] / 1e6 for m in bench.get("models", [])}
@@ -187,3 +183,76 @@ def plot_tradeoff(bench: dict[str, Any], path: str | os.PathLike,
     figure.savefig(target, dpi=120)
     plt.close(figure)
     return target
+
+
+def fidelity_table(fidelity: dict[str, Any]) -> str:
+    """Markdown tables: per output, retrieval agreement (dual encoders), task metric, gate."""
+    parts = []
+    gate = fidelity.get("min_cosine")
+    headers = ["output", "shape", "mean cos", "min cos", "rel L2", "max abs", "top-1 agr",
+               "top-5 agr"]
+    if gate is not None:
+        headers.append(f"mean cos >= {gate}")
+    rows = []
+    for name, out in fidelity.get("outputs", {}).items():
+        row = [name, "x".join(str(d) for d in out.get("shape") or []), out["cosine_mean"],
+               out["cosine_min"], out["rel_l2"], out["max_abs"], out.get("top1_agreement"),
+               out.get("top5_agreement")]
+        if gate is not None:
+            row.append("pass" if out.get("passed") else "FAIL")
+        rows.append(row)
+    parts.append(markdown_table(headers, rows))
+    retrieval = fidelity.get("retrieval")
+    if retrieval:
+        a, b = retrieval["a"], retrieval["b"]
+        rows = [
+            [f"{a} -> {b} argmax agreement", retrieval["a_to_b_agreement"], None, None],
+            [f"{b} -> {a} argmax agreement", retrieval["b_to_a_agreement"], None, None],
+            ["mean abs(S_ref - S_cand)", retrieval["mean_abs_sim_diff"], None, None],
+            ["max abs(S_ref - S_cand)", retrieval["max_abs_sim_diff"], None, None],
+        ]
+        recall = retrieval.get("recall@1")
+        if recall:
+            for direction, label in (("a_to_b", f"{a} -> {b}"), ("b_to_a", f"{b} -> {a}")):
+                r = recall[direction]
+                rows.append([f"recall@1 {label}", None, r["reference"], r["candidate"]])
+        parts.append(markdown_table(
+            [f"retrieval ({retrieval['samples']} samples)", "value", "reference", "candidate"],
+            rows))
+    task = fidelity.get("task")
+    if task:
+        rows = [[key, value, task["candidate"].get(key), task["delta"].get(key)]
+                for key, value in task["reference"].items()]
+        parts.append(markdown_table([f"task metric ({task['name']})", "reference", "candidate",
+                                     "delta"], rows))
+    summary = f"data: {fidelity.get('data')} ({fidelity.get('batches')} batches)"
+    if gate is not None:
+        verdict = "passed" if fidelity.get("passed") else "FAILED"
+        summary += f"; gate mean cosine >= {gate}: {verdict}"
+    parts.append(summary)
+    return "\n\n".join(parts)
+
+
+def bench_table(bench: dict[str, Any]) -> str:
+    """Markdown table: one row per model x provider x threads, memory and size alongside."""
+    models = {m["name"]: m for m in bench.get("models", [])}
+    memory = {(m["model"], m["provider"]): m for m in bench.get("memory", [])}
+    rows = []
+    for r in bench.get("results", []):
+        info = models.get(r["model"], {})
+        mem = memory.get((r["model"], r["provider"]), {})
+        rows.append([
+            r["model"], r["provider"].replace("ExecutionProvider", ""), r["threads"],
+            r["p50_ms"], r["p90_ms"], r["p99_ms"], r["throughput"], r["latency_ratio"],
+            info.get("bytes", 0) / 1e6 if info else None, info.get("size_ratio"),
+            info.get("params"), mem.get("session_peak_mb"), mem.get("peak_rss_mb"),
+        ])
+    table = markdown_table(
+        ["model", "provider", "threads", "p50 ms", "p90 ms", "p99 ms", "samples/s",
+         "p50 ratio", "size MB", "size ratio", "params", "session peak MB", "process peak MB"],
+        rows)
+    runs = sorted({r["runs"] for r in bench.get("results", [])})
+    span = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}" if runs else "0"
+    return (table + f"\n\nbatch {bench.get('batch')}, {span} timed runs per model (at least "
+            f"{bench.get('runs')}, spanning >= {bench.get('min_seconds', 0):g} s) after "
+            f"{bench.get('warmup')} warm-up, interleaved; ratios against the first model")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import OnnxcompError, UserError
 from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model
 
 PROVIDERS = {
@@ -38,10 +38,10 @@ def resolve_provider(name: str) -> str:
     full = PROVIDERS.get(name.lower(), name)
     if full not in PROVIDERS.values() and not full.endswith("ExecutionProvider"):
         known = ", ".join(PROVIDERS)
-        raise OnnxcompError(f"unknown provider {name!r}; known: {known}")
+        raise UserError(f"unknown provider {name!r}; known: {known}")
     available = ort.get_available_providers()
     if full not in available:
-        raise OnnxcompError(
+        raise UserError(
             f"provider {name!r} ({full}) is not available in this onnxruntime installation "
             f"(available: {', '.join(available)})"
         )
@@ -101,7 +101,7 @@ def session(model: Model | str | os.PathLike, provider: str = "cpu", threads: in
     except OnnxcompError:
         raise
     except Exception as exc:
-        raise OnnxcompError(f"ONNX Runtime could not load the model: {_first_line(exc)}") from exc
+        raise UserError(f"ONNX Runtime could not load the model: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: Exception) -> str:
@@ -128,7 +128,7 @@ def max_abs_difference(reference: Model, candidate: Model, feeds: dict[str, np.n
     ref = run_model(reference, feeds)
     cand = run_model(candidate, feeds)
     if set(ref) != set(cand):
-        raise OnnxcompError(f"outputs differ: {sorted(ref)} vs {sorted(cand)}")
+        raise UserError(f"outputs differ: {sorted(ref)} vs {sorted(cand)}")
     return {
         name: float(np.max(np.abs(ref[name].astype(np.float64) - cand[name].astype(np.float64))))
         if ref[name].size else 0.0

@@ -8,9 +8,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import calibration
-from onnxcomp.bench import bench, bench_table, model_size, parameter_count, percentiles
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.measure.bench import bench, model_size, parameter_count, percentiles
 from onnxcomp.model import Model
+from onnxcomp.report import bench_table
 
 
 def mlp(hidden: int = 64) -> Model:
@@ -110,7 +111,7 @@ def test_without_spinning(model_path):
 
 def test_memory_peak_is_the_childs_own(model_path):
     """The child's peak must not inherit this process's size (ru_maxrss does across exec)."""
-    from onnxcomp.bench import measure_memory
+    from onnxcomp.measure.bench import measure_memory
 
     ballast = np.ones(300 * 2**20 // 8)  # this process grows by 300 MB
     measured = measure_memory(model_path, "cpu", 1, {"x": np.ones((1, 32), np.float32)})

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from conftest import make_mlp
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import runtime
@@ -9,11 +10,9 @@ from onnxcomp.model import Model
 from onnxcomp.passes import cleanup
 from onnxcomp.pipeline import Context
 
-from conftest import make_mlp
-
 
 def _run(model):
-    return cleanup.run(model, cleanup.Config(), Context())
+    return cleanup.PASS.run(model, cleanup.Config(), Context())
 
 
 def test_structural_lifts_constants_and_drops_identity(feeds):

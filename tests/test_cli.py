@@ -4,10 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import make_mlp
 
 from onnxcomp.cli import main
-
-from conftest import make_mlp
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -2,13 +2,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import make_mlp
 
 import onnxcomp
 from onnxcomp import runtime, zoo
 from onnxcomp.passes import fuse
 from onnxcomp.pipeline import Context
-
-from conftest import make_mlp
 
 pytest.importorskip("onnxruntime.transformers.optimizer")
 pytest.importorskip("sympy")  # the optimizer's shape inference needs it at run time

@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import make_mlp
 
 from onnxcomp import runtime
 from onnxcomp.graph import constant_array, export_model, import_graph, lift_constant_nodes, tidy
-
-from conftest import make_mlp
 
 
 def test_constant_nodes_are_weights_and_lifting_keeps_outputs(feeds):

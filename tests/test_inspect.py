@@ -6,12 +6,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import make_mlp
 from onnx import numpy_helper
 
 from onnxcomp.cli import main
 from onnxcomp.inspection import format_inspection, inspect_model
-
-from conftest import make_mlp
 
 BACKEND_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
 

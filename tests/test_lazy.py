@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 from onnx import external_data_helper, numpy_helper
 
-import onnxcomp
 from onnxcomp import api, runtime, segments
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import load

@@ -12,7 +12,8 @@ from onnxcomp import calibration, runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import Model
 from onnxcomp.passes import lowrank
-from onnxcomp.pipeline import Context, parse_recipe
+from onnxcomp.pipeline import Context
+from onnxcomp.recipe import parse_recipe
 
 # Exact rewrites in float32 through two GEMMs instead of one: ~1e-6 relative, 1e-4 absolute on
 # outputs of magnitude ~10.

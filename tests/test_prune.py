@@ -11,7 +11,8 @@ import pytest
 from onnxcomp import calibration, runtime
 from onnxcomp.model import Model
 from onnxcomp.passes import prune
-from onnxcomp.pipeline import Context, parse_recipe
+from onnxcomp.pipeline import Context
+from onnxcomp.recipe import parse_recipe
 from tests import prune_graphs as pg
 
 EXACT = 1e-4  # float32 sums reordered by the cut; the bound

@@ -14,13 +14,11 @@ from onnxcomp import calibration, runtime
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.graph import export_model, import_graph, tidy
 from onnxcomp.model import Model
-from onnxcomp.passes import (
-    quantize,
-    quantize_calib,
-    quantize_int4,
-    quantize_int8,
-    quantize_smooth,
-)
+from onnxcomp.passes import quantize
+from onnxcomp.passes.quantize import calib as quantize_calib
+from onnxcomp.passes.quantize import int4 as quantize_int4
+from onnxcomp.passes.quantize import int8 as quantize_int8
+from onnxcomp.passes.quantize import smooth as quantize_smooth
 from onnxcomp.pipeline import Context
 
 
@@ -610,7 +608,7 @@ def test_smoothquant_is_exact_in_float():
 
 
 def test_pipeline_recipe_form():
-    from onnxcomp.pipeline import parse_recipe
+    from onnxcomp.recipe import parse_recipe
 
     (step,) = parse_recipe("quantize:int8-dynamic")
     assert dataclasses.asdict(step.config)["mode"] == "int8-dynamic"

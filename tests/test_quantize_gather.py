@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import calibration, runtime
 from onnxcomp.model import Model
-from onnxcomp.passes import quantize, quantize_gather
+from onnxcomp.passes import quantize
+from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.pipeline import Context
 
 V, D = 300, 32  # 9600 elements: above quantize_gather.MIN_ELEMENTS
@@ -126,7 +127,7 @@ def test_gather_exclude_by_name_and_op_type():
 
 def test_shared_table_with_tied_matmul_is_skipped_with_reason(caplog):
     model = gather_model(tied=True)
-    with caplog.at_level("DEBUG", logger="onnxcomp.passes.quantize_gather"):
+    with caplog.at_level("DEBUG", logger="onnxcomp.passes.quantize.gather"):
         result, record = quantize.run(model, quantize.Config(mode="int8-dynamic"), Context())
     reason = dict(record.skipped)["emb_gather"]
     assert "shared with Transpose" in reason and "tied" in reason

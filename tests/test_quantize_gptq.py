@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import numpy_helper
+from test_quantize import matmul_model
 
 from onnxcomp import calibration, runtime
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.passes import quantize, quantize_gptq, quantize_int4
+from onnxcomp.passes import quantize
+from onnxcomp.passes.quantize import gptq as quantize_gptq
+from onnxcomp.passes.quantize import int4 as quantize_int4
 from onnxcomp.pipeline import Context
-
-from test_quantize import matmul_model
 
 
 def correlated(count: int, rows: int, k: int, seed: int) -> np.ndarray:
@@ -86,7 +87,7 @@ def test_gptq_needs_calibration_data():
 
 
 def test_held_out_data_scores_gptq_and_calibration_scores_are_flagged():
-    from onnxcomp.passes import quantize_eval
+    from onnxcomp.passes.quantize import eval as quantize_eval
 
     model = matmul_model(k=72, n=24)
     calib = batches(correlated(8, 10, 72, seed=3))

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_quantize import matmul_model
 
 from onnxcomp import runtime
 from onnxcomp.graph import import_graph
+from onnxcomp.measure.validate import validate
 from onnxcomp.model import load
-from onnxcomp.passes import quantize, quantize_int4, quantize_mixed
+from onnxcomp.passes import quantize
+from onnxcomp.passes.quantize import int4 as quantize_int4
+from onnxcomp.passes.quantize import mixed as quantize_mixed
 from onnxcomp.pipeline import Context
-from onnxcomp.validate import validate
 from onnxcomp.zoo.llama import PRESETS, build, prompts
-
-from test_quantize import matmul_model
 
 
 def test_8bit_blocks_run_exactly_in_onnx_runtime():

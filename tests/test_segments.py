@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import calibration, segments
 from onnxcomp.model import Model, load
-from onnxcomp.passes import quantize_gptq
+from onnxcomp.passes.quantize import gptq as quantize_gptq
 from onnxcomp.zoo.llama import PRESETS, build, prompts
 
 
@@ -153,7 +153,8 @@ def test_weight_budget_splits_segments_and_extract_cuts_another_model(tiny_llama
 
 
 def test_compare_by_segment_equals_the_whole_model_comparison(tiny_llama, monkeypatch):
-    from onnxcomp.passes import quantize, quantize_eval
+    from onnxcomp.passes import quantize
+    from onnxcomp.passes.quantize import eval as quantize_eval
     from onnxcomp.pipeline import Context
 
     monkeypatch.setattr(quantize_eval, "SEGMENT_TENSORS", 2)  # many segments, even for tiny

@@ -9,15 +9,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import calibration
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.model import Model
-from onnxcomp.validate import (
+from onnxcomp.measure.validate import (
     OutputStats,
-    fidelity_table,
     per_sample_cosine,
     retrieval_metrics,
     topk_hits,
     validate,
 )
+from onnxcomp.model import Model
+from onnxcomp.report import fidelity_table
 
 OPSET = [helper.make_opsetid("", 17)]
 

@@ -282,7 +282,7 @@ def test_tiny_clip_towers_are_aligned(clip_model):
     # The projections are fitted by CCA so a pair's image and text embeddings are close: over 64
     # eval pairs recall@1 measured 0.50 (image -> text) and 0.59 (text -> image), chance 1/64;
     # mean cosine of true pairs 0.65, of all other pairs about 0.
-    from onnxcomp.validate import retrieval_metrics
+    from onnxcomp.measure.validate import retrieval_metrics
 
     image, text = _eval_embeddings(clip_model, 8)
     for rows in (image, text):

@@ -17,20 +17,19 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp.graph import export_model, import_graph, lift_constant_nodes, tidy
 from onnxcomp.model import Model
-from onnxcomp.pipeline import Context, PassRecord
+from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
 
 NAME = "cleanup"
-# Reads weights through gs constants only: works on models whose weights stay on disk.
-LAZY_WEIGHTS = True
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Config:
-    lift_constants: bool = True
-    remove_identity: bool = True
-    fold_constants: bool = True
-    fold_size_limit: int = 16 * 1024 * 1024
+    lift_constants: bool = option(True, "turn Constant-node weights into initializers")
+    remove_identity: bool = option(True, "bypass Identity nodes (not those producing outputs)")
+    fold_constants: bool = option(True, "evaluate nodes whose inputs are all constants")
+    fold_size_limit: int = option(16 * 1024 * 1024,
+                                  "largest folded tensor in bytes (an Expand can blow up)")
 
     def __post_init__(self) -> None:
         if self.fold_size_limit < 0:
@@ -70,20 +69,39 @@ def _signature(graph: gs.Graph) -> tuple:
     return nodes, constants
 
 
-def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
+def plan(model: Model, config: Config, ctx: Context) -> Plan:
+    """What cleanup would do: counted on a scratch copy of the graph (cheap, no weights read)."""
     graph = import_graph(model)
-    record = PassRecord(NAME, params_before=model.parameter_count(),
-                        bytes_before=model.weight_bytes())
+    result = Plan(NAME, config)
+    if config.lift_constants:
+        for node in graph.nodes:
+            if node.op == "Constant":
+                result.rows.append(PlanRow(node.name or node.outputs[0].name,
+                                           "lift to initializer"))
+    if config.remove_identity:
+        for name in _remove_identities(graph):
+            result.rows.append(PlanRow(name, "remove Identity"))
+    if config.fold_constants:
+        result.notes.append("constant subgraphs are folded (up to "
+                            f"{config.fold_size_limit} bytes a tensor); dead nodes removed")
+    else:
+        result.rows.append(PlanRow("constant folding", SKIP, "fold_constants = false"))
+    return result
+
+
+def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
+    config: Config = plan_.config
+    graph = import_graph(model)
+    applied = Applied(model, modified=False)
     before = _signature(graph)
     nodes_before = len(graph.nodes)
 
     if config.lift_constants:
         lifted = lift_constant_nodes(graph)
         if lifted:
-            record.notes.append(f"lifted {lifted} Constant nodes to initializers")
+            applied.notes.append(f"lifted {lifted} Constant nodes to initializers")
     if config.remove_identity:
-        removed = _remove_identities(graph)
-        record.touched.extend(removed)
+        applied.touched.extend(_remove_identities(graph))
     tidy(graph)
     if config.fold_constants:
         count = len(graph.nodes)
@@ -91,21 +109,24 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
             graph.fold_constants(size_threshold=config.fold_size_limit, recurse_subgraphs=False,
                                  error_ok=True)
         except Exception as exc:  # folding is an optimization: never fatal
-            record.notes.append(f"constant folding skipped: {exc}")
+            applied.notes.append(f"constant folding skipped: {exc}")
         tidy(graph)
         folded = count - len(graph.nodes)
         if folded > 0:
-            record.notes.append(f"folded {folded} constant nodes")
+            applied.notes.append(f"folded {folded} constant nodes")
     tidy(graph)
 
-    record.modified = _signature(graph) != before
-    if not record.modified:
-        record.params_after, record.bytes_after = record.params_before, record.bytes_before
-        return model, record
-    result = export_model(graph, like=model)
-    record.params_after = result.parameter_count()
-    record.bytes_after = result.weight_bytes()
+    applied.modified = _signature(graph) != before
+    if not applied.modified:
+        return applied
+    applied.model = export_model(graph, like=model)
     removed_nodes = nodes_before - len(graph.nodes)
     if removed_nodes:
-        record.notes.append(f"{removed_nodes} nodes fewer")
-    return result, record
+        applied.notes.append(f"{removed_nodes} nodes fewer")
+    return applied
+
+
+# Reads weights through gs constants only: works on models whose weights stay on disk.
+PASS = PassSpec(NAME, Config, plan, apply, Capabilities(lazy_weights=True),
+                summary="lift Constant-node weights, drop Identity, fold constants, remove "
+                        "dead nodes (first and last in every pipeline)")

@@ -32,7 +32,7 @@ from onnx import numpy_helper
 
 from onnxcomp import runtime
 from onnxcomp.calibration import with_outputs
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.model import Model
 from onnxcomp.pipeline import Context, PassRecord
 
@@ -286,7 +286,7 @@ def _teacher_view(value: np.ndarray, site: Site, axis: int) -> np.ndarray:
 
 def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
     """Lowest (over outputs) mean per-sample cosine of ``candidate`` to the teacher."""
-    from onnxcomp.validate import per_sample_cosine
+    from onnxcomp.measure.validate import per_sample_cosine
 
     sessions = [runtime.session(m, optimize=False) for m in (ctx.teacher, candidate)]
     names = [o.name for o in sessions[0].get_outputs()]
@@ -307,9 +307,9 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
                         bytes_before=model.weight_bytes())
     record.params_after, record.bytes_after = record.params_before, record.bytes_before
     if ctx.teacher is None:
-        raise OnnxcompError("distill needs the teacher (the uncompressed model)")
+        raise UserError("distill needs the teacher (the uncompressed model)")
     if ctx.calibration is None:
-        raise OnnxcompError("distill needs calibration data (--calib)")
+        raise UserError("distill needs calibration data (--calib)")
     sites = sites_from_records(ctx.records)
     if not sites:
         record.notes.append("nothing to repair: no earlier pass recorded compressed layers "

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import numpy_helper
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.model import Model
 from onnxcomp.pipeline import Context, PassRecord
 
@@ -110,7 +110,7 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
         from onnxruntime.transformers import optimizer
         from onnxruntime.transformers.fusion_options import FusionOptions
     except ImportError as exc:
-        raise OnnxcompError(f"fuse needs onnxruntime.transformers, which failed to import "
+        raise UserError(f"fuse needs onnxruntime.transformers, which failed to import "
                             f"({exc}); on some versions it needs torch: pip install "
                             "'onnxcomp[export]'") from None
     before = _ops(model)
@@ -127,7 +127,7 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
                                              num_heads=num_heads, hidden_size=hidden_size,
                                              optimization_options=options, opt_level=0)
     except ImportError as exc:  # its symbolic shape inference imports sympy only when it runs
-        raise OnnxcompError(f"fuse: onnxruntime.transformers could not run ({exc})") from None
+        raise UserError(f"fuse: onnxruntime.transformers could not run ({exc})") from None
     fused = Model(optimized.model, model.source, model.external_data)
     # The optimizer adds contrib ops without declaring their domain (ORT adds it only on save).
     if any(n.domain == "com.microsoft" for n in fused.graph.node) and \

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def names() -> list[str]:
 
 def entry(name: str) -> ZooEntry:
     if name not in ENTRIES:
-        raise OnnxcompError(f"unknown zoo model {name!r}; known: {', '.join(ENTRIES)}")
+        raise UserError(f"unknown zoo model {name!r}; known: {', '.join(ENTRIES)}")
     return ENTRIES[name]
 
 
@@ -84,7 +84,7 @@ def dataset(name: str, split: str = "calib", count: int | None = None, seed: int
     """Calibration (``calib``) or evaluation (``eval``) data for the zoo model; disjoint splits."""
     chosen = entry(name)
     if split not in ("calib", "eval"):
-        raise OnnxcompError(f"unknown data split {split!r}: use calib or eval")
+        raise UserError(f"unknown data split {split!r}: use calib or eval")
     data = chosen.implementation().dataset(name, split, count or chosen.default_data_count, seed)
     data.zoo_name = name
     return data

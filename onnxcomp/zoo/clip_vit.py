@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxcomp.calibration import Dataset
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.zoo import exported
 
 SEED = 0
@@ -49,7 +49,7 @@ _SPLITS = {"calib": 0, "eval": 1}
 
 def _check_name(name: str) -> None:
     if name != "clip-vit-b32":
-        raise OnnxcompError(f"{name!r} is not the CLIP ViT-B/32 zoo model")
+        raise UserError(f"{name!r} is not the CLIP ViT-B/32 zoo model")
 
 
 def config():
@@ -144,6 +144,6 @@ def make_batch(split: str, index: int, seed: int = 0) -> dict[str, np.ndarray]:
 def dataset(name: str, split: str, count: int, seed: int = 0) -> Dataset:
     _check_name(name)
     if split not in _SPLITS:
-        raise OnnxcompError(f"unknown data split {split!r}: use calib or eval")
+        raise UserError(f"unknown data split {split!r}: use calib or eval")
     return Dataset(f"clip-vit-b32:{split}:{count}", count,
                    lambda i: make_batch(split, i, seed))

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from onnxcomp.export import Exportable
+    from onnxcomp.export.base import Exportable
 
 
 def export_once(name: str, folder: Path, source: str, prepare: Callable[[], Exportable]

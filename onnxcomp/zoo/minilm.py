@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxcomp.calibration import Dataset
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.zoo import exported, wheels
 
 WHEEL = wheels.PinnedWheel(
@@ -65,7 +65,7 @@ _SPLITS = {"calib": 0, "eval": 1}
 
 def _check_name(name: str) -> None:
     if name != "minilm":
-        raise OnnxcompError(f"{name!r} is not the MiniLM zoo model")
+        raise UserError(f"{name!r} is not the MiniLM zoo model")
 
 
 def _copy_checked(source: Path, target: Path, sha256: str) -> None:
@@ -77,7 +77,7 @@ def _copy_checked(source: Path, target: Path, sha256: str) -> None:
                 digest.update(block)
                 out.write(block)
         if digest.hexdigest() != sha256:
-            raise OnnxcompError(f"{source}: sha256 {digest.hexdigest()} does not match the "
+            raise UserError(f"{source}: sha256 {digest.hexdigest()} does not match the "
                                 f"pinned {sha256}; refusing to use it")
         os.chmod(temporary, 0o644)
         os.replace(temporary, target)
@@ -241,7 +241,7 @@ def sentence_split(text: str) -> int:
 def sentences(split: str, count: int, seed: int = 0) -> list[str]:
     """``count`` distinct sentences of the split (``calib`` or ``eval``), reproducible."""
     if split not in _SPLITS:
-        raise OnnxcompError(f"unknown data split {split!r}: use calib or eval")
+        raise UserError(f"unknown data split {split!r}: use calib or eval")
     rng = np.random.default_rng([seed, 7, _SPLITS[split]])
     chosen: dict[str, None] = {}
     tries = 0
@@ -251,7 +251,7 @@ def sentences(split: str, count: int, seed: int = 0) -> list[str]:
         if sentence_split(text) == _SPLITS[split]:
             chosen.setdefault(text)
         if tries > 200 * count + 1000:
-            raise OnnxcompError(f"could not compose {count} distinct sentences")
+            raise UserError(f"could not compose {count} distinct sentences")
     return list(chosen)
 
 
@@ -261,7 +261,7 @@ def tokenizer(folder: str):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise OnnxcompError("the minilm data needs the tokenizers package, part of the "
+        raise UserError("the minilm data needs the tokenizers package, part of the "
                             "[export] extra: pip install 'onnxcomp[export]'") from None
     loaded = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     loaded.no_padding()

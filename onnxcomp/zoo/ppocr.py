@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from onnxcomp.calibration import Dataset
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import OnnxcompError, UserError
 from onnxcomp.zoo import text_render, wheels
 
 WHEEL = wheels.PinnedWheel(
@@ -65,7 +65,7 @@ _SPLITS = {"calib": 0, "eval": 1}
 
 def _check_name(name: str) -> None:
     if name not in MODELS:
-        raise OnnxcompError(f"{name!r} is not a PP-OCR zoo model ({', '.join(MODELS)})")
+        raise UserError(f"{name!r} is not a PP-OCR zoo model ({', '.join(MODELS)})")
 
 
 def fetch(name: str, folder: Path) -> Path:
@@ -125,7 +125,7 @@ def model_characters(model) -> list[str]:
     for prop in proto.metadata_props:
         if prop.key == "character":
             return prop.value.split("\n")
-    raise OnnxcompError("the model has no 'character' metadata (not a PP-OCR recognizer?)")
+    raise UserError("the model has no 'character' metadata (not a PP-OCR recognizer?)")
 
 
 @functools.lru_cache(maxsize=2)
@@ -171,7 +171,7 @@ def _output(batch_outputs: dict[str, np.ndarray], name: str) -> np.ndarray:
         return batch_outputs[name]
     if len(batch_outputs) == 1:
         return next(iter(batch_outputs.values()))
-    raise OnnxcompError(f"the model outputs {sorted(batch_outputs)}, expected {name!r}")
+    raise UserError(f"the model outputs {sorted(batch_outputs)}, expected {name!r}")
 
 
 def recognize(model, outputs: Sequence[dict[str, np.ndarray]]) -> list[str]:
@@ -272,9 +272,9 @@ def _det_dataset(split: str, count: int, seed: int) -> Dataset:
 def dataset(name: str, split: str, count: int, seed: int = 0) -> Dataset:
     _check_name(name)
     if split not in _SPLITS:
-        raise OnnxcompError(f"unknown data split {split!r}: use calib or eval")
+        raise UserError(f"unknown data split {split!r}: use calib or eval")
     if count <= 0:
-        raise OnnxcompError(f"the data count must be positive, got {count}")
+        raise UserError(f"the data count must be positive, got {count}")
     if name == "ppocr-rec":
         return _rec_dataset(split, count, seed)
     return _det_dataset(split, count, seed)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"),
              Path("/usr/share/fonts/TTF"))
@@ -141,7 +141,7 @@ def random_text(rng: np.random.Generator, min_len: int = 3, max_len: int = 25,
             text = shorter if len(shorter) >= min_len else text[:max_len].rstrip()
         if min_len <= len(text) <= max_len and (allowed is None or allowed(text)):
             return text
-    raise OnnxcompError("could not generate a text line from the allowed characters")
+    raise UserError("could not generate a text line from the allowed characters")
 
 
 def text_split(text: str) -> int:
@@ -187,7 +187,7 @@ def font_files() -> tuple[Path, ...]:
         found = tuple(folder / face for face in FACES if (folder / face).is_file())
         if found:
             return found
-    raise OnnxcompError(
+    raise UserError(
         "no DejaVu fonts found (looked in "
         + ", ".join(str(d) for d in FONT_DIRS)
         + " and matplotlib's mpl-data/fonts/ttf); install them, e.g. apt-get install fonts-dejavu-core"

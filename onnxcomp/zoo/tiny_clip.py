@@ -43,7 +43,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp.calibration import Dataset
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 
 OPSET = 17
 IR_VERSION = 8
@@ -482,9 +482,9 @@ def make_pairs(seed: int, split: str, index: int, batch: int = BATCH,
 def dataset(name: str, split: str, count: int, seed: int = 0) -> Dataset:
     """``count`` batches of 8 related (image, text) pairs; labels: the pairs' topic ids."""
     if split not in ("calib", "eval"):
-        raise OnnxcompError(f"unknown data split {split!r}: use calib or eval")
+        raise UserError(f"unknown data split {split!r}: use calib or eval")
     if count <= 0:
-        raise OnnxcompError(f"the data count must be positive, got {count}")
+        raise UserError(f"the data count must be positive, got {count}")
 
     def make(i: int) -> dict[str, np.ndarray]:
         if not 0 <= i < count:

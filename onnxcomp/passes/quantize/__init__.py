@@ -34,7 +34,7 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 
 from onnxcomp import calibration, runtime
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.graph import (
     constant_array,
     export_model,
@@ -44,19 +44,17 @@ from onnxcomp.graph import (
     unique_name,
 )
 from onnxcomp.model import Model
-from onnxcomp.passes import (
-    quantize_attention,
-    quantize_calib,
-    quantize_eval,
-    quantize_gather,
-    quantize_gptq,
-    quantize_int4,
-    quantize_int8,
-    quantize_mixed,
-    quantize_smooth,
-)
-from onnxcomp.passes.quantize_plan import QuantPlan, Site, excluded, is_quantized_op
-from onnxcomp.passes.quantize_plan import plan as match_plan
+from onnxcomp.passes.quantize import attention as quantize_attention
+from onnxcomp.passes.quantize import calib as quantize_calib
+from onnxcomp.passes.quantize import eval as quantize_eval
+from onnxcomp.passes.quantize import gather as quantize_gather
+from onnxcomp.passes.quantize import gptq as quantize_gptq
+from onnxcomp.passes.quantize import int4 as quantize_int4
+from onnxcomp.passes.quantize import int8 as quantize_int8
+from onnxcomp.passes.quantize import mixed as quantize_mixed
+from onnxcomp.passes.quantize import smooth as quantize_smooth
+from onnxcomp.passes.quantize.plan import QuantPlan, Site, excluded, is_quantized_op
+from onnxcomp.passes.quantize.plan import plan as match_plan
 from onnxcomp.pipeline import Context, PassRecord
 
 NAME = "quantize"
@@ -149,7 +147,7 @@ class Config:
 def check_not_quantized(model: Model) -> None:
     ops = sorted({n.op_type for n in model.graph.node if is_quantized_op(n.op_type)})
     if ops:
-        raise OnnxcompError(f"model is already quantized (it has {', '.join(ops)})")
+        raise UserError(f"model is already quantized (it has {', '.join(ops)})")
 
 
 def prepare(model: Model, config: Config, notes: list[str]) -> Model:
@@ -182,7 +180,7 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
             else:
                 onnx.checker.check_model(proto)
         except Exception as exc:  # noqa: BLE001 - the converter raises many types
-            raise OnnxcompError(f"could not upgrade the model from opset {opset} to {needed} "
+            raise UserError(f"could not upgrade the model from opset {opset} to {needed} "
                                 f"(needed by {config.mode}): {exc}") from None
         notes.append(f"upgraded the opset from {opset} to {needed} (needed by {config.mode}"
                      f"{' per-channel' if needed == 13 else ''})")
@@ -432,7 +430,7 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
     if ctx.calibration is None and needs_data:
         what = ("int4 with GPTQ" if gptq else f"{config.mode}"
                 f"{' with smoothquant' if config.mode != 'int8' else ''}")
-        raise OnnxcompError(f"{what} needs calibration data (--calib)")
+        raise UserError(f"{what} needs calibration data (--calib)")
     if ctx.calibration is not None:
         calibration.check_dataset(ctx.calibration, model)
     notes: list[str] = []
@@ -498,7 +496,7 @@ def _measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Conf
         return result, quant_plan
     if ctx.evaluation is not None:
         # The layer choice is fitted to this data: a fidelity check on it is optimistic.
-        ctx.cache["tuned_on_evaluation"] = NAME
+        ctx.tuned_on_evaluation.append(NAME)
     if config.mode == "int4" and config.int4_format == "matmulnbits":
         return _mixed_bits(prepared, result, quant_plan, config, ctx, record,
                            comparison.min_cosine), quant_plan

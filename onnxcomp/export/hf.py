@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from onnxcomp.errors import OnnxcompError
-from onnxcomp.export import Exportable
+from onnxcomp.errors import UserError
+from onnxcomp.export.base import Exportable
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "distilbert", "mpnet", "albert")
 POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
@@ -48,7 +48,7 @@ def _read_json(path: Path) -> dict | list:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise OnnxcompError(f"{path}: not readable JSON ({exc})") from None
+        raise UserError(f"{path}: not readable JSON ({exc})") from None
 
 
 def prepare_folder(folder: Path) -> Exportable:
@@ -60,19 +60,19 @@ def prepare_folder(folder: Path) -> Exportable:
         pooling, normalize, model_folder = _sentence_transformers(folder, modules_file)
     config_file = model_folder / "config.json"
     if not config_file.is_file():
-        raise OnnxcompError(f"{folder}: not a Hugging Face model folder (no config.json)")
+        raise UserError(f"{folder}: not a Hugging Face model folder (no config.json)")
     config = _read_json(config_file)
     if not isinstance(config, dict):
-        raise OnnxcompError(f"{config_file}: not a model configuration (a JSON object)")
+        raise UserError(f"{config_file}: not a model configuration (a JSON object)")
     model_type = config.get("model_type")
     architectures = config.get("architectures") or [model_type or "unknown"]
     if model_type not in ENCODER_TYPES and model_type != "clip":
-        raise OnnxcompError(
+        raise UserError(
             f"{folder}: unsupported architecture {architectures[0]} (model_type "
             f"{model_type!r}); supported: BERT-like encoders ({', '.join(ENCODER_TYPES)}) "
             "and CLIPModel")
     if not any((model_folder / name).is_file() for name in WEIGHT_FILES):
-        raise OnnxcompError(f"{model_folder}: no weights (expected one of "
+        raise UserError(f"{model_folder}: no weights (expected one of "
                             f"{', '.join(WEIGHT_FILES)})")
     model = _load(model_folder, model_type)
     if model_type == "clip":
@@ -95,7 +95,7 @@ def _sentence_transformers(folder: Path, modules_file: Path) -> tuple[str | None
         kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         path = folder / module.get("path", "")
         if not path.resolve().is_relative_to(folder.resolve()):
-            raise OnnxcompError(f"{modules_file}: module path {module.get('path')!r} leaves "
+            raise UserError(f"{modules_file}: module path {module.get('path')!r} leaves "
                                 "the folder")
         if kind == "Transformer":
             model_folder = path
@@ -105,13 +105,13 @@ def _sentence_transformers(folder: Path, modules_file: Path) -> tuple[str | None
             others = [key for key, value in settings.items()
                       if key.startswith("pooling_mode") and value and key not in POOLING_MODES]
             if len(modes) != 1 or others:
-                raise OnnxcompError(f"{path}: unsupported pooling {modes + others}; supported: "
+                raise UserError(f"{path}: unsupported pooling {modes + others}; supported: "
                                     "exactly one of mean, cls, max")
             pooling = modes[0]
         elif kind == "Normalize":
             normalize = True
         else:
-            raise OnnxcompError(f"{modules_file}: unsupported sentence-transformers module "
+            raise UserError(f"{modules_file}: unsupported sentence-transformers module "
                                 f"{module.get('type')!r} (supported: Transformer, Pooling, "
                                 "Normalize)")
     return pooling, normalize, model_folder
@@ -127,7 +127,7 @@ def _load(folder: Path, model_type: str):
             attn_implementation="eager", output_loading_info=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise OnnxcompError(f"{folder}: transformers could not load the model: {first}") \
+        raise UserError(f"{folder}: transformers could not load the model: {first}") \
             from exc
     finally:
         if progress_bars:
@@ -136,7 +136,7 @@ def _load(folder: Path, model_type: str):
                if not key.startswith("pooler.") and "position_ids" not in key]
     if missing:
         shown = ", ".join(sorted(missing)[:5])
-        raise OnnxcompError(f"{folder}: {len(missing)} weights missing from the folder "
+        raise UserError(f"{folder}: {len(missing)} weights missing from the folder "
                             f"(e.g. {shown}); they would be random")
     if any(key.startswith("pooler.") for key in info.get("missing_keys", ())):
         model.pooler = None  # untrained: not worth an output
@@ -251,7 +251,7 @@ def clip_eos_id(text_config) -> int:
     if eos == 2:
         return vocab - 1
     if not 0 < eos < vocab:
-        raise OnnxcompError(f"CLIP text config: eos_token_id {eos} is outside the vocabulary "
+        raise UserError(f"CLIP text config: eos_token_id {eos} is outside the vocabulary "
                             f"of {vocab} tokens")
     return eos
 

@@ -33,10 +33,10 @@ from onnx import external_data_helper, numpy_helper
 
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.model import Model, read_external
-from onnxcomp.passes import quantize_eval
-from onnxcomp.passes.quantize_int4 import nbits_weight, quantize_blocks8
+from onnxcomp.passes.quantize import eval as quantize_eval
+from onnxcomp.passes.quantize.int4 import nbits_weight, quantize_blocks8
 
 
 def role(node_name: str) -> str:
@@ -158,7 +158,7 @@ def float_weight(model: Model, node_name: str) -> np.ndarray:
         name = producers[name].input[0]  # tied weights come through Identity nodes
     tensor = initializers.get(name)
     if tensor is None:
-        raise OnnxcompError(f"{node_name}: its weight {node.input[1]!r} is not an initializer")
+        raise UserError(f"{node_name}: its weight {node.input[1]!r} is not an initializer")
     if external_data_helper.uses_external_data(tensor):
         weight = np.array(read_external(tensor, model.source), np.float32)
     else:

@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxcomp import calibration
 from onnxcomp.calibration import Dataset
 from onnxcomp.model import Model
-from onnxcomp.passes.prune_groups import WEIGHT_OPS, Dim, Group
+from onnxcomp.passes.prune.analysis import WEIGHT_OPS, Dim, Group
 
 
 def weight_role(node: gs.Node, d: Dim) -> str | None:

@@ -33,8 +33,8 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp.graph import export_model, import_proto, lift_constant_nodes, tidy
 from onnxcomp.model import Model
-from onnxcomp.passes import prune_importance as imp
-from onnxcomp.passes.prune_groups import WEIGHT_OPS, Group, analyze, positions
+from onnxcomp.passes.prune import importance as imp
+from onnxcomp.passes.prune.analysis import WEIGHT_OPS, Group, analyze, positions
 from onnxcomp.pipeline import Context, PassRecord
 
 NAME = "prune"

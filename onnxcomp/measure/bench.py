@@ -40,9 +40,9 @@ import numpy as np
 from onnx import external_data_helper
 
 from onnxcomp import calibration, runtime
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 from onnxcomp.model import Model, iter_tensors, load
-from onnxcomp.report import Report, markdown_table
+from onnxcomp.report import Report
 from onnxcomp.report import progress as default_progress
 
 MEMORY_RUNS = 3
@@ -104,7 +104,7 @@ class _Runner:
         if self.provider not in self.session.get_providers():
             # ORT falls back to the CPU when a provider's libraries fail to load: say so rather
             # than report CPU timings under the provider's name.
-            raise OnnxcompError(f"provider {provider!r} could not be initialised for {path} "
+            raise UserError(f"provider {provider!r} could not be initialised for {path} "
                                 f"(session providers: {', '.join(self.session.get_providers())})")
         self.feeds = feeds
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -141,7 +141,7 @@ def _session_without_spinning(path: str, provider: str, threads: int | None):
         return ort.InferenceSession(path, options, providers=providers)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise OnnxcompError(f"ONNX Runtime could not load the model: {first}") from exc
+        raise UserError(f"ONNX Runtime could not load the model: {first}") from exc
 
 
 def _feeds_for(model: Model, data: Any, batch: int) -> dict[str, np.ndarray]:
@@ -163,9 +163,9 @@ def _unique_names(paths: list[Path], names: Sequence[str] | None) -> list[str]:
     if names is not None:
         names = [str(n) for n in names]
         if len(names) != len(paths):
-            raise OnnxcompError(f"got {len(names)} names for {len(paths)} models")
+            raise UserError(f"got {len(names)} names for {len(paths)} models")
         if len(set(names)) != len(names):
-            raise OnnxcompError(f"model names must be unique: {names}")
+            raise UserError(f"model names must be unique: {names}")
         return names
     result: list[str] = []
     for path in paths:
@@ -183,9 +183,9 @@ def _as_int_list(values: Any, what: str) -> list[int]:
     try:
         result = [int(v) for v in values]
     except (TypeError, ValueError):
-        raise OnnxcompError(f"{what} must be whole numbers, got {values!r}") from None
+        raise UserError(f"{what} must be whole numbers, got {values!r}") from None
     if not result or any(v < 1 for v in result):
-        raise OnnxcompError(f"{what} must be positive, got {values!r}")
+        raise UserError(f"{what} must be positive, got {values!r}")
     return result
 
 
@@ -209,18 +209,18 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
     if isinstance(models, (str, os.PathLike, Model)):
         models = [models]
     if not models:
-        raise OnnxcompError("bench needs at least one model")
+        raise UserError("bench needs at least one model")
     if isinstance(providers, str):
         providers = [p for p in providers.split(",") if p]
     if not providers:
-        raise OnnxcompError("bench needs at least one provider")
+        raise UserError("bench needs at least one provider")
     thread_counts = _as_int_list(threads, "threads")
     batch = _as_int_list(batch, "batch")[0]
     runs = _as_int_list(runs, "runs")[0]
     if int(warmup) < 0:
-        raise OnnxcompError(f"warmup must be >= 0, got {warmup}")
+        raise UserError(f"warmup must be >= 0, got {warmup}")
     if float(min_seconds) < 0:
-        raise OnnxcompError(f"min_seconds must be >= 0, got {min_seconds}")
+        raise UserError(f"min_seconds must be >= 0, got {min_seconds}")
     resolved = {p: runtime.resolve_provider(p) for p in providers}  # fails early on bad names
     say = progress or (lambda message: None)
 
@@ -313,7 +313,7 @@ def _time_interleaved(paths: list[Path], provider: str, threads: int,
 
 _CHILD = """
 import json, sys
-from onnxcomp.bench import _child_measure
+from onnxcomp.measure.bench import _child_measure
 print(json.dumps(_child_measure(*sys.argv[1:])))
 """
 
@@ -374,7 +374,7 @@ def measure_memory(path: str | os.PathLike, provider: str, threads: int,
             capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
-        raise OnnxcompError(f"memory measurement of {path} failed: "
+        raise UserError(f"memory measurement of {path} failed: "
                             f"{lines[-1] if lines else done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -383,26 +383,3 @@ def measure_memory(path: str | os.PathLike, provider: str, threads: int,
 # Tables
 
 
-def bench_table(bench: dict[str, Any]) -> str:
-    """Markdown table: one row per model x provider x threads, memory and size alongside."""
-    models = {m["name"]: m for m in bench.get("models", [])}
-    memory = {(m["model"], m["provider"]): m for m in bench.get("memory", [])}
-    rows = []
-    for r in bench.get("results", []):
-        info = models.get(r["model"], {})
-        mem = memory.get((r["model"], r["provider"]), {})
-        rows.append([
-            r["model"], r["provider"].replace("ExecutionProvider", ""), r["threads"],
-            r["p50_ms"], r["p90_ms"], r["p99_ms"], r["throughput"], r["latency_ratio"],
-            info.get("bytes", 0) / 1e6 if info else None, info.get("size_ratio"),
-            info.get("params"), mem.get("session_peak_mb"), mem.get("peak_rss_mb"),
-        ])
-    table = markdown_table(
-        ["model", "provider", "threads", "p50 ms", "p90 ms", "p99 ms", "samples/s",
-         "p50 ratio", "size MB", "size ratio", "params", "session peak MB", "process peak MB"],
-        rows)
-    runs = sorted({r["runs"] for r in bench.get("results", [])})
-    span = f"{runs[0]}" if len(runs) == 1 else f"{runs[0]}-{runs[-1]}" if runs else "0"
-    return (table + f"\n\nbatch {bench.get('batch')}, {span} timed runs per model (at least "
-            f"{bench.get('runs')}, spanning >= {bench.get('min_seconds', 0):g} s) after "
-            f"{bench.get('warmup')} warm-up, interleaved; ratios against the first model")

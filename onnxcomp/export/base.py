@@ -1,35 +1,6 @@
-"""PyTorch / Hugging Face → ONNX, checked against PyTorch in ONNX Runtime.
+"""The export machinery shared by every source: export, tidy, check against PyTorch, save.
 
-``export(SOURCE, OUTPUT)`` takes
-
-- a local Hugging Face model folder (``config.json`` + ``model.safetensors`` or
-  ``pytorch_model.bin``): BERT-like encoders and ``CLIPModel`` (see :mod:`onnxcomp.export_hf`);
-  a sentence-transformers folder is exported with its pooling, so the graph gives sentence
-  embeddings directly;
-- ``module:callable``: a Python file (``path/to/file.py:make``) or an importable module
-  (``package.module:make``) whose callable returns ``(torch.nn.Module, example_inputs)``
-  (see :mod:`onnxcomp.export_callable`). This imports and runs the user's code, by design: it
-  is the user's own model definition (model folders, by contrast, are data: weights are read
-  with safetensors or transformers' weights-only loading, and remote code is refused).
-
-Exporter: ``torch.onnx.export(..., dynamo=False)``, the TorchScript exporter. Measured by
-``benchmarks/export.py --compare-exporters`` (torch 2.13, transformers 5.23, all-MiniLM-L6-v2):
-both exporters give Linear layers as MatMul + Add and match PyTorch alike (2.6e-6), but the
-TorchScript one exported in about 1 s against 10 s, wrote the opset asked for (the dynamo one
-wrote 18 when asked for 17), keeps module paths in node names
-(``/model/encoder/layer.0/attention/self/query/MatMul``, which name-based exclusions and reports
-use), needs no ``onnxscript``, and its graph is the one ONNX Runtime's BERT fusion (the ``fuse``
-pass) recognizes: 6 of 6 attention blocks fused, against 0 in the dynamo graph. Its small shape
-``Constant`` nodes (164 in MiniLM) are left to the cleanup pass.
-
-After export: parameters that the exporter merged because their values were equal (zero biases,
-unit norm weights: one tensor read through ``Identity`` nodes by every layer) get their own
-initializers again, so a pass that cuts one layer's tensor can't change the others. The model
-is checked by ``onnx.checker``, saved with :func:`onnxcomp.model.save` (external data past
-~1.8 GB) and run in ONNX Runtime (CPU, graph optimizations off) against PyTorch on inputs of
-other shapes than the export example: per output the max abs error and cosine similarity.
-A result over ``tolerance`` is reported (``ExportResult.ok`` is false), not raised: the file is
-written either way, and the CLI is to exit 1 as for any missed target.
+The package docstring (:mod:`onnxcomp.export`) says what is exported and how it is checked.
 """
 
 from __future__ import annotations
@@ -47,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import UserError
 
 EXTRA_HINT = "onnxcomp export needs the [export] extra: pip install 'onnxcomp[export]'"
 TOLERANCE = 1e-4
@@ -131,47 +102,8 @@ def require_torch():
     try:
         import torch
     except ImportError:
-        raise OnnxcompError(EXTRA_HINT) from None
+        raise UserError(EXTRA_HINT) from None
     return torch
-
-
-def hf_module():
-    """:mod:`onnxcomp.export_hf` (imports transformers), or the one-line error."""
-    require_torch()
-    try:
-        from onnxcomp import export_hf
-    except ImportError as exc:
-        raise OnnxcompError(f"{EXTRA_HINT} ({exc})") from None
-    return export_hf
-
-
-def export(source: str | os.PathLike, output: str | os.PathLike, opset: int = 17,
-           tolerance: float = TOLERANCE, progress: Progress | None = None) -> ExportResult:
-    """Export SOURCE (Hugging Face folder or ``module:callable``) to OUTPUT and check it."""
-    say = progress or (lambda message: None)
-    _check_opset(opset)
-    require_torch()
-    say(f"loading {source}")
-    prepared = prepare(source)
-    return export_prepared(prepared, output, opset=opset, tolerance=tolerance,
-                           source=str(source), progress=say)
-
-
-def prepare(source: str | os.PathLike) -> Exportable:
-    text = str(source)
-    path = Path(text)
-    if path.is_dir():
-        return hf_module().prepare_folder(path)
-    if path.is_file():
-        raise OnnxcompError(f"{path}: a file; expected a Hugging Face model folder or "
-                            "module:callable (e.g. model.py:make)")
-    module_part, sep, attribute = text.rpartition(":")
-    if sep and module_part and attribute.isidentifier():
-        from onnxcomp.export_callable import prepare_callable
-
-        return prepare_callable(module_part, attribute)
-    raise OnnxcompError(f"{text}: no such folder; expected a Hugging Face model folder or "
-                        "module:callable (e.g. model.py:make)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +112,7 @@ def prepare(source: str | os.PathLike) -> Exportable:
 
 def _check_opset(opset: int) -> None:
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
-        raise OnnxcompError(f"--opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, "
+        raise UserError(f"--opset must be an integer from {MIN_OPSET} to {MAX_OPSET}, "
                             f"got {opset!r}")
 
 
@@ -195,7 +127,7 @@ def export_prepared(prepared: Exportable, output: str | os.PathLike, opset: int 
     say = progress or (lambda message: None)
     output = Path(output)
     if output.is_dir():
-        raise OnnxcompError(f"{output}: is a folder, expected an output file name")
+        raise UserError(f"{output}: is a folder, expected an output file name")
     output.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     say(f"exporting {prepared.architecture} with {EXPORTER}, opset {opset}")
@@ -211,7 +143,7 @@ def export_prepared(prepared: Exportable, output: str | os.PathLike, opset: int 
                                   do_constant_folding=True)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise OnnxcompError(f"torch.onnx.export failed for {prepared.architecture}: "
+            raise UserError(f"torch.onnx.export failed for {prepared.architecture}: "
                                 f"{first}") from exc
         model = model_io.load(raw)
     split = split_shared_initializers(model.proto)
@@ -231,7 +163,7 @@ def export_prepared(prepared: Exportable, output: str | os.PathLike, opset: int 
             onnx.checker.check_model(model.proto)
             model_io.save(model, output)
     except onnx.checker.ValidationError as exc:
-        raise OnnxcompError(f"the exported model is not valid ONNX: {exc}") from exc
+        raise UserError(f"the exported model is not valid ONNX: {exc}") from exc
     seconds = time.perf_counter() - started
     parameters = model.parameter_count()
     del model  # ONNX Runtime loads its own copy from the file: don't hold two
@@ -349,7 +281,7 @@ def compare_with_torch(prepared: Exportable, path: Path) -> tuple[OutputCheck, .
             ref = reference.detach().cpu().numpy().astype(np.float64).ravel()
             out = np.asarray(got[name], dtype=np.float64).ravel()
             if ref.shape != out.shape:
-                raise OnnxcompError(f"output {name}: ONNX Runtime gave {out.size} values, "
+                raise UserError(f"output {name}: ONNX Runtime gave {out.size} values, "
                                     f"PyTorch {ref.size}")
             if ref.size:
                 worst[name] = max(worst[name], float(np.max(np.abs(ref - out))))
@@ -402,7 +334,7 @@ def export_once(target: str | os.PathLike, make: Callable[[], Exportable], sourc
     if not result.ok:
         target.unlink(missing_ok=True)
         (target.parent / (target.name + ".data")).unlink(missing_ok=True)
-        raise OnnxcompError(f"{source}: the export differs from PyTorch by "
+        raise UserError(f"{source}: the export differs from PyTorch by "
                             f"{result.max_abs_error:.2e} (tolerance {result.tolerance:g})")
     write_json_atomic(result.to_dict(), target.with_suffix(".export.json"))
     return target

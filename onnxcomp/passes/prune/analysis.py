@@ -347,4 +347,4 @@ def analyze(graph: gs.Graph) -> list[Group]:
     return Analysis(graph).groups()
 
 
-from onnxcomp.passes.prune_rules import RULES
+from onnxcomp.passes.prune.rules import RULES

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxcomp.graph import _subgraphs, constant_array
-from onnxcomp.passes.quantize_int8 import weight_axis
+from onnxcomp.passes.quantize.int8 import weight_axis
 
 logger = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ import onnx
 
 from onnxcomp import calibration, runtime
 from onnxcomp.calibration import Dataset
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import OnnxcompError, UserError
 from onnxcomp.model import Model, load
-from onnxcomp.report import Report, markdown_table
+from onnxcomp.report import Report
 from onnxcomp.report import progress as default_progress
 
 DEFAULT_COUNT = 8
@@ -224,7 +224,7 @@ def _open(model: Model | str | os.PathLike, role: str) -> tuple[Model, Any, str]
         label = str(model.source) if model.source else f"<in-memory {role}>"
         return model, model, label
     if not isinstance(model, (str, os.PathLike)):
-        raise OnnxcompError(f"{role}: expected a path or an onnxcomp Model, got {type(model)}")
+        raise UserError(f"{role}: expected a path or an onnxcomp Model, got {type(model)}")
     loaded = load(model, load_weights=False)
     return loaded, str(Path(model)), str(model)
 
@@ -242,7 +242,7 @@ def check_compatible(reference: Model, candidate: Model) -> None:
     """Same input names, dtypes and ranks, and the same output names, or one clear error."""
     ref_sig, cand_sig = _signature(reference), _signature(candidate)
     if set(ref_sig) != set(cand_sig):
-        raise OnnxcompError(
+        raise UserError(
             f"the models' inputs differ: reference {sorted(ref_sig)}, candidate {sorted(cand_sig)}"
         )
     for name, (ref_type, ref_rank) in ref_sig.items():
@@ -250,18 +250,18 @@ def check_compatible(reference: Model, candidate: Model) -> None:
         if ref_type != cand_type:
             ref_name = onnx.TensorProto.DataType.Name(ref_type)
             cand_name = onnx.TensorProto.DataType.Name(cand_type)
-            raise OnnxcompError(
+            raise UserError(
                 f"input {name!r} is {ref_name} in the reference but {cand_name} in the candidate"
             )
         if ref_rank is not None and cand_rank is not None and ref_rank != cand_rank:
-            raise OnnxcompError(
+            raise UserError(
                 f"input {name!r} has rank {ref_rank} in the reference but {cand_rank} in the "
                 "candidate"
             )
     ref_out = [o.name for o in reference.graph.output]
     cand_out = [o.name for o in candidate.graph.output]
     if set(ref_out) != set(cand_out):
-        raise OnnxcompError(
+        raise UserError(
             f"the models' outputs differ: reference {ref_out}, candidate {cand_out}"
         )
 
@@ -272,7 +272,7 @@ def resolve_data(data: Any, reference: Model, candidate: Model, count: int | Non
     zoo names default to the ``eval`` split), cut to ``count`` batches, checked against both
     models. ``batch_dims`` sizes named dynamic input dims of random inputs (``{"batch": 4}``)."""
     if count is not None and count <= 0:
-        raise OnnxcompError(f"count must be positive, got {count}")
+        raise UserError(f"count must be positive, got {count}")
     dataset = calibration.resolve(data, reference, default_count=count or DEFAULT_COUNT,
                                   split="eval", dims=batch_dims)
     if count is not None and count < dataset.count:
@@ -283,7 +283,7 @@ def resolve_data(data: Any, reference: Model, candidate: Model, count: int | Non
         calibration.check_batch(dataset.make_batch(0), candidate,
                                 where=f"{dataset.name} batch 0")
     except OnnxcompError as exc:
-        raise OnnxcompError(f"candidate: {exc}") from None
+        raise UserError(f"candidate: {exc}") from None
     return dataset
 
 
@@ -320,7 +320,7 @@ def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.P
     random inputs; ``progress``: a callable for progress lines (None: silent).
     """
     if min_cosine is not None and not -1.0 <= float(min_cosine) <= 1.0:
-        raise OnnxcompError(f"min_cosine must be within [-1, 1], got {min_cosine}")
+        raise UserError(f"min_cosine must be within [-1, 1], got {min_cosine}")
     ref_model, ref_source, ref_label = _open(reference, "reference")
     cand_model, cand_source, cand_label = _open(candidate, "candidate")
     check_compatible(ref_model, cand_model)
@@ -353,7 +353,7 @@ def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.P
         for name in output_names:
             a, b = ref_out[name], cand_out[name]
             if a.shape != b.shape:
-                raise OnnxcompError(
+                raise UserError(
                     f"output {name!r} has shape {list(a.shape)} in the reference but "
                     f"{list(b.shape)} in the candidate (batch {index})"
                 )
@@ -426,49 +426,3 @@ def _task_scores(metric: Callable, ref_model: Model, cand_model: Model,
 # Tables
 
 
-def fidelity_table(fidelity: dict[str, Any]) -> str:
-    """Markdown tables: per output, retrieval agreement (dual encoders), task metric, gate."""
-    parts = []
-    gate = fidelity.get("min_cosine")
-    headers = ["output", "shape", "mean cos", "min cos", "rel L2", "max abs", "top-1 agr",
-               "top-5 agr"]
-    if gate is not None:
-        headers.append(f"mean cos >= {gate}")
-    rows = []
-    for name, out in fidelity.get("outputs", {}).items():
-        row = [name, "x".join(str(d) for d in out.get("shape") or []), out["cosine_mean"],
-               out["cosine_min"], out["rel_l2"], out["max_abs"], out.get("top1_agreement"),
-               out.get("top5_agreement")]
-        if gate is not None:
-            row.append("pass" if out.get("passed") else "FAIL")
-        rows.append(row)
-    parts.append(markdown_table(headers, rows))
-    retrieval = fidelity.get("retrieval")
-    if retrieval:
-        a, b = retrieval["a"], retrieval["b"]
-        rows = [
-            [f"{a} -> {b} argmax agreement", retrieval["a_to_b_agreement"], None, None],
-            [f"{b} -> {a} argmax agreement", retrieval["b_to_a_agreement"], None, None],
-            ["mean abs(S_ref - S_cand)", retrieval["mean_abs_sim_diff"], None, None],
-            ["max abs(S_ref - S_cand)", retrieval["max_abs_sim_diff"], None, None],
-        ]
-        recall = retrieval.get("recall@1")
-        if recall:
-            for direction, label in (("a_to_b", f"{a} -> {b}"), ("b_to_a", f"{b} -> {a}")):
-                r = recall[direction]
-                rows.append([f"recall@1 {label}", None, r["reference"], r["candidate"]])
-        parts.append(markdown_table(
-            [f"retrieval ({retrieval['samples']} samples)", "value", "reference", "candidate"],
-            rows))
-    task = fidelity.get("task")
-    if task:
-        rows = [[key, value, task["candidate"].get(key), task["delta"].get(key)]
-                for key, value in task["reference"].items()]
-        parts.append(markdown_table([f"task metric ({task['name']})", "reference", "candidate",
-                                     "delta"], rows))
-    summary = f"data: {fidelity.get('data')} ({fidelity.get('batches')} batches)"
-    if gate is not None:
-        verdict = "passed" if fidelity.get("passed") else "FAILED"
-        summary += f"; gate mean cosine >= {gate}: {verdict}"
-    parts.append(summary)
-    return "\n\n".join(parts)

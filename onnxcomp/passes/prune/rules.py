@@ -11,7 +11,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcomp.passes.prune_groups import BROADCAST, POOL, REDUCE, UNARY, Analysis, Dim
+from onnxcomp.passes.prune.analysis import BROADCAST, POOL, REDUCE, UNARY, Analysis, Dim
 
 
 def _const(t: gs.Tensor) -> np.ndarray | None:

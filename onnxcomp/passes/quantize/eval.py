@@ -19,9 +19,8 @@ import numpy as np
 
 from onnxcomp import runtime, segments
 from onnxcomp.calibration import Dataset, with_outputs
+from onnxcomp.measure.validate import per_sample_cosine
 from onnxcomp.model import Model
-from onnxcomp.validate import per_sample_cosine
-
 
 # Requested tensors per segment when a large model is compared segment by segment.
 SEGMENT_TENSORS = 16

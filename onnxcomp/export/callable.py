@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from onnxcomp.errors import OnnxcompError
-from onnxcomp.export import Exportable, require_torch
+from onnxcomp.errors import UserError
+from onnxcomp.export.base import Exportable, require_torch
 
 
 def _import_user_module(spec: str):
@@ -31,11 +31,11 @@ def _import_user_module(spec: str):
     if looks_like_file:
         path = Path(spec)
         if not path.is_file():
-            raise OnnxcompError(f"{spec}: no such Python file")
+            raise UserError(f"{spec}: no such Python file")
         name = f"onnxcomp_user_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(name, path)
         if module_spec is None or module_spec.loader is None:
-            raise OnnxcompError(f"{spec}: cannot be imported as a Python file")
+            raise UserError(f"{spec}: cannot be imported as a Python file")
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[name] = module  # dataclasses and pickling look modules up by name
         folder = str(path.resolve().parent)
@@ -44,7 +44,7 @@ def _import_user_module(spec: str):
             module_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(name, None)
-            raise OnnxcompError(f"{spec}: importing it raised {type(exc).__name__}: {exc}") \
+            raise UserError(f"{spec}: importing it raised {type(exc).__name__}: {exc}") \
                 from exc
         finally:
             if folder in sys.path:
@@ -53,9 +53,9 @@ def _import_user_module(spec: str):
     try:
         return importlib.import_module(spec)
     except ImportError as exc:
-        raise OnnxcompError(f"{spec}: cannot import module ({exc})") from exc
+        raise UserError(f"{spec}: cannot import module ({exc})") from exc
     except Exception as exc:
-        raise OnnxcompError(f"{spec}: importing it raised {type(exc).__name__}: {exc}") from exc
+        raise UserError(f"{spec}: importing it raised {type(exc).__name__}: {exc}") from exc
 
 
 def prepare_callable(module_spec: str, attribute: str) -> Exportable:
@@ -64,18 +64,18 @@ def prepare_callable(module_spec: str, attribute: str) -> Exportable:
     module = _import_user_module(module_spec)
     factory = getattr(module, attribute, None)
     if not callable(factory):
-        raise OnnxcompError(f"{label}: {module_spec} has no callable named {attribute!r}")
+        raise UserError(f"{label}: {module_spec} has no callable named {attribute!r}")
     try:
         made = factory()
     except Exception as exc:
-        raise OnnxcompError(f"{label} raised {type(exc).__name__}: {exc}") from exc
+        raise UserError(f"{label} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(made, tuple) or len(made) not in (2, 3):
-        raise OnnxcompError(f"{label} must return (torch.nn.Module, example_inputs) or "
+        raise UserError(f"{label} must return (torch.nn.Module, example_inputs) or "
                             f"(module, example_inputs, dynamic_axes), got {type(made).__name__}")
     net, inputs = made[0], made[1]
     axes = made[2] if len(made) == 3 else None
     if not isinstance(net, torch.nn.Module):
-        raise OnnxcompError(f"{label}: the first value must be a torch.nn.Module, "
+        raise UserError(f"{label}: the first value must be a torch.nn.Module, "
                             f"got {type(net).__name__}")
     if isinstance(inputs, Mapping):
         names, values, by_name = tuple(inputs), tuple(inputs.values()), True
@@ -86,11 +86,11 @@ def prepare_callable(module_spec: str, attribute: str) -> Exportable:
         values, by_name = (inputs,), False
         names = _positional_names(net, 1)
     else:
-        raise OnnxcompError(f"{label}: example inputs must be a tensor, a tuple or a dict of "
+        raise UserError(f"{label}: example inputs must be a tensor, a tuple or a dict of "
                             f"tensors, got {type(inputs).__name__}")
     for name, value in zip(names, values):
         if not isinstance(value, torch.Tensor):
-            raise OnnxcompError(f"{label}: example input {name!r} is a {type(value).__name__}, "
+            raise UserError(f"{label}: example input {name!r} is a {type(value).__name__}, "
                                 "not a torch.Tensor")
     net.eval()
     wrapper = _flattening_wrapper(torch, net, names if by_name else None)
@@ -98,20 +98,20 @@ def prepare_callable(module_spec: str, attribute: str) -> Exportable:
         with torch.no_grad():
             first = net(**dict(zip(names, values))) if by_name else net(*values)
     except Exception as exc:
-        raise OnnxcompError(f"{label}: the module raised {type(exc).__name__} on its example "
+        raise UserError(f"{label}: the module raised {type(exc).__name__} on its example "
                             f"inputs: {exc}") from exc
     outputs = _flatten_outputs(torch, first)
     if not outputs:
-        raise OnnxcompError(f"{label}: the module returned no tensor")
+        raise UserError(f"{label}: the module returned no tensor")
     output_names = tuple(name for name, _ in outputs)
     if axes is None:
         axes = {name: {0: "batch"} for name, value in zip(names, values) if value.dim() > 0}
         axes.update({name: {0: "batch"} for name, value in outputs if value.dim() > 0})
     elif not isinstance(axes, Mapping):
-        raise OnnxcompError(f"{label}: dynamic_axes must be a dict name -> {{axis: name}}")
+        raise UserError(f"{label}: dynamic_axes must be a dict name -> {{axis: name}}")
     unknown = set(axes) - set(names) - set(output_names)
     if unknown:
-        raise OnnxcompError(f"{label}: dynamic_axes names {sorted(unknown)} are neither inputs "
+        raise UserError(f"{label}: dynamic_axes names {sorted(unknown)} are neither inputs "
                             f"{list(names)} nor outputs {list(output_names)}")
     try:  # torch's two forms: {name: {axis: label}} or {name: [axis, ...]}
         axes = {key: ({int(a): str(label) for a, label in value.items()}
@@ -119,7 +119,7 @@ def prepare_callable(module_spec: str, attribute: str) -> Exportable:
                       {int(a): f"{key}_dim{int(a)}" for a in value})
                 for key, value in axes.items()}
     except (TypeError, ValueError):
-        raise OnnxcompError(f"{label}: dynamic_axes must map names to {{axis: label}} or to "
+        raise UserError(f"{label}: dynamic_axes must map names to {{axis: label}} or to "
                             "lists of axes") from None
     return Exportable(wrapper, values, tuple(names), output_names, axes, type(net).__name__,
                       metadata={"onnxcomp.export.callable": label})
