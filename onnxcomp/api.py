@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxcomp import calibration
-from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import Model, load
 from onnxcomp.pipeline import Context, Pipeline, Plan, Step, check_requirements, plan_step
 from onnxcomp.recipe import apply_overrides, parse_recipe, with_cleanup
-from onnxcomp.report import Report, markdown_table, progress
+from onnxcomp.report import Report, progress
 
 DEFAULT_RECIPE = "quantize:int8"
 DEFAULT_EVAL_COUNT = 32

@@ -87,7 +87,7 @@ def test_gptq_needs_calibration_data():
 
 
 def test_held_out_data_scores_gptq_and_calibration_scores_are_flagged():
-    from onnxcomp.passes.quantize import eval as quantize_eval
+    from onnxcomp.measure import compare as quantize_eval
 
     model = matmul_model(k=72, n=24)
     calib = batches(correlated(8, 10, 72, seed=3))

@@ -153,8 +153,8 @@ def test_weight_budget_splits_segments_and_extract_cuts_another_model(tiny_llama
 
 
 def test_compare_by_segment_equals_the_whole_model_comparison(tiny_llama, monkeypatch):
+    from onnxcomp.measure import compare as quantize_eval
     from onnxcomp.passes import quantize
-    from onnxcomp.passes.quantize import eval as quantize_eval
     from onnxcomp.pipeline import Context
 
     monkeypatch.setattr(quantize_eval, "SEGMENT_TENSORS", 2)  # many segments, even for tiny

@@ -38,6 +38,7 @@ import onnx
 from onnxcomp import calibration, runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import OnnxcompError, UserError
+from onnxcomp.measure.compare import per_sample_cosine
 from onnxcomp.model import Model, load
 from onnxcomp.report import Report
 from onnxcomp.report import progress as default_progress
@@ -50,27 +51,6 @@ RETRIEVAL_BLOCK = 1024
 
 # ---------------------------------------------------------------------------------------------
 # Metrics on arrays (pure numpy; the tests check them against direct computations)
-
-
-def per_sample_cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Cosine similarity per sample (axis 0 for rank >= 2, else the whole array is one sample)."""
-    a, b = _samples(reference), _samples(candidate)
-    dot = np.einsum("ij,ij->i", a, b)
-    norm_a = np.sqrt(np.einsum("ij,ij->i", a, a))
-    norm_b = np.sqrt(np.einsum("ij,ij->i", b, b))
-    both_zero = (norm_a == 0) & (norm_b == 0)
-    one_zero = (norm_a == 0) ^ (norm_b == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = dot / (norm_a * norm_b)
-    cosine = np.where(both_zero, 1.0, np.where(one_zero, 0.0, cosine))
-    return np.clip(cosine, -1.0, 1.0)
-
-
-def _samples(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float64)
-    if array.ndim >= 2:
-        return array.reshape(array.shape[0], -1)
-    return array.reshape(1, -1)
 
 
 def looks_like_class_scores(array: np.ndarray) -> bool:

@@ -286,7 +286,7 @@ def _teacher_view(value: np.ndarray, site: Site, axis: int) -> np.ndarray:
 
 def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
     """Lowest (over outputs) mean per-sample cosine of ``candidate`` to the teacher."""
-    from onnxcomp.measure.validate import per_sample_cosine
+    from onnxcomp.measure.compare import per_sample_cosine
 
     sessions = [runtime.session(m, optimize=False) for m in (ctx.teacher, candidate)]
     names = [o.name for o in sessions[0].get_outputs()]

@@ -43,10 +43,10 @@ from onnxcomp.graph import (
     tidy,
     unique_name,
 )
+from onnxcomp.measure import compare as quantize_eval
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import attention as quantize_attention
 from onnxcomp.passes.quantize import calib as quantize_calib
-from onnxcomp.passes.quantize import eval as quantize_eval
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize import gptq as quantize_gptq
 from onnxcomp.passes.quantize import int4 as quantize_int4

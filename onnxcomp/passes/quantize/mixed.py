@@ -34,8 +34,8 @@ from onnx import external_data_helper, numpy_helper
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import UserError
+from onnxcomp.measure import compare as quantize_eval
 from onnxcomp.model import Model, read_external
-from onnxcomp.passes.quantize import eval as quantize_eval
 from onnxcomp.passes.quantize.int4 import nbits_weight, quantize_blocks8
 
 

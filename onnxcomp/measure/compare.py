@@ -1,9 +1,11 @@
-"""Measuring a quantized model against the float one on calibration data, streamed by batch.
+"""The one numeric comparison of two models: used by quantize, distill and validate.
+
+Streamed by batch over a dataset (a reference with weights on disk runs a segment at a time):
 
 - Per-layer SQNR (dB) of each quantized node's output tensor: ``10 log10(sum ref^2 /
   sum (ref - q)^2)`` over all batches, the quantized model running end to end (errors of earlier
   layers included, as in deployment).
-- Model output cosine: mean per-sample cosine per output (``validate.per_sample_cosine``); the
+- Model output cosine: mean per-sample cosine per output (``per_sample_cosine``); the
   figure the automatic mixed precision compares with ``min_cosine`` is the lowest over outputs.
 Both models run on the CPU with graph optimizations off, so the numbers describe the graph. A
 reference whose weights are on disk (a large model) runs a segment at a time (``onnxcomp.segments``).
@@ -19,8 +21,29 @@ import numpy as np
 
 from onnxcomp import runtime, segments
 from onnxcomp.calibration import Dataset, with_outputs
-from onnxcomp.measure.validate import per_sample_cosine
 from onnxcomp.model import Model
+
+
+def per_sample_cosine(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine similarity per sample (axis 0 for rank >= 2, else the whole array is one sample)."""
+    a, b = _samples(reference), _samples(candidate)
+    dot = np.einsum("ij,ij->i", a, b)
+    norm_a = np.sqrt(np.einsum("ij,ij->i", a, a))
+    norm_b = np.sqrt(np.einsum("ij,ij->i", b, b))
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    one_zero = (norm_a == 0) ^ (norm_b == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = dot / (norm_a * norm_b)
+    cosine = np.where(both_zero, 1.0, np.where(one_zero, 0.0, cosine))
+    return np.clip(cosine, -1.0, 1.0)
+
+
+def _samples(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim >= 2:
+        return array.reshape(array.shape[0], -1)
+    return array.reshape(1, -1)
+
 
 # Requested tensors per segment when a large model is compared segment by segment.
 SEGMENT_TENSORS = 16
