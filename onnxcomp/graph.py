@@ -8,6 +8,8 @@ across that round trip and treat weights stored as ``Constant`` nodes like initi
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,13 +183,36 @@ def lift_constant_nodes(graph: gs.Graph) -> int:
     return lifted
 
 
-def _subgraphs(graph: gs.Graph):
+def node_subgraphs(node: gs.Node) -> Iterator[gs.Graph]:
+    """The graphs a node holds in its attributes (If branches, Loop/Scan bodies)."""
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            yield from (v for v in value if isinstance(v, gs.Graph))
+
+
+def subgraphs(graph: gs.Graph, recursive: bool = False) -> Iterator[gs.Graph]:
+    """The one subgraph iterator: bodies of the graph's nodes, nested ones too if ``recursive``."""
     for node in graph.nodes:
-        for value in node.attrs.values():
-            if isinstance(value, gs.Graph):
-                yield value
-            elif isinstance(value, (list, tuple)):
-                yield from (v for v in value if isinstance(v, gs.Graph))
+        for body in node_subgraphs(node):
+            yield body
+            if recursive:
+                yield from subgraphs(body, recursive=True)
+
+
+def nested_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Node, gs.Node]]:
+    """(node, owner) for every node inside a subgraph at any depth; owner is the top-level
+    node (If/Loop/Scan) whose body holds it."""
+    for owner in graph.nodes:
+        for body in node_subgraphs(owner):
+            for inner in body.nodes:
+                yield inner, owner
+            for inner, _ in nested_nodes(body):
+                yield inner, owner
+
+
+_subgraphs = subgraphs  # the old private name, kept for modules not yet moved over
 
 
 def has_subgraphs(graph: gs.Graph) -> bool:
@@ -216,10 +241,78 @@ def unique_name(graph: gs.Graph, base: str) -> str:
     return f"{base}_{i}"
 
 
+def set_constant(graph: gs.Graph, node: gs.Node, slot: int, values: np.ndarray,
+                 suffix: str = "new") -> gs.Constant:
+    """Copy-on-write: give ``node``'s input ``slot`` new values. A constant no other node (or
+    other slot) reads is changed in place; a shared one is left to its other readers and this
+    node gets its own copy, so one layer's edit never changes another layer."""
+    const = node.inputs[slot]
+    if not isinstance(const, gs.Constant):
+        raise TypeError(f"input {slot} of {node.name!r} is not a constant")
+    uses = sum(1 for user in const.outputs for t in user.inputs if t is const)
+    if uses <= 1 and const.name not in {t.name for t in graph.outputs}:
+        const.values = values
+        return const
+    copy = gs.Constant(unique_name(graph, f"{const.name}_{suffix}"), values)
+    node.inputs[slot] = copy
+    return copy
+
+
+def readers(tensor: gs.Tensor) -> int:
+    """How many node inputs read ``tensor`` (a node reading it twice counts twice)."""
+    return sum(1 for user in tensor.outputs for t in user.inputs if t is tensor)
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A MatMul/Gemm's constant weight as a [K, N] matrix ``x @ matrix`` (Gemm's transB and
+    alpha folded in), with the bias ``beta * C`` when Gemm has one."""
+
+    tensor: gs.Constant | gs.Tensor
+    matrix: np.ndarray
+    bias: np.ndarray | None
+    transposed: bool   # Gemm transB = 1: the stored tensor is [N, K]
+    alpha: float
+
+
+def linear_weight(node: gs.Node) -> LinearWeight | str:
+    """The one Gemm/MatMul weight accessor: the [K, N] weight, or why there is none."""
+    if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return f"{node.op} with {len(node.inputs)} inputs is not a linear layer"
+    weight = constant_array(node.inputs[1])
+    if weight is None:
+        if constant_array(node.inputs[0]) is not None:
+            return "the constant is the left operand"
+        return "the weight is not a constant (activation x activation)"
+    if constant_array(node.inputs[0]) is not None:
+        return "both operands are constants"
+    if not np.issubdtype(weight.dtype, np.floating):
+        return f"weight dtype {weight.dtype} is not float"
+    if weight.ndim != 2:
+        return f"weight has {weight.ndim} dims, not 2"
+    if node.op == "MatMul":
+        return LinearWeight(node.inputs[1], weight, None, False, 1.0)
+    if int(node.attrs.get("transA", 0)):
+        return "Gemm with transA=1"
+    transposed = bool(int(node.attrs.get("transB", 0)))
+    alpha = float(node.attrs.get("alpha", 1.0))
+    matrix = (weight.T if transposed else weight)
+    if alpha != 1.0:
+        matrix = matrix * np.asarray(alpha, matrix.dtype)
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        c = constant_array(node.inputs[2])
+        if c is None:
+            return "Gemm's C is not a constant"
+        bias = c * np.asarray(float(node.attrs.get("beta", 1.0)), c.dtype)
+    return LinearWeight(node.inputs[1], matrix, bias, transposed, alpha)
+
+
 def weight_count(graph: gs.Graph) -> int:
-    """Elements in all floating-point or integer constants (initializers, incl. lifted ones)."""
+    """Elements in all constants (initializers, incl. lifted ones): the graph-level twin of
+    ``Model.parameter_count`` (the one count; see model.py)."""
     total = 0
     for tensor in graph.tensors().values():
-        if isinstance(tensor, gs.Constant):
+        if isinstance(tensor, gs.Constant) and tensor.dtype != np.int64:
             total += int(np.prod(tensor.shape)) if tensor.shape is not None else 0
     return total

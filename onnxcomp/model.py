@@ -111,8 +111,11 @@ def tensor_bytes(proto: onnx.ModelProto) -> int:
 
 
 def parameter_count(proto: onnx.ModelProto) -> int:
-    """Elements in every stored tensor (initializers, Constant nodes, subgraphs)."""
-    return sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in iter_tensors(proto))
+    """The one parameter count: elements of every stored tensor (initializers, Constant nodes,
+    subgraphs included) except 64-bit integer ones, which are shapes and indices, not weights.
+    Quantized weights, their scales and zero points count."""
+    return sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in iter_tensors(proto)
+               if t.data_type != onnx.TensorProto.INT64)
 
 
 def _tensor_nbytes(tensor: onnx.TensorProto) -> int:

@@ -77,16 +77,8 @@ def model_size(path: str | os.PathLike) -> int:
 
 
 def parameter_count(model: Model) -> int:
-    """Elements of all stored tensors (initializers and Constant nodes, subgraphs included),
-    except 64-bit integer ones, which are shapes and indices rather than weights."""
-    from onnx import TensorProto
-
-    total = 0
-    for tensor in iter_tensors(model.proto):
-        if tensor.data_type == TensorProto.INT64:
-            continue
-        total += int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    return total
+    """``Model.parameter_count`` (the one count: 64-bit integer shape tensors excluded)."""
+    return model.parameter_count()
 
 
 class _Runner:
