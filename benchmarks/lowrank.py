@@ -156,7 +156,7 @@ def bench_case(name, model, calib, evaluation, source, runs, energies=ENERGIES) 
     for rule in rules:
         for aware in (False, True):
             config = lowrank.Config(**rule, activation_aware=aware)
-            out, record = lowrank.run(model, config, ctx)
+            out, record = lowrank.PASS.run(model, config, ctx)
             label = f"energy {rule['energy']}" if "energy" in rule else f"rank ×{RANK_RATIO}"
             variants.append(("aware" if aware else "plain", label, record, out, config))
     feeds = evaluation.make_batch(0)

@@ -175,20 +175,20 @@ def bench(name: str, ratio: float, runs: int, log) -> dict:
     ctx = Context(calibration=calib, teacher=model, progress=log)
     base = cleanup(model)
     started = time.perf_counter()
-    pruned, prune_record = prune.run(base, config, ctx)
+    pruned, _prune_record = prune.PASS.run(base, config, ctx)  # its changes go into ctx
     prune_seconds = time.perf_counter() - started
-    ctx.records.append(prune_record)
     started = time.perf_counter()
-    distilled, distill_record = distill.run(pruned, distill.Config(), ctx)
+    distilled, distill_record = distill.PASS.run(pruned, distill.Config(), ctx)
     distill_seconds = time.perf_counter() - started
     pruned, distilled = cleanup(pruned), cleanup(distilled)
-    the_plan = prune.plan(base, config, Context(calibration=calib))
+    the_plan = prune.PASS.plan(base, config, Context(calibration=calib)).payload
     zeroed = prune.zero_out(base, the_plan, consumers_only=False)
 
     models = [model, pruned, distilled, zeroed]
     if not transformer:  # shapes only: the cheap l2 ranking gives the same channel counts
         aligned_config = dataclasses.replace(config, multiple=ALIGN, importance="l2")
-        models.append(prune.apply(base, prune.plan(base, aligned_config))[0])
+        aligned = prune.PASS.plan(base, aligned_config, Context())
+        models.append(prune.PASS.apply(base, aligned, Context()).model)
     batch = eval_data.make_batch(0)
     groups = [g for g in the_plan.groups if g.id in the_plan.removed]
     row = {

@@ -71,7 +71,7 @@ FUSE = {
 def preprocess(path: Path, folder: Path) -> Path:
     """Lift Constant-node weights, fold, raise opset 12 -> 13: what every quantizer is given."""
     model = load(path)
-    model, _ = cleanup.run(model, cleanup.Config(), Context())
+    model, _ = cleanup.PASS.run(model, cleanup.Config(), Context())
     if model.opset() < 13:
         model = type(model)(onnx.version_converter.convert_version(model.proto, 13), model.source)
     out = folder / "float.onnx"
@@ -127,7 +127,7 @@ def _timed(variants: dict, errors: dict, name: str, path: Path, make) -> None:
 
 def _onnxcomp(source: Path, config: quantize.Config, calib=None):
     def make(path: Path) -> None:
-        result, _ = quantize.run(load(source), config, Context(calibration=calib))
+        result, _ = quantize.PASS.run(load(source), config, Context(calibration=calib))
         result.save(path)
     return make
 
@@ -181,7 +181,7 @@ def make_variants(name: str, float_path: Path, calib, folder: Path, transformer:
 
     def fused(fuse_config: fuse.Config, key: str):
         def make(path: Path) -> None:
-            model, record = fuse.run(load(float_path), fuse_config, Context())
+            model, record = fuse.PASS.run(load(float_path), fuse_config, Context())
             extra[key] = {"config": dataclasses.asdict(fuse_config), "notes": record.notes,
                           "fused": record.details.get("fused", {})}
             if not record.modified:

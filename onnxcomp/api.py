@@ -1,15 +1,34 @@
-"""The Python API behind ``onnxcomp compress``: run a recipe, validate the result, report."""
+"""The Python API behind ``onnxcomp compress``: run a recipe, check and validate the result,
+report.
+
+Our output is checked whatever the caller asks (``validate=False`` included): each step's
+result by onnx's structural check, so that a broken graph is blamed on the pass that made it,
+and the final model by onnx.checker (the full check where its size allows) and an ONNX Runtime
+session (CPU, optimizations off). A refusal is ``InvalidOutput`` (exit 3, nothing written);
+the user's own model failing the same check is the user's (``UserError``), not ours.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxcomp import calibration
+from onnxcomp import calibration, runtime
+from onnxcomp.errors import InvalidOutput, UserError
 from onnxcomp.model import Model, load
-from onnxcomp.pipeline import Context, Pipeline, Plan, Step, check_requirements, plan_step
+from onnxcomp.pipeline import (
+    Applied,
+    Context,
+    PassRecord,
+    Pipeline,
+    Plan,
+    Step,
+    check_requirements,
+    plan_step,
+)
 from onnxcomp.recipe import apply_overrides, parse_recipe, with_cleanup
 from onnxcomp.report import Report, progress
 
@@ -60,7 +79,9 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
              overrides: list[str] | None = None) -> CompressResult:
     """Compress ``model`` with ``recipe``; the input model object is left untouched.
 
-    ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe."""
+    ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe. User mistakes (recipe,
+    overrides, data) raise ``UserError``; a result that onnx's checker or ONNX Runtime refuses
+    raises ``InvalidOutput`` (see the module docstring), with or without ``validate``."""
     source_path = None if isinstance(model, Model) else model
     original = _as_model(model)
     steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
@@ -74,7 +95,12 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         held_out = evaluation_data(original, eval_data, data, report.notes)
     ctx = Context(calibration=data, evaluation=held_out, teacher=original, progress=log)
     started = time.perf_counter()
-    compressed, records = Pipeline(with_cleanup(steps)).run(original, ctx)
+    pipeline = with_cleanup(steps)
+    if _structurally_valid(original):  # else a pass would be blamed for the input's flaw
+        pipeline = [_checked(step) for step in pipeline]
+    compressed, records = Pipeline(pipeline).run(original, ctx)
+    log("checking the result (onnx.checker, ONNX Runtime)")
+    check_result(original, compressed, records, report.notes)
     report.passes = records
     report.models["candidate"] = _model_facts(compressed)
     report.models["seconds"] = time.perf_counter() - started
@@ -88,10 +114,61 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
 
         eval_set = held_out or evaluation_data(original, eval_data, data, report.notes)
         log(f"validating on {eval_set.name} ({len(eval_set)} batches)")
-        fidelity = run_validation(original, compressed, data=eval_set, min_cosine=min_cosine)
+        fidelity = run_validation(original, compressed, data=eval_set, min_cosine=min_cosine,
+                                  ours=True)
         report.fidelity = fidelity.fidelity
         passed = bool(report.fidelity.get("passed", True))
     return CompressResult(compressed, report, passed)
+
+
+def _structurally_valid(model: Model) -> bool:
+    try:
+        runtime.check_structure(model, "the input model")
+    except InvalidOutput:
+        return False
+    return True
+
+
+def _checked(step: Step) -> Step:
+    """``step`` with its result checked structurally whenever it changed the model, so that an
+    invalid graph is blamed on the pass that made it rather than found at the end."""
+    spec = step.spec
+
+    def apply(model: Model, plan: Plan, ctx: Context) -> Applied:
+        applied = spec.apply(model, plan, ctx)
+        if applied.modified:
+            runtime.check_structure(applied.model, f"the model pass {spec.name!r} produced")
+        return applied
+
+    return Step(dataclasses.replace(spec, apply=apply), step.config)
+
+
+def check_result(original: Model, compressed: Model, records: list[PassRecord],
+                 notes: list[str]) -> None:
+    """The compressed model must pass onnx.checker and load in ONNX Runtime, else
+    ``InvalidOutput`` naming the passes that changed it. Where the input model has the same
+    flaw (it fails onnx's full check too, or ONNX Runtime refuses it too), the flaw is the
+    input's: the output gets the structural check only, or the user a ``UserError``."""
+    changed = list(dict.fromkeys(record.name for record in records if record.modified))
+    if not changed:
+        return  # the output is the input
+    what = f"the compressed model (changed by {', '.join(changed)})"
+    try:
+        runtime.check_onnx(compressed, what)
+    except InvalidOutput:
+        if not runtime.fails_full_check(original):
+            raise
+        notes.append("the input model fails onnx's full check itself: the result was "
+                     "checked structurally")
+        runtime.check_onnx(compressed, what, full=False)
+    try:
+        runtime.check_loads(compressed, what)
+    except InvalidOutput:
+        try:
+            runtime.session(original, optimize=False)
+        except UserError as exc:  # ONNX Runtime refuses the user's model too
+            raise UserError(f"the input model: {exc}") from None
+        raise
 
 
 def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
@@ -108,8 +185,3 @@ def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
     current, _ = Pipeline(with_cleanup([])).run(original, ctx)  # as the real run starts
     return [plan_step(step, current, ctx) for step in steps]
 
-
-def describe_dry_run(plans: list[Plan], steps_text: list[str] | None = None) -> list[str]:
-    """The ``--dry-run`` text: each step's configuration, then its plan table."""
-    return [(f"{steps_text[i]}\n" if steps_text else "") + plan.table()
-            for i, plan in enumerate(plans)]

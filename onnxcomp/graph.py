@@ -53,7 +53,7 @@ def _constants(graph: gs.Graph):
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant):
             yield tensor
-    for subgraph in _subgraphs(graph):
+    for subgraph in subgraphs(graph):
         yield from _constants(subgraph)
 
 
@@ -178,7 +178,7 @@ def lift_constant_nodes(graph: gs.Graph) -> int:
         node.outputs.clear()
         out.name = out.name + "__lifted_away"
         lifted += 1
-    for subgraph in _subgraphs(graph):
+    for subgraph in subgraphs(graph):
         lifted += lift_constant_nodes(subgraph)
     return lifted
 
@@ -212,11 +212,8 @@ def nested_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Node, gs.Node]]:
                 yield inner, owner
 
 
-_subgraphs = subgraphs  # the old private name, kept for modules not yet moved over
-
-
 def has_subgraphs(graph: gs.Graph) -> bool:
-    return any(True for _ in _subgraphs(graph))
+    return any(True for _ in subgraphs(graph))
 
 
 def replace_node(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> None:

@@ -1,4 +1,10 @@
-"""``onnxcomp inspect``: what a model is made of and what each compression pass could act on.
+"""``onnxcomp inspect``: what a model is made of and what each compression pass would do to it.
+
+What each pass would do is its own plan (the same table ``compress --dry-run`` prints), asked on
+the cleaned-up model, without calibration data: quantize int8 and int4, prune and lowrank at
+their defaults. lowrank's plan computes an SVD of every weight it could factor, so it is asked
+only of models whose weights are in memory and under ``LOWRANK_PLAN_BYTES``; the others get a
+note saying how to ask (``compress --dry-run --recipe lowrank``). No plan changes the model.
 
 FLOPs are estimated for Conv, ConvTranspose, MatMul and Gemm from shapes inferred by ONNX's shape
 inference with concrete input shapes (dynamic dimensions resolved by ``shapes`` or defaults: batch
@@ -10,18 +16,41 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from onnxcomp import calibration
-from onnxcomp.graph import export_model, import_graph, lift_constant_nodes, tidy
-from onnxcomp.model import Model, iter_tensors, load
+from onnxcomp import calibration, passes
+from onnxcomp.errors import OnnxcompError
+from onnxcomp.model import Model, iter_tensors, load, tensor_nbytes
+from onnxcomp.pipeline import SKIP, Context, Pipeline, Step, plan_step
+from onnxcomp.recipe import with_cleanup
 from onnxcomp.report import markdown_table
 
-WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
+# lowrank's plan (an SVD per weight) is asked only of models with at most this many weight
+# bytes in memory: on CLIP ViT-B/32 (605 MB) it takes minutes, which inspect should not.
+LOWRANK_PLAN_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One plan inspect asks for: the pass, its short-form argument, and whether the plan
+    reads every weight in full (then it is skipped for lazy and large models)."""
+
+    pass_name: str
+    arg: str | None = None
+    reads_all_weights: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.pass_name}:{self.arg}" if self.arg else self.pass_name
+
+
+ASKED = (Asked("quantize", "int8"), Asked("quantize", "int4"), Asked("prune"),
+         Asked("lowrank", reads_all_weights=True))
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
@@ -45,15 +74,15 @@ def _all_nodes(graph: onnx.GraphProto, depth: int = 0):
                     yield from _all_nodes(sub, depth + 1)
 
 
-def _parameters(proto: onnx.ModelProto) -> dict[str, dict[str, int]]:
+def _tensors_by_dtype(proto: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """Stored tensors by element type: how many, their elements and bytes (a breakdown of the
+    file's contents; the parameter count is ``Model.parameter_count``)."""
     by_dtype: dict[str, dict[str, int]] = {}
     for tensor in iter_tensors(proto):
         name = onnx.TensorProto.DataType.Name(tensor.data_type).lower()
-        count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
         entry = by_dtype.setdefault(name, {"count": 0, "bytes": 0, "tensors": 0})
-        entry["count"] += count
-        entry["bytes"] += onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * count \
-            if tensor.data_type != onnx.TensorProto.STRING else 0
+        entry["count"] += int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+        entry["bytes"] += tensor_nbytes(tensor)
         entry["tensors"] += 1
     return by_dtype
 
@@ -71,7 +100,7 @@ def _concrete_shapes(model: Model, shapes: dict[str, list[int]] | None) -> Model
             dim.dim_value = int(size)
     try:
         return Model(onnx.shape_inference.infer_shapes(fixed, data_prop=True), model.source)
-    except Exception:
+    except Exception:  # noqa: BLE001  inference is best effort: unknown shapes are counted
         return Model(fixed, model.source)
 
 
@@ -96,7 +125,7 @@ def _runtime_shapes(model: Model, names: list[str]) -> dict[str, list[int]]:
     try:
         sess = runtime.session(calibration.with_outputs(model, names), optimize=False)
         values = runtime.run(sess, feeds, names)
-    except Exception:
+    except Exception:  # noqa: BLE001  best effort: the nodes stay "FLOPs unknown"
         return {}
     return {name: list(value.shape) for name, value in values.items()}
 
@@ -138,32 +167,45 @@ def _flops(model: Model) -> tuple[int, list[str]]:
     return total, unknown
 
 
-def _candidates(model: Model) -> dict[str, Any]:
-    constants = {t.name for t in model.graph.initializer}
-    with_weight = [n for n in model.graph.node
-                   if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[1] in constants]
-    matmuls = [n for n in with_weight if n.op_type in ("MatMul", "Gemm")]
-    convs_1x1 = []
-    dims = {t.name: list(t.dims) for t in model.graph.initializer}
-    for node in with_weight:
-        if node.op_type == "Conv" and dims.get(node.input[1], [0, 0, 0, 0])[2:] == [1, 1]:
-            convs_1x1.append(node)
-    found: dict[str, Any] = {
-        "quantize": {"int8": len(with_weight), "int8-dynamic": len(matmuls), "int4": len(matmuls),
-                     "ops": dict(Counter(n.op_type for n in with_weight))},
-        "lowrank": {"matmul_gemm": len(matmuls), "conv_1x1": len(convs_1x1)},
-    }
-    try:
-        from onnxcomp.passes import prune
-    except ImportError:
-        prune = None
-    if prune is not None and hasattr(prune, "prunable_groups"):
+def _plans(model: Model) -> dict[str, dict[str, Any]]:
+    """Each asked pass's plan on ``model`` (already cleaned up): counts, rows and notes, or why
+    it was not asked or could not be made."""
+    found: dict[str, dict[str, Any]] = {}
+    ctx = Context()
+    for asked in ASKED:
+        entry: dict[str, Any] = {"pass": asked.pass_name, "config": asked.arg}
+        found[asked.label] = entry
+        not_asked = _why_not(asked, model)
+        if not_asked:
+            entry["not_planned"] = not_asked
+            continue
+        spec = passes.get(asked.pass_name)
         try:
-            groups = prune.prunable_groups(model)
-            found["prune"] = [g if isinstance(g, dict) else vars(g) for g in groups]
-        except Exception as exc:  # inspection must not fail because one analysis did
-            found["prune"] = {"error": str(exc)}
+            step = Step(spec, spec.config_type.from_short(asked.arg))
+            plan = plan_step(step, model, ctx)
+        except OnnxcompError as exc:  # one pass's plan must not fail inspect
+            entry["not_planned"] = f"{type(exc).__name__}: {_first_line(exc)}"
+            continue
+        entry.update(to_change=len(plan.actions()), skipped=len(plan.skipped()),
+                     rows=plan.to_dict()["rows"], notes=list(plan.notes))
     return found
+
+
+def _why_not(asked: Asked, model: Model) -> str | None:
+    if not asked.reads_all_weights:
+        return None
+    how = f"run `onnxcomp compress MODEL -o OUT --dry-run --recipe {asked.label}`"
+    if model.lazy:
+        return f"not planned: its plan reads every weight and this model's are on disk ({how})"
+    if model.weight_bytes() > LOWRANK_PLAN_BYTES:
+        return (f"not planned: its plan reads every weight (an SVD each) and this model has "
+                f"{model.weight_bytes() / 2**20:.0f} MiB of them ({how})")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def inspect_model(model: Model | str | os.PathLike,
@@ -181,16 +223,17 @@ def inspect_model(model: Model | str | os.PathLike,
                   else f"{node.domain}.{node.op_type}"] += 1
         if depth:
             in_subgraphs[node.op_type] += 1
-    params = _parameters(proto)
-    # Count FLOPs and candidates on the graph as passes see it: Constant-node weights lifted.
-    normalized = model
-    if histogram.get("Constant"):
-        graph = import_graph(model)
-        lift_constant_nodes(graph)
-        normalized = export_model(tidy(graph), like=model)
-    flops, unknown = _flops(_concrete_shapes(normalized, shapes))
-    constant_nodes = histogram.get("Constant", 0)
+    # FLOPs and plans on the graph as passes see it: cleaned up (Constant-node weights lifted,
+    # constants folded), as every compress run starts.
     warnings = []
+    try:
+        cleaned, _ = Pipeline(with_cleanup([])).run(model, Context())
+    except OnnxcompError as exc:
+        warnings.append(f"cleanup failed ({_first_line(exc)}): FLOPs and plans are on the "
+                        "model as stored")
+        cleaned = model
+    flops, unknown = _flops(_concrete_shapes(cleaned, shapes))
+    constant_nodes = histogram.get("Constant", 0)
     if constant_nodes:
         warnings.append(f"{constant_nodes} weights/constants are stored as Constant nodes "
                         "(onnxcomp lifts them to initializers before compressing)")
@@ -214,12 +257,12 @@ def inspect_model(model: Model | str | os.PathLike,
                     for v in proto.graph.output],
         "nodes": sum(histogram.values()),
         "ops": dict(histogram.most_common()),
-        "parameters": sum(v["count"] for v in params.values()),
-        "parameter_bytes": sum(v["bytes"] for v in params.values()),
-        "parameters_by_dtype": params,
+        "parameters": model.parameter_count(),
+        "parameter_bytes": model.weight_bytes(),
+        "tensors_by_dtype": _tensors_by_dtype(proto),
         "flops": flops,
         "flops_unknown_nodes": unknown,
-        "candidates": _candidates(normalized),
+        "plans": _plans(cleaned),
         "warnings": warnings,
     }
 
@@ -258,25 +301,26 @@ def format_inspection(info: dict[str, Any]) -> str:
         "",
         markdown_table(["dtype", "tensors", "elements", "bytes"],
                        [[k, v["tensors"], v["count"], v["bytes"]]
-                        for k, v in info["parameters_by_dtype"].items()]),
+                        for k, v in info["tensors_by_dtype"].items()]),
         "",
         markdown_table(["op", "count"], [[k, v] for k, v in info["ops"].items()]),
         "",
+        ("What each pass would do (its plan at the defaults, without calibration data; "
+         "--json lists every row):"),
+        markdown_table(["pass", "to change", "skipped", "most common skip reason"],
+                       [[label, entry.get("to_change", "-"), entry.get("skipped", "-"),
+                         _top_skip(entry)] for label, entry in info["plans"].items()]),
     ]
-    cand = info["candidates"]
-    rows = [["quantize", f"int8: {cand['quantize']['int8']} weighted ops "
-             f"({cand['quantize']['ops']}); int8-dynamic/int4: {cand['quantize']['int4']} MatMul/Gemm"],
-            ["lowrank", f"{cand['lowrank']['matmul_gemm']} MatMul/Gemm, "
-             f"{cand['lowrank']['conv_1x1']} 1x1 Conv with constant weights"]]
-    if "prune" in cand:
-        prune = cand["prune"]
-        if isinstance(prune, dict):
-            rows.append(["prune", f"analysis failed: {prune.get('error')}"])
-        else:
-            kinds = Counter(g.get("kind", "?") for g in prune)
-            channels = sum(int(g.get("size", 0)) for g in prune)
-            rows.append(["prune", f"{len(prune)} prunable groups {dict(kinds)}, "
-                         f"{channels} channels in all"])
-    lines.append(markdown_table(["pass", "could act on"], rows))
+    for label, entry in info["plans"].items():
+        notes = [entry["not_planned"]] if "not_planned" in entry else entry["notes"]
+        lines.extend(f"{label}: {note}" for note in notes)
     lines.extend(f"warning: {w}" for w in info["warnings"])
     return "\n".join(lines)
+
+
+def _top_skip(entry: dict[str, Any]) -> str:
+    reasons = Counter(row["reason"] for row in entry.get("rows", []) if row["action"] == SKIP)
+    if not reasons:
+        return ""
+    reason, count = reasons.most_common(1)[0]
+    return f"{reason} ({count}x)" if count > 1 else reason

@@ -74,7 +74,7 @@ class Model:
         return weights_on_disk(self.proto)
 
     def lazy_bytes(self) -> int:
-        return sum(_tensor_nbytes(t) for t in iter_tensors(self.proto)
+        return sum(tensor_nbytes(t) for t in iter_tensors(self.proto)
                    if external_data_helper.uses_external_data(t))
 
     def materialize(self) -> None:
@@ -106,7 +106,7 @@ def weights_on_disk(proto: onnx.ModelProto) -> bool:
 def tensor_bytes(proto: onnx.ModelProto) -> int:
     total = 0
     for tensor in iter_tensors(proto):
-        total += _tensor_nbytes(tensor)
+        total += tensor_nbytes(tensor)
     return total
 
 
@@ -118,7 +118,8 @@ def parameter_count(proto: onnx.ModelProto) -> int:
                if t.data_type != onnx.TensorProto.INT64)
 
 
-def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's values (as stored: 4-bit types packed two to a byte)."""
     count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
@@ -126,6 +127,9 @@ def _tensor_nbytes(tensor: onnx.TensorProto) -> int:
     if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
         return (count + 1) // 2
     return count * itemsize
+
+
+_tensor_nbytes = tensor_nbytes  # the old name, still imported by segments.py
 
 
 def _safe_location(tensor: onnx.TensorProto, location: str, root: Path) -> Path:
@@ -163,7 +167,7 @@ def load(path: str | os.PathLike, load_weights: bool = True) -> Model:
         raise UserError(f"{path}: is a folder, expected an .onnx file")
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises several unrelated types on garbage
+    except Exception as exc:  # noqa: BLE001  protobuf raises several unrelated types on garbage
         raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if not proto.graph.node and not proto.graph.output:
         raise UserError(f"{path}: not an ONNX model (empty graph)")
@@ -277,7 +281,7 @@ def _write_with_external_data(proto: onnx.ModelProto, model_path: Path, data_nam
                 if external_data_helper.uses_external_data(tensor):
                     info = external_data_helper.ExternalDataInfo(tensor)
                     src = _safe_location(tensor, info.location, Path(source).resolve())
-                    nbytes = _tensor_nbytes(tensor)
+                    nbytes = tensor_nbytes(tensor)
                     offset = _aligned(out.tell(), nbytes)
                     out.seek(offset)
                     with open(src, "rb") as handle:
@@ -296,7 +300,7 @@ def _write_with_external_data(proto: onnx.ModelProto, model_path: Path, data_nam
                     continue
                 if tensor.data_type == onnx.TensorProto.STRING:
                     continue
-                if _tensor_nbytes(tensor) < EXTERNAL_DATA_THRESHOLD:
+                if tensor_nbytes(tensor) < EXTERNAL_DATA_THRESHOLD:
                     continue
                 if not tensor.HasField("raw_data"):  # typed fields (float_data, ...): as raw
                     tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor),

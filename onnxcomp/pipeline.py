@@ -80,8 +80,8 @@ class Capabilities:
     # stay on disk stays there; otherwise the Pipeline reads all weights in first (and says so).
     lazy_weights: bool = False
     # Whether this configuration needs calibration data (a predicate: quantize int8 does, int4
-    # round-to-nearest does not).
-    needs_calibration: Callable[[Any], bool] = _never
+    # round-to-nearest does not); a string result says what needs it, for the refusal.
+    needs_calibration: Callable[[Any], bool | str] = _never
     # Needs the uncompressed model (the teacher) in the context.
     needs_teacher: bool = False
     # Whether this configuration needs torch (the [train] extra).
@@ -260,8 +260,10 @@ class Step:
 def check_requirements(step: Step, ctx: Context) -> None:
     """Refuse, as a user error, a step whose needs the context does not meet."""
     caps = step.spec.capabilities
-    if caps.needs_calibration(step.config) and ctx.calibration is None:
-        raise UserError(f"{step.name} ({_short(step)}) needs calibration data (--calib)")
+    reason = caps.needs_calibration(step.config)
+    if reason and ctx.calibration is None:
+        what = reason if isinstance(reason, str) else _short(step)
+        raise UserError(f"{step.name} ({what}) needs calibration data (--calib)")
     if caps.needs_teacher and ctx.teacher is None:
         raise UserError(f"{step.name} needs the teacher (the uncompressed model)")
     if caps.needs_torch(step.config) and importlib.util.find_spec("torch") is None:

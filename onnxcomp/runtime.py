@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions for our models, and the one helper that compares two models numerically.
+"""ONNX Runtime sessions for our models, the checks our own output must pass (onnx.checker and a
+session load: ``InvalidOutput`` when refused), and ``max_abs_difference``.
 
 Models under the protobuf limit are handed to ONNX Runtime as bytes; larger ones go through a
 file. Weights a model still holds on disk (lazy loading) are read by ONNX Runtime from the model's
@@ -11,12 +12,14 @@ import ctypes
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from onnxcomp.errors import OnnxcompError, UserError
-from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model
+from onnxcomp.errors import InvalidOutput, OnnxcompError, UserError
+from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model, tensor_nbytes
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -77,31 +80,147 @@ def release_free_memory() -> None:
 
 def session(model: Model | str | os.PathLike, provider: str = "cpu", threads: int | None = None,
             optimize: bool = True, optimized_model_path: str | None = None) -> ort.InferenceSession:
-    options = session_options(threads, optimize, optimized_model_path)
-    providers = [resolve_provider(provider)]
-    if providers[0] != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
+    """An ONNX Runtime session for ``model`` (a Model, lazy or not, or a path).
+
+    A model ONNX Runtime refuses is the user's input here (``UserError``; callers say which
+    file). For a model onnxcomp produced, :func:`check_loads` makes it ``InvalidOutput``."""
     try:
-        if isinstance(model, Model):
-            lazy = model.lazy
-            if lazy and model.weight_bytes() - model.lazy_bytes() <= PROTOBUF_SAFE_BYTES:
-                # Weights still on disk: ONNX Runtime reads them from the model's folder.
-                options.add_session_config_entry(
-                    "session.model_external_initializers_file_folder_path", str(model.source))
-                return ort.InferenceSession(model.proto.SerializeToString(), options,
-                                            providers=providers)
-            if lazy or model.weight_bytes() > PROTOBUF_SAFE_BYTES:
-                with tempfile.TemporaryDirectory(prefix="onnxcomp-session-") as tmp:
-                    path = Path(tmp) / "model.onnx"
-                    model.save(path, external_data=True)
-                    return ort.InferenceSession(str(path), options, providers=providers)
-            return ort.InferenceSession(model.proto.SerializeToString(), options,
-                                        providers=providers)
-        return ort.InferenceSession(str(model), options, providers=providers)
+        return _open_session(model, provider, threads, optimize, optimized_model_path)
     except OnnxcompError:
         raise
     except Exception as exc:
         raise UserError(f"ONNX Runtime could not load the model: {_first_line(exc)}") from exc
+
+
+# Models up to this size (in memory) get onnx's full check (strict shape inference too); larger
+# or lazy ones the structural check, which is linear in the number of nodes.
+FULL_CHECK_BYTES = 1 << 30
+
+
+def check_structure(model: Model, what: str) -> None:
+    """onnx.checker's structural check (nodes, names, topological order, opsets) without shape
+    inference and without reading weights: ``InvalidOutput`` naming ``what``."""
+    try:
+        onnx.checker.check_model(_skeleton(model.proto), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidOutput(f"{what} is not a valid ONNX model: {_first_line(exc)}") from exc
+
+
+def check_onnx(model: Model, what: str, full: bool | None = None) -> None:
+    """onnx.checker on a model onnxcomp produced: the full check (strict shape inference too)
+    where ``full`` or, by default, where its size allows, else the structural one.
+    ``InvalidOutput`` naming ``what``."""
+    if full is None:
+        full = fits_full_check(model)
+    if not full:
+        check_structure(model, what)
+        return
+    try:
+        onnx.checker.check_model(model.proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise InvalidOutput(f"{what} is not a valid ONNX model: {_first_line(exc)}") from exc
+
+
+def fits_full_check(model: Model) -> bool:
+    """Weights all in memory and small enough for onnx's full check of the serialized model."""
+    return not model.lazy and model.weight_bytes() <= min(FULL_CHECK_BYTES, PROTOBUF_SAFE_BYTES)
+
+
+def fails_full_check(model: Model) -> bool:
+    """Whether ``model`` (the user's input) fails the check :func:`check_onnx` gives by
+    default: then that check says nothing about what onnxcomp did."""
+    try:
+        check_onnx(model, "the input model")
+    except InvalidOutput:
+        return True
+    return False
+
+
+def check_loads(model: Model, what: str) -> None:
+    """A model onnxcomp produced must load in ONNX Runtime: a CPU session with graph
+    optimizations off (so ORT's rewrites neither hide nor add problems). ``InvalidOutput``."""
+    try:
+        _open_session(model, "cpu", None, optimize=False, optimized_model_path=None)
+    except OnnxcompError:
+        raise
+    except Exception as exc:
+        raise InvalidOutput(f"ONNX Runtime refuses {what}: {_first_line(exc)}") from exc
+
+
+def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` without its weights, for the structural check: every tensor (graph
+    initializers, Constant attributes, subgraphs included) becomes a one-element placeholder of
+    its type. The structural check reads neither values nor dims, but would open external data
+    relative to the working directory, and a full copy would hold a large model twice."""
+    copy = onnx.ModelProto()
+    for descriptor, value in proto.ListFields():
+        if descriptor.name != "graph":
+            _copy_field(copy, descriptor, value)
+    _skeleton_graph(proto.graph, copy.graph)
+    return copy
+
+
+def _skeleton_graph(graph: onnx.GraphProto, into: onnx.GraphProto) -> None:
+    for descriptor, value in graph.ListFields():
+        if descriptor.name not in ("node", "initializer"):
+            _copy_field(into, descriptor, value)
+    into.initializer.extend(_placeholder(t) for t in graph.initializer)
+    for node in graph.node:
+        stub = into.node.add()
+        for descriptor, value in node.ListFields():
+            if descriptor.name != "attribute":
+                _copy_field(stub, descriptor, value)
+        for attr in node.attribute:
+            kept = stub.attribute.add()
+            for descriptor, value in attr.ListFields():
+                if descriptor.name not in ("t", "g", "tensors", "graphs"):
+                    _copy_field(kept, descriptor, value)
+            if attr.HasField("t"):
+                kept.t.CopyFrom(_placeholder(attr.t))
+            if attr.HasField("g"):
+                _skeleton_graph(attr.g, kept.g)
+            kept.tensors.extend(_placeholder(t) for t in attr.tensors)
+            for sub in attr.graphs:
+                _skeleton_graph(sub, kept.graphs.add())
+
+
+def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
+    if descriptor.is_repeated or descriptor.message_type is not None:
+        getattr(target, descriptor.name).MergeFrom(value)
+    else:
+        setattr(target, descriptor.name, value)
+
+
+def _placeholder(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type)
+    if tensor.data_type == onnx.TensorProto.STRING:
+        stub.string_data.append(b"")
+    elif tensor.data_type != onnx.TensorProto.UNDEFINED:
+        stub.raw_data = b"\0" * tensor_nbytes(stub)
+    return stub
+
+
+def _open_session(model: Model | str | os.PathLike, provider: str, threads: int | None,
+                  optimize: bool, optimized_model_path: str | None) -> ort.InferenceSession:
+    options = session_options(threads, optimize, optimized_model_path)
+    providers = [resolve_provider(provider)]
+    if providers[0] != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    if not isinstance(model, Model):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    lazy = model.lazy
+    if lazy and model.weight_bytes() - model.lazy_bytes() <= PROTOBUF_SAFE_BYTES:
+        # Weights still on disk: ONNX Runtime reads them from the model's folder.
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(model.source))
+        return ort.InferenceSession(model.proto.SerializeToString(), options,
+                                    providers=providers)
+    if lazy or model.weight_bytes() > PROTOBUF_SAFE_BYTES:
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-session-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            model.save(path, external_data=True)
+            return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(model.proto.SerializeToString(), options, providers=providers)
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import tempfile
 
+import numpy as np
+import onnx
 import pytest
 from conftest import make_mlp
 
+from onnxcomp import passes
 from onnxcomp.cli import main
 
 
@@ -66,8 +71,6 @@ def test_compress_no_validate_writes_the_model_without_a_fidelity_check(tmp_path
     assert main(["compress", str(path), "-o", str(out), "--recipe", "quantize:int8-dynamic",
                  "--no-validate", "--report", str(report)]) == 0
     assert out.exists()
-    import json
-
     assert not json.loads(report.read_text()).get("fidelity")
     # A fidelity gate needs the check: asking for both is a usage error, and nothing is written.
     other = tmp_path / "other.onnx"
@@ -75,3 +78,186 @@ def test_compress_no_validate_writes_the_model_without_a_fidelity_check(tmp_path
                  "--min-cosine", "0.9"]) == 2
     assert "--no-validate" in capsys.readouterr().err
     assert not other.exists()
+
+
+# --- errors at the edges: a user mistake is exit 2 and one line; our bug is exit 3 -------------
+
+
+def _model(tmp_path) -> str:
+    path = tmp_path / "m.onnx"
+    make_mlp().save(path)
+    return str(path)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err and err.startswith("onnxcomp: error: ")
+    return err
+
+
+def _last_line_error(capsys) -> str:
+    """After progress lines ("[1/3] cleanup"), the error: one line, the last."""
+    lines = capsys.readouterr().err.splitlines()
+    errors = [line for line in lines if line.startswith("onnxcomp:")]
+    assert errors == lines[-1:] and not any("Traceback" in line for line in lines), lines
+    return errors[0]
+
+
+def _toml(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return str(path)
+
+
+USER_MISTAKES = {
+    "bad --set value": (["--recipe", "prune", "--set", "prune.ratio=lots"], "prune.ratio"),
+    "--set out of range": (["--recipe", "prune", "--set", "prune.ratio=1.5"], "ratio"),
+    "--set unknown field": (["--recipe", "prune", "--set", "prune.nope=1"], "unknown option"),
+    "--set malformed": (["--recipe", "prune", "--set", "prune"], "bad --set"),
+    "--set of a pass not in the recipe": (["--recipe", "prune", "--set", "lowrank.rank=2"],
+                                          "no 'lowrank' step"),
+    "bad TOML value": (["--recipe", "TOML:[[pass]]\nname = \"prune\"\nratio = \"lots\"\n"],
+                       "prune.ratio"),
+    "TOML Config ValueError": (["--recipe", "TOML:[[pass]]\nname = \"prune\"\nratio = 2.0\n"],
+                               "ratio"),
+    "bad TOML": (["--recipe", "TOML:[[pass]\n"], "invalid TOML"),
+    "short-form Config ValueError": (["--recipe", "quantize:int3"], "int3"),
+    "unknown pass": (["--recipe", "nonsense"], "unknown pass"),
+    "int8 without calibration": (["--recipe", "quantize:int8"], "calibration"),
+    "activation importance without calibration": (
+        ["--recipe", "prune", "--set", "prune.importance=activation"], "calibration"),
+    "unknown data source": (["--recipe", "prune", "--calib", "no-such-source"], "data source"),
+    "data that does not fit": (["--recipe", "quantize:int8", "--calib", "DATA:x=4,5"], "x"),
+}
+
+
+@pytest.mark.parametrize("args, message", USER_MISTAKES.values(), ids=USER_MISTAKES.keys())
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_user_mistakes_are_exit_2_with_one_line(tmp_path, capsys, args, message, dry_run):
+    model = _model(tmp_path)
+    args = list(args)
+    if args[1].startswith("TOML:"):
+        args[1] = _toml(tmp_path, args[1][len("TOML:"):])
+    if "--calib" in args and args[args.index("--calib") + 1].startswith("DATA:"):
+        name, _, dims = args[args.index("--calib") + 1][len("DATA:"):].partition("=")
+        folder = tmp_path / "calib"
+        folder.mkdir()
+        shape = [int(d) for d in dims.split(",")]
+        np.savez(folder / "b0.npz", **{name: np.zeros(shape, np.float32)})
+        args[args.index("--calib") + 1] = str(folder)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out.onnx"
+    code = main(["compress", model, "-o", str(out), *args, *(["--dry-run"] if dry_run else [])])
+    assert code == 2
+    assert message in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "/nonexistent/m.onnx", "-o", "OUT"], "no such file"),
+    (["inspect", "/nonexistent/m.onnx"], "no such file"),
+    (["validate", "/nonexistent/a.onnx", "/nonexistent/b.onnx"], "no such file"),
+    (["bench", "/nonexistent/m.onnx"], "no such file"),
+    (["compress", "--help-pass", "nonsense"], "unknown pass"),
+    (["compress"], "MODEL"),
+])
+def test_missing_files_and_unknown_names_are_exit_2_with_one_line(tmp_path, capsys, argv,
+                                                                   message):
+    argv = [str(tmp_path / "out.onnx") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_help_pass_prints_every_field_with_its_description(capsys):
+    from onnxcomp.pipeline import config_help
+
+    assert main(["compress", "--help-pass", "prune"]) == 0
+    out = capsys.readouterr().out
+    for field in config_help(passes.get("prune").config_type):
+        assert field.name in out and field.help and field.help in out
+
+
+def _broken_pass(monkeypatch, break_model) -> None:
+    """A copy of cleanup whose apply hands back ``break_model(model)``, as pass 'broken'."""
+    import dataclasses
+
+    cleanup = passes.get("cleanup")
+
+    def apply(model, plan, ctx):
+        applied = cleanup.apply(model, plan, ctx)
+        applied.model, applied.modified = break_model(applied.model.copy()), True
+        return applied
+
+    monkeypatch.setitem(passes.PASSES, "broken",
+                        dataclasses.replace(cleanup, name="broken", apply=apply))
+
+
+def _dangling_input(model):
+    model.graph.node[0].input[0] = "no_such_tensor"
+    return model
+
+
+def _ort_refuses(model):
+    # Valid for onnx's checker (an op from a domain it does not know), unknown to ONNX Runtime.
+    node = next(n for n in model.graph.node if n.op_type == "Relu")
+    node.domain = "com.example"
+    model.proto.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    return model
+
+
+@pytest.mark.parametrize("break_model, message", [
+    (_dangling_input, "pass 'broken' produced"),
+    (_ort_refuses, "ONNX Runtime refuses the compressed model (changed by cleanup, broken)"),
+])
+@pytest.mark.parametrize("validate", [True, False], ids=["validate", "no-validate"])
+def test_our_invalid_output_is_exit_3_and_writes_nothing(tmp_path, capsys, monkeypatch,
+                                                         break_model, message, validate):
+    _broken_pass(monkeypatch, break_model)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where temp folders go
+    (tmp_path / "tmp").mkdir()
+    model = _model(tmp_path)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    code = main(["compress", model, "-o", str(out), "--recipe", "broken", "--report",
+                 str(report), *([] if validate else ["--no-validate"])])
+    assert code == 3
+    error = _last_line_error(capsys)
+    assert "internal error" in error and "please report" in error and message in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "tmp"]
+    assert not any((tmp_path / "tmp").iterdir())  # no temporary folder left behind
+
+
+def test_our_invalid_output_raises_from_the_api(monkeypatch):
+    from onnxcomp import api
+    from onnxcomp.errors import InvalidOutput
+
+    _broken_pass(monkeypatch, _dangling_input)
+    with pytest.raises(InvalidOutput, match="pass 'broken'"):
+        api.compress(make_mlp(), recipe="broken", validate=False, show_progress=False)
+
+
+def test_an_input_model_with_its_own_flaw_is_not_blamed_on_us(tmp_path, capsys):
+    # ONNX Runtime refuses the user's model: that is a user error (2), even after compressing.
+    model = _ort_refuses(make_mlp())
+    path = tmp_path / "m.onnx"
+    model.save(path)
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(path), "-o", str(out), "--recipe", "quantize:int4",
+                 "--no-validate"]) == 2
+    assert "error: the input model: ONNX Runtime could not load" in _last_line_error(capsys)
+    assert not out.exists()
+
+
+def test_dry_run_prints_each_plan_and_json_its_rows(tmp_path, capsys):
+    model = _model(tmp_path)
+    out = tmp_path / "out.onnx"
+    argv = ["compress", model, "-o", str(out), "--recipe", "quantize:int4,prune", "--dry-run"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "| node" in text and "quantize: 2 to change" in text and "prune: 1 to change" in text
+    assert main([*argv, "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert [p["pass"] for p in plans] == ["quantize", "prune"]
+    quantize = [r for r in plans[0]["rows"] if r["action"] != "skip"]
+    assert sorted(r["node"] for r in quantize) == ["fc1", "fc2"]
+    assert not out.exists()

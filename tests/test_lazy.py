@@ -113,8 +113,25 @@ def test_inspect_of_a_lazy_model_reads_from_its_folder(llama, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     info = inspect_model(str(llama))
     assert info["parameters"] == load(llama).parameter_count()
-    groups = info["candidates"]["prune"]
-    assert isinstance(groups, list) and len(groups) == TINY.layers  # one FFN group per layer
+    prune = info["plans"]["prune"]
+    cut = [row for row in prune["rows"] if row["action"] != "skip"]
+    assert len(cut) == TINY.layers and all("ffn" in row["node"] for row in cut)  # one per layer
+
+
+def test_inspect_of_a_lazy_model_reads_no_weight_into_memory(llama, monkeypatch):
+    # Weights are only mapped from the folder (one layer at a time); lowrank's plan, which
+    # would decompose every one of them, is not asked.
+    from onnxcomp.inspection import inspect_model
+    from onnxcomp.model import Model
+
+    def refuse(self):
+        raise AssertionError("inspect read every weight in")
+
+    monkeypatch.setattr(Model, "materialize", refuse)
+    monkeypatch.setattr(external_data_helper, "load_external_data_for_model", refuse)
+    info = inspect_model(str(llama))
+    assert "on disk" in info["plans"]["lowrank"]["not_planned"]
+    assert info["plans"]["quantize:int4"]["to_change"] > 0
 
 
 def test_a_lazy_model_saved_as_one_file_has_its_weights_inside(llama, tmp_path):

@@ -160,8 +160,8 @@ def test_compare_by_segment_equals_the_whole_model_comparison(tiny_llama, monkey
     monkeypatch.setattr(quantize_eval, "SEGMENT_TENSORS", 2)  # many segments, even for tiny
 
     data = prompts(PRESETS["tiny"], 3, length=10)
-    int4, record = quantize.run(tiny_llama, quantize.Config(mode="int4"), Context())
-    tensors = [layer["output"] for layer in record.details["layers"]]
+    int4, record = quantize.PASS.run(tiny_llama, quantize.Config(mode="int4"), Context())
+    tensors = [change.teacher_output for change in record.changes]
     eager = load(tiny_llama.source / "tiny.onnx")
     assert len(segments.plan(tiny_llama, tensors, 2)) > 5
     want = quantize_eval.compare(eager, int4, tensors, data, 3)

@@ -89,10 +89,14 @@ class _Runner:
         import onnxruntime as ort
 
         self.provider = runtime.resolve_provider(provider)
-        if spinning:
-            self.session = runtime.session(path, provider=provider, threads=threads)
-        else:
-            self.session = _session_without_spinning(path, self.provider, threads)
+        self.path = path
+        try:
+            if spinning:
+                self.session = runtime.session(path, provider=provider, threads=threads)
+            else:
+                self.session = _session_without_spinning(path, self.provider, threads)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
         if self.provider not in self.session.get_providers():
             # ORT falls back to the CPU when a provider's libraries fail to load: say so rather
             # than report CPU timings under the provider's name.
@@ -112,6 +116,17 @@ class _Runner:
             for name in self.outputs:
                 binding.bind_output(name, device, 0)
             self.binding = binding
+
+    def first_run(self) -> None:
+        """Run once, a model that cannot run on the inputs being the user's error."""
+        try:
+            self()
+        except MemoryError:
+            raise
+        except Exception as exc:  # ONNX Runtime's errors: the inputs do not fit the model
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            raise UserError(f"{self.path} cannot run on the bench inputs (check --data and "
+                            f"--batch): {lines[0]}") from exc
 
     def __call__(self) -> None:
         if self.binding is not None:
@@ -283,6 +298,8 @@ def _time_interleaved(paths: list[Path], provider: str, threads: int,
                       min_seconds: float = 0.0, spinning: bool = True,
                       max_rounds: int = 1_000_000) -> list[list[float]]:
     runners = [_Runner(str(p), provider, threads, f, spinning) for p, f in zip(paths, feeds)]
+    for runner in runners:
+        runner.first_run()
     order = list(range(len(runners)))
     for _ in range(warmup):
         for i in order:
@@ -369,9 +386,3 @@ def measure_memory(path: str | os.PathLike, provider: str, threads: int,
         raise UserError(f"memory measurement of {path} failed: "
                             f"{lines[-1] if lines else done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-
-

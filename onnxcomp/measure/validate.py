@@ -37,7 +37,7 @@ import onnx
 
 from onnxcomp import calibration, runtime
 from onnxcomp.calibration import Dataset
-from onnxcomp.errors import OnnxcompError, UserError
+from onnxcomp.errors import InvalidOutput, OnnxcompError, UserError
 from onnxcomp.measure.compare import per_sample_cosine
 from onnxcomp.model import Model, load
 from onnxcomp.report import Report
@@ -291,22 +291,33 @@ def dual_encoder_outputs(outputs: dict[str, np.ndarray]) -> tuple[str, str] | No
 def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.PathLike,
              data: Any = None, count: int | None = None, min_cosine: float | None = None,
              batch_dims: dict[str, int] | None = None,
-             progress: Callable[[str], None] | None = default_progress) -> Report:
+             progress: Callable[[str], None] | None = default_progress,
+             ours: bool = False) -> Report:
     """Run both models on the same data and measure how closely the candidate follows.
 
     ``data``: anything :func:`onnxcomp.calibration.resolve` accepts (default ``random:8``);
     ``count``: at most this many batches; ``min_cosine``: gate on every output's mean cosine
     (``report.fidelity["passed"]``); ``batch_dims``: sizes of named dynamic input dims for
     random inputs; ``progress``: a callable for progress lines (None: silent).
+
+    Both models are the user's (``UserError`` naming the file ONNX Runtime refuses, or the data
+    the reference cannot run on), unless ``ours``: the candidate is a model onnxcomp produced
+    (``compress``), and its failing where the reference runs is ``InvalidOutput``.
     """
     if min_cosine is not None and not -1.0 <= float(min_cosine) <= 1.0:
         raise UserError(f"min_cosine must be within [-1, 1], got {min_cosine}")
     ref_model, ref_source, ref_label = _open(reference, "reference")
     cand_model, cand_source, cand_label = _open(candidate, "candidate")
-    check_compatible(ref_model, cand_model)
+    try:
+        check_compatible(ref_model, cand_model)
+    except UserError as exc:
+        if ours:
+            raise InvalidOutput(f"the compressed model's signature changed: {exc}") from exc
+        raise
     dataset = resolve_data(data, ref_model, cand_model, count, batch_dims)
-    ref_sess = runtime.session(ref_source)
-    cand_sess = runtime.session(cand_source)
+    ref_sess = _session(ref_source, f"reference {ref_label}")
+    cand_sess = _session(cand_source, f"candidate {cand_label}", ours)
+    flag = "--eval" if ours else "--data"
     output_names = [o.name for o in ref_sess.get_outputs()]
 
     metric = None
@@ -324,8 +335,24 @@ def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.P
     for index, batch in enumerate(dataset):
         if index:
             calibration.check_batch(batch, ref_model, where=f"{dataset.name} batch {index}")
-        ref_out = runtime.run(ref_sess, batch, output_names)
-        cand_out = runtime.run(cand_sess, batch, output_names)
+        where = f"{dataset.name} batch {index}"
+        try:
+            ref_out = runtime.run(ref_sess, batch, output_names)
+        except MemoryError:
+            raise
+        except Exception as exc:  # ONNX Runtime's errors: the data does not fit the model
+            raise UserError(f"the reference {ref_label} cannot run on {where} (check {flag}): "
+                            f"{_first_line(exc)}") from exc
+        try:
+            cand_out = runtime.run(cand_sess, batch, output_names)
+        except MemoryError:
+            raise
+        except Exception as exc:
+            if ours:
+                raise InvalidOutput(f"the compressed model fails on {where}, where the "
+                                    f"reference runs: {_first_line(exc)}") from exc
+            raise UserError(f"the candidate {cand_label} cannot run on {where}, where the "
+                            f"reference runs: {_first_line(exc)}") from exc
         if index == 0:
             dual = dual_encoder_outputs(ref_out)
             if dual:
@@ -384,6 +411,20 @@ def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.P
     return report
 
 
+def _session(source: Model | str, who: str, ours: bool = False):
+    try:
+        return runtime.session(source)
+    except UserError as exc:
+        if ours:  # a model onnxcomp produced
+            raise InvalidOutput(f"{who}: {exc}") from exc
+        raise UserError(f"{who}: {exc}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _task_scores(metric: Callable, ref_model: Model, cand_model: Model,
                  ref_outputs: list[dict[str, np.ndarray]],
                  cand_outputs: list[dict[str, np.ndarray]], dataset: Dataset
@@ -400,9 +441,3 @@ def _task_scores(metric: Callable, ref_model: Model, cand_model: Model,
             delta[key] = float(cand_value) - float(ref_value)
     return {"name": dataset.zoo_name, "reference": dict(ref_scores),
             "candidate": dict(cand_scores), "delta": delta}
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-
-

@@ -57,7 +57,7 @@ def _remove_identities(graph: gs.Graph) -> list[str]:
                 if tensor is result:
                     consumer.inputs[i] = source
         node.outputs.clear()
-        removed.append(node.name)
+        removed.append(node.name or result.name)
     return removed
 
 
@@ -108,7 +108,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         try:
             graph.fold_constants(size_threshold=config.fold_size_limit, recurse_subgraphs=False,
                                  error_ok=True)
-        except Exception as exc:  # folding is an optimization: never fatal
+        except Exception as exc:  # noqa: BLE001 - folding is an optimization: never fatal
             applied.notes.append(f"constant folding skipped: {exc}")
         tidy(graph)
         folded = count - len(graph.nodes)

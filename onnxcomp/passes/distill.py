@@ -1,10 +1,11 @@
 """distill: teacher-guided repair of compressed layers, in closed form.
 
-The uncompressed model is the teacher. Earlier passes' records say which student layers were
-compressed and which teacher tensor each one must reproduce (the records are the matching; names
-are never guessed). For each such layer, in graph order, the student's real input activations X
-and the teacher's output Y at the matching point are streamed over the calibration data, and the
-layer is re-fitted by ridge-regularized least squares:
+The uncompressed model is the teacher. The layers earlier passes changed arrive as the typed
+hand-over ``ctx.changes()`` (``LayerChange``: the student node, the teacher tensor it must
+reproduce, the repair allowed, the teacher channels a pruned layer kept); names are never
+guessed. For each such layer, in graph order, the student's real input activations X and the
+teacher's output Y at the matching point are streamed over the calibration data, and the layer
+is re-fitted by ridge-regularized least squares:
 
     [W; b] = (Xᵀ X + λ I)⁻¹ Xᵀ Y,   λ = ridge · trace(Xᵀ X) / K
 
@@ -12,13 +13,14 @@ accumulating Xᵀ X and Xᵀ Y in float64 batch by batch (memory K² + K·N, not
 runs on the student as already repaired, so it also absorbs the errors of the layers before it
 (sequential reconstruction, as in OBC/GPTQ-style methods).
 
-What is re-fitted:
-- lowrank: the second factor B given the first, A (MatMul, Gemm, or the second 1×1 Conv);
-- prune: the layer that consumes the cut channels (MatMul/Gemm/1×1 Conv: all its weights; a k×k
-  Conv: bias correction only);
-- quantize: bias correction — the mean output error per channel is added to the layer's bias
-  (Conv bias input, Gemm C, or the Add that follows a MatMul); weights stay as quantized.
-Layers whose teacher tensor does not exist or whose shapes differ are skipped with the reason.
+``repair = "refit"``: a MatMul, Gemm or 1×1 Conv gets all its weights and bias re-fitted (lowrank's
+second factor given the first; the layer reading pruned channels); a k×k Conv gets bias
+correction only. ``"bias"`` (quantize): the mean output error per channel is added to the bias
+(Conv bias, Gemm C, or the Add after a MatMul, also through a Q/DQ pair); weights stay as they
+are. Layers that are gone, whose teacher tensor is missing, whose op is not re-fitted or whose
+shapes differ from the teacher's are skipped with the reason. A fit that raises its own layer's
+error is undone; the whole repair is undone if the outputs' cosine to the teacher (lowest over
+outputs, on the calibration data, ``measure.compare``) dropped.
 """
 
 from __future__ import annotations
@@ -33,8 +35,19 @@ from onnx import numpy_helper
 from onnxcomp import runtime
 from onnxcomp.calibration import with_outputs
 from onnxcomp.errors import UserError
+from onnxcomp.measure.compare import compare
 from onnxcomp.model import Model
-from onnxcomp.pipeline import Context, PassRecord
+from onnxcomp.pipeline import (
+    SKIP,
+    Applied,
+    Capabilities,
+    Context,
+    LayerChange,
+    PassSpec,
+    Plan,
+    PlanRow,
+    option,
+)
 
 NAME = "distill"
 logger = logging.getLogger(__name__)
@@ -42,9 +55,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Config:
-    ridge: float = 1e-3
-    max_batches: int | None = None
-    bias_correction: bool = True
+    ridge: float = option(1e-3, "ridge λ, relative to trace(XᵀX)/K (0: plain least squares)")
+    max_batches: int | None = option(None, "calibration batches streamed per layer and for the "
+                                           "output check (none: all)")
+    bias_correction: bool = option(True, "correct the bias of layers whose weights are not "
+                                         "re-fitted (quantized ones, k×k Convs)")
 
     def __post_init__(self) -> None:
         if not (self.ridge >= 0):
@@ -62,41 +77,15 @@ class Config:
             raise ValueError(f"distill takes an optional ridge value, got {arg!r}") from None
 
 
-@dataclass
-class Site:
-    """One student layer to repair and the teacher tensor it must reproduce."""
-
-    node: str            # student node whose constant weight is re-fitted
-    source: str          # the pass that compressed it
-    mode: str            # "refit" (weights + bias) or "bias" (bias correction only)
-    teacher_output: str  # tensor in the teacher to match
-    # When the layer's own output channels were pruned too: the teacher's channels it kept.
-    teacher_channels: list[int] | None = None
-
-
-def sites_from_records(records: list[PassRecord]) -> list[Site]:
-    """Turn earlier passes' records into repair sites. The last record about a node wins."""
-    sites: dict[str, Site] = {}
-    for record in records:
-        if not record.modified:
+def sites(changes: list[LayerChange]) -> list[LayerChange]:
+    """One repair per node from the earlier passes' changes, in order: a later change to a node
+    replaces an earlier one, except that a bias-only change never replaces a re-fit."""
+    chosen: dict[str, LayerChange] = {}
+    for change in changes:
+        if change.repair == "bias" and change.node in chosen:
             continue
-        if record.name == "lowrank":
-            for layer in record.details.get("layers", []):
-                second = layer["nodes"][-1]
-                sites[second] = Site(second, "lowrank", "refit", layer["output"])
-        elif record.name == "prune":
-            groups = record.details.get("groups", [])
-            kept_out = {p["node"]: p.get("channels") for g in groups for p in g["producers"]}
-            for group in groups:
-                for entry in group["consumers"]:
-                    sites[entry["node"]] = Site(entry["node"], "prune", "refit", entry["output"],
-                                                kept_out.get(entry["node"]))
-        elif record.name == "quantize":
-            for entry in record.details.get("layers", []):
-                if entry.get("node") and entry.get("output"):
-                    sites.setdefault(entry["node"], Site(entry["node"], "quantize", "bias",
-                                                         entry["output"]))
-    return list(sites.values())
+        chosen[change.node] = change
+    return list(chosen.values())
 
 
 # --- the closed-form fit ---------------------------------------------------------------------
@@ -113,31 +102,35 @@ def ridge_solve(xtx: np.ndarray, xty: np.ndarray, ridge: float) -> np.ndarray:
 class _Layer:
     """A student layer's weight/bias in a uniform [K, N] view, and how to write them back."""
 
-    def __init__(self, proto: onnx.ModelProto, node: onnx.NodeProto, need_weight: bool):
+    @classmethod
+    def open(cls, proto: onnx.ModelProto, node: onnx.NodeProto,
+             need_weight: bool) -> _Layer | str:
+        """The layer, or why it cannot be repaired."""
+        if node.op_type not in ("Conv", "MatMul", "Gemm"):
+            return f"op {node.op_type} is not re-fitted"
+        if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+            return "Gemm with transA"
+        layer = cls(proto, node)
+        if layer.weight_name not in layer.inits and need_weight:
+            return "its weight is not a float initializer"
+        return layer
+
+    def __init__(self, proto: onnx.ModelProto, node: onnx.NodeProto):
         self.proto, self.node = proto, node
         self.inits = {t.name: t for t in proto.graph.initializer}
         self.op = node.op_type
-        if self.op not in ("Conv", "MatMul", "Gemm"):
-            raise ValueError(f"op {self.op} is not re-fitted")
-        if self.op == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
-            raise ValueError("Gemm with transA")
         self.trans_b = self.op == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         self.weight_name = node.input[1] if len(node.input) > 1 else None
         self.kn = None
-        self.pointwise = False
         if self.weight_name in self.inits:
             weight = numpy_helper.to_array(self.inits[self.weight_name])
             self.weight_shape, self.dtype = weight.shape, weight.dtype
             if self.op == "Conv":
                 group = next((a.i for a in node.attribute if a.name == "group"), 1)
-                self.pointwise = weight.shape[2:] == (1,) * (weight.ndim - 2) and group == 1
-                if self.pointwise:
+                if weight.shape[2:] == (1,) * (weight.ndim - 2) and group == 1:
                     self.kn = weight.reshape(weight.shape[0], -1).T
             elif weight.ndim == 2:
-                self.pointwise = True
                 self.kn = weight.T if self.trans_b else weight
-        elif need_weight:
-            raise ValueError("its weight is not a float initializer")
         self.bias_name, self.bias_add = self._find_bias()
 
     def _find_bias(self) -> tuple[str | None, onnx.NodeProto | None]:
@@ -161,8 +154,21 @@ class _Layer:
                         return other[0], users[0]
         return None, None
 
-    def output_tensor(self) -> str:
-        return self.node.output[0]
+    def refusal(self, repair: str, config: Config) -> str | None:
+        """Why neither a re-fit nor a bias correction applies, or None."""
+        if repair == "refit" and self.kn is not None:
+            return None
+        if self.bias_name is None:
+            return "nothing to re-fit: the weight is not refittable and there is no bias"
+        if not config.bias_correction:
+            return "only a bias correction applies and bias_correction = false"
+        return None
+
+    def action(self, repair: str, teacher_output: str) -> str:
+        if repair == "refit" and self.kn is not None:
+            what = "weights+bias" if self.bias_name is not None else "weights"
+            return f"refit {what} to teacher tensor {teacher_output}"
+        return f"bias correction to teacher tensor {teacher_output}"
 
     def bias(self) -> np.ndarray | None:
         return numpy_helper.to_array(self.inits[self.bias_name]) if self.bias_name else None
@@ -213,13 +219,14 @@ def _rows(array: np.ndarray, channel_axis: int) -> np.ndarray:
     return array.reshape(-1, array.shape[-1]).astype(np.float64)
 
 
-def _fit_site(student: Model, teacher_session, site: Site, layer: _Layer, ctx: Context,
-              config: Config) -> dict:
-    """Stream X (student input) and Y (teacher output), then solve; edits student.proto."""
-    x_name, y_name = layer.node.input[0], layer.output_tensor()
+def _fit_site(student: Model, teacher_session, site: LayerChange, layer: _Layer, ctx: Context,
+              config: Config) -> dict | str:
+    """Stream X (student input) and Y (teacher output), then solve; edits student.proto.
+    Returns the fit's figures, or why it was skipped."""
+    x_name, y_name = layer.node.input[0], layer.node.output[0]
     student_session = runtime.session(with_outputs(student, [x_name, y_name]), optimize=False)
     axis = 1 if layer.op == "Conv" else -1
-    refit = site.mode == "refit" and layer.kn is not None
+    refit = site.repair == "refit" and layer.kn is not None
     intercept = layer.bias_name is not None
     xtx = xty = mean_error = None
     count = 0
@@ -231,8 +238,8 @@ def _fit_site(student: Model, teacher_session, site: Site, layer: _Layer, ctx: C
         want = _teacher_view(runtime.run(teacher_session, batch, [site.teacher_output])
                              [site.teacher_output], site, axis)
         if want.shape != got[y_name].shape:
-            raise ValueError(f"teacher tensor {site.teacher_output} has shape {list(want.shape)},"
-                             f" the student's {list(got[y_name].shape)}")
+            return (f"teacher tensor {site.teacher_output} has shape {list(want.shape)}, "
+                    f"the student's {list(got[y_name].shape)}")
         y_t, y_s = _rows(want, axis), _rows(got[y_name], axis)
         err += float(np.sum((y_t - y_s) ** 2))
         energy += float(np.sum(y_t ** 2))
@@ -246,8 +253,8 @@ def _fit_site(student: Model, teacher_session, site: Site, layer: _Layer, ctx: C
             xtx = x.T @ x if xtx is None else xtx + x.T @ x
             xty = x.T @ y_t if xty is None else xty + x.T @ y_t
     if count == 0:
-        raise ValueError("no calibration batches")
-    result: dict = {"node": site.node, "source": site.source, "samples": count,
+        return "no calibration samples"
+    result: dict = {"node": site.node, "source": site.pass_name, "samples": count,
                     "rel_error_before": float(np.sqrt(err / max(energy, 1e-30)))}
     if refit:
         k = layer.kn.shape[0]
@@ -266,78 +273,89 @@ def _fit_site(student: Model, teacher_session, site: Site, layer: _Layer, ctx: C
             base = layer.bias() if layer.bias_add is not None else 0.0
             layer.set_bias(solution[k] + base)
         result["fit"] = "weights" + (" + bias" if intercept else "")
-    elif intercept and config.bias_correction:
+    else:  # the plan checked that a bias correction applies
         shift = mean_error / count
         layer.set_bias(layer.bias() + shift)
         # Removing the mean error lowers the squared error by count·||mean||², exactly.
         residual = err - count * float(np.sum(shift ** 2))
         result["rel_error_after"] = float(np.sqrt(max(residual, 0.0) / max(energy, 1e-30)))
         result["fit"] = "bias correction"
-    else:
-        raise ValueError("nothing to re-fit: the weight is not refittable and there is no bias")
     return result
 
 
-def _teacher_view(value: np.ndarray, site: Site, axis: int) -> np.ndarray:
+def _teacher_view(value: np.ndarray, site: LayerChange, axis: int) -> np.ndarray:
     if site.teacher_channels is None:
         return value
-    return np.take(value, site.teacher_channels, axis=axis)
+    return np.take(value, list(site.teacher_channels), axis=axis)
 
 
 def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
     """Lowest (over outputs) mean per-sample cosine of ``candidate`` to the teacher."""
-    from onnxcomp.measure.compare import per_sample_cosine
-
-    sessions = [runtime.session(m, optimize=False) for m in (ctx.teacher, candidate)]
-    names = [o.name for o in sessions[0].get_outputs()]
-    sums: dict[str, float] = dict.fromkeys(names, 0.0)
-    count = 0
-    for i, batch in enumerate(ctx.calibration):
-        if config.max_batches and i >= config.max_batches:
-            break
-        want, got = (runtime.run(sess, batch, names) for sess in sessions)
-        for name in names:
-            sums[name] += float(np.mean(per_sample_cosine(want[name], got[name])))
-        count += 1
-    return min(total / max(count, 1) for total in sums.values())
+    batches = config.max_batches or len(ctx.calibration)
+    return compare(ctx.teacher, candidate, [], ctx.calibration, batches).min_cosine
 
 
-def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
-    record = PassRecord(NAME, params_before=model.parameter_count(),
-                        bytes_before=model.weight_bytes())
-    record.params_after, record.bytes_after = record.params_before, record.bytes_before
-    if ctx.teacher is None:
-        raise UserError("distill needs the teacher (the uncompressed model)")
-    if ctx.calibration is None:
-        raise UserError("distill needs calibration data (--calib)")
-    sites = sites_from_records(ctx.records)
-    if not sites:
-        record.notes.append("nothing to repair: no earlier pass recorded compressed layers "
+# --- plan and apply --------------------------------------------------------------------------
+
+
+def plan(model: Model, config: Config, ctx: Context) -> Plan:
+    """The repairs, in graph order, with what each would fit; skips named with the reason.
+    The payload is the list of sites ``apply`` re-fits (``LayerChange``s, in graph order)."""
+    result = Plan(NAME, config, payload=[])
+    wanted = sites(ctx.changes())
+    if not wanted:
+        result.notes.append("nothing to repair: no earlier pass recorded compressed layers "
                             "(put distill after prune/lowrank/quantize in the recipe)")
-        return model, record
-    student = model.copy()
-    order = {n.name: i for i, n in enumerate(student.graph.node)}
-    teacher_names = {o for n in ctx.teacher.graph.node for o in n.output}
-    sites.sort(key=lambda s: order.get(s.node, len(order)))
-    teacher_session = runtime.session(
-        with_outputs(ctx.teacher, sorted({s.teacher_output for s in sites} & teacher_names)),
-        optimize=False)
-    layers = []
-    for index, site in enumerate(sites, start=1):
-        ctx.progress(f"  distill {index}/{len(sites)}: {site.node}")
-        node = next((n for n in student.graph.node if n.name == site.node), None)
+        return result
+    nodes = {n.name: n for n in model.graph.node if n.name}
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    wanted.sort(key=lambda s: order.get(s.node, len(order)))
+    teacher_names = {o for n in ctx.teacher.graph.node for o in n.output} \
+        if ctx.teacher is not None else set()
+    for site in wanted:
+        node = nodes.get(site.node)
         if node is None:
-            record.skipped.append((site.node, "node no longer in the graph"))
+            result.rows.append(PlanRow(site.node, SKIP, "node no longer in the graph"))
             continue
         if site.teacher_output not in teacher_names:
-            record.skipped.append((site.node, f"teacher has no tensor {site.teacher_output!r}"))
+            result.rows.append(PlanRow(site.node, SKIP,
+                                       f"teacher has no tensor {site.teacher_output!r}"))
             continue
-        try:
-            layer = _Layer(student.proto, node, need_weight=site.mode == "refit")
-            saved = layer.snapshot()
-            result = _fit_site(student, teacher_session, site, layer, ctx, config)
-        except ValueError as exc:
-            record.skipped.append((site.node, str(exc)))
+        layer = _Layer.open(model.proto, node, need_weight=site.repair == "refit")
+        refusal = layer if isinstance(layer, str) else layer.refusal(site.repair, config)
+        if refusal is not None:
+            result.rows.append(PlanRow(site.node, SKIP, refusal))
+            continue
+        kept = site.teacher_channels
+        why = f"changed by {site.pass_name}" + (f"; {len(kept)} teacher channels kept" if kept
+                                                  is not None else "")
+        result.rows.append(PlanRow(site.node, layer.action(site.repair, site.teacher_output),
+                                   why))
+        result.payload.append(site)
+    return result
+
+
+def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
+    """The fits, site by site on one copy of the model; then the output-cosine safeguard."""
+    config: Config = plan_.config
+    repairs: list[LayerChange] = plan_.payload
+    applied = Applied(model, modified=False)
+    if not repairs:
+        return applied
+    if len(ctx.calibration) == 0:
+        raise UserError("distill: the calibration data has no batches")
+    student = model.copy()
+    teacher_session = runtime.session(
+        with_outputs(ctx.teacher, sorted({s.teacher_output for s in repairs})), optimize=False)
+    layers = []
+    for index, site in enumerate(repairs, start=1):
+        ctx.progress(f"  distill {index}/{len(repairs)}: {site.node}")
+        node = next(n for n in student.graph.node if n.name == site.node)
+        layer = _Layer(student.proto, node)  # the plan checked that it is repairable
+        saved = layer.snapshot()
+        result = _fit_site(student, teacher_session, site, layer, ctx, config)
+        if isinstance(result, str):
+            applied.skipped.append((site.node, result))
             continue
         before = result["rel_error_before"]
         if result["rel_error_after"] > before:
@@ -347,27 +365,35 @@ def run(model: Model, config: Config, ctx: Context) -> tuple[Model, PassRecord]:
             result["reverted"] = True
             result["rel_error_after"] = before
         else:
-            record.touched.append(site.node)
+            applied.touched.append(site.node)
         if "warning" in result:
-            record.notes.append(f"{site.node}: {result['warning']}")
+            applied.notes.append(f"{site.node}: {result['warning']}")
         layers.append(result)
-    record.details["layers"] = layers
-    record.modified = bool(record.touched)
-    if not record.modified:
-        return model, record
+    applied.details["layers"] = layers
+    if not applied.touched:
+        return applied
     # Each fit lowers its own layer's error, but that need not carry to the outputs (seen with
     # bias correction on MiniLM int8). Keep the repair only if the outputs got closer too.
     before, after = (_output_cosine(candidate, ctx, config) for candidate in (model, student))
-    record.details["output_cosine"] = {"before": before, "after": after}
+    applied.details["output_cosine"] = {"before": before, "after": after}
     if after < before:
-        record.modified, record.touched = False, []
-        record.params_after, record.bytes_after = record.params_before, record.bytes_before
-        record.notes.append(f"undone: the layer fits lowered the output cosine on the "
-                            f"calibration data ({before:.5f} -> {after:.5f})")
-        return model, record
-    record.params_after, record.bytes_after = student.parameter_count(), student.weight_bytes()
-    gained = [(r["rel_error_before"], r["rel_error_after"]) for r in layers if not r.get("reverted")]
-    record.notes.append(f"re-fitted {len(record.touched)} layer(s); mean relative output error "
-                        f"{np.mean([g[0] for g in gained]):.4f} -> {np.mean([g[1] for g in gained]):.4f}"
-                        " on the calibration data")
-    return student, record
+        applied.touched = []
+        applied.notes.append(f"undone: the layer fits lowered the output cosine on the "
+                             f"calibration data ({before:.5f} -> {after:.5f})")
+        return applied
+    gained = [(r["rel_error_before"], r["rel_error_after"]) for r in layers
+              if not r.get("reverted")]
+    applied.notes.append(f"re-fitted {len(applied.touched)} layer(s); mean relative output "
+                         f"error {np.mean([g[0] for g in gained]):.4f} -> "
+                         f"{np.mean([g[1] for g in gained]):.4f} on the calibration data")
+    applied.model, applied.modified = student, True
+    return applied
+
+
+PASS = PassSpec(
+    NAME, Config, plan, apply,
+    Capabilities(needs_calibration=lambda config: True, needs_teacher=True,
+                 notes="repairs the layers earlier passes changed (their LayerChange records): "
+                       "put it after prune, lowrank or quantize"),
+    summary="re-fit the layers earlier passes changed to the teacher's activations, in closed "
+            "form (least squares, bias correction)")

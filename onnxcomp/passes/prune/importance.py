@@ -19,7 +19,7 @@ import onnx_graphsurgeon as gs
 from onnxcomp import calibration
 from onnxcomp.calibration import Dataset
 from onnxcomp.model import Model
-from onnxcomp.passes.prune.analysis import WEIGHT_OPS, Dim, Group
+from onnxcomp.passes.prune.dims import WEIGHT_OPS, Dim, Group
 
 
 def weight_role(node: gs.Node, d: Dim) -> str | None:
@@ -117,3 +117,26 @@ def activation_aware(graph_nodes: dict[str, gs.Node], group: Group, means: dict[
         total += _normalized(per_index(rows, d, group.size).sum(1))
         used = True
     return total if used else None
+
+
+def resolve(importance: str, data: Dataset | None) -> str:
+    """The importance actually used: ``auto`` is activation-aware when data is present."""
+    if importance == "auto":
+        return "activation" if data is not None else "l2"
+    return importance
+
+
+def scores(graph_nodes: dict[str, gs.Node], groups: list[Group], mode: str, model: Model,
+           data: Dataset | None) -> dict[int, np.ndarray]:
+    """One score per channel of every group (``mode`` as ``resolve`` gives it). A group no
+    calibration activation reaches keeps its magnitude scores. ``activation`` needs ``data``
+    (the Pipeline refuses the configuration without it)."""
+    result = {g.id: magnitude(graph_nodes, g, "l1" if mode == "l1" else "l2") for g in groups}
+    if mode == "activation":
+        wanted = {name: axis for g in groups for _, name, axis in consumer_inputs(graph_nodes, g)}
+        means = activation_means(model, wanted, data) if wanted else {}
+        for g in groups:
+            aware = activation_aware(graph_nodes, g, means, "l2")
+            if aware is not None:
+                result[g.id] = aware
+    return result

@@ -1,4 +1,4 @@
-"""Per-op rules of the pruning dependency analysis (see ``prune_groups``).
+"""Per-op rules of the pruning dependency analysis (``analysis.Analysis`` applies them).
 
 Each rule links the dims of one node that share an index space, declares sub-dims where an axis is
 concatenated, split or reshaped, and blocks what it cannot follow. A rule never mutates the graph.
@@ -11,7 +11,7 @@ import math
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcomp.passes.prune.analysis import BROADCAST, POOL, REDUCE, UNARY, Analysis, Dim
+from onnxcomp.passes.prune.dims import BROADCAST, POOL, REDUCE, UNARY, Linker
 
 
 def _const(t: gs.Tensor) -> np.ndarray | None:
@@ -22,18 +22,18 @@ def _axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def unary(a: Analysis, node: gs.Node) -> None:
+def unary(a: Linker, node: gs.Node) -> None:
     if node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1].outputs:
         return a.block_node(node, "dropout mask used")
     a.link_all(node, 0)
 
 
-def broadcast(a: Analysis, node: gs.Node) -> None:
+def broadcast(a: Linker, node: gs.Node) -> None:
     for slot in range(len(node.inputs)):
         a.link_broadcast(node, slot)
 
 
-def conv(a: Analysis, node: gs.Node) -> None:
+def conv(a: Linker, node: gs.Node) -> None:
     w = _const(node.inputs[1])
     if w is None or a.rank(node.inputs[0]) != w.ndim:
         return a.block_node(node, "weight is not a constant")
@@ -53,7 +53,7 @@ def conv(a: Analysis, node: gs.Node) -> None:
     a.link(a.dim(node, 0, 0), a.out(node, 0))
 
 
-def conv_transpose(a: Analysis, node: gs.Node) -> None:
+def conv_transpose(a: Linker, node: gs.Node) -> None:
     w = _const(node.inputs[1])
     if w is None or int(node.attrs.get("group", 1)) != 1:
         return a.block_node(node, "grouped or non-constant ConvTranspose")
@@ -64,7 +64,7 @@ def conv_transpose(a: Analysis, node: gs.Node) -> None:
     a.link(a.dim(node, 0, 0), a.out(node, 0))
 
 
-def batch_norm(a: Analysis, node: gs.Node) -> None:
+def batch_norm(a: Linker, node: gs.Node) -> None:
     if len(node.outputs) > 1 or int(node.attrs.get("training_mode", 0)):
         return a.block_node(node, "training-mode BatchNormalization")
     a.link_all(node, 0)
@@ -72,7 +72,7 @@ def batch_norm(a: Analysis, node: gs.Node) -> None:
         a.link(a.out(node, 1), a.dim(node, slot, 0))
 
 
-def matmul(a: Analysis, node: gs.Node) -> None:
+def matmul(a: Linker, node: gs.Node) -> None:
     x, w, y = node.inputs[0], node.inputs[1], node.outputs[0]
     rx, rw, ry = a.rank(x), a.rank(w), a.rank(y)
     if None in (rx, rw, ry) or rx < 2 or rw < 2:
@@ -95,7 +95,7 @@ def matmul(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def gemm(a: Analysis, node: gs.Node) -> None:
+def gemm(a: Linker, node: gs.Node) -> None:
     w = _const(node.inputs[1])
     if w is None or int(node.attrs.get("transA", 0)) or w.ndim != 2:
         return a.block_node(node, "Gemm with transA or a non-constant weight")
@@ -108,7 +108,7 @@ def gemm(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def transpose(a: Analysis, node: gs.Node) -> None:
+def transpose(a: Linker, node: gs.Node) -> None:
     r = a.rank(node.inputs[0])
     if r is None:
         return a.block_node(node, "unknown rank")
@@ -118,7 +118,7 @@ def transpose(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def concat(a: Analysis, node: gs.Node) -> None:
+def concat(a: Linker, node: gs.Node) -> None:
     y = node.outputs[0]
     r = a.rank(y)
     if r is None:
@@ -137,7 +137,7 @@ def concat(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def split_sizes(a: Analysis, node: gs.Node, axis: int) -> list[int] | None:
+def split_sizes(a: Linker, node: gs.Node, axis: int) -> list[int] | None:
     if "split" in node.attrs:
         return [int(s) for s in node.attrs["split"]]
     if len(node.inputs) > 1 and node.inputs[1].name:
@@ -148,7 +148,7 @@ def split_sizes(a: Analysis, node: gs.Node, axis: int) -> list[int] | None:
     return [total // n] * n if isinstance(total, int) and total % n == 0 else None
 
 
-def split(a: Analysis, node: gs.Node) -> None:
+def split(a: Linker, node: gs.Node) -> None:
     r = a.rank(node.inputs[0])
     if r is None or "num_outputs" in node.attrs:
         return a.block_node(node, "unknown rank or num_outputs form")
@@ -166,7 +166,7 @@ def split(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def softmax(a: Analysis, node: gs.Node) -> None:
+def softmax(a: Linker, node: gs.Node) -> None:
     r = a.rank(node.inputs[0])
     if r is None:
         return a.block_node(node, "unknown rank")
@@ -180,7 +180,7 @@ def softmax(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def layer_norm(a: Analysis, node: gs.Node) -> None:
+def layer_norm(a: Linker, node: gs.Node) -> None:
     r = a.rank(node.inputs[0])
     if r is None:
         return a.block_node(node, "unknown rank")
@@ -194,7 +194,7 @@ def layer_norm(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def reduce(a: Analysis, node: gs.Node) -> None:
+def reduce(a: Linker, node: gs.Node) -> None:
     r = a.rank(node.inputs[0])
     axes = node.attrs.get("axes")
     if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
@@ -215,7 +215,7 @@ def reduce(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def pool(a: Analysis, node: gs.Node) -> None:
+def pool(a: Linker, node: gs.Node) -> None:
     if len(node.outputs) > 1 and node.outputs[1].outputs:
         return a.block_node(node, "pool indices used")
     a.link(a.dim(node, 0, 0), a.out(node, 0))
@@ -223,7 +223,7 @@ def pool(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def resize(a: Analysis, node: gs.Node) -> None:
+def resize(a: Linker, node: gs.Node) -> None:
     """Channels pass through when the scales/sizes leave batch and channel unchanged."""
     scales = _const(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
     if node.op == "Upsample":
@@ -236,7 +236,7 @@ def resize(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def pad(a: Analysis, node: gs.Node) -> None:
+def pad(a: Linker, node: gs.Node) -> None:
     pads = node.attrs.get("pads")
     if pads is None and len(node.inputs) > 1:
         values = _const(node.inputs[1])
@@ -250,7 +250,7 @@ def pad(a: Analysis, node: gs.Node) -> None:
     return None
 
 
-def shape(a: Analysis, node: gs.Node) -> None:
+def shape(a: Linker, node: gs.Node) -> None:
     """Shape reads sizes: block only the axes its consumers pick (Gather of constants)."""
     x = node.inputs[0]
     r = a.rank(x)
@@ -306,7 +306,7 @@ def align(src: list, dst: list) -> list[tuple] | None:
     return steps
 
 
-def reshape(a: Analysis, node: gs.Node) -> None:
+def reshape(a: Linker, node: gs.Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
     src = a.shape(x)
     target = _const(node.inputs[1]) if node.op == "Reshape" else None
@@ -369,4 +369,4 @@ RULES.update({
     "Squeeze": reshape, "Unsqueeze": reshape,
 })
 
-__all__ = ["RULES", "Dim", "align"]
+__all__ = ["RULES", "align"]

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from onnxcomp.graph import constant_array, unique_name
 from onnxcomp.passes.quantize.int8 import symmetric_int8
-from onnxcomp.passes.quantize.plan import Site, excluded
+from onnxcomp.passes.quantize.match import Site, excluded
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import _subgraphs, constant_array, unique_name
+from onnxcomp.graph import constant_array, nested_nodes, unique_name
 from onnxcomp.passes.quantize.int8 import symmetric_int8
-from onnxcomp.passes.quantize.plan import Site, excluded
+from onnxcomp.passes.quantize.match import Site, excluded
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,7 @@ def _axis(node: gs.Node) -> int:
 
 def _subgraph_names(graph: gs.Graph) -> set[str]:
     """Names read inside If/Loop bodies (outer-scope tensors they may capture)."""
-    names: set[str] = set()
-    for sub in _subgraphs(graph):
-        for node in sub.nodes:
-            names.update(t.name for t in node.inputs)
-        names |= _subgraph_names(sub)
-    return names
+    return {t.name for inner, _ in nested_nodes(graph) for t in inner.inputs}
 
 
 def match_node(node: gs.Node, exclude: tuple[str, ...], captured: set[str]) -> Site | str:
@@ -124,8 +119,8 @@ def _fused_tables(graph: gs.Graph) -> list[tuple[str, str]]:
             continue
         large = [t.name for t in node.inputs[2:5] if _large_float_table_tensor(t)]
         if large:
-            skipped.append((node.name, f"tables {', '.join(large)} stay float: the fused "
-                            "EmbedLayerNormalization reads whole float tables"))
+            skipped.append((node.name, (f"tables {', '.join(large)} stay float: the fused "
+                                        "EmbedLayerNormalization reads whole float tables")))
     return skipped
 
 

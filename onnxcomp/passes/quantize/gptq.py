@@ -17,9 +17,10 @@ or opset-21 QDQ alike.
 
 Where it helps: layers whose inputs are correlated (trained models; the attention output
 projection even in random ones). With isotropic inputs ``H`` is a multiple of the identity and
-GPTQ is round-to-nearest. Memory: one ``K x K`` float64 matrix per distinct MatMul input, for one segment
-of the model at a time (``Hessians``: a 2048-wide decoder block's four inputs, about 350 MB).
-Rows that the calibration data never excites (``H[k, k] == 0``) are quantized as they are.
+GPTQ is round-to-nearest. Memory: one ``K x K`` float64 matrix per distinct MatMul input, for
+one segment of the model at a time (``Hessians``: a 2048-wide decoder block's four inputs,
+about 350 MB). Rows that the calibration data never excites (``H[k, k] == 0``) are quantized
+as they are.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ Two file formats:
 - ``matmulnbits``: ONNX Runtime's ``com.microsoft.MatMulNBits``: ``B`` is uint8
   ``[N, n_blocks, block_size / 2]``, two 4-bit values a byte (element ``2i`` in the low nibble),
   stored as unsigned ``q + 8`` when symmetric (ORT's implicit zero point is 8), ``scales``
-  ``[N * n_blocks]``, ``zero_points`` uint8 ``[N * ceil(n_blocks / 2)]`` (nibbles, block ``2j`` low).
-  K is zero-padded to a whole number of blocks.
+  ``[N * n_blocks]``, ``zero_points`` uint8 ``[N * ceil(n_blocks / 2)]`` (nibbles, block ``2j``
+  low). K is zero-padded to a whole number of blocks.
 - ``qdq``: the standard form, opset 21: an INT4 (symmetric) or UINT4 initializer ``[K, N]``,
   ``DequantizeLinear(axis=0, block_size)`` with scales ``[ceil(K / block_size), N]``, then the
   original MatMul.

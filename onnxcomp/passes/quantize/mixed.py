@@ -1,9 +1,9 @@
 """int4 mixed precision: the layer groups the model output is most sensitive to go to 8 bits.
 
-Used by ``quantize`` (int4, MatMulNBits) when the model output cosine on calibration data is
-below ``min_cosine``. Keeping layers float (what the int8 modes do) would leave a large model's
-file several times bigger; 8-bit blocks (``quantize_int4.quantize_blocks8``, MatMulNBits
-``bits = 8``, same block size) are near-lossless at twice the 4-bit size.
+Used by ``quantize`` (int4, MatMulNBits; ``fidelity.py``) when the model output cosine on
+calibration data is below ``min_cosine``. Keeping layers float (what the int8 modes do) would
+leave a large model's file several times bigger; 8-bit blocks (``int4.quantize_blocks8``,
+MatMulNBits ``bits = 8``, same block size) are near-lossless at twice the 4-bit size.
 
 - Layers are grouped by *role*: the node name with every run of digits replaced by ``#``
   (``layers.7.v`` -> ``layers.#.v``), so a 22-block decoder has 8 groups, not 156 layers, to
@@ -34,7 +34,7 @@ from onnx import external_data_helper, numpy_helper
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import UserError
-from onnxcomp.measure import compare as quantize_eval
+from onnxcomp.measure import compare
 from onnxcomp.model import Model, read_external
 from onnxcomp.passes.quantize.int4 import nbits_weight, quantize_blocks8
 
@@ -170,7 +170,7 @@ def float_weight(model: Model, node_name: str) -> np.ndarray:
 
 
 def _score(model: Model, layers: list[str], weight_of: Callable[[str], np.ndarray],
-           reference: quantize_eval.Reference, batches: int | None) -> float:
+           reference: compare.Reference, batches: int | None) -> float:
     """Output cosine of ``model`` with ``layers`` at 8 bits, on a copy: protobuf keeps replaced
     tensor bytes in the message's arena until the message dies, so trials on the model itself
     would pile up every trial's tensors (measured: 2 GB more after eight on the 1B decoder)."""
@@ -197,7 +197,7 @@ def search(reference_model: Model, model: Model, layers: list[str], target: floa
     """Raise groups of ``layers`` of the int4 ``model`` to 8 bits (in place) until its output
     cosine against ``reference_model`` on ``data`` reaches ``target``."""
     grouped = groups(layers)
-    reference = quantize_eval.Reference(reference_model, data, batches)
+    reference = compare.Reference(reference_model, data, batches)
     base = reference.min_cosine(model, trial_batches)
 
     def weight_of(name: str) -> np.ndarray:

@@ -3,7 +3,8 @@
 A site is a Conv, MatMul or Gemm (or what ``op_types`` names) reading one activation and one
 constant float weight; with ``activation_matmuls`` (static int8 only) also a MatMul whose two
 inputs are activations (attention scores and context), both inputs then calibrated per tensor.
-Matching never mutates; ``apply`` in ``quantize.py`` does.
+Matching never mutates; ``rewrite.py`` does. ``prepare.find_sites`` adds the Gather tables
+(``gather.py``) and fused Attention nodes (``attention.py``) to what ``match`` finds here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import _subgraphs, constant_array
+from onnxcomp.graph import constant_array, nested_nodes
 from onnxcomp.passes.quantize.int8 import weight_axis
 
 logger = logging.getLogger(__name__)
@@ -132,9 +133,10 @@ def match_node(node: gs.Node, mode: str, per_channel: bool, activation_matmuls: 
     return f"{node.op} is not a supported op type"
 
 
-def plan(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[str, ...],
-         per_channel: bool, output_qdq: str = "none", activation_matmuls: bool = False
-         ) -> QuantPlan:
+def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[str, ...],
+          per_channel: bool, output_qdq: str = "none", activation_matmuls: bool = False
+          ) -> QuantPlan:
+    """The Conv/MatMul/Gemm sites of ``graph`` for ``mode``, and why the others are skipped."""
     result = QuantPlan(mode)
     seen = set()
     for node in graph.nodes:
@@ -154,7 +156,7 @@ def plan(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[s
         result.sites.append(site)
     if mode == "int8" and output_qdq != "none":
         _place_output_qdq(result, graph, output_qdq)
-    nested = sum(1 for sub in _subgraphs(graph) for n in sub.nodes if n.op in op_types)
+    nested = sum(1 for inner, _ in nested_nodes(graph) if inner.op in op_types)
     if nested:
         result.notes.append(f"{nested} {'/'.join(op_types)} nodes inside If/Loop subgraphs were "
                             "not quantized")
@@ -169,7 +171,8 @@ _PASSTHROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", *_FOL
 
 
 def _reaches(tensor: gs.Tensor, quantized: set[str], graph_outputs: set[str]) -> bool:
-    """Whether ``tensor`` flows, through single-consumer pass-through ops, into a quantized input."""
+    """Whether ``tensor`` flows, through single-consumer pass-through ops, into a quantized
+    input."""
     for _ in range(8):
         if tensor.name in quantized:
             return True

@@ -6,26 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import numpy_helper
-from test_quantize import matmul_model
+from quantize_graphs import correlated, correlated_batches, matmul_model
 
-from onnxcomp import calibration, runtime
-from onnxcomp.errors import OnnxcompError
+from onnxcomp import runtime
+from onnxcomp.errors import UserError
 from onnxcomp.passes import quantize
 from onnxcomp.passes.quantize import gptq as quantize_gptq
 from onnxcomp.passes.quantize import int4 as quantize_int4
 from onnxcomp.pipeline import Context
 
-
-def correlated(count: int, rows: int, k: int, seed: int) -> np.ndarray:
-    """Inputs living mostly in a few directions, as trained models' activations do."""
-    rng = np.random.default_rng(seed)
-    basis = np.random.default_rng(7).standard_normal((6, k))
-    return (rng.standard_normal((count, rows, 6)) @ basis
-            + 0.05 * rng.standard_normal((count, rows, k))).astype(np.float32)
-
-
-def batches(x: np.ndarray) -> calibration.Dataset:
-    return calibration.from_batches([{"x": xi.reshape(2, -1, xi.shape[-1])} for xi in x])
+run = quantize.PASS.run
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -54,11 +44,11 @@ def test_output_error_on_correlated_inputs_is_lower_than_rtn(symmetric):
 
 def test_gptq_model_runs_exactly_and_beats_rtn_in_onnx_runtime():
     model = matmul_model(k=72, n=24)
-    calib = batches(correlated(8, 10, 72, seed=3))
+    calib = correlated_batches(correlated(8, 10, 72, seed=3))
     held_out = correlated(4, 10, 72, seed=4)
     config = quantize.Config(mode="int4", int4_method="gptq")
-    result, record = quantize.run(model, config, Context(calibration=calib))
-    rtn, _ = quantize.run(model, quantize.Config(mode="int4"), Context())
+    result, _ = run(model, config, Context(calibration=calib))
+    rtn, _ = run(model, quantize.Config(mode="int4"), Context())
     weight = numpy_helper.to_array(model.graph.initializer[0])
     h = sum(b["x"].reshape(-1, 72).astype(np.float64).T @ b["x"].reshape(-1, 72) for b in calib)
     quantize_gptq._shrink(h, sum(b["x"].reshape(-1, 72).shape[0] for b in calib))
@@ -80,8 +70,12 @@ def test_gptq_model_runs_exactly_and_beats_rtn_in_onnx_runtime():
 
 
 def test_gptq_needs_calibration_data():
-    with pytest.raises(OnnxcompError, match="GPTQ needs calibration data"):
-        quantize.run(matmul_model(), quantize.Config(mode="int4", int4_method="gptq"), Context())
+    config = quantize.Config(mode="int4", int4_method="gptq")
+    needs = quantize.PASS.capabilities.needs_calibration
+    assert needs(config) and not needs(quantize.Config(mode="int4"))
+    # The Pipeline refuses it (a user error, exit 2) before any work.
+    with pytest.raises(UserError, match=r"quantize \(int4 with GPTQ\) needs calibration data"):
+        run(matmul_model(), config, Context())
     with pytest.raises(ValueError, match="int4_method"):
         quantize.Config(mode="int4", int4_method="awq")
 
@@ -90,14 +84,14 @@ def test_held_out_data_scores_gptq_and_calibration_scores_are_flagged():
     from onnxcomp.measure import compare as quantize_eval
 
     model = matmul_model(k=72, n=24)
-    calib = batches(correlated(8, 10, 72, seed=3))
-    held_out = batches(correlated(4, 10, 72, seed=4))
+    calib = correlated_batches(correlated(8, 10, 72, seed=3))
+    held_out = correlated_batches(correlated(4, 10, 72, seed=4))
     config = quantize.Config(mode="int4", int4_method="gptq")
-    result, record = quantize.run(model, config, Context(calibration=calib, evaluation=held_out))
+    result, record = run(model, config, Context(calibration=calib, evaluation=held_out))
     assert not any("optimistic" in note for note in record.notes)
     want = quantize_eval.compare(model, result, [], held_out, 16).cosine
     assert record.details["output_cosine"] == pytest.approx(want)
-    _, fitted = quantize.run(model, config, Context(calibration=calib))
+    _, fitted = run(model, config, Context(calibration=calib))
     assert any("optimistic" in note for note in fitted.notes)
     # GPTQ fits the calibration inputs: it scores better on them than on held-out ones.
     assert fitted.details["output_cosine"]["y"] > record.details["output_cosine"]["y"]

@@ -1,0 +1,116 @@
+"""The quantize pass's configuration: one frozen dataclass that checks itself.
+
+Values from TOML recipes and ``--set quantize.FIELD=VALUE`` reach it through
+``onnxcomp.recipe.coerce``, which converts them by the annotations below (``exclude=a,b`` becomes
+a tuple, ``block_size = 32.0`` is refused); ``__post_init__`` then checks the ranges and choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnxcomp.passes.quantize.calib import METHODS
+from onnxcomp.passes.quantize.int4 import SCALE_RULES
+from onnxcomp.pipeline import option
+
+NAME = "quantize"
+MODES = ("int8", "int8-dynamic", "int4")
+DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm"),
+                    "int4": ("MatMul", "Gemm")}
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str = option("int8", "int8 (static QDQ, calibrated) | int8-dynamic | int4 (weight-only)")
+    calibration: str = option("mse", "int8 activation ranges: minmax | percentile | entropy | mse")
+    percentile: float = option(99.99, "calibration = percentile: the percentile kept, in (50, 100]")
+    op_types: tuple[str, ...] | None = option(
+        None, "op types to quantize (none: the mode's default, Conv/MatMul/Gemm or MatMul/Gemm)")
+    exclude: tuple[str, ...] = option((), "node names, op types or fnmatch patterns left float")
+    per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
+    activation_dtype: str = option("uint8", "int8 activations: uint8 (the fast ONNX Runtime CPU "
+                                            "path; the only choice)")
+    output_qdq: str = option("conv", "int8: also QDQ the outputs of none | conv | all sites")
+    block_size: int = option(32, "int4: rows per block sharing a scale (16, 32, 64, 128, 256)")
+    int4_format: str = option("matmulnbits", "int4: com.microsoft.MatMulNBits | qdq (opset 21)")
+    int4_symmetric: bool = option(True, "int4: symmetric blocks (no zero points)")
+    int4_scale: str = option("mse", "int4 per-block scale: mse (least squared error) | max "
+                                    "(no clipping)")
+    int4_method: str = option("rtn", "int4: rtn (round to nearest) | gptq (error compensation "
+                                     "from calibration data)")
+    min_cosine: float | None = option(None, "model output cosine to meet: int8 keeps the most "
+                                            "harmful layers float, int4 raises groups to 8 bits")
+    smoothquant_alpha: float | None = option(None, "SmoothQuant migration strength in [0, 1] for "
+                                                   "MatMuls after LayerNormalization (none: off)")
+    embeddings: bool = option(True, "Gather tables as int8 rows, one scale per row (every mode)")
+    attention: bool = option(True, "int8-dynamic: fused com.microsoft.Attention -> QAttention")
+    # Off by default: not faster on PP-OCR rec, slower on MiniLM at 128 tokens.
+    activation_matmuls: bool = option(False, "int8: QDQ on both inputs of activation x "
+                                             "activation MatMuls too (-> QLinearMatMul)")
+
+    def __post_init__(self) -> None:
+        for name in ("op_types", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or (value is None and name == "exclude"):
+                raise ValueError(f"{name} must be a tuple of names or patterns, got {value!r}")
+            if value is not None:  # a list (Python callers) becomes the declared tuple
+                object.__setattr__(self, name, tuple(str(v) for v in value))
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.calibration not in METHODS:
+            raise ValueError(f"calibration must be one of {', '.join(METHODS)}, "
+                             f"got {self.calibration!r}")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if self.op_types is not None and not self.op_types:
+            raise ValueError("op_types must name at least one op type")
+        if self.activation_dtype != "uint8":
+            raise ValueError(f"activation_dtype must be 'uint8' (the fast ONNX Runtime CPU path), "
+                             f"got {self.activation_dtype!r}")
+        if self.output_qdq not in ("none", "conv", "all"):
+            raise ValueError(f"output_qdq must be none, conv or all, got {self.output_qdq!r}")
+        if (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
+                or self.block_size not in BLOCK_SIZES):
+            raise ValueError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size!r}")
+        if self.int4_scale not in SCALE_RULES:
+            raise ValueError(f"int4_scale must be one of {', '.join(SCALE_RULES)}, "
+                             f"got {self.int4_scale!r}")
+        if self.int4_method not in ("rtn", "gptq"):
+            raise ValueError(f"int4_method must be rtn or gptq, got {self.int4_method!r}")
+        if self.int4_format not in ("matmulnbits", "qdq"):
+            raise ValueError(f"int4_format must be matmulnbits or qdq, got {self.int4_format!r}")
+        if self.min_cosine is not None and not -1.0 <= float(self.min_cosine) <= 1.0:
+            raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
+            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
+        for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
+                     "activation_matmuls"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_short(cls, arg: str | None) -> Config:
+        mode = arg or "int8"
+        if mode not in MODES:
+            raise ValueError(f"quantize mode must be one of {', '.join(MODES)}, got {mode!r}")
+        return cls(mode=mode)
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return self.op_types or DEFAULT_OP_TYPES[self.mode]
+
+    @property
+    def gptq(self) -> bool:
+        return self.mode == "int4" and self.int4_method == "gptq"
+
+    def needs_calibration(self) -> str | bool:
+        """What reads calibration data, for the refusal message: static int8 (activation
+        ranges), SmoothQuant and GPTQ; False when nothing does."""
+        if self.mode == "int8":
+            return "int8 (static activation ranges)"
+        if self.gptq:
+            return "int4 with GPTQ"
+        if self.smoothquant_alpha is not None:
+            return f"{self.mode} with smoothquant"
+        return False

@@ -1,0 +1,130 @@
+"""How close the quantized model stays to float, and automatic mixed precision to a target.
+
+With calibration data (scored on the held-out ``ctx.evaluation`` when given), after the rewrite:
+- per-layer SQNR of every site's output and the model output cosine (``onnxcomp.measure.compare``,
+  the one numeric comparison), reported in the record's details;
+- below ``min_cosine``, int8 modes return the layers most harmful *on their own* to float (each
+  site scored by the output cosine with only it quantized, then the fewest from the top, doubling,
+  that meet the target); int4 MatMulNBits raises the most sensitive layer groups to 8 bits
+  (``mixed.search``). Either choice is fitted to the scoring data: when that is ``--eval``, the
+  pass says so in ``ctx.tuned_on_evaluation``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onnxcomp.measure import compare
+from onnxcomp.model import Model
+from onnxcomp.passes.quantize import mixed as quantize_mixed
+from onnxcomp.passes.quantize.config import NAME, Config
+from onnxcomp.passes.quantize.match import QuantPlan
+from onnxcomp.passes.quantize.rewrite import rewrite
+from onnxcomp.passes.quantize.stats import statistics
+from onnxcomp.pipeline import Applied, Context
+
+# Batches of calibration data used for SQNR and the mixed-precision search.
+EVAL_BATCHES = 16
+# Batches per layer for the one-layer-at-a-time sensitivity probe of mixed precision.
+SENSITIVITY_BATCHES = 8
+
+
+def measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config, stats,
+            ctx: Context, applied: Applied) -> tuple[Model, QuantPlan]:
+    """Per-layer SQNR; then, below ``min_cosine``, the mixed precision that meets it: the model
+    and the sites finally quantized (int8 modes: fewer than planned)."""
+    scoring = ctx.evaluation or ctx.calibration
+    ctx.progress(f"quantize: measuring per-layer SQNR on {scoring.name}")
+    if ctx.evaluation is None and config.gptq:
+        applied.notes.append("SQNR and output cosine measured on the calibration data GPTQ was "
+                             "fitted to: optimistic (pass held-out data with --eval)")
+    outputs = {s.output: s.node for s in quant_plan.sites}
+    comparison = compare.compare(prepared, result, list(outputs), scoring, EVAL_BATCHES)
+    layer_sqnr = sorted(((outputs[t], comparison.sqnr.get(t, math.inf)) for t in outputs),
+                        key=lambda item: item[1])
+    applied.details["sqnr"] = [{"node": n, "sqnr_db": round(v, 2)} for n, v in layer_sqnr]
+    applied.details["output_cosine"] = comparison.cosine
+    if config.min_cosine is None or comparison.min_cosine >= config.min_cosine:
+        return result, quant_plan
+    if ctx.evaluation is not None:
+        # The layer choice is fitted to this data: a fidelity check on it is optimistic.
+        ctx.tuned_on_evaluation.append(NAME)
+    if config.mode == "int4" and config.int4_format == "matmulnbits":
+        return _mixed_bits(prepared, result, quant_plan, config, ctx, applied,
+                           comparison.min_cosine), quant_plan
+    return _keep_float(prepared, result, quant_plan, config, stats, ctx, applied,
+                       comparison.min_cosine)
+
+
+def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config, fresh_stats,
+                          ctx: Context) -> list[tuple[str, float]]:
+    """(node, model output cosine with only that node quantized), most harmful first."""
+    everything = {s.node for s in quant_plan.sites}
+    scoring = ctx.evaluation or ctx.calibration
+    scores = []
+    for index, site in enumerate(quant_plan.sites, start=1):
+        ctx.progress(f"quantize: sensitivity {index}/{len(quant_plan.sites)} {site.node}")
+        alone = quant_plan.without(everything - {site.node}, "sensitivity probe")
+        trial = rewrite(prepared, alone, config, fresh_stats())
+        scores.append((site.node, compare.compare(prepared, trial, [], scoring,
+                                                  SENSITIVITY_BATCHES).min_cosine))
+    return sorted(scores, key=lambda item: item[1])
+
+
+def _keep_float(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config, stats,
+                ctx: Context, applied: Applied, baseline: float) -> tuple[Model, QuantPlan]:
+    """int8 modes below ``min_cosine``: the most harmful layers return to float."""
+    scoring = ctx.evaluation or ctx.calibration
+    # SQNR inside the quantized model carries the error of every layer upstream, so it ranks
+    # deep layers worst whatever their own harm (on MiniLM it pointed at attention outputs when
+    # the FFN down-projections were the culprits). Rank by each layer's effect alone instead.
+    # GPTQ statistics are read once by rewrite (a segment at a time): every trial needs them anew.
+    fresh = ((lambda: statistics(prepared, quant_plan, config, ctx)) if config.gptq
+             else (lambda: stats))
+    ranking = _isolated_sensitivity(prepared, quant_plan, config, fresh, ctx)
+    applied.details["sensitivity"] = [{"node": n, "output_cosine_alone": round(c, 6)}
+                                      for n, c in ranking]
+    kept: list[str] = []
+    cosine = baseline
+    trial_plan, step = quant_plan, 1
+    while cosine < config.min_cosine and len(kept) < len(ranking):
+        kept = [n for n, _ in ranking[: min(len(ranking), len(kept) + step)]]
+        step *= 2
+        trial_plan = quant_plan.without(set(kept), "kept float to meet min_cosine "
+                                        f"{config.min_cosine} (most sensitive)")
+        if not trial_plan.sites:
+            result, cosine = prepared, 1.0
+            break
+        result = rewrite(prepared, trial_plan, config, fresh())
+        cosine = compare.compare(prepared, result, [], scoring, EVAL_BATCHES).min_cosine
+        ctx.progress(f"quantize: {len(kept)} layers kept float, cosine {cosine:.5f}")
+    applied.details["kept_float"] = kept
+    applied.details["output_cosine_after"] = cosine
+    applied.notes.append(f"mixed precision: {len(kept)} most sensitive layers kept float "
+                         f"(output cosine {baseline:.5f} -> {cosine:.5f}, target "
+                         f"{config.min_cosine})")
+    if cosine < config.min_cosine:
+        applied.notes.append("min_cosine not reached even with every layer float")
+    return result, trial_plan
+
+
+def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
+                ctx: Context, applied: Applied, baseline: float) -> Model:
+    """int4 below ``min_cosine``: the most sensitive layer groups go to 8 bits (in place)."""
+    layers = [s.node for s in quant_plan.sites if s.op in ("MatMul", "Gemm")]
+    ctx.progress(f"quantize: mixed precision, reference outputs on {EVAL_BATCHES} batches")
+    found = quantize_mixed.search(prepared, result, layers, float(config.min_cosine), baseline,
+                                  ctx.evaluation or ctx.calibration, ctx.progress,
+                                  EVAL_BATCHES, SENSITIVITY_BATCHES)
+    applied.details["mixed_groups"] = [
+        {"group": s.group, "layers": len(s.layers), "cosine_at_8bit": round(s.cosine, 6),
+         "gain": round(s.gain, 6), "added_bytes": s.added_bytes} for s in found.ranked]
+    applied.details["int8_layers"] = found.layers
+    applied.details["output_cosine_after"] = found.cosine
+    applied.notes.append(
+        f"mixed precision: {len(found.layers)} of {len(layers)} layers at 8 bits "
+        f"({', '.join(found.groups)}; output cosine {baseline:.5f} -> {found.cosine:.5f}, "
+        f"target {config.min_cosine})")
+    if found.cosine < config.min_cosine:
+        applied.notes.append("min_cosine not reached even with every layer at 8 bits")
+    return result

@@ -1,0 +1,159 @@
+"""What the quantize plan does before matching: refuse quantized models, lift Constant-node
+weights, rewrite Gemm as MatMul for static int8, raise the opset; then find every site.
+
+Preparing builds a new model (the input is never mutated): the plan carries it to ``apply``,
+which rewrites that model, so the sites found here are the ones rewritten.
+- Gemm (transA = 0, constant float 2-D B, constant C) -> ``MatMul(A, alpha * B')`` [+
+  ``Add(beta * C)``], same node name, for static int8: ONNX Runtime fuses ``DQ -> MatMul`` into
+  integer kernels, not a float-output Gemm.
+- Opset: per-channel DequantizeLinear needs 13 (PP-OCR is 12), DynamicQuantizeLinear 11, the
+  int4 QDQ form (``block_size``) 21; an upgrade the converter can't do is a UserError.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import version_converter
+
+from onnxcomp.errors import UserError
+from onnxcomp.graph import (
+    LinearWeight,
+    export_model,
+    import_graph,
+    lift_constant_nodes,
+    linear_weight,
+    tidy,
+    unique_name,
+)
+from onnxcomp.model import Model
+from onnxcomp.passes.quantize import attention as quantize_attention
+from onnxcomp.passes.quantize import gather as quantize_gather
+from onnxcomp.passes.quantize.config import Config
+from onnxcomp.passes.quantize.match import QuantPlan, excluded, is_quantized_op, match
+
+
+@dataclass
+class Planned:
+    """The quantize plan's payload: the prepared model and the sites found in it."""
+
+    prepared: Model
+    sites: QuantPlan
+
+
+def check_not_quantized(model: Model) -> None:
+    ops = sorted({n.op_type for n in model.graph.node if is_quantized_op(n.op_type)})
+    if ops:
+        raise UserError(f"model is already quantized (it has {', '.join(ops)}): quantize a "
+                        "float model")
+
+
+def _opset_needed(config: Config) -> int:
+    if config.mode == "int8":
+        return 13 if config.per_channel else 10
+    if config.mode == "int8-dynamic":
+        return 11
+    return 21 if config.int4_format == "qdq" else 10
+
+
+def prepare(model: Model, config: Config, notes: list[str]) -> Model:
+    """Constant-node weights lifted to initializers, Gemm as MatMul for static int8, the opset
+    raised where the output needs it; a new model, ``model`` unchanged."""
+    graph = import_graph(model)
+    lifted = lift_constant_nodes(graph)
+    if lifted:
+        notes.append(f"lifted {lifted} Constant nodes to initializers")
+    if config.mode == "int8" and "Gemm" in config.ops:
+        rewritten = _gemms_as_matmul(graph, config)
+        if rewritten:
+            notes.append(f"{rewritten} Gemm nodes rewritten as MatMul + Add (ONNX Runtime fuses "
+                         "DQ -> MatMul into integer kernels, not a float-output Gemm)")
+    prepared = export_model(tidy(graph), like=model)
+    needed = _opset_needed(config)
+    opset = prepared.opset()
+    if opset < needed:
+        try:
+            proto = version_converter.convert_version(prepared.proto, needed)
+            if prepared.lazy:
+                # The checker would look for the weights' files in the working directory; the
+                # graph's consistency is what the upgrade can break, and inference checks that.
+                onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+            else:
+                onnx.checker.check_model(proto)
+        except Exception as exc:  # noqa: BLE001 - the converter raises many types
+            raise UserError(f"could not upgrade the model from opset {opset} to {needed} "
+                            f"(needed by {config.mode}): {exc}") from None
+        notes.append(f"upgraded the opset from {opset} to {needed} (needed by {config.mode}"
+                     f"{' per-channel' if needed == 13 else ''})")
+        prepared = Model(proto, model.source, model.external_data)
+    return prepared
+
+
+def gemm_weight(node: gs.Node) -> LinearWeight | str:
+    """A Gemm/MatMul's weight as float32 ``[K, N]`` (transB, alpha folded) and ``beta * C``."""
+    weight = linear_weight(node)
+    if isinstance(weight, str):
+        return weight
+    bias = None if weight.bias is None else np.asarray(weight.bias, np.float32)
+    return LinearWeight(weight.tensor, np.asarray(weight.matrix, np.float32), bias,
+                        weight.transposed, weight.alpha)
+
+
+def _gemms_as_matmul(graph: gs.Graph, config: Config) -> int:
+    """Gemm (transA=0, constant B) -> MatMul(A, alpha * B') [+ Add(beta * C)], same node name."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "Gemm" or excluded(node, config.exclude):
+            continue
+        weight = gemm_weight(node)
+        if isinstance(weight, str):
+            continue  # matched (and skipped with the reason) as a Gemm
+        activation, output = node.inputs[0], node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        product = output
+        if weight.bias is not None:
+            product = gs.Variable(unique_name(graph, f"{output.name}_matmul"), dtype=np.float32)
+            graph.nodes.append(gs.Node("Add", unique_name(graph, f"{node.name}_bias"),
+                                       inputs=[product, gs.Constant(
+                                           unique_name(graph, f"{node.name}_C"), weight.bias)],
+                                       outputs=[output]))
+        name = node.name
+        node.name = unique_name(graph, f"{name}_replaced")
+        graph.nodes.append(gs.Node("MatMul", name, inputs=[activation, gs.Constant(
+            unique_name(graph, f"{name}_B"), weight.matrix)], outputs=[product]))
+        count += 1
+    return count
+
+
+def find_sites(model: Model, config: Config) -> QuantPlan:
+    """The sites of ``model`` (a prepared one) that ``config`` quantizes; pure."""
+    graph = import_graph(model)
+    result = match(graph, config.mode, config.ops, config.exclude, config.per_channel,
+                   config.output_qdq, config.activation_matmuls)
+    if config.embeddings:
+        sites, skipped = quantize_gather.match(graph, config.exclude)
+        result.sites += sites
+        result.skipped += skipped
+    _attention(graph, config, result)
+    if config.mode == "int8-dynamic" and "Conv" in config.ops:
+        result.notes.append("int8-dynamic on Conv (ConvInteger) measured 4.5x slower and lost all "
+                            "accuracy on PP-OCR: prefer static int8 for conv nets")
+    return result
+
+
+def _attention(graph: gs.Graph, config: Config, result: QuantPlan) -> None:
+    fused = quantize_attention.float_count(graph)
+    if config.mode == "int8-dynamic" and config.attention:
+        sites, skipped = quantize_attention.match(graph, config.exclude)
+        result.sites += sites
+        result.skipped += skipped
+    elif fused:
+        why = {"int8-dynamic": "attention = false",
+               "int8": "ONNX Runtime fuses no QDQ Attention; its QAttention is int8-dynamic's",
+               "int4": "ONNX Runtime has no 4-bit Attention kernel"}[config.mode]
+        result.notes.append(f"{fused} fused com.microsoft.Attention nodes left float ({why}): "
+                            "their Q/K/V weights keep their float size")

@@ -1,0 +1,141 @@
+"""The one place the quantize pass builds a quantized model: every planned site rewritten.
+
+- Gather tables -> int8 rows (``gather.rewrite``); fused Attention -> QAttention
+  (``attention.rewrite``);
+- static int8: a QDQ pair on each activation input (calibrated ``(min, max)`` in ``stats``), an
+  int8 per-channel weight behind a DequantizeLinear, and the planned output pairs
+  (``int8.QdqWriter``);
+- int8-dynamic: DynamicQuantizeLinear -> MatMulInteger / ConvInteger (``int8``);
+- int4: MatMulNBits or opset-21 blockwise DequantizeLinear (``int4``), the blocks from GPTQ
+  when ``stats`` holds the layer input's ``X^T X`` (``gptq``).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcomp import runtime
+from onnxcomp.graph import constant_array, export_model, import_graph, tidy, unique_name
+from onnxcomp.model import Model
+from onnxcomp.passes.quantize import attention as quantize_attention
+from onnxcomp.passes.quantize import calib as quantize_calib
+from onnxcomp.passes.quantize import gather as quantize_gather
+from onnxcomp.passes.quantize import gptq as quantize_gptq
+from onnxcomp.passes.quantize import int4 as quantize_int4
+from onnxcomp.passes.quantize import int8 as quantize_int8
+from onnxcomp.passes.quantize.config import Config
+from onnxcomp.passes.quantize.match import QuantPlan, Site
+from onnxcomp.passes.quantize.prepare import gemm_weight
+
+
+def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | None = None
+            ) -> Model:
+    """Rewrite the planned sites of ``model`` (the prepared one) into a new model. ``stats``:
+    calibration statistics of the activation inputs, by tensor name: ``(min, max)`` for static
+    int8 (needed), ``X^T X`` for int4 with GPTQ."""
+    graph = import_graph(model)
+    nodes = {n.name: n for n in graph.nodes}
+    tables: dict = {}
+    sites = []
+    for site in quant_plan.sites:  # Gather tables and fused Attention have their own rewrites
+        if site.op == "Gather":
+            quantize_gather.rewrite(graph, nodes[site.node], tables)
+        elif site.op == "Attention":
+            quantize_attention.rewrite(graph, nodes[site.node], config.per_channel)
+        else:
+            sites.append(site)
+    if config.mode == "int8":
+        _static(graph, nodes, sites, stats)
+    four_bit: set[str] = set()
+    if config.mode != "int8":
+        lazy = model.lazy
+        for site in sites:
+            four_bit.update(_weight_only(graph, nodes[site.node], site, config, stats))
+            if lazy:
+                # A replaced weight's memory map is freed only by the cycle collector (gs tensors
+                # and nodes point at each other): collect now, so that one float weight at a
+                # time is resident, not every weight read so far.
+                gc.collect()
+    result = _export(tidy(graph), model)
+    if model.lazy:
+        runtime.release_free_memory()  # the float weights and statistics read on the way
+    if four_bit:
+        quantize_int4.to_4bit(result.proto, four_bit)
+    return result
+
+
+def _static(graph: gs.Graph, nodes: dict[str, gs.Node], sites: list[Site], stats: dict) -> None:
+    writer = quantize_int8.QdqWriter(graph)
+    for site in sites:
+        node = nodes[site.node]
+        for i in site.activation_inputs:
+            scale, zp = quantize_calib.quant_params(*stats[node.inputs[i].name])
+            node.inputs[i] = writer.activation(node.inputs[i], scale, zp)
+        if site.weight_input is not None:  # None: activation x activation MatMul
+            node.inputs[site.weight_input] = writer.weight(node.inputs[site.weight_input],
+                                                           site.axis)
+    tensors = graph.tensors()
+    for site in sites:
+        if site.output_qdq:
+            tensor = tensors[site.output_qdq]
+            scale, zp = quantize_calib.quant_params(*stats[tensor.name])
+            quantize_int8.rewire_consumers(tensor, writer.activation(tensor, scale, zp))
+
+
+def _weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Config,
+                 stats: dict | None = None) -> list[str]:
+    """Dynamic int8 or int4 rewrite of one site; returns initializers to store as 4-bit."""
+    if node.op == "Conv":  # int8-dynamic only (the match refuses Conv for int4)
+        bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        quantize_int8.dynamic_conv(graph, node, constant_array(node.inputs[1]), bias)
+        return []
+    linear = gemm_weight(node)
+    if isinstance(linear, str):  # the match checked what linear_weight checks
+        raise TypeError(f"{node.name}: planned site has no linear weight ({linear})")
+    weight, bias = linear.matrix, linear.bias
+    if config.mode == "int8-dynamic":
+        axis = 1 if config.per_channel else None
+        quantize_int8.dynamic_matmul(graph, node, weight, axis, bias)
+        return []
+    positive = config.int4_format == "qdq"
+    hessian = (stats or {}).get(node.inputs[0].name) if config.gptq else None
+    if hessian is not None:
+        blocks = quantize_gptq.quantize(weight, hessian, config.block_size, config.int4_symmetric,
+                                        config.int4_scale, positive)
+    else:
+        blocks = quantize_int4.quantize_blocks(weight, config.block_size, config.int4_symmetric,
+                                               config.int4_scale, positive=positive)
+    activation, output = node.inputs[0], node.outputs[0]
+    node.outputs.clear()
+    node.inputs.clear()
+    if bias is not None:
+        product = gs.Variable(unique_name(graph, f"{output.name}_nobias"), dtype=np.float32)
+        graph.nodes.append(gs.Node("Add", unique_name(graph, f"{node.name}_bias"),
+                                   inputs=[product, gs.Constant(unique_name(
+                                       graph, f"{node.name}_C"), bias)],
+                                   outputs=[output]))
+        output = product
+    if config.int4_format == "matmulnbits":
+        # The MatMulNBits takes the layer's name, so mixed precision (and the user) can find it.
+        name = node.name
+        node.name = unique_name(graph, f"{name}_replaced")
+        graph.nodes.append(quantize_int4.matmulnbits_node(graph, name, activation, output,
+                                                          blocks, name=name))
+        return []
+    dq, weight_out, four_bit = quantize_int4.qdq_weight(graph, site.weight_name, blocks)
+    graph.nodes += [dq, gs.Node("MatMul", unique_name(graph, f"{node.name}_int4"),
+                                inputs=[activation, weight_out], outputs=[output])]
+    return four_bit
+
+
+def _export(graph: gs.Graph, like: Model) -> Model:
+    result = export_model(graph, like=like)
+    domains = {n.domain for n in result.graph.node if n.domain}
+    declared = {o.domain for o in result.proto.opset_import}
+    for domain in domains - declared:
+        result.proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    return result

@@ -1,0 +1,86 @@
+"""What the quantize rewrite needs from the calibration data, by mode.
+
+- static int8: the ``(min, max)`` range (``calibration`` method) of every activation input and
+  planned output QDQ tensor, streamed through the model once (``calib.collect``);
+- int4 with GPTQ: ``X^T X`` of every MatMul input, a few inputs a segment of the model at a
+  time and read once (``gptq.Hessians``);
+- SmoothQuant (``smoothquant_alpha``): per-channel max |x| of LayerNormalization outputs, then
+  the scales migrated into gamma/beta and the MatMul weights (``smooth``), before the above.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from onnxcomp.graph import export_model, import_graph, tidy
+from onnxcomp.model import Model
+from onnxcomp.passes.quantize import calib as quantize_calib
+from onnxcomp.passes.quantize import gptq as quantize_gptq
+from onnxcomp.passes.quantize import smooth as quantize_smooth
+from onnxcomp.passes.quantize.config import Config
+from onnxcomp.passes.quantize.match import QuantPlan
+from onnxcomp.pipeline import Context
+
+# GPTQ statistics are collected this many MatMul inputs at a time (a decoder block has four).
+GPTQ_INPUTS_PER_SEGMENT = 4
+
+
+def activation_tensors(model: Model, quant_plan: QuantPlan) -> list[str]:
+    """The tensors static int8 calibrates: planned activation inputs and output QDQ tensors."""
+    graph = import_graph(model)
+    nodes = {n.name: n for n in graph.nodes}
+    names = []
+    for site in quant_plan.sites:
+        node = nodes[site.node]
+        names += [node.inputs[i].name for i in site.activation_inputs]
+        if site.output_qdq:
+            names.append(site.output_qdq)
+    return list(dict.fromkeys(names))
+
+
+def statistics(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
+               ) -> dict | None:
+    """What ``rewrite`` needs from the calibration data for this mode, if anything."""
+    if config.mode == "int8":
+        return _ranges(model, quant_plan, config, ctx)
+    if config.gptq:
+        nodes = {n.name: n for n in import_graph(model).nodes}
+        inputs = [nodes[s.node].inputs[0].name for s in quant_plan.sites
+                  if s.op in ("MatMul", "Gemm")]
+        names = list(dict.fromkeys(inputs))
+        ctx.progress(f"quantize: GPTQ statistics of {len(names)} inputs on "
+                     f"{len(ctx.calibration)} batches, {GPTQ_INPUTS_PER_SEGMENT} inputs a segment")
+
+        def segment_done(done: int, total: int) -> None:
+            ctx.progress(f"quantize: GPTQ statistics, segment {done}/{total}")
+
+        return quantize_gptq.Hessians(model, names, ctx.calibration, Counter(inputs),
+                                      GPTQ_INPUTS_PER_SEGMENT, segment_done)
+    return None
+
+
+def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
+            ) -> dict[str, tuple[float, float]]:
+    names = activation_tensors(model, quant_plan)
+    ctx.progress(f"quantize: calibrating {len(names)} tensors on {len(ctx.calibration)} batches")
+    stats = quantize_calib.collect(model, names, ctx.calibration)
+    return {name: quantize_calib.tensor_range(stats[name], config.calibration, config.percentile)
+            for name in names}
+
+
+def smooth(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context,
+           notes: list[str]) -> Model:
+    """SmoothQuant on the LayerNormalization outputs that only planned MatMuls read; a new
+    model (float-exact up to rounding), or ``model`` itself when there is none."""
+    graph = import_graph(model)
+    sites = quantize_smooth.find_sites(graph, {s.node for s in quant_plan.sites})
+    if not sites:
+        notes.append("smoothquant: no MatMul reads a LayerNormalization output")
+        return model
+    stats = quantize_calib.collect(model, [], ctx.calibration,
+                                   channel_names=[s.output for s in sites])
+    done = quantize_smooth.apply(graph, sites, {k: v.channel_absmax for k, v in stats.items()},
+                                 float(config.smoothquant_alpha))
+    notes.append(f"smoothquant (alpha {config.smoothquant_alpha}) on {len(done)} "
+                 "LayerNormalization outputs")
+    return export_model(tidy(graph), like=model)

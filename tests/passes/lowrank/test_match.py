@@ -1,0 +1,76 @@
+"""lowrank's matching: which layers are sites, and the reason every other one is skipped."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+from lowrank_graphs import low_rank, make_model, matmul_model, vi
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp.graph import import_graph
+from onnxcomp.passes import lowrank
+from onnxcomp.passes.lowrank.match import break_even, find_sites, match
+from onnxcomp.pipeline import SKIP, Context
+
+
+def _node(model, name) -> gs.Node:
+    return next(n for n in import_graph(model).nodes if n.name == name)
+
+
+def test_matmul_gemm_and_conv_matrices_are_k_by_n_float64():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    matrix, kind, sampling = match(_node(matmul_model(w), "mm"))
+    assert matrix.dtype == np.float64 and np.array_equal(matrix, w) and kind == ("MatMul",)
+    gemm = make_model([helper.make_node("Gemm", ["x", "W"], ["y"], name="g", transB=1,
+                                        alpha=0.5)],
+                      [vi("x", [2, 4])], [vi("y", [2, 6])], [numpy_helper.from_array(w, "W")])
+    matrix, kind, _ = match(_node(gemm, "g"))
+    assert np.allclose(matrix, w.T.astype(np.float64) * 0.5) and kind == ("Gemm", 1, 0.5)
+    conv = make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="c", strides=[2, 2],
+                                        pads=[1, 1, 1, 1])],
+                      [vi("x", [1, 4, 6, 6])], [vi("y", [1, 6, 4, 4])],
+                      [numpy_helper.from_array(w.reshape(6, 4, 1, 1), "W")])
+    matrix, kind, sampling = match(_node(conv, "c"))
+    assert np.array_equal(matrix, w.T) and kind == ("Conv",) and sampling == ((1, 2), (1, 2))
+
+
+def test_activation_by_activation_matmul_is_skipped():
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["y"], name="aa")]
+    model = make_model(nodes, [vi("a", [2, 4]), vi("b", [4, 3])], [vi("y", [2, 3])])
+    assert match(_node(model, "aa")) == "the weight is not a constant (activation x activation)"
+
+
+def test_break_even_rank():
+    assert break_even(64, 64, 0.0) == 31  # 32 * 128 = 64 * 64 is not cheaper
+    assert break_even(64, 64, 0.1) == 28
+    assert break_even(1, 2048, 0.0) == 0
+
+
+def test_weight_read_by_another_kind_of_node_is_skipped():
+    w = low_rank(np.random.default_rng(1), 64, 64, 2)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "W"], ["y"], name="add")]
+    model = make_model(nodes, [vi("x", [64, 64])], [vi("y", [64, 64])],
+                       [numpy_helper.from_array(w, "W")])
+    sites, skipped = find_sites(import_graph(model), lowrank.Config(energy=1.0))
+    assert not sites and "also read by add" in skipped[0].reason
+
+
+def test_subgraph_weights_are_reported_untouched():
+    w = low_rank(np.random.default_rng(13), 64, 64, 2)
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="inner")],
+                               "then", [], [vi("t", [2, 64])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [vi("e", [2, 64])])
+    nodes = [helper.make_node("If", ["c"], ["y"], name="branch", then_branch=branch,
+                              else_branch=other)]
+    model = make_model(nodes, [vi("x", [2, 64]), vi("c", [], TensorProto.BOOL)],
+                       [vi("y", [2, 64])], [numpy_helper.from_array(w, "W")])
+    plan = lowrank.PASS.plan(model, lowrank.Config(energy=1.0), Context())
+    assert [(r.node, r.action, r.reason) for r in plan.rows] == \
+        [("inner", SKIP, "inside the If body of branch: not touched")]
+    assert any("not touched" in note for note in plan.notes)
+    _, record = lowrank.PASS.run(model, lowrank.Config(energy=1.0), Context())
+    assert not record.modified
+    assert record.skipped == [("inner", "inside the If body of branch: not touched")]

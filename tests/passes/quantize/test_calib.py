@@ -1,0 +1,122 @@
+"""Calibration statistics against independent numpy computations, and every method through the
+pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from quantize_graphs import conv_mlp, data_for
+
+from onnxcomp.passes import quantize
+from onnxcomp.passes.quantize import calib as quantize_calib
+from onnxcomp.pipeline import Context
+
+run = quantize.PASS.run
+
+
+def _batches():
+    rng = np.random.default_rng(5)
+    # growing ranges force the histogram to double its range twice
+    return [rng.standard_normal(4000).astype(np.float32) * s + 0.3 for s in (0.5, 1.0, 2.5)]
+
+
+def _stats(batches):
+    stats = quantize_calib.TensorStats()
+    for batch in batches:
+        stats.update(batch)
+    return stats
+
+
+def test_streamed_histogram_equals_numpy_and_minmax_scale():
+    batches = _batches()
+    stats = _stats(batches)
+    everything = np.concatenate(batches)
+    assert stats.minimum == everything.min() and stats.maximum == everything.max()
+    expected, _ = np.histogram(everything, bins=stats.bins, range=(-stats.bound, stats.bound))
+    # rebinning by range doubling is exact up to values sitting on an edge
+    assert np.abs(stats.counts - expected).sum() <= 4
+    low, high = quantize_calib.tensor_range(stats, "minmax")
+    scale, zp = quantize_calib.quant_params(low, high)
+    assert scale == pytest.approx((everything.max() - everything.min()) / 255, rel=1e-6)
+    assert zp == round(-everything.min() / scale)
+
+
+def test_percentile_matches_numpy_within_a_bin():
+    batches = _batches()
+    stats = _stats(batches)
+    everything = np.concatenate(batches)
+    width = 2 * stats.bound / stats.bins
+    low, high = quantize_calib.tensor_range(stats, "percentile", 99.0)
+    assert abs(high - np.percentile(everything, 99.0)) <= width
+    assert abs(low - np.percentile(everything, 1.0)) <= width
+
+
+def _reference_kl_threshold(counts, bound, levels):
+    """Straightforward TensorRT entropy calibration, written independently with loops."""
+    width = bound / len(counts)
+    last = max(i for i, c in enumerate(counts) if c) + 1
+    best, best_kl = last, None
+    for i in range(levels, last + 1):
+        p = [float(c) for c in counts[:i]]
+        p[-1] += float(sum(counts[i:]))
+        edges = [int(j * i / levels) for j in range(levels + 1)]
+        # array_split-style chunks: the first i % levels chunks are one longer
+        sizes = [i // levels + (1 if j < i % levels else 0) for j in range(levels)]
+        q, start = [0.0] * i, 0
+        for size in sizes:
+            chunk = range(start, start + size)
+            nonzero = [j for j in chunk if counts[j] != 0]
+            total = sum(float(counts[j]) for j in chunk)
+            for j in nonzero:
+                q[j] = total / len(nonzero)
+            start += size
+        del edges
+        ps, qs = sum(p), sum(q)
+        kl = 0.0
+        for pj, qj in zip(p, q):
+            if pj > 0:
+                kl += (pj / ps) * np.log((pj / ps) / (qj / qs if qj > 0 else 1e-12))
+        if best_kl is None or kl < best_kl:
+            best, best_kl = i, kl
+    return best * width
+
+
+def test_entropy_threshold_matches_reference():
+    rng = np.random.default_rng(2)
+    values = np.abs(rng.laplace(size=20000)).astype(np.float32)
+    counts, _ = np.histogram(values, bins=300, range=(0, values.max()))
+    ours = quantize_calib.entropy_threshold(counts, float(values.max()), levels=32)
+    assert ours == pytest.approx(_reference_kl_threshold(list(counts), float(values.max()), 32))
+    assert ours < values.max()  # Laplace tails are clipped
+
+
+def test_mse_range_minimizes_error_on_the_data():
+    rng = np.random.default_rng(3)
+    values = rng.laplace(size=20000).astype(np.float32)
+    stats = _stats([values])
+    low, high = quantize_calib.tensor_range(stats, "mse")
+
+    def raw_mse(lo, hi):
+        scale, zp = quantize_calib.quant_params(lo, hi)
+        q = np.clip(np.round(values / scale) + zp, 0, 255)
+        return float(np.mean(((q - zp) * scale - values) ** 2))
+
+    best = min(raw_mse(c * values.min(), c * values.max()) for c in quantize_calib.MSE_GRID)
+    assert raw_mse(low, high) <= best * 1.05
+    assert raw_mse(low, high) < raw_mse(values.min(), values.max())
+
+
+@pytest.mark.parametrize("method", quantize_calib.METHODS)
+def test_every_calibration_method_runs(method):
+    model = conv_mlp()
+    _, record = run(model, quantize.Config(calibration=method),
+                             Context(calibration=data_for(model)))
+    # entropy clips the Gaussian test data hardest; every method stays close to float
+    assert record.details["output_cosine"]["y"] > 0.95
+
+
+def test_near_zero_activation_ranges_get_a_normal_scale():
+    scale, zero_point = quantize_calib.quant_params(0.0, 1e-39)
+    assert scale == 1.0 and zero_point == 0
+    scale, _ = quantize_calib.quant_params(-1.0, 1.0)
+    assert abs(scale - 2.0 / 255) < 1e-9
