@@ -78,8 +78,8 @@ def cases(names: list[str]):
         if name == "minilm":
             yield (name, load(zoo.fetch(name)), zoo.dataset(name, "calib", 32),
                    zoo.dataset(name, "eval", 64),
-                   "zoo minilm (real all-MiniLM-L6-v2 weights; fidelity on sentence_embedding: "
-                   "token_embeddings vary in length per sentence)")
+                   ("zoo minilm (real all-MiniLM-L6-v2 weights; fidelity on sentence_embedding: "
+                    "token_embeddings vary in length per sentence)"))
             continue
         if name == "clip-vit-b32":
             yield (name, load(zoo.fetch(name)), zoo.dataset(name, "calib", 16),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnxcomp.errors import OnnxcompError, UnsafeModelError
+from onnxcomp.errors import InvalidOutput, OnnxcompError, OurBug, UnsafeModelError, UserError
 from onnxcomp.model import Model, load, save
 
 
@@ -39,9 +39,12 @@ def inspect(*args, **kwargs):
 
 
 __all__ = [
+    "InvalidOutput",
     "Model",
     "OnnxcompError",
+    "OurBug",
     "UnsafeModelError",
+    "UserError",
     "__version__",
     "bench",
     "compress",

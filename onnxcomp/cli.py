@@ -1,7 +1,9 @@
 """The ``onnxcomp`` command: a thin shell over the Python API.
 
 Exit codes: 0 done; 1 a stated target was missed (the report is still written); 2 bad input or
-usage (one line on stderr); 3 an internal error (a bug: rerun with ONNXCOMP_DEBUG=1 for the trace).
+usage (one line on stderr, wherever the mistake was found: flags, recipe, data, a pass's
+options); 3 an internal error, e.g. a model we produced that onnx's checker or ONNX Runtime
+refuses (one line, nothing written: a bug; rerun with ONNXCOMP_DEBUG=1 for the trace).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from onnxcomp.errors import OnnxcompError, OurBug, UserError
 
@@ -166,10 +169,18 @@ def cmd_demo(args) -> int:
     return run_demo(out_dir=Path(args.out), recipe=args.recipe, as_json=args.json)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported like every other user error: one line, exit 2
+    (argparse itself prints the usage block and the error on several lines)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from onnxcomp import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnxcomp", description="Compress ONNX models and prove they still work.")
     parser.add_argument("--version", action="version", version=f"onnxcomp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PLEASE_REPORT = ("(a bug in onnxcomp, nothing was written; please report it; ONNXCOMP_DEBUG=1 "
+                  "shows the trace)")
+
+
 def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
@@ -267,14 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if os.environ.get("ONNXCOMP_DEBUG") else logging.WARNING,
                         format="onnxcomp: %(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
     except OurBug as exc:
         if os.environ.get("ONNXCOMP_DEBUG"):
             raise
-        print(f"onnxcomp: internal error: {_one_line(exc)} (a bug in onnxcomp, nothing was "
-              "written; please report it; ONNXCOMP_DEBUG=1 shows the trace)", file=sys.stderr)
+        print(f"onnxcomp: internal error: {_one_line(exc)} {_PLEASE_REPORT}", file=sys.stderr)
         return EXIT_INTERNAL
     except OnnxcompError as exc:
         print(f"onnxcomp: error: {_one_line(exc)}", file=sys.stderr)
@@ -286,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ONNXCOMP_DEBUG"):
             raise
         print(f"onnxcomp: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(a bug in onnxcomp; rerun with ONNXCOMP_DEBUG=1 for the trace)", file=sys.stderr)
+              f"{_PLEASE_REPORT}", file=sys.stderr)
         return EXIT_INTERNAL
 
 

@@ -2,9 +2,10 @@
 
 What each pass would do is its own plan (the same table ``compress --dry-run`` prints), asked on
 the cleaned-up model, without calibration data: quantize int8 and int4, prune and lowrank at
-their defaults. lowrank's plan computes an SVD of every weight it could factor, so it is asked
-only of models whose weights are in memory and under ``LOWRANK_PLAN_BYTES``; the others get a
-note saying how to ask (``compress --dry-run --recipe lowrank``). No plan changes the model.
+their defaults. lowrank's plan computes an SVD of every weight it could factor (about
+K·N·min(K, N) multiply-adds for a K×N weight), so it is asked only of models whose weights are
+in memory and whose weight matrices sum to under ``LOWRANK_PLAN_WORK``; the others get a note
+saying how to ask (``compress --dry-run --recipe lowrank``). No plan changes the model.
 
 FLOPs are estimated for Conv, ConvTranspose, MatMul and Gemm from shapes inferred by ONNX's shape
 inference with concrete input shapes (dynamic dimensions resolved by ``shapes`` or defaults: batch
@@ -30,9 +31,10 @@ from onnxcomp.pipeline import SKIP, Context, Pipeline, Step, plan_step
 from onnxcomp.recipe import with_cleanup
 from onnxcomp.report import markdown_table
 
-# lowrank's plan (an SVD per weight) is asked only of models with at most this many weight
-# bytes in memory: on CLIP ViT-B/32 (605 MB) it takes minutes, which inspect should not.
-LOWRANK_PLAN_BYTES = 128 * 2**20
+# lowrank's plan (an SVD per weight) is asked only of models whose weight matrices sum to at
+# most this much K*N*min(K, N): a few seconds here (all-MiniLM-L6-v2 is 4e9; AlexNet's fc6 alone,
+# 9216x4096, is 1.5e11 and took 28 s; CLIP ViT-B/32 would take minutes).
+LOWRANK_PLAN_WORK = 1e10
 
 
 @dataclass(frozen=True)
@@ -197,10 +199,26 @@ def _why_not(asked: Asked, model: Model) -> str | None:
     how = f"run `onnxcomp compress MODEL -o OUT --dry-run --recipe {asked.label}`"
     if model.lazy:
         return f"not planned: its plan reads every weight and this model's are on disk ({how})"
-    if model.weight_bytes() > LOWRANK_PLAN_BYTES:
-        return (f"not planned: its plan reads every weight (an SVD each) and this model has "
-                f"{model.weight_bytes() / 2**20:.0f} MiB of them ({how})")
+    work = _svd_work(model)
+    if work > LOWRANK_PLAN_WORK:
+        return (f"not planned: its plan decomposes every weight, about {work:.1e} "
+                f"multiply-adds for this model ({how})")
     return None
+
+
+def _svd_work(model: Model) -> float:
+    """Sum of K*N*min(K, N) over the float matrices (and 1x1 conv kernels) stored in the model:
+    about what SVDs of all of them cost, from the dims alone."""
+    work = 0.0
+    for tensor in iter_tensors(model.proto):
+        dims = list(tensor.dims)
+        if len(dims) == 4 and dims[2:] == [1, 1]:
+            dims = dims[:2]
+        floating = tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                        onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+        if floating and len(dims) == 2:
+            work += float(dims[0]) * dims[1] * min(dims)
+    return work
 
 
 def _first_line(exc: BaseException) -> str:

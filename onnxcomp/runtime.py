@@ -54,7 +54,9 @@ def resolve_provider(name: str) -> str:
 def session_options(threads: int | None = None, optimize: bool = True,
                     optimized_model_path: str | None = None) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Fatal only: ORT logs a failing run at error level on stderr, and its exception already
+    # carries the message (which the caller turns into one line).
+    options.log_severity_level = 4
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1

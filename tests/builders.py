@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import onnx
@@ -184,7 +185,7 @@ def gemm_layers(seed: int = 0, sizes: Sequence[int] = (16, 32, 24, 8),
     b = GraphBuilder(seed, constant_nodes)
     x = "x"
     last = len(sizes) - 2
-    for i, (k, n) in enumerate(zip(sizes, sizes[1:])):
+    for i, (k, n) in enumerate(pairwise(sizes)):
         flip = i % 2 == 1
         x = b.gemm(x, k, n, f"gemm{i}", trans_b=not flip, alpha=0.5 if flip else 1.0,
                    beta=2.0 if flip else 1.0)

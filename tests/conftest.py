@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import pytest
 
-import builders
 from onnxcomp.model import Model
 
 # Older tests import the MLP builder from here.

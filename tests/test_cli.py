@@ -161,9 +161,12 @@ def test_user_mistakes_are_exit_2_with_one_line(tmp_path, capsys, args, message,
     (["bench", "/nonexistent/m.onnx"], "no such file"),
     (["compress", "--help-pass", "nonsense"], "unknown pass"),
     (["compress"], "MODEL"),
+    (["compress", "m.onnx", "-o", "OUT", "--min-cosine", "high"], "invalid float value"),
+    (["bench", "m.onnx", "--batch"], "expected one argument"),
+    (["shrink", "m.onnx"], "invalid choice"),
 ])
-def test_missing_files_and_unknown_names_are_exit_2_with_one_line(tmp_path, capsys, argv,
-                                                                   message):
+def test_missing_files_bad_flags_and_unknown_names_are_exit_2_with_one_line(
+        tmp_path, capsys, argv, message):
     argv = [str(tmp_path / "out.onnx") if a == "OUT" else a for a in argv]
     assert main(argv) == 2
     assert message in _one_line_error(capsys)

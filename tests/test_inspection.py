@@ -101,10 +101,13 @@ def test_one_failing_plan_does_not_fail_inspect(monkeypatch):
 def test_lowrank_plan_is_not_asked_of_large_models(monkeypatch):
     from onnxcomp import inspection
 
-    monkeypatch.setattr(inspection, "LOWRANK_PLAN_BYTES", 100)
+    # The two SVDs cost 8*16*8 + 16*4*4 = 1280 multiply-adds.
+    monkeypatch.setattr(inspection, "LOWRANK_PLAN_WORK", 1280)
+    assert "rows" in inspect_model(make_mlp())["plans"]["lowrank"]
+    monkeypatch.setattr(inspection, "LOWRANK_PLAN_WORK", 1279)
     info = inspect_model(make_mlp())
     assert "rows" not in info["plans"]["lowrank"]
-    assert "not planned" in info["plans"]["lowrank"]["not_planned"]
+    assert "1.3e+03 multiply-adds" in info["plans"]["lowrank"]["not_planned"]
     assert "--dry-run --recipe lowrank" in format_inspection(info)
 
 

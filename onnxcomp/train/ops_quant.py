@@ -4,11 +4,12 @@
     DequantizeLinear  y = (q - zero_point) · scale
 
 Scales are per tensor (scalar), per axis (1-D along ``axis``) or per block (same rank as the
-input, ``block_size`` cells of ``axis`` per scale, opset 21). The quantized type is ``output_dtype``, else
-the zero point's, else uint8; int4/uint4/int2/uint2/uint16 are held in a wider torch integer
-type with their own range applied (float8 and float4 are refused). QuantizeLinear's output is an integer tensor, exactly as in
-ONNX, so no gradient flows through it; quantization-aware training will replace a Q→DQ pair by a
-straight-through fake-quantizer, which is the QAT loop's business, not the twin's.
+input, ``block_size`` cells of ``axis`` per scale, opset 21). The quantized type is
+``output_dtype``, else the zero point's, else uint8; int4/uint4/int2/uint2/uint16 are held in a
+wider torch integer type with their own range applied (float8 and float4 are refused).
+QuantizeLinear's output is an integer tensor, exactly as in ONNX, so no gradient flows through
+it; quantization-aware training will replace a Q→DQ pair by a straight-through fake-quantizer,
+which is the QAT loop's business, not the twin's.
 
 MatMulNBits (com.microsoft) unpacks B (``bits`` per value, low bits first, ``block_size``
 values per scale along K), subtracts the zero points (default 2^(bits-1)) and multiplies by the
@@ -20,7 +21,13 @@ from __future__ import annotations
 import torch
 
 from onnxcomp.train.ops_common import (
-    QUANT_RANGES, WIDENED_ONNX, Ctx, TensorProto, axis_of, torch_dtype)
+    QUANT_RANGES,
+    WIDENED_ONNX,
+    Ctx,
+    TensorProto,
+    axis_of,
+    torch_dtype,
+)
 
 _RANGES = {
     torch.uint8: (0, 255), torch.int8: (-128, 127), torch.int16: (-32768, 32767),

@@ -17,7 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from onnxcomp.train.ops_common import (
-    Ctx, attr_or_input, axes_of, axis_of, ints, scalar, to_tensor, torch_dtype)
+    Ctx,
+    attr_or_input,
+    axes_of,
+    axis_of,
+    ints,
+    scalar,
+    to_tensor,
+    torch_dtype,
+)
 
 
 def _identity(ctx: Ctx, x: list, attrs: dict) -> torch.Tensor:

@@ -36,8 +36,15 @@ from onnxcomp.errors import OurBug, UserError
 from onnxcomp.model import Model, read_external
 from onnxcomp.train import ops
 from onnxcomp.train.ops_common import (
-    FLOAT_TYPES, TORCH_DTYPES, WIDENED_ONNX, Ctx, Unsupported, decode_attribute, to_numpy,
-    to_tensor)
+    FLOAT_TYPES,
+    TORCH_DTYPES,
+    WIDENED_ONNX,
+    Ctx,
+    Unsupported,
+    decode_attribute,
+    to_numpy,
+    to_tensor,
+)
 
 
 def unsupported_ops(model: Model) -> list[str]:
@@ -94,6 +101,23 @@ def _element_types(graph: onnx.GraphProto) -> dict[str, int]:
     return types
 
 
+# Ops that keep values as they are: a widened tensor (int4 held as int8, see ops_common) may
+# pass through them; any other op would compute at the wrong width, so it is refused.
+WIDENED_OK = {"QuantizeLinear", "DequantizeLinear", "Identity", "Reshape", "Transpose",
+               "Squeeze", "Unsqueeze", "Flatten", "Concat", "Slice", "Gather", "Split",
+               "Expand", "Tile", "Constant", "Shape", "Size", "Cast"}
+
+
+def _check_widened(ctx: Ctx, node: onnx.NodeProto, types: dict[str, int]) -> None:
+    if node.op_type in WIDENED_OK:
+        return
+    for name in list(node.input) + list(node.output):
+        if types.get(name) in WIDENED_ONNX:
+            kind = onnx.TensorProto.DataType.Name(types[name])
+            raise ctx.unsupported(f"element type {kind} (held widened; only quantize/dequantize "
+                                  "and data movement are exact on it)")
+
+
 def _sorted_nodes(graph: onnx.GraphProto, known: set[str]) -> list[onnx.NodeProto]:
     """The graph's nodes in an order where each input exists before it is read (ONNX asks
     for topological order; some exporters don't keep it)."""
@@ -146,6 +170,7 @@ class Twin(torch.nn.Module):
             while count and not node.output[count - 1]:
                 count -= 1
             ctx = Ctx(node, model.opset(domain), count, tuple(types.get(i, 0) for i in node.input))
+            _check_widened(ctx, node, types)
             attrs = {a.name: decode_attribute(a) for a in node.attribute}
             if node.op_type == "Constant" and not domain:
                 # Evaluated once: a float weight becomes a parameter, anything else a buffer.
@@ -284,8 +309,9 @@ class Twin(torch.nn.Module):
             raise UserError(f"input {name!r} is {tensor.dtype}, the model wants {expected}")
         if declared.HasField("shape"):
             dims = declared.shape.dim
-            if len(dims) != tensor.dim() or any(
-                    d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, tensor.shape)):
+            fixed = [(d.dim_value, n) for d, n in zip(dims, tensor.shape)
+                     if d.HasField("dim_value")]
+            if len(dims) != tensor.dim() or any(want != n for want, n in fixed):
                 wanted = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?"
                           for d in dims]
                 raise UserError(f"input {name!r} has shape {list(tensor.shape)}, the model "
@@ -308,6 +334,10 @@ class Twin(torch.nn.Module):
         return result
 
 
+def _typed_values(tensor: onnx.TensorProto) -> bool:
+    return bool(len(tensor.float_data) or len(tensor.double_data) or len(tensor.int32_data))
+
+
 def _replace_values(tensor: onnx.TensorProto, values: np.ndarray, source: Path | None) -> None:
     """Put ``values`` into ``tensor`` in place, in the field it already uses; a tensor whose
     bits are unchanged is left as it was (external data reference included)."""
@@ -319,10 +349,11 @@ def _replace_values(tensor: onnx.TensorProto, values: np.ndarray, source: Path |
     if values.tobytes() == original.tobytes():
         return
     fresh = numpy_helper.from_array(values, tensor.name)
-    if external_data_helper.uses_external_data(tensor) or tensor.HasField("raw_data"):
+    if external_data_helper.uses_external_data(tensor):
         # A weight read from disk comes back inline; saving puts it in external data again.
         del tensor.external_data[:]
-        tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.ClearField("data_location")
+    if tensor.HasField("raw_data") or not _typed_values(tensor):
         tensor.raw_data = fresh.raw_data
         return
     field = {onnx.TensorProto.FLOAT: "float_data", onnx.TensorProto.DOUBLE: "double_data"}.get(

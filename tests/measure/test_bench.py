@@ -162,3 +162,21 @@ def test_ppocr_rec_with_zoo_data():
                    min_seconds=0, progress=None)
     (row,) = report.bench["results"]
     assert row["p50_ms"] > 0 and report.bench["models"][0]["params"] > 1_000_000
+
+
+def test_a_model_that_cannot_run_on_the_inputs_is_named(tmp_path, model_path):
+    # Valid, but Reshape [-1, 3] of [N, 8] runs only where 8 * N divides by 3.
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "cut",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])],
+        [numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "cut.onnx"
+    Model(proto).save(path)
+    with pytest.raises(OnnxcompError, match=rf"{path} cannot run on the bench inputs \(check "
+                                            r"--data and --batch\)"):
+        bench([path], runs=1, memory=False, min_seconds=0, progress=None)
+    report = bench([path], batch=3, runs=1, memory=False, min_seconds=0, progress=None)
+    assert report.bench["results"][0]["runs"] == 1

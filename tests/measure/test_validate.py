@@ -340,3 +340,83 @@ def test_ppocr_rec_against_itself_with_task_metric():
     assert task["name"] == "ppocr-rec" and set(task["reference"]) >= {"line_accuracy"}
     assert task["reference"] == task["candidate"]
     assert report.fidelity["passed"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors at the edge: both files are the user's
+
+
+def _cut_in_threes() -> Model:
+    """x [N, 8] -> Reshape [-1, 3]: valid, but runs only where 8 * N divides by 3."""
+    return _model([helper.make_node("Reshape", ["x", "shape"], ["y"])], [_vi("x", ["N", 8])],
+                  [_vi("y", [None, 3])],
+                  [numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")])
+
+
+def _refused_by_onnx_runtime() -> Model:
+    """Valid for onnx's checker (an op of a domain it does not know); ONNX Runtime refuses it."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], domain="com.example")],
+                              "g", [_vi("x", ["N", 8])], [_vi("y", ["N", 8])])
+    proto = helper.make_model(graph, opset_imports=[*OPSET,
+                                                    helper.make_opsetid("com.example", 1)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return Model(proto)
+
+
+def test_reference_that_cannot_run_on_the_data_is_a_user_error(tmp_path):
+    import subprocess
+    import sys
+
+    from onnxcomp.errors import UserError
+
+    model = _cut_in_threes()
+    with pytest.raises(UserError, match=r"the reference .* cannot run on random:8 batch 0 "
+                                        r"\(check --data\)"):
+        validate(model, model, progress=None)
+    # Data it can take (N = 3) runs.
+    assert validate(model, model, batch_dims={"N": 3}, progress=None).fidelity["outputs"]
+    ref, cand = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    model.save(ref)
+    model.save(cand)
+    # In a real process: ONNX Runtime's own log lines would be on stderr too.
+    done = subprocess.run([sys.executable, "-m", "onnxcomp.cli", "validate", str(ref), str(cand)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"the reference {ref} cannot run" in done.stderr
+
+
+def test_a_model_onnx_runtime_refuses_is_named(tmp_path, capsys):
+    from onnxcomp.cli import main
+
+    good = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", ["N", 8])],
+                  [_vi("y", ["N", 8])])
+    paths = {"good": tmp_path / "good.onnx", "bad": tmp_path / "bad.onnx"}
+    good.save(paths["good"])
+    _refused_by_onnx_runtime().save(paths["bad"])
+    for role, argv in (("reference", [paths["bad"], paths["good"]]),
+                       ("candidate", [paths["good"], paths["bad"]])):
+        assert main(["validate", *map(str, argv)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        assert f"error: {role} {paths['bad']}: ONNX Runtime could not load the model" in err
+
+
+def test_candidate_failing_where_the_reference_runs():
+    from onnxcomp.errors import InvalidOutput, UserError
+
+    ref = _model([helper.make_node("Identity", ["x"], ["y"])], [_vi("x", ["N", 8])],
+                 [_vi("y", [None, 3])])
+    cand = _cut_in_threes()
+    with pytest.raises(UserError, match="the candidate .* cannot run on random:8 batch 0, "
+                                        "where the reference runs"):
+        validate(ref, cand, progress=None)
+    # A candidate onnxcomp produced (compress) failing there is our bug, not the user's.
+    with pytest.raises(InvalidOutput, match="the compressed model fails on random:8 batch 0"):
+        validate(ref, cand, progress=None, ours=True)
+    with pytest.raises(InvalidOutput, match="candidate .*: ONNX Runtime could not load"):
+        validate(ref, _refused_by_onnx_runtime(), progress=None, ours=True)
+    renamed = _model([helper.make_node("Identity", ["z"], ["y"])], [_vi("z", ["N", 8])],
+                     [_vi("y", ["N", 8])])
+    with pytest.raises(InvalidOutput, match="signature changed: the models' inputs differ"):
+        validate(ref, renamed, progress=None, ours=True)

@@ -23,13 +23,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import builders
 import numpy as np
 import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import builders
 from onnxcomp import calibration, runtime
 from onnxcomp.errors import UserError
 from onnxcomp.measure.compare import per_sample_cosine

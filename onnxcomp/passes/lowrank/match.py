@@ -4,8 +4,10 @@ Sites: ``MatMul(x, W)`` with W 2-D and ``Gemm(x, W, C)`` with transA=0 (``graph.
 transB and alpha folded into W); Conv with an all-ones kernel and group=1. Skipped with a reason:
 non-constant, non-2-D or non-float weights, spatial kernels, grouped convs, transA, excluded
 names, weights also read by other kinds of node or in different ways, weights below
-``min_params``, weights where even rank 1 saves less than ``min_saving``. Nodes inside
-If/Loop/Scan bodies are listed as skipped, never touched.
+``min_params``, weights where even rank 1 saves less than ``min_saving``, and pairs that are a
+low-rank factorization already (``(x @ A) @ B`` through a narrow inner width: an earlier run's
+factors, so a second run finds nothing to do). Nodes inside If/Loop/Scan bodies are listed as
+skipped, never touched.
 """
 
 from __future__ import annotations
@@ -136,6 +138,41 @@ def break_even(k: int, n: int, min_saving: float) -> int:
     return rank
 
 
+def _skip_factor_pairs(graph: gs.Graph, sites: list[Site], skipped: list[LayerPlan]
+                       ) -> list[Site]:
+    """Sites that already form ``(x @ A) @ B`` with a narrow inner width r (A bias-free, its
+    output read by B alone, ``r (K + N) < K N``) are skipped: the pair is a rank-r factorization already, and
+    factoring A or B again would only truncate it further. This is what makes a second run
+    find nothing to do (the energy rule on a factor's flatter spectrum can pick a rank below r,
+    which the margin test alone does not refuse)."""
+    by_node = {id(site.node): site for site in sites}
+    outputs = {t.name for t in graph.outputs}
+    pairs = []
+    for first in sites:
+        node = first.node
+        if node.op == "Gemm" or (len(node.inputs) > 2 and node.inputs[2].name):
+            continue  # a first factor is a bias-free MatMul or Conv (what ``factor`` writes)
+        hidden = node.outputs[0]
+        readers = list(hidden.outputs)
+        if len(readers) != 1 or hidden.name in outputs:
+            continue
+        second = by_node.get(id(readers[0]))
+        if second is None or second.node.inputs[0] is not hidden:
+            continue
+        k, r, n = first.plan.K, first.plan.N, second.plan.N
+        if r * (k + n) < k * n:
+            pairs.append((first, second, r))
+    paired: set[int] = set()
+    for first, second, r in pairs:
+        for site, other in ((first, second), (second, first)):
+            if id(site.node) not in paired:
+                site.plan.reason = (f"already a rank-{r} factor pair with {other.plan.node}: "
+                                    "not factored again")
+                skipped.append(site.plan)
+                paired.add(id(site.node))
+    return [site for site in sites if id(site.node) not in paired]
+
+
 def find_sites(graph: gs.Graph, config: Config) -> tuple[list[Site], list[LayerPlan]]:
     """Match every candidate node, then group sites by weight: share factors or skip."""
     sites, skipped = [], []
@@ -154,6 +191,7 @@ def find_sites(graph: gs.Graph, config: Config) -> tuple[list[Site], list[LayerP
             sites.append(Site(node, plan, *matched))
         if plan.reason:
             skipped.append(plan)
+    sites = _skip_factor_pairs(graph, sites, skipped)
     by_weight: dict[str, list[Site]] = {}
     for site in sites:
         by_weight.setdefault(site.plan.weight, []).append(site)

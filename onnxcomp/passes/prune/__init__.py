@@ -192,8 +192,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     result = finish(graph, model)
     onnx.checker.check_model(result.proto)
     removed = sum(len(v) for v in payload.removed.values())
-    notes = [f"{len(payload.removed)} groups pruned, {removed} channels/heads removed, "
-             f"importance {payload.importance}"]
+    notes = [(f"{len(payload.removed)} groups pruned, {removed} channels/heads removed, "
+              f"importance {payload.importance}")]
     return Applied(result, modified=True, touched=touched, notes=notes, changes=changes,
                    details={"groups": details})
 

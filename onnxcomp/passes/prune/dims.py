@@ -189,11 +189,11 @@ class Linker:
             si, so = self.size(d), self.size(o)
             if si == 1 and so != 1:
                 continue
-            if si is None or so is None or si != so:
-                # A constant of known size broadcast to an axis of unknown size still links.
-                if not (isinstance(t, gs.Constant) and si is not None and so is None):
-                    self.block(d, f"{node.name}: unknown broadcast")
-                    self.block(o, f"{node.name}: unknown broadcast")
-                    continue
+            # A constant of known size broadcast to an axis of unknown size still links.
+            known_constant = isinstance(t, gs.Constant) and si is not None and so is None
+            if (si is None or so is None or si != so) and not known_constant:
+                self.block(d, f"{node.name}: unknown broadcast")
+                self.block(o, f"{node.name}: unknown broadcast")
+                continue
             self.link(d, o)
         return None

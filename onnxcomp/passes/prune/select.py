@@ -71,6 +71,6 @@ def choose(config: Config, groups: list[Group], scores: dict[int, np.ndarray]
                 continue
             removed.setdefault(gid, []).append(index)
             budget -= 1
-    for gid in removed:
-        removed[gid].sort()
+    for indices in removed.values():
+        indices.sort()
     return removed

@@ -114,7 +114,7 @@ def test_sparsity_zeroes_weights_without_resizing():
 def test_layer_changes_for_distill():
     model = pg.transformer()
     ctx = Context()
-    pruned, record = prune.PASS.run(model, prune.Config(ratio=0.5), ctx)
+    _, record = prune.PASS.run(model, prune.Config(ratio=0.5), ctx)
     assert [(c.node, c.pass_name, c.teacher_output, c.repair, c.teacher_channels, c.nodes)
             for c in record.changes] == [
         ("l0.o", "prune", "l0.o", "refit", None, ()),

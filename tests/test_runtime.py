@@ -1,0 +1,76 @@
+"""runtime's checks of our own output: onnx.checker (full or structural) and a session load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+from conftest import make_mlp
+
+from onnxcomp import runtime
+from onnxcomp.errors import InvalidOutput, UserError
+from onnxcomp.model import load
+from onnxcomp.zoo.llama import PRESETS, build
+
+BACKEND_DATA = Path(onnx.__file__).parent / "backend" / "test" / "data"
+
+
+def test_the_structural_check_without_weights_agrees_with_onnx_checker():
+    # The skeleton (every tensor a one-element placeholder) passes or fails as the model does.
+    models = sorted(BACKEND_DATA.rglob("*.onnx"))
+    assert len(models) > 100
+    disagree = []
+    for path in models:
+        proto = onnx.load(str(path))
+        before = proto.SerializeToString()
+        verdicts = []
+        for candidate in (proto, runtime._skeleton(proto)):
+            try:
+                onnx.checker.check_model(candidate)
+                verdicts.append(True)
+            except onnx.checker.ValidationError:
+                verdicts.append(False)
+        assert proto.SerializeToString() == before
+        if verdicts[0] != verdicts[1]:
+            disagree.append(path.parent.name)
+    assert not disagree
+
+
+def test_a_lazy_model_is_checked_from_anywhere_without_reading_its_weights(tmp_path,
+                                                                          monkeypatch):
+    path = build(tmp_path / "src" / "tiny.onnx", PRESETS["tiny"])
+    lazy = load(path, load_weights=False)
+    monkeypatch.chdir(tmp_path)  # external data is not looked up in the working directory
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model",
+                        lambda *a, **k: pytest.fail("weights read in"))
+    assert not runtime.fits_full_check(lazy)
+    runtime.check_onnx(lazy, "the lazy model")
+    runtime.check_loads(lazy, "the lazy model")
+    assert lazy.lazy
+    broken = lazy.copy()
+    broken.graph.node[1].input[0] = "missing"
+    with pytest.raises(InvalidOutput, match="the broken model is not a valid ONNX model"):
+        runtime.check_onnx(broken, "the broken model")
+
+
+def test_our_output_gets_the_full_check_and_a_session():
+    model = make_mlp()
+    runtime.check_onnx(model, "m")
+    runtime.check_loads(model, "m")
+    # The full check infers shapes: a declared output shape that contradicts them fails it,
+    # while the structural check does not look.
+    wrong = model.copy()
+    wrong.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+    runtime.check_onnx(wrong, "m", full=False)
+    with pytest.raises(InvalidOutput, match="m is not a valid ONNX model"):
+        runtime.check_onnx(wrong, "m")
+    refused = model.copy()
+    next(n for n in refused.graph.node if n.op_type == "Relu").domain = "com.example"
+    refused.proto.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    runtime.check_onnx(refused, "m")
+    with pytest.raises(InvalidOutput, match="ONNX Runtime refuses m"):
+        runtime.check_loads(refused, "m")
+    # The same model given by the user is the user's error.
+    with pytest.raises(UserError, match="ONNX Runtime could not load the model"):
+        runtime.session(refused)
