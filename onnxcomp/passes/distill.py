@@ -1,32 +1,22 @@
-"""distill: teacher-guided repair of compressed layers, in closed form.
+"""distill: teacher-guided repair of compressed layers, in closed form (``refit``) or by
+training (``kd``: ``onnxcomp.train.kd_pass``, torch from the ``[train]`` extra).
 
-The uncompressed model is the teacher. The layers earlier passes changed arrive as the typed
-hand-over ``ctx.changes()`` (``LayerChange``: the student node, the teacher tensor it must
-reproduce, the repair allowed, the teacher channels a pruned layer kept); names are never
-guessed. For each such layer, in graph order, the student's real input activations X and the
-teacher's output Y at the matching point are streamed over the calibration data, and the layer
-is re-fitted by ridge-regularized least squares:
-
-    [W; b] = (Xᵀ X + λ I)⁻¹ Xᵀ Y,   λ = ridge · trace(Xᵀ X) / K
-
-accumulating Xᵀ X and Xᵀ Y in float64 batch by batch (memory K² + K·N, not the data set). Each fit
-runs on the student as already repaired, so it also absorbs the errors of the layers before it
-(sequential reconstruction, as in OBC/GPTQ-style methods).
-
-``repair = "refit"``: a MatMul, Gemm or 1×1 Conv gets all its weights and bias re-fitted (lowrank's
-second factor given the first; the layer reading pruned channels); a k×k Conv gets bias
-correction only. ``"bias"`` (quantize): the mean output error per channel is added to the bias
-(Conv bias, Gemm C, or the Add after a MatMul, also through a Q/DQ pair); weights stay as they
-are. Layers that are gone, whose teacher tensor is missing, whose op is not re-fitted or whose
-shapes differ from the teacher's are skipped with the reason. A fit that raises its own layer's
-error is undone; the whole repair is undone if the outputs' cosine to the teacher (lowest over
-outputs, on the calibration data, ``measure.compare``) dropped.
+Refit: for each layer earlier passes changed (``ctx.changes()``), in graph order, the student's
+inputs X and the teacher's output Y there are streamed over the calibration data (float64 Gram
+matrices) and ridge least squares is solved on the student as already repaired (sequential, as
+OBC/GPTQ):  [W; b] = (XᵀX + λI)⁻¹ XᵀY,  λ = ridge · trace(XᵀX) / K.  ``repair = "refit"``:
+MatMul, Gemm, 1×1 Conv weights and bias (a k×k Conv: bias only); ``"bias"`` (quantize): the mean
+output error per channel goes into the bias (Conv, Gemm C, or the Add after a MatMul, also
+through Q/DQ). Gone layers, missing teacher tensors, other ops or shapes are skipped with the
+reason. A fit raising its own layer's error is undone; the whole repair is undone if the
+outputs' cosine to the teacher (lowest over outputs, calibration data) dropped.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import onnx
@@ -55,26 +45,43 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Config:
-    ridge: float = option(1e-3, "ridge λ, relative to trace(XᵀX)/K (0: plain least squares)")
-    max_batches: int | None = option(None, "calibration batches streamed per layer and for the "
-                                           "output check (none: all)")
-    bias_correction: bool = option(True, "correct the bias of layers whose weights are not "
-                                         "re-fitted (quantized ones, k×k Convs)")
+    method: str = option("refit", "refit: closed form per layer | kd: train on the teacher")
+    ridge: float = option(1e-3, "refit: ridge λ, relative to trace(XᵀX)/K (0: least squares)")
+    max_batches: int | None = option(None, "refit: calibration batches used (none: all)")
+    bias_correction: bool = option(True, "refit: bias-correct layers not re-fitted (k×k, int8)")
+    steps: int = option(300, "kd: optimizer steps")
+    batch: int = option(16, "kd: samples per step, gradients accumulated (0: a data batch)")
+    lr: float = option(1e-3, "kd: peak AdamW learning rate (warm-up, then cosine decay)")
+    temperature: float = option(1.0, "kd: softmax temperature of the KL/contrastive losses")
+    loss: str = option("auto", "kd: auto (by output kind) | kl | cosine | contrastive | mse")
+    hint_tensors: tuple[str, ...] = option((), "kd: intermediate tensors matched by rel. MSE")
+    max_minutes: float | None = option(None, "kd: stop training after this many minutes")
+    seed: int = option(0, "kd: seed of the data order and of torch")
+    checkpoint_dir: str | None = option(None, "kd: checkpoint folder (resumed from if it fits)")
+    device: str = option("cpu", "kd: cpu | cuda")
 
     def __post_init__(self) -> None:
-        if not (self.ridge >= 0):
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-        if self.max_batches is not None and self.max_batches <= 0:
-            raise ValueError(f"max_batches must be positive, got {self.max_batches}")
+        losses = ("auto", "kl", "cosine", "contrastive", "mse")
+        for ok, name, wanted in (
+                (self.method in ("refit", "kd"), "method", "refit or kd"),
+                (self.ridge >= 0, "ridge", ">= 0"), (self.batch >= 0, "batch", ">= 0"),
+                (self.max_batches is None or self.max_batches > 0, "max_batches", "positive"),
+                (self.steps > 0, "steps", "positive"), (self.lr > 0, "lr", "positive"),
+                (self.temperature > 0, "temperature", "> 0"),
+                (self.loss in losses, "loss", " | ".join(losses)),
+                (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "positive"),
+                (self.device in ("cpu", "cuda"), "device", "cpu or cuda")):
+            if not ok:
+                raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)!r}")
 
     @classmethod
     def from_short(cls, arg: str | None) -> Config:
-        if arg in (None, ""):
-            return cls()
+        if arg in (None, "", "kd", "refit"):
+            return cls(method=arg or "refit")
         try:
             return cls(ridge=float(arg))
         except ValueError:
-            raise ValueError(f"distill takes an optional ridge value, got {arg!r}") from None
+            raise ValueError(f"distill takes kd, refit or a ridge value, got {arg!r}") from None
 
 
 def sites(changes: list[LayerChange]) -> list[LayerChange]:
@@ -86,9 +93,6 @@ def sites(changes: list[LayerChange]) -> list[LayerChange]:
             continue
         chosen[change.node] = change
     return list(chosen.values())
-
-
-# --- the closed-form fit ---------------------------------------------------------------------
 
 
 def ridge_solve(xtx: np.ndarray, xty: np.ndarray, ridge: float) -> np.ndarray:
@@ -177,9 +181,8 @@ class _Layer:
         saved = {}
         for name in (self.weight_name, self.bias_name):
             if name in self.inits:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(self.inits[name])
-                saved[name] = copy
+                saved[name] = onnx.TensorProto()
+                saved[name].CopyFrom(self.inits[name])
         return saved
 
     def restore(self, saved: dict[str, onnx.TensorProto]) -> None:
@@ -229,11 +232,8 @@ def _fit_site(student: Model, teacher_session, site: LayerChange, layer: _Layer,
     refit = site.repair == "refit" and layer.kn is not None
     intercept = layer.bias_name is not None
     xtx = xty = mean_error = None
-    count = 0
-    err = energy = 0.0
-    for i, batch in enumerate(ctx.calibration):
-        if config.max_batches and i >= config.max_batches:
-            break
+    count, err, energy = 0, 0.0, 0.0
+    for batch in islice(ctx.calibration, config.max_batches):
         got = runtime.run(student_session, batch, [x_name, y_name])
         want = _teacher_view(runtime.run(teacher_session, batch, [site.teacher_output])
                              [site.teacher_output], site, axis)
@@ -295,12 +295,12 @@ def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
     return compare(ctx.teacher, candidate, [], ctx.calibration, batches).min_cosine
 
 
-# --- plan and apply --------------------------------------------------------------------------
-
-
 def plan(model: Model, config: Config, ctx: Context) -> Plan:
-    """The repairs, in graph order, with what each would fit; skips named with the reason.
-    The payload is the list of sites ``apply`` re-fits (``LayerChange``s, in graph order)."""
+    """The repairs in graph order, skips with the reason; payload: the ``LayerChange``s to
+    re-fit. ``kd``: the trainable weights by layer (``onnxcomp.train.kd_pass``)."""
+    if config.method == "kd":
+        from onnxcomp.train import kd_pass  # torch: the Pipeline checked it is installed
+        return kd_pass.plan(model, config, ctx)
     result = Plan(NAME, config, payload=[])
     wanted = sites(ctx.changes())
     if not wanted:
@@ -310,8 +310,7 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     nodes = {n.name: n for n in model.graph.node if n.name}
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     wanted.sort(key=lambda s: order.get(s.node, len(order)))
-    teacher_names = {o for n in ctx.teacher.graph.node for o in n.output} \
-        if ctx.teacher is not None else set()
+    teacher_names = {o for n in (ctx.teacher.graph.node if ctx.teacher else []) for o in n.output}
     for site in wanted:
         node = nodes.get(site.node)
         if node is None:
@@ -338,6 +337,9 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
 def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     """The fits, site by site on one copy of the model; then the output-cosine safeguard."""
     config: Config = plan_.config
+    if config.method == "kd":
+        from onnxcomp.train import kd_pass
+        return kd_pass.apply(model, plan_, ctx)
     repairs: list[LayerChange] = plan_.payload
     applied = Applied(model, modified=False)
     if not repairs:
@@ -359,11 +361,9 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
             continue
         before = result["rel_error_before"]
         if result["rel_error_after"] > before:
-            # Worse on its own calibration data (an under-determined, regularized fit can be):
-            # undo it rather than ship it.
+            # Worse on its own calibration data (an under-determined, regularized fit can be).
             layer.restore(saved)
-            result["reverted"] = True
-            result["rel_error_after"] = before
+            result.update(reverted=True, rel_error_after=before)
         else:
             applied.touched.append(site.node)
         if "warning" in result:
@@ -393,7 +393,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
 PASS = PassSpec(
     NAME, Config, plan, apply,
     Capabilities(needs_calibration=lambda config: True, needs_teacher=True,
+                 needs_torch=lambda config: config.method == "kd",
                  notes="repairs the layers earlier passes changed (their LayerChange records): "
                        "put it after prune, lowrank or quantize"),
-    summary="re-fit the layers earlier passes changed to the teacher's activations, in closed "
-            "form (least squares, bias correction)")
+    summary="re-fit changed layers to the teacher's activations in closed form (least squares, "
+            "bias correction), or train on the teacher's outputs (kd, QAT when quantized)")

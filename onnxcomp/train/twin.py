@@ -226,6 +226,15 @@ class Twin(torch.nn.Module):
         for key, name in self._onnx_names.items():
             yield name, self.weights[key]
 
+    def replace_op(self, output: str, fn) -> None:
+        """Compute the node producing ``output`` with ``fn(ctx, inputs, attrs)`` in place of the
+        op table's function (quantization-aware training swaps in fake-quantizers this way)."""
+        for index, (node, _, ctx, attrs) in enumerate(self._steps):
+            if output in node.output:
+                self._steps[index] = (node, fn, ctx, attrs)
+                return
+        raise UserError(f"no node of the graph computes {output!r}")
+
     # -- forward ------------------------------------------------------------------------------
 
     def _last_uses(self) -> dict[str, int]:

@@ -13,8 +13,9 @@ bodies are listed as skipped, never touched. One plan row per layer:
 Apply (``factor``): the rewrite, and for each factored layer a ``LayerChange`` naming the
 second factor (what distill re-fits) and the original layer's output (what it must reproduce).
 
-Idempotent: a factor A (K x r) or B (r x N) has full rank ``min(K, N) = r`` and
-``r (K + N) > K N``, so a second run refuses it at the margin test.
+Idempotent: a second run recognises an earlier run's factors as a pair (``match``: a bias-free
+A read only by B through a narrow width r, ``r (K + N) < K N``) and skips both. The margin test
+alone would not do: the energy rule on a factor's flatter spectrum can pick a rank below r.
 """
 
 from __future__ import annotations

@@ -101,6 +101,6 @@ class Config:
         return cls(**{key: number})
 
 
-def needs_calibration(config: Config) -> bool:
+def needs_calibration(config: Config) -> str | bool:
     """Asked-for whitening needs data (``None`` only whitens when data is there)."""
-    return config.activation_aware is True
+    return "activation_aware = true" if config.activation_aware is True else False

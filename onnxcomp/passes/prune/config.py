@@ -69,6 +69,6 @@ class Config:
         return self.ratio if scoped is None else scoped
 
 
-def needs_calibration(config: Config) -> bool:
+def needs_calibration(config: Config) -> str | bool:
     """Activation importance reads calibration activations (``auto`` only uses them if given)."""
-    return config.importance == "activation"
+    return "importance = activation" if config.importance == "activation" else False

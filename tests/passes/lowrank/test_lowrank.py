@@ -229,8 +229,6 @@ def test_a_factor_is_not_factored_again_at_a_lower_rank():
     assert first.modified
     twice, second = run_pass(once, energy=0.5, min_params=0)
     assert not second.modified and twice is once
-    # a bias-free narrow layer feeding another directly, in a model as exported, is such a pair
-    # too; one with a bias (an SE block's squeeze conv, say) is not
     assert all("factor pair" in reason for _, reason in second.skipped)
 
 

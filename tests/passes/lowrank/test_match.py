@@ -74,3 +74,34 @@ def test_subgraph_weights_are_reported_untouched():
     _, record = lowrank.PASS.run(model, lowrank.Config(energy=1.0), Context())
     assert not record.modified
     assert record.skipped == [("inner", "inside the If body of branch: not touched")]
+
+
+def test_a_bias_free_bottleneck_pair_is_a_factorization_already():
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((64, 8)), rng.standard_normal((8, 64))
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="down"),
+             helper.make_node("MatMul", ["h", "B"], ["y"], name="up")]
+    model = make_model(nodes, [vi("x", [2, 64])], [vi("y", [2, 64])],
+                       [numpy_helper.from_array(a.astype(np.float32), "A"),
+                        numpy_helper.from_array(b.astype(np.float32), "B")])
+    sites, skipped = find_sites(import_graph(model), lowrank.Config(min_params=0))
+    assert not sites
+    assert {(p.node, p.reason) for p in skipped} == {
+        ("down", "already a rank-8 factor pair with up: not factored again"),
+        ("up", "already a rank-8 factor pair with down: not factored again")}
+
+
+def test_a_squeeze_conv_with_a_bias_is_not_a_factor_pair():
+    # PP-OCR's SE blocks: a 1x1 squeeze conv with a bias straight into a 1x1 excite conv; lowrank
+    # always factored those, and still does.
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "W1", "b1"], ["h"], name="squeeze"),
+             helper.make_node("Conv", ["h", "W2"], ["y"], name="excite")]
+    model = make_model(nodes, [vi("x", [1, 96, 4, 4])], [vi("y", [1, 96, 4, 4])],
+                       [numpy_helper.from_array(
+                           rng.standard_normal((42, 96, 1, 1)).astype(np.float32), "W1"),
+                        numpy_helper.from_array(rng.standard_normal(42).astype(np.float32), "b1"),
+                        numpy_helper.from_array(
+                            rng.standard_normal((96, 42, 1, 1)).astype(np.float32), "W2")])
+    sites, skipped = find_sites(import_graph(model), lowrank.Config())
+    assert [s.plan.node for s in sites] == ["squeeze", "excite"] and not skipped
