@@ -93,6 +93,9 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     held_out = None
     if eval_data is not None or (data is not None and data.zoo_name):
         held_out = evaluation_data(original, eval_data, data, report.notes)
+    for dataset, flag in ((data, "--calib"), (held_out, "--eval")):
+        if dataset is not None:
+            check_data_runs(original, dataset, flag)
     ctx = Context(calibration=data, evaluation=held_out, teacher=original, progress=log)
     started = time.perf_counter()
     pipeline = with_cleanup(steps)
@@ -119,6 +122,23 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         report.fidelity = fidelity.fidelity
         passed = bool(report.fidelity.get("passed", True))
     return CompressResult(compressed, report, passed)
+
+
+def check_data_runs(model: Model, data: calibration.Dataset, flag: str) -> None:
+    """The user's model must run on the first batch of the user's data: a ``UserError`` now
+    rather than a pass failing on it (exit 3) halfway through. Skipped for a model whose
+    weights stay on disk (a session would read them all; the passes run it by segments)."""
+    if model.lazy:
+        return
+    sess = runtime.session(model, optimize=False)
+    try:
+        runtime.run(sess, data.make_batch(0))
+    except MemoryError:
+        raise
+    except Exception as exc:  # ONNX Runtime's errors: the data does not fit the model
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise UserError(f"the model cannot run on {data.name} batch 0 (check {flag}): "
+                        f"{lines[0]}") from exc
 
 
 def _structurally_valid(model: Model) -> bool:
@@ -182,6 +202,8 @@ def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
     ctx = Context(calibration=data, teacher=original)
     for step in steps:
         check_requirements(step, ctx)
+    if data is not None:
+        check_data_runs(original, data, "--calib")
     current, _ = Pipeline(with_cleanup([])).run(original, ctx)  # as the real run starts
     return [plan_step(step, current, ctx) for step in steps]
 

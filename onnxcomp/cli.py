@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    inspect = sub.add_parser("inspect", help="ops, parameters, FLOPs, what passes could act on")
+    inspect = sub.add_parser("inspect", help="ops, parameters, FLOPs, what each pass would do")
     inspect.add_argument("model")
     inspect.add_argument("--shape", action="append", metavar="NAME=D,D,D",
                          help="concrete input shape for FLOPs (repeatable)")
@@ -279,7 +279,8 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    logging.basicConfig(level=logging.DEBUG if os.environ.get("ONNXCOMP_DEBUG") else logging.WARNING,
+    debug = bool(os.environ.get("ONNXCOMP_DEBUG"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="onnxcomp: %(message)s")
     parser = build_parser()
     try:

@@ -7,6 +7,7 @@ import tempfile
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from conftest import make_mlp
 
@@ -16,7 +17,7 @@ from onnxcomp.cli import main
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnxcomp.cli", *args], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
 
 
 def test_missing_model_is_one_line_and_exit_2():
@@ -152,6 +153,26 @@ def test_user_mistakes_are_exit_2_with_one_line(tmp_path, capsys, args, message,
     assert code == 2
     assert message in _one_line_error(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_data_the_model_cannot_run_on_is_exit_2_before_any_pass(tmp_path, capsys, dry_run):
+    # Valid, but Reshape [-1, 3] of [N, 8] runs only where 8 * N divides by 3: random:2 has
+    # N = 1. The user's data, not a pass, is at fault: exit 2, not 3.
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Reshape", ["x", "shape"], ["y"])], "cut",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 3])],
+        [onnx.numpy_helper.from_array(np.array([-1, 3], np.int64), "shape")])
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    path = tmp_path / "cut.onnx"
+    onnx.save(proto, str(path))
+    out = tmp_path / "out.onnx"
+    assert main(["compress", str(path), "-o", str(out), "--recipe", "quantize:int8", "--calib",
+                 "random:2", *(["--dry-run"] if dry_run else [])]) == 2
+    assert "cannot run on random:2 batch 0 (check --calib)" in _one_line_error(capsys)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -146,5 +146,8 @@ def total(terms: list[Term], student: Mapping[str, torch.Tensor],
         else:
             parts.append(relative_mse(s[0], t[0]))
     for name in hints:
+        if student[name].shape != teacher[name].shape:
+            raise UserError(f"hint tensor {name!r} has shape {list(student[name].shape)} in the "
+                            f"student, {list(teacher[name].shape)} in the teacher")
         parts.append(relative_mse(student[name].float(), teacher[name].float()))
     return torch.stack(parts).sum()

@@ -381,7 +381,7 @@ def test_reference_that_cannot_run_on_the_data_is_a_user_error(tmp_path):
     model.save(cand)
     # In a real process: ONNX Runtime's own log lines would be on stderr too.
     done = subprocess.run([sys.executable, "-m", "onnxcomp.cli", "validate", str(ref), str(cand)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"the reference {ref} cannot run" in done.stderr
 
