@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxcomp import calibration, runtime
+from onnxcomp import calibration, progress, report_data, runtime
 from onnxcomp.errors import InvalidOutput, UserError
 from onnxcomp.model import Model, load
 from onnxcomp.pipeline import (
@@ -30,7 +30,7 @@ from onnxcomp.pipeline import (
     plan_step,
 )
 from onnxcomp.recipe import apply_overrides, parse_recipe, with_cleanup
-from onnxcomp.report import Report, progress
+from onnxcomp.report import Report
 
 DEFAULT_RECIPE = "quantize:int8"
 DEFAULT_EVAL_COUNT = 32
@@ -49,7 +49,9 @@ def _as_model(model: Model | str | os.PathLike) -> Model:
 
 
 def _model_facts(model: Model, path: str | os.PathLike | None = None) -> dict:
-    facts = {"parameters": model.parameter_count(), "weight_bytes": model.weight_bytes()}
+    # The breakdown reads shapes only: a model whose weights stay on disk is not read.
+    facts = {"parameters": model.parameter_count(), "weight_bytes": model.weight_bytes(),
+             "breakdown": report_data.model_breakdown(model)}
     if path is not None:
         facts["path"] = str(path)
     return facts
@@ -81,15 +83,21 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
 
     ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe. User mistakes (recipe,
     overrides, data) raise ``UserError``; a result that onnx's checker or ONNX Runtime refuses
-    raises ``InvalidOutput`` (see the module docstring), with or without ``validate``."""
+    raises ``InvalidOutput`` (see the module docstring), with or without ``validate``.
+    ``show_progress``: progress through the process's :mod:`onnxcomp.progress` (bars on a
+    terminal, lines elsewhere; ``progress.configure`` sets it), else nothing; the passes get it
+    as ``ctx.progress``."""
     source_path = None if isinstance(model, Model) else model
     original = _as_model(model)
+    # A broken input is the user's (exit 2), found before any work; the ORT load comes with
+    # the data check below (a second session here would double the cost on big models).
+    runtime.check_input(original, session=False)
     steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
                             overrides)
     report = Report("compress")
     report.models["reference"] = _model_facts(original, source_path)
     data = calibration.resolve(calib, original) if calib is not None else None
-    log = progress if show_progress else (lambda message: None)
+    log = progress.current() if show_progress else progress.Progress(quiet=True)
     held_out = None
     if eval_data is not None or (data is not None and data.zoo_name):
         held_out = evaluation_data(original, eval_data, data, report.notes)
@@ -118,7 +126,7 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         eval_set = held_out or evaluation_data(original, eval_data, data, report.notes)
         log(f"validating on {eval_set.name} ({len(eval_set)} batches)")
         fidelity = run_validation(original, compressed, data=eval_set, min_cosine=min_cosine,
-                                  ours=True)
+                                  ours=True, progress=log)
         report.fidelity = fidelity.fidelity
         passed = bool(report.fidelity.get("passed", True))
     return CompressResult(compressed, report, passed)
@@ -196,6 +204,7 @@ def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
     """What each step would do, without changing anything: one Plan per step. Every step is
     planned on the cleaned-up input model (later steps would see earlier results)."""
     original = _as_model(model)
+    runtime.check_input(original, session=False)
     steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
                             overrides)
     data = calibration.resolve(calib, original) if calib is not None else None
@@ -205,5 +214,9 @@ def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
     if data is not None:
         check_data_runs(original, data, "--calib")
     current, _ = Pipeline(with_cleanup([])).run(original, ctx)  # as the real run starts
-    return [plan_step(step, current, ctx) for step in steps]
+    plans = [plan_step(step, current, ctx) for step in steps]
+    for plan in plans[1:]:
+        plan.notes.append("planned on the cleaned-up input: a dry run does not apply the "
+                          "earlier steps, so this step will see their result, not this model")
+    return plans
 

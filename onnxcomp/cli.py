@@ -1,5 +1,10 @@
 """The ``onnxcomp`` command: a thin shell over the Python API.
 
+Every command that measures writes its report as JSON (``--report``) and, with ``--html FILE``,
+as one self-contained HTML page rendered from it (``onnxcomp report REPORT.json --html FILE``
+re-renders an old one). Progress goes to stderr (bars on a terminal, plain lines elsewhere;
+``--quiet``: none).
+
 Exit codes: 0 done; 1 a stated target was missed (the report is still written); 2 bad input or
 usage (one line on stderr, wherever the mistake was found: flags, recipe, data, a pass's
 options); 3 an internal error, e.g. a model we produced that onnx's checker or ONNX Runtime
@@ -45,10 +50,45 @@ def _int_list(text: str, flag: str) -> list[int]:
     return values
 
 
-def _emit(report, as_json: bool, report_path: str | None) -> None:
+def _emit(report, as_json: bool, report_path: str | None, html_path: str | None = None
+          ) -> None:
     if report_path:
         report.write(report_path)
+    if html_path:
+        from onnxcomp.report_html import render_html
+
+        render_html(report, html_path)  # atomic, like the JSON
     print(report.to_json() if as_json else report.table())
+
+
+def _check_writable(path: str | None, flag: str) -> None:
+    """Refuse now (exit 2, nothing computed) a path the command could not write at the end: a
+    folder, or a place with no writable folder above it. Creates nothing."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path}: is a folder, expected a file name")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the folders missing in between are created at the end
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {parent}")
+
+
+def _check_outputs(*outputs: tuple[str | None, str]) -> None:
+    """Every file the command writes at the end can be written, and no two are the same."""
+    named = [(path, flag) for path, flag in outputs if path]
+    for path, flag in named:
+        _check_writable(path, flag)
+    seen: dict[Path, str] = {}
+    for path, flag in named:
+        key = Path(os.path.abspath(path))
+        if key in seen:
+            raise UserError(f"{flag} and {seen[key]} name the same file {path}")
+        seen[key] = flag
 
 
 def cmd_inspect(args) -> int:
@@ -60,12 +100,17 @@ def cmd_inspect(args) -> int:
 
 
 def _check_output_path(model: str, output: str) -> None:
-    from onnxcomp.model import same_file
-
-    if same_file(model, output):
-        raise UserError("the output path is the input model: refusing to overwrite it")
     if not output.endswith(".onnx"):
         raise UserError(f"output {output!r} should end with .onnx")
+
+
+def _check_not_inputs(models: list[str], outputs: list[str | None]) -> None:
+    """No output (nor the data file beside an output model) is a file an input model reads:
+    compared by device and inode, hard links included, before any work."""
+    from onnxcomp.model import check_output_paths, files_read
+
+    reads = [path for model in models for path in files_read(model)]
+    check_output_paths(outputs, reads)
 
 
 def cmd_compress(args) -> int:
@@ -79,6 +124,10 @@ def cmd_compress(args) -> int:
     if not args.model or not args.output:
         raise UserError("compress needs MODEL and -o OUT (or --help-pass NAME)")
     _check_output_path(args.model, args.output)
+    if not args.dry_run:
+        _check_outputs((args.output, "-o"), (args.report, "--report"),
+                       (args.html, "--html"))
+        _check_not_inputs([args.model], [args.output, args.report, args.html])
     if args.dry_run:
         plans = api.dry_run(args.model, args.recipe, args.calib, overrides=args.set)
         if args.json:
@@ -98,7 +147,7 @@ def cmd_compress(args) -> int:
     else:
         result.report.notes.append(
             f"the result missed --min-cosine {args.min_cosine}: {args.output} was not written")
-    _emit(result.report, args.json, args.report)
+    _emit(result.report, args.json, args.report, args.html)
     if not result.passed:
         print(f"onnxcomp: target missed (--min-cosine {args.min_cosine}); no model written",
               file=sys.stderr)
@@ -109,9 +158,11 @@ def cmd_compress(args) -> int:
 def cmd_validate(args) -> int:
     from onnxcomp.measure.validate import validate
 
+    _check_outputs((args.report, "--report"), (args.html, "--html"))
+    _check_not_inputs([args.reference, args.candidate], [args.report, args.html])
     report = validate(args.reference, args.candidate, data=args.data, count=args.count,
                       min_cosine=args.min_cosine)
-    _emit(report, args.json, args.report)
+    _emit(report, args.json, args.report, args.html)
     if report.fidelity and report.fidelity.get("passed") is False:
         print(f"onnxcomp: target missed (--min-cosine {args.min_cosine})", file=sys.stderr)
         return EXIT_TARGET_MISSED
@@ -123,11 +174,37 @@ def cmd_bench(args) -> int:
     from onnxcomp.report import progress
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    _check_outputs((args.report, "--report"), (args.html, "--html"))
+    _check_not_inputs(list(args.models), [args.report, args.html])
     report = bench(args.models, providers=providers, threads=_int_list(args.threads, "--threads"),
                    batch=args.batch, runs=args.runs, warmup=args.warmup, data=args.data,
                    memory=not args.no_memory, min_seconds=args.min_seconds,
                    spinning=not args.no_spinning, progress=None if args.json else progress)
-    _emit(report, args.json, args.report)
+    _emit(report, args.json, args.report, args.html)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from onnxcomp.report_html import render_html
+
+    _check_outputs((args.html, "--html"))
+    try:
+        data = json.loads(Path(args.report).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{args.report}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{args.report}: cannot read it: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{args.report}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{args.report}: not an onnxcomp report (a JSON "
+                        f"{type(data).__name__}, expected an object)")
+    try:
+        path = render_html(data, args.html)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{args.report}: not an onnxcomp report this version can draw "
+                        f"({type(exc).__name__}: {_one_line(exc)})") from None
+    print(path)
     return 0
 
 
@@ -166,6 +243,7 @@ def cmd_zoo(args) -> int:
 def cmd_demo(args) -> int:
     from onnxcomp.demo import run_demo
 
+    _check_writable(str(Path(args.out) / "report.json"), "--out")
     return run_demo(out_dir=Path(args.out), recipe=args.recipe, as_json=args.json)
 
 
@@ -183,22 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnxcomp", description="Compress ONNX models and prove they still work.")
     parser.add_argument("--version", action="version", version=f"onnxcomp {__version__}")
+    parser.add_argument("--quiet", "-q", action="store_true", default=False,
+                        help="no progress on stderr (results and errors still print)")
     sub = parser.add_subparsers(dest="command", required=True)
+    # --quiet after the command works too; SUPPRESS keeps a subcommand from resetting the
+    # top-level value when the flag is not repeated there.
+    common = _Parser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
-    demo = sub.add_parser("demo", help="compress, validate and time the default zoo model")
+    def command(name: str, what: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=what, parents=[common])
+
+    demo = command("demo", "compress, validate and time the default zoo model")
     demo.add_argument("--out", default="onnxcomp-demo", help="folder for the demo's outputs")
     demo.add_argument("--recipe", default=None, help="recipe to demo (default: the demo's own)")
     demo.add_argument("--json", action="store_true")
     demo.set_defaults(func=cmd_demo)
 
-    inspect = sub.add_parser("inspect", help="ops, parameters, FLOPs, what each pass would do")
+    inspect = command("inspect", "ops, parameters, FLOPs, what each pass would do")
     inspect.add_argument("model")
     inspect.add_argument("--shape", action="append", metavar="NAME=D,D,D",
                          help="concrete input shape for FLOPs (repeatable)")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(func=cmd_inspect)
 
-    compress = sub.add_parser("compress", help="run a compression recipe")
+    compress = command("compress", "run a compression recipe")
     compress.add_argument("model", nargs="?")
     compress.add_argument("-o", "--output")
     compress.add_argument("--help-pass", metavar="NAME", default=None,
@@ -209,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "zoo generator (ppocr-rec, ppocr-rec:64) or random:N")
     compress.add_argument("--eval", default=None, help="held-out data for the fidelity check")
     compress.add_argument("--report", default=None, help="write the JSON report here")
+    compress.add_argument("--html", default=None, metavar="FILE",
+                          help="write the report as one self-contained HTML page here")
     compress.add_argument("--min-cosine", type=float, default=None,
                           help="exit 1 (and write no model) if any output's cosine is lower")
     compress.add_argument("--set", action="append", metavar="PASS.FIELD=VALUE",
@@ -221,17 +311,19 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=cmd_compress)
 
-    validate = sub.add_parser("validate", help="fidelity of a candidate against its reference")
+    validate = command("validate", "fidelity of a candidate against its reference")
     validate.add_argument("reference")
     validate.add_argument("candidate")
     validate.add_argument("--data", default=None)
     validate.add_argument("--count", type=int, default=None)
     validate.add_argument("--min-cosine", type=float, default=None)
-    validate.add_argument("--report", default=None)
+    validate.add_argument("--report", default=None, help="write the JSON report here")
+    validate.add_argument("--html", default=None, metavar="FILE",
+                          help="write the report as one self-contained HTML page here")
     validate.add_argument("--json", action="store_true")
     validate.set_defaults(func=cmd_validate)
 
-    bench = sub.add_parser("bench", help="latency, throughput, memory and size")
+    bench = command("bench", "latency, throughput, memory and size")
     bench.add_argument("models", nargs="+")
     bench.add_argument("--providers", default="cpu")
     bench.add_argument("--threads", default="1")
@@ -245,11 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "(fairer on a busy machine)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     bench.add_argument("--data", default=None)
-    bench.add_argument("--report", default=None)
+    bench.add_argument("--report", default=None, help="write the JSON report here")
+    bench.add_argument("--html", default=None, metavar="FILE",
+                       help="write the report as one self-contained HTML page here")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
-    export = sub.add_parser("export", help="PyTorch / Hugging Face model → ONNX")
+    report = command("report", "render a JSON report as one HTML page")
+    report.add_argument("report", metavar="REPORT.json")
+    report.add_argument("--html", required=True, metavar="FILE",
+                        help="the self-contained HTML page to write")
+    report.set_defaults(func=cmd_report)
+
+    export = command("export", "PyTorch / Hugging Face model → ONNX")
     export.add_argument("source")
     export.add_argument("-o", "--output", required=True)
     export.add_argument("--opset", type=int, default=17)
@@ -258,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--json", default=None, help="write the export check as JSON here")
     export.set_defaults(func=cmd_export)
 
-    zoo = sub.add_parser("zoo", help="the model zoo")
+    zoo = command("zoo", "the model zoo")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     zoo_sub.add_parser("list")
     fetch = zoo_sub.add_parser("fetch")
@@ -285,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.func(args)
+        from onnxcomp import progress
+
+        from onnxcomp.model import terminate_cleanly
+
+        progress.configure(quiet=args.quiet)
+        with terminate_cleanly():  # SIGTERM/SIGHUP clean up partial writes like Ctrl-C
+            return args.func(args)
     except OurBug as exc:
         if os.environ.get("ONNXCOMP_DEBUG"):
             raise

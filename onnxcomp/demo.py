@@ -2,7 +2,8 @@
 
 Fetches PP-OCRv4 recognition, compresses it with the demo recipe (calibrated on rendered text
 lines), validates it on held-out lines (cosine and OCR accuracy side by side) and times both at
-one and two threads.
+one and two threads. Writes the compressed model, ``report.json`` and ``report.html`` (the page a
+person reads: :mod:`onnxcomp.report_html`) into the output folder.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from onnxcomp import api, zoo
-from onnxcomp.report import markdown_table, progress
+from onnxcomp import api, progress, zoo
+from onnxcomp.report import markdown_table
 
 DEMO_MODEL = "ppocr-rec"
 DEMO_RECIPE = "quantize:int8"
@@ -27,15 +28,16 @@ def _ratio(candidate, reference):
 
 def run_demo(out_dir: Path, recipe: str | None = None, as_json: bool = False) -> int:
     from onnxcomp.measure.bench import bench
+    from onnxcomp.report_html import render_html
 
-    progress(f"fetching {DEMO_MODEL}")
+    progress.message(f"fetching {DEMO_MODEL}")
     reference_path = zoo.fetch(DEMO_MODEL)
     recipe = recipe or DEMO_RECIPE
-    progress(f"compressing with {recipe!r}, calibration {CALIB}")
+    progress.message(f"compressing with {recipe!r}, calibration {CALIB}")
     result = api.compress(reference_path, recipe=recipe, calib=CALIB, eval_data=EVAL)
     out_dir.mkdir(parents=True, exist_ok=True)
     candidate_path = result.model.save(out_dir / f"{DEMO_MODEL}.compressed.onnx")
-    progress("timing reference and candidate (interleaved, 1 and 2 threads)")
+    progress.message("timing reference and candidate (interleaved, 1 and 2 threads)")
     timing = bench([reference_path, candidate_path], threads=[1, 2], runs=30,
                    data=f"{DEMO_MODEL}:eval:1", names=[f"{DEMO_MODEL} (reference)",
                                                        f"{DEMO_MODEL} (compressed)"])
@@ -43,6 +45,8 @@ def run_demo(out_dir: Path, recipe: str | None = None, as_json: bool = False) ->
     report.bench = timing.bench
     report.models["candidate"]["path"] = str(candidate_path)
     report.write(out_dir / "report.json")
+    page = render_html(report, out_dir / "report.html",
+                       title=f"onnxcomp demo: {DEMO_MODEL}, {recipe}")
 
     rows = _summary_rows(reference_path, candidate_path, report)
     if as_json:
@@ -51,7 +55,8 @@ def run_demo(out_dir: Path, recipe: str | None = None, as_json: bool = False) ->
         print(report.table())
         print()
         print(markdown_table(["", "reference", "candidate", "ratio"], rows))
-        print(f"\ncandidate model: {candidate_path}\nreport: {out_dir / 'report.json'}")
+        print(f"\ncandidate model: {candidate_path}\nreport: {out_dir / 'report.json'}\n"
+              f"report page: {page}")
     return 0
 
 

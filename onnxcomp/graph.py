@@ -110,7 +110,78 @@ def export_model(graph: gs.Graph, like: Model) -> Model:
     if list(original.functions):
         del proto.functions[:]
         proto.functions.extend(original.functions)
+    share_scoped_initializers(proto.graph)
     return Model(proto, like.source, like.external_data)
+
+
+def proto_scopes(graph: onnx.GraphProto) -> list[tuple[onnx.GraphProto, int | None]]:
+    """Every graph of the model, depth first, with the index of its enclosing graph."""
+    found: list[tuple[onnx.GraphProto, int | None]] = []
+
+    def walk(body: onnx.GraphProto, parent: int | None) -> None:
+        index = len(found)
+        found.append((body, parent))
+        for node in body.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g, index)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for inner in attr.graphs:
+                        walk(inner, index)
+
+    walk(graph, None)
+    return found
+
+
+def share_scoped_initializers(graph: onnx.GraphProto) -> int:
+    """Write a tensor read in several scopes once, in the innermost graph enclosing them all.
+
+    gs exports every constant a subgraph's nodes read as that subgraph's own initializer, outer
+    ones included: a weight read by both branches of an If, or lifted from a Constant node in an
+    outer branch and read by a nested one, came out once per scope (a VAD whose LSTM weights
+    are Constant nodes in nested If branches grew 1.44x through cleanup alone). Inner scopes see
+    the outer one's names, so one copy serves them all. Only identical tensors of the same name
+    are merged (sibling branches may legally reuse a name for different values). Returns how
+    many copies were dropped."""
+    scopes = proto_scopes(graph)
+    if len(scopes) < 2:
+        return 0
+    where: dict[str, list[tuple[int, int]]] = {}
+    for index, (body, _) in enumerate(scopes):
+        for position, tensor in enumerate(body.initializer):
+            where.setdefault(tensor.name, []).append((index, position))
+
+    def chain(index: int | None) -> list[int]:
+        path = []
+        while index is not None:
+            path.append(index)
+            index = scopes[index][1]
+        return path[::-1]  # root first
+
+    drop: dict[int, list[int]] = {}
+    dropped = 0
+    for places in where.values():
+        if len({index for index, _ in places}) < 2:
+            continue
+        first = scopes[places[0][0]][0].initializer[places[0][1]]
+        if any(scopes[i][0].initializer[p] != first for i, p in places[1:]):
+            continue
+        paths = [chain(index) for index, _ in places]
+        common = 0
+        while all(len(path) > common and path[common] == paths[0][common] for path in paths):
+            common += 1
+        home = paths[0][common - 1]
+        kept = next(((i, p) for i, p in places if i == home), None)
+        if kept is None:  # no reader at the common scope itself: move one copy there
+            scopes[home][0].initializer.add().CopyFrom(first)
+        for index, position in places:
+            if (index, position) != kept:
+                drop.setdefault(index, []).append(position)
+                dropped += 1
+    for index, positions in drop.items():
+        for position in sorted(positions, reverse=True):
+            del scopes[index][0].initializer[position]
+    return dropped
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -226,6 +297,65 @@ def replace_node(graph: gs.Graph, node: gs.Node, new_nodes: list[gs.Node]) -> No
 def tidy(graph: gs.Graph) -> gs.Graph:
     """Remove what no output depends on and order the nodes."""
     return graph.cleanup(remove_unused_graph_inputs=False).toposort()
+
+
+def name_nodes(graph: gs.Graph) -> list[tuple[str, str]]:
+    """Give every unnamed or duplicate-named node, subgraphs included, a stable unique name
+    ``<op>_<first output>`` (a counter after it when taken): passes address nodes by name and
+    would otherwise skip them. Returns (old name, new name) for each renamed node, in graph
+    order (the first holder of a duplicated name keeps it)."""
+    everything: list[gs.Node] = []
+
+    def collect(body: gs.Graph) -> None:
+        for node in body.nodes:
+            everything.append(node)
+            for inner in node_subgraphs(node):
+                collect(inner)
+
+    collect(graph)
+    taken: set[str] = set()
+    renamed: list[tuple[str, str]] = []
+    pending = []
+    for node in everything:
+        if node.name and node.name not in taken:
+            taken.add(node.name)
+        else:
+            pending.append(node)
+    for node in pending:
+        output = next((t.name for t in node.outputs if t.name), "")
+        base = f"{node.op}_{output}" if output else node.op
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        renamed.append((node.name, name))
+        node.name = name
+    return renamed
+
+
+def graph_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Node, gs.Graph]]:
+    """(node, the graph that holds it) for every node, the bodies of If/Loop/Scan included
+    (depth first, each body right after its owner)."""
+    for node in list(graph.nodes):
+        yield node, graph
+        for body in node_subgraphs(node):
+            yield from graph_nodes(body)
+
+
+def stored_bytes(model: Model) -> int:
+    """The model's size as saved: the protobuf (graph, inline weights) plus its weights still
+    in external data. Graph structure counts: a quantized graph of many small layers can grow
+    by its Q/DQ nodes alone."""
+    return model.proto.ByteSize() + (model.lazy_bytes() if model.lazy else 0)
+
+
+def size_note(before: Model, after: Model, pass_name: str) -> str | None:
+    """A loud note when a compressing pass made the model larger (None when it did not)."""
+    old, new = stored_bytes(before), stored_bytes(after)
+    if new <= old:
+        return None
+    return (f"WARNING: {pass_name} made the model larger: {old} -> {new} bytes "
+            f"({new / max(old, 1):.2f}x); this output is not worth it")
 
 
 def unique_name(graph: gs.Graph, base: str) -> str:

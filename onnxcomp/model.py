@@ -7,7 +7,16 @@
   place, weights first and the ``.onnx`` last, so an interrupted save never leaves something that
   looks like a finished model. Models whose tensors exceed what one protobuf holds (2 GiB) are
   saved with their weights in one external data file beside the model.
-- The input file is never written to.
+- The input is never written to: every file ``load`` read (the model and each external-data
+  file, by device and inode, hard links included) is remembered for the life of the process, and
+  ``save`` refuses to write over one of them; ``check_output_paths`` refuses the same before any
+  work. Output paths under /proc or /sys, under a regular file, naming a folder or a special
+  file, or in a folder that is not writable are refused (``check_output_path``).
+- Every model ``load`` reads is checked first (``onnxcomp.checks``: FIFOs and devices refused
+  before opening, tensor encodings, external-data fields against their files, the graph's
+  names and cycles, NaN/Inf weights); a broken one is a ``UserError``.
+- SIGTERM and SIGHUP during a save clean up like SIGINT: the temporary folder is removed, and
+  the process then exits with 128 + the signal number.
 - Lazy weights (``load(path, load_weights=False)``): tensors in external data stay on disk; a pass
   reads one when it processes that layer (``read_external``: a read-only memory map, so an
   untouched weight costs no memory and can't be changed in place), and ``save`` copies the
@@ -17,9 +26,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import stat
 import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +42,9 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, numpy_helper
 
-from onnxcomp.errors import UnsafeModelError, UserError
+from onnxcomp import checks
+from onnxcomp.checks import iter_tensors, tensor_nbytes
+from onnxcomp.errors import UserError
 
 # Protobuf refuses messages of 2 GiB; stay clear of it, the graph itself takes room too.
 PROTOBUF_SAFE_BYTES = 1_800_000_000
@@ -93,11 +110,6 @@ def opset_version(proto: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
-def iter_tensors(proto: onnx.ModelProto):
-    """Every TensorProto of the model: initializers, Constant attributes, subgraphs included."""
-    yield from external_data_helper._get_all_tensors(proto)
-
-
 def weights_on_disk(proto: onnx.ModelProto) -> bool:
     """Some tensor's data is in an external file rather than in the protobuf."""
     return any(external_data_helper.uses_external_data(t) for t in iter_tensors(proto))
@@ -114,68 +126,47 @@ def parameter_count(proto: onnx.ModelProto) -> int:
     """The one parameter count: elements of every stored tensor (initializers, Constant nodes,
     subgraphs included) except 64-bit integer ones, which are shapes and indices, not weights.
     Quantized weights, their scales and zero points count."""
-    return sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in iter_tensors(proto)
+    return sum(checks.element_count(t) for t in iter_tensors(proto)
                if t.data_type != onnx.TensorProto.INT64)
-
-
-def tensor_nbytes(tensor: onnx.TensorProto) -> int:
-    """Bytes of a tensor's values (as stored: 4-bit types packed two to a byte)."""
-    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-    if tensor.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in tensor.string_data)
-    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-        return (count + 1) // 2
-    return count * itemsize
 
 
 _tensor_nbytes = tensor_nbytes  # the old name, still imported by segments.py
 
 
 def _safe_location(tensor: onnx.TensorProto, location: str, root: Path) -> Path:
-    """The data file of ``tensor``, refused unless it lies inside ``root`` (resolved)."""
-    if not location or os.path.isabs(location) or Path(location).drive:
-        raise UnsafeModelError(
-            f"tensor {tensor.name!r} stores its data at {location!r}: only paths inside the "
-            "model's folder are allowed"
-        )
-    target = (root / location).resolve()
-    if root != target and root not in target.parents:
-        raise UnsafeModelError(
-            f"tensor {tensor.name!r} stores its data at {location!r}, outside the model's "
-            f"folder {root}: refused"
-        )
-    if not target.is_file():
-        raise UserError(f"external data file {location!r} of tensor {tensor.name!r} is missing")
-    return target
+    """The data file of ``tensor``, refused unless it is a regular file inside ``root``."""
+    return checks.resolve_location(tensor, location, root)
 
 
 def _check_external_locations(proto: onnx.ModelProto, base_dir: Path) -> None:
     root = base_dir.resolve()
     for tensor in iter_tensors(proto):
         if external_data_helper.uses_external_data(tensor):
-            _safe_location(tensor, external_data_helper.ExternalDataInfo(tensor).location, root)
+            checks.check_external(tensor, root)
 
 
 def load(path: str | os.PathLike, load_weights: bool = True) -> Model:
-    """Read an ONNX file; external data is checked to stay inside the model's folder, then read
-    (``load_weights=False``: left on disk and read per tensor when needed, see the module doc)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected an .onnx file")
+    """Read an ONNX file, checked first (``onnxcomp.checks``: the path kind before opening,
+    then tensors, external data against its files, the graph, NaN/Inf weights); external data
+    is read (``load_weights=False``: left on disk and read per tensor when needed, see the
+    module doc). Every file read is remembered so that ``save`` never writes over it."""
+    path = checks.check_model_path(path)
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001  protobuf raises several unrelated types on garbage
         raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
     if not proto.graph.node and not proto.graph.output:
         raise UserError(f"{path}: not an ONNX model (empty graph)")
-    _check_external_locations(proto, path.parent)
+    root = path.resolve().parent
+    try:
+        checks.check_proto(proto, path, root)
+    except UserError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
     external = weights_on_disk(proto)
+    remember_inputs([path, *checks.external_files(proto, root)])
     if load_weights:
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    return Model(proto, path.resolve().parent, external)
+    return Model(proto, root, external)
 
 
 def _needs_external_data(proto: onnx.ModelProto) -> bool:
@@ -185,11 +176,11 @@ def _needs_external_data(proto: onnx.ModelProto) -> bool:
 def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
     """A lazy tensor's values as a read-only memory map of its data file (nothing is read until
     used; the map can't write to the file)."""
+    path = checks.check_external(tensor, Path(base_dir).resolve())
     info = external_data_helper.ExternalDataInfo(tensor)
-    path = _safe_location(tensor, info.location, Path(base_dir).resolve())
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
     shape = tuple(int(d) for d in tensor.dims)
-    count = int(np.prod(shape)) if shape else 1
+    count = checks.element_count(tensor)
     if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.STRING,
                             onnx.TensorProto.BFLOAT16) or dtype.itemsize == 0:
         copy = onnx.TensorProto()
@@ -207,13 +198,12 @@ def read_external(tensor: onnx.TensorProto, base_dir: Path) -> np.ndarray:
 def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
          external_data: bool | None = None) -> Path:
     """Write the model atomically. ``external_data=None``: external if the model was loaded with
-    external data or its tensors pass ~1.8 GB."""
+    external data or its tensors pass ~1.8 GB. Refused (``UserError``, before writing): a path
+    ``check_output_path`` refuses, or a model file or data file that is one of the files this
+    process loaded a model from, or that the model being saved still reads lazily."""
     proto = model.proto if isinstance(model, Model) else model
     source = model.source if isinstance(model, Model) else None
-    target = Path(path)
-    if target.is_dir():
-        raise UserError(f"{target}: is a folder, expected an output file name")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_output_path(path)
     lazy = weights_on_disk(proto)
     if external_data is None:
         external_data = getattr(model, "external_data", False) or _needs_external_data(proto)
@@ -226,27 +216,218 @@ def save(model: Model | onnx.ModelProto, path: str | os.PathLike,
         return save(whole, target, external_data=False)
     if lazy and _reads_from(proto, source, target.parent / data_name):
         raise UserError(f"{target.parent / data_name}: the model reads its weights from this "
-                            "file; save it under another name")
+                        "file; save it under another name")
+    check_output_paths([target] + ([target.parent / data_name] if external_data else []))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with terminate_cleanly():
+        _save_staged(proto, target, data_name, external_data, source)
+    if isinstance(model, Model) and not lazy:
+        model.source = target.resolve().parent
+    return target
+
+
+def _save_staged(proto: onnx.ModelProto, target: Path, data_name: str, external_data: bool,
+                 source: Path | None) -> None:
+    """Write into a temporary folder beside ``target``, then move the data file and the model
+    into place; on any exception (SIGINT, or SIGTERM/SIGHUP under ``terminate_cleanly``) the
+    folder and a data file already moved are removed."""
     staging = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
+    moved_data: Path | None = None
     try:
         staged_model = staging / target.name
         if external_data:
             _write_with_external_data(proto, staged_model, data_name, source)
-            if (staging / data_name).exists():  # absent when every tensor was under the threshold
-                os.replace(staging / data_name, target.parent / data_name)
         else:
             onnx.save_model(proto, str(staged_model))
+        _pause_for_tests(staging)
         # Staged files can come out owner-only; give them the modes a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
-        for written in (staged_model, target.parent / data_name):
-            if written.exists() and (written == staged_model or external_data):
+        for written in (staged_model, staging / data_name):
+            if written.exists():
                 os.chmod(written, 0o666 & ~umask)
+        if (staging / data_name).exists():  # absent when every tensor was under the threshold
+            os.replace(staging / data_name, target.parent / data_name)
+            moved_data = target.parent / data_name
         os.replace(staged_model, target)
+        moved_data = None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if isinstance(model, Model) and not lazy:
-        model.source = target.resolve().parent
+        if moved_data is not None:  # the model never arrived: its data file alone is no result
+            moved_data.unlink(missing_ok=True)
+
+
+def _pause_for_tests(staging: Path) -> None:
+    """ONNXCOMP_TEST_SAVE_PAUSE=FILE: once the staged files are written, create FILE and wait
+    (up to 60 s) for it to be removed, so a test can signal the process mid-save."""
+    marker = os.environ.get("ONNXCOMP_TEST_SAVE_PAUSE")
+    if not marker:
+        return
+    Path(marker).write_text(str(staging))
+    deadline = time.monotonic() + 60
+    while Path(marker).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+class Terminated(SystemExit):
+    """SIGTERM or SIGHUP arrived while onnxcomp was writing: raised so that cleanup runs, then
+    the process exits with 128 + the signal number, as if killed by it."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def terminate_cleanly() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``Terminated`` inside the block (like SIGINT raises
+    KeyboardInterrupt), so ``finally`` clauses run; the previous handlers come back after.
+    Outside the main thread (where handlers cannot be set) the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None))
+              if s is not None]
+    previous = {}
+
+    def raise_terminated(signum, frame):
+        raise Terminated(signum)
+
+    for signum in wanted:
+        current = signal.getsignal(signum)
+        if current in (signal.SIG_DFL, None) or current is signal.default_int_handler:
+            previous[signum] = current
+            signal.signal(signum, raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+# ---------------------------------------------------------------------------- never overwrite input
+
+# (st_dev, st_ino) of every file a model was loaded from in this process -> (size, mtime_ns),
+# the fingerprint that tells the same unchanged file from a new one reusing a freed inode.
+_INPUTS: dict[tuple[int, int], tuple[int, int, str]] = {}
+
+
+def remember_inputs(paths: Iterable[str | os.PathLike]) -> None:
+    """Record ``paths`` as input files: ``save`` and ``check_output_paths`` refuse them."""
+    for path in paths:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        _INPUTS[(info.st_dev, info.st_ino)] = (info.st_size, info.st_mtime_ns, str(path))
+
+
+def forget_inputs() -> None:
+    """Forget every remembered input file (for long-lived processes that load a file and later
+    mean to write over it on purpose, e.g. a test suite)."""
+    _INPUTS.clear()
+
+
+def _input_file(path: Path) -> str | None:
+    """The input file ``path`` is (same device and inode, unchanged since loaded), or None."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    known = _INPUTS.get((info.st_dev, info.st_ino))
+    if known is None or known[:2] != (info.st_size, info.st_mtime_ns):
+        return None
+    return known[2]
+
+
+def files_read(path: str | os.PathLike) -> list[Path]:
+    """The model file and every external-data file it reads, resolved (the model is parsed
+    without its weights, and checked like ``load``)."""
+    path = checks.check_model_path(path)
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    root = path.resolve().parent
+    for tensor in iter_tensors(proto):
+        if external_data_helper.uses_external_data(tensor):
+            checks.check_external(tensor, root, path)
+    return [path.resolve(), *checks.external_files(proto, root)]
+
+
+def check_output_paths(outputs: Iterable[str | os.PathLike | None],
+                       reads: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse, before any work, an output that is (by device and inode, hard links included) a
+    file the input reads: ``reads`` (e.g. ``files_read(MODEL)``) and every file this process
+    loaded a model from. An output model ``X.onnx`` brings its data file ``X.onnx.data``
+    along; each output must also pass :func:`check_output_path`."""
+    reads = [Path(r) for r in reads]
+    remember_inputs(reads)
+    for output in outputs:
+        if output is None:
+            continue
+        output = check_output_path(output)
+        candidates = [output]
+        if output.suffix == ".onnx":
+            candidates.append(output.with_name(output.name + ".data"))
+        for candidate in candidates:
+            known = _input_file(candidate)
+            if known is None:
+                known = next((str(r) for r in reads if _same_existing(candidate, r)), None)
+            if known is not None:
+                what = "the output" if candidate == output else "the output's data file"
+                raise UserError(f"{candidate}: refusing to write: {what} would overwrite "
+                                f"{known}, which the input model reads; choose another name")
+
+
+def _same_existing(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
+ALLOWED_UNDER_FORBIDDEN = ("/dev/shm",)  # a RAM disk: a fine place for outputs
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an output path before any work: under /proc, /sys or /dev, under a regular file
+    (``a/b.onnx`` with ``a`` a file), naming a folder or a special file, or in a folder that
+    cannot be created or written. Returns the path."""
+    target = Path(path)
+    if not str(path) or "\0" in str(path):
+        raise UserError(f"{str(path)!r}: not a usable output path")
+    try:
+        resolved = target.resolve()
+    except (OSError, RuntimeError):
+        raise UserError(f"{target}: the output path is a symlink loop") from None
+    allowed = any(Path(root) in resolved.parents for root in ALLOWED_UNDER_FORBIDDEN)
+    for root in FORBIDDEN_ROOTS:
+        if not allowed and (resolved == Path(root) or Path(root) in resolved.parents):
+            raise UserError(f"{target}: refusing to write under {root}")
+    try:
+        info = os.stat(target)
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:
+        raise UserError(f"{target}: cannot be written ({exc.strerror or type(exc).__name__})"
+                        ) from None
+    if info is not None:
+        if stat.S_ISDIR(info.st_mode):
+            raise UserError(f"{target}: is a folder, expected an output file name")
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"{target}: exists and is not a regular file; refusing to replace it")
+    parent = resolved.parent
+    while not parent.exists():
+        if parent.is_symlink():
+            raise UserError(f"{target}: its folder is a broken symlink")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{target}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{target}: the folder {parent} is not writable")
     return target
 
 
@@ -350,10 +531,14 @@ def _restore(moved, data_path: Path) -> None:
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Same device and inode (hard links and symlinks included), or the same resolved path."""
     a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return a.resolve() == b.resolve() or os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+    if _same_existing(a, b):
+        return True
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):  # a symlink loop is no file of ours
+        return False
 
 
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:

@@ -202,23 +202,25 @@ class Progress:
             if self.mode == "bar":
                 from tqdm import tqdm
 
-                sized = _terminal_columns(self._stream()) > 0
-                # A terminal that reports no size (a fresh pty, some CI runners) made tqdm draw
-                # nothing at all (0 rows): give it a size then.
+                sized = _terminal_sized(self._stream())
+                # A terminal that reports no size, or 0 rows (a fresh pty, some CI runners, `stty
+                # cols 120` alone), made tqdm draw nothing at all: give it a size then.
                 task._bar = tqdm(total=total, desc=name, unit=unit, file=self._stream(),
                                  leave=task.depth == 0, dynamic_ncols=sized,
                                  ncols=None if sized else 100, nrows=None if sized else 20,
                                  mininterval=0.1, position=task.depth)
             elif self.mode == "lines":
                 self._write(task.status())
+        failed = True
         try:
             yield task
+            failed = False
         finally:
             with self._lock:
                 if task._bar is not None:
                     task._bar.close()
                     task._bar = None
-                elif self.mode == "lines":
+                elif self.mode == "lines" and not failed:  # an error says the rest itself
                     self._write(task.status(final=True))
                 self._open.remove(task)
 
@@ -247,11 +249,13 @@ class Progress:
                 self._write(task.status())
 
 
-def _terminal_columns(stream: IO[str]) -> int:
+def _terminal_sized(stream: IO[str]) -> bool:
+    """The terminal reports both a width and a height (tqdm draws nothing in 0 rows)."""
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        size = os.get_terminal_size(stream.fileno())
     except (AttributeError, OSError, ValueError):
-        return 0
+        return False
+    return size.columns > 0 and size.lines > 0
 
 
 def _has_tqdm() -> bool:
@@ -263,10 +267,13 @@ def _has_tqdm() -> bool:
 
 
 def as_progress(progress: Progress | Callable[[str], None] | None) -> Progress:
-    """A Progress from what callers pass today: a Progress (itself), None (quiet), or a
-    ``progress(message)`` callback (its lines, tasks included, go through the callback)."""
+    """A Progress from what callers pass today: a Progress (itself), :func:`message` (the
+    process's Progress, :func:`current`), None (quiet), or a ``progress(message)`` callback
+    (its lines, tasks included, go through the callback)."""
     if isinstance(progress, Progress):
         return progress
+    if progress is message:  # the module's own one-off line (``report.progress``): the process's
+        return current()
     if progress is None:
         return Progress(quiet=True)
     return Progress(sink=progress)
@@ -294,6 +301,7 @@ def configure(stream: IO[str] | None = None, *, quiet: bool = False, mode: str |
 
 
 def message(text: str) -> None:
+    """A one-off line through the process's Progress (``report.progress`` is this function)."""
     current().message(text)
 
 

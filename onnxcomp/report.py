@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# ``progress(message)``: a one-off line through the process's Progress (onnxcomp.progress: on
+# stderr so stdout stays a clean table or JSON; silent with --quiet). The same function object,
+# so ``progress.as_progress(report.progress)`` is the process's Progress, bars included.
+from onnxcomp.progress import message as progress  # noqa: F401
 
 
 def environment(provider: str = "cpu") -> dict[str, Any]:
@@ -77,6 +81,9 @@ def write_json_atomic(data: Any, path: str | os.PathLike) -> Path:
         with os.fdopen(fd, "w") as handle:
             json.dump(_plain(data), handle, indent=2)
             handle.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is for sharing
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -127,11 +134,6 @@ class Report:
             parts.append(bench_table(self.bench))
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n\n".join(p for p in parts if p)
-
-
-def progress(message: str) -> None:
-    """Progress for long work goes to stderr so stdout stays a clean table or JSON."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def plot_tradeoff(bench: dict[str, Any], path: str | os.PathLike,

@@ -12,14 +12,14 @@ import ctypes
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxcomp import checks
 from onnxcomp.errors import InvalidOutput, OnnxcompError, UserError
-from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model, tensor_nbytes
+from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -103,7 +103,7 @@ def check_structure(model: Model, what: str) -> None:
     """onnx.checker's structural check (nodes, names, topological order, opsets) without shape
     inference and without reading weights: ``InvalidOutput`` naming ``what``."""
     try:
-        onnx.checker.check_model(_skeleton(model.proto), full_check=False)
+        onnx.checker.check_model(checks.skeleton(model.proto), full_check=False)
     except onnx.checker.ValidationError as exc:
         raise InvalidOutput(f"{what} is not a valid ONNX model: {_first_line(exc)}") from exc
 
@@ -138,6 +138,36 @@ def fails_full_check(model: Model) -> bool:
     return False
 
 
+def check_input(model: Model, what: str = "the input model", session: bool = True) -> None:
+    """The checks of :func:`onnxcomp.model.load` plus, where the model is in memory and small
+    enough (``fits_full_check``), onnx's full check (shape inference) and, with ``session``, an
+    ONNX Runtime load (CPU, optimizations off). A model the full check refuses but ONNX Runtime
+    loads is accepted (onnx's strict shape inference refuses some models ORT runs); one both
+    refuse, or one ORT refuses, is a ``UserError`` naming ``what``. Large or lazy models get
+    the structural checks of ``load`` only: a session would read every weight."""
+    if not fits_full_check(model):
+        return
+    try:
+        onnx.checker.check_model(model.proto, full_check=True)
+        checker_error = None
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        checker_error = _first_line(exc)
+    except Exception as exc:  # noqa: BLE001  onnx's C++ raises other types on hostile protos
+        checker_error = f"{type(exc).__name__}: {_first_line(exc)}"
+    if not session:
+        if checker_error is not None:
+            raise UserError(f"{what} is not a valid ONNX model: {checker_error}")
+        return
+    try:
+        _open_session(model, "cpu", None, optimize=False, optimized_model_path=None)
+    except OnnxcompError:
+        raise
+    except Exception as exc:  # noqa: BLE001  ORT's errors: the model is the user's
+        if checker_error is not None:
+            raise UserError(f"{what} is not a valid ONNX model: {checker_error}") from None
+        raise UserError(f"ONNX Runtime cannot load {what}: {_first_line(exc)}") from None
+
+
 def check_loads(model: Model, what: str) -> None:
     """A model onnxcomp produced must load in ONNX Runtime: a CPU session with graph
     optimizations off (so ORT's rewrites neither hide nor add problems). ``InvalidOutput``."""
@@ -149,57 +179,7 @@ def check_loads(model: Model, what: str) -> None:
         raise InvalidOutput(f"ONNX Runtime refuses {what}: {_first_line(exc)}") from exc
 
 
-def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` without its weights, for the structural check: every tensor (graph
-    initializers, Constant attributes, subgraphs included) becomes a one-element placeholder of
-    its type. The structural check reads neither values nor dims, but would open external data
-    relative to the working directory, and a full copy would hold a large model twice."""
-    copy = onnx.ModelProto()
-    for descriptor, value in proto.ListFields():
-        if descriptor.name != "graph":
-            _copy_field(copy, descriptor, value)
-    _skeleton_graph(proto.graph, copy.graph)
-    return copy
-
-
-def _skeleton_graph(graph: onnx.GraphProto, into: onnx.GraphProto) -> None:
-    for descriptor, value in graph.ListFields():
-        if descriptor.name not in ("node", "initializer"):
-            _copy_field(into, descriptor, value)
-    into.initializer.extend(_placeholder(t) for t in graph.initializer)
-    for node in graph.node:
-        stub = into.node.add()
-        for descriptor, value in node.ListFields():
-            if descriptor.name != "attribute":
-                _copy_field(stub, descriptor, value)
-        for attr in node.attribute:
-            kept = stub.attribute.add()
-            for descriptor, value in attr.ListFields():
-                if descriptor.name not in ("t", "g", "tensors", "graphs"):
-                    _copy_field(kept, descriptor, value)
-            if attr.HasField("t"):
-                kept.t.CopyFrom(_placeholder(attr.t))
-            if attr.HasField("g"):
-                _skeleton_graph(attr.g, kept.g)
-            kept.tensors.extend(_placeholder(t) for t in attr.tensors)
-            for sub in attr.graphs:
-                _skeleton_graph(sub, kept.graphs.add())
-
-
-def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
-    if descriptor.is_repeated or descriptor.message_type is not None:
-        getattr(target, descriptor.name).MergeFrom(value)
-    else:
-        setattr(target, descriptor.name, value)
-
-
-def _placeholder(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type)
-    if tensor.data_type == onnx.TensorProto.STRING:
-        stub.string_data.append(b"")
-    elif tensor.data_type != onnx.TensorProto.UNDEFINED:
-        stub.raw_data = b"\0" * tensor_nbytes(stub)
-    return stub
+_skeleton = checks.skeleton  # the old name, still used by tests/test_runtime.py
 
 
 def _open_session(model: Model | str | os.PathLike, provider: str, threads: int | None,

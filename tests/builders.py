@@ -11,6 +11,10 @@ the same weights. The graphs cover what the passes must handle or skip:
 - ``shared_weights``: one initializer read by two MatMuls, one bias read by two Adds;
 - ``if_graph``: weights inside the branches of an If node (passes leave subgraphs float);
 - ``constant_weights``: the conv net with every weight a ``Constant`` node (as paddle2onnx writes);
+- ``shared_gemms``: many Gemms reading two shared weights (an unrolled LSTM);
+- ``unnamed_matmuls``: MatMuls without names (legal ONNX, common in hand-built graphs);
+- ``nested_if_constants``: Constant-node weights in an If branch, read by a nested If's branches;
+- ``if_shared_weight``: one outer weight read by a MatMul in both branches of an If;
 - ``chain``: a chain of layers described as data (what the property-based tests draw).
 
 ``ALL`` names the fixed builders for parametrized tests.
@@ -235,6 +239,90 @@ def if_graph(seed: int = 0, dim: int = 16) -> Model:
 def constant_weights(seed: int = 0) -> Model:
     """The conv net with every weight stored as a Constant node (opset 13), as PP-OCR's are."""
     return conv_net(seed, constant_nodes=True)
+
+
+def shared_gemms(count: int = 20, dim: int = 256, seed: int = 0) -> Model:
+    """x[B,D] -> ``count`` x (Gemm(transB=1) -> Tanh) -> y, the Gemms alternating between two
+    shared weights and two shared biases, as an LSTM unrolled over time reads its few weights."""
+    b = GraphBuilder(seed)
+    weights = [b.weight(f"w{i}", (dim, dim), 1.0 / np.sqrt(dim)) for i in range(2)]
+    biases = [b.weight(f"b{i}", (dim,), 0.1) for i in range(2)]
+    x = "x"
+    for i in range(count):
+        h = b.node("Gemm", [x, weights[i % 2], biases[i % 2]], f"gemm{i}", transB=1)
+        x = b.node("Tanh", [h], f"tanh{i}", outputs=["y"] if i == count - 1 else None)
+    return b.model([tensor("x", ["batch", dim])], [tensor("y", ["batch", dim])], 13,
+                   "shared_gemms")
+
+
+def unnamed_matmuls(count: int = 6, dim: int = 64, seed: int = 0) -> Model:
+    """x -> ``count`` x (MatMul -> Relu), no node named (two MatMuls share a name "dup")."""
+    b = GraphBuilder(seed)
+    x = "x"
+    for i in range(count):
+        h = b.node("MatMul", [x, b.weight(f"w{i}", (dim, dim), 1.0 / np.sqrt(dim))], f"mm{i}")
+        x = b.node("Relu", [h], f"relu{i}", outputs=["y"] if i == count - 1 else None)
+    for i, node in enumerate(b.nodes):
+        node.name = "dup" if node.op_type == "MatMul" and i >= 2 * count - 4 else ""
+    return b.model([tensor("x", ["batch", dim])], [tensor("y", ["batch", dim])], 17,
+                   "unnamed_matmuls")
+
+
+def nested_if_constants(dim: int = 64, seed: int = 0) -> Model:
+    """x -> If(c1): then: Constant W, V; inner If(c2) whose branches both read W (and V), else:
+    x @ W2 (a Constant). A VAD's LSTM weights live like this; lifting must write W once."""
+    rng = np.random.default_rng(seed)
+
+    def const(name: str, shape: tuple[int, ...]) -> onnx.NodeProto:
+        value = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
+        return helper.make_node("Constant", [], [name], name=f"const_{name}",
+                                value=numpy_helper.from_array(value, name))
+
+    inner = {}
+    for which in ("then", "else"):
+        nodes = [helper.make_node("MatMul", ["x", "W"], [f"in_{which}_h"], name=f"in_{which}_mm"),
+                 helper.make_node("Tanh" if which == "then" else "Relu", [f"in_{which}_h"],
+                                  [f"in_{which}_a"], name=f"in_{which}_act"),
+                 helper.make_node("MatMul", [f"in_{which}_a", "V"], [f"in_{which}_out"],
+                                  name=f"in_{which}_mm2")]
+        inner[which] = helper.make_graph(nodes, f"inner_{which}", [],
+                                         [tensor(f"in_{which}_out", None)])
+    then_nodes = [const("W", (dim, dim)), const("V", (dim, dim)),
+                  helper.make_node("If", ["c2"], ["then_out"], name="inner_if",
+                                   then_branch=inner["then"], else_branch=inner["else"])]
+    else_nodes = [const("W2", (dim, dim)),
+                  helper.make_node("MatMul", ["x", "W2"], ["else_out"], name="else_mm")]
+    outer_then = helper.make_graph(then_nodes, "outer_then", [], [tensor("then_out", None)])
+    outer_else = helper.make_graph(else_nodes, "outer_else", [], [tensor("else_out", None)])
+    node = helper.make_node("If", ["c1"], ["y"], name="outer_if", then_branch=outer_then,
+                            else_branch=outer_else)
+    graph = helper.make_graph([node], "nested_if", [
+        tensor("x", ["batch", dim]), tensor("c1", [], TensorProto.BOOL),
+        tensor("c2", [], TensorProto.BOOL)], [tensor("y", ["batch", dim])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = IR_VERSION
+    onnx.checker.check_model(proto)
+    return Model(proto)
+
+
+def if_shared_weight(dim: int = 64, seed: int = 0) -> Model:
+    """x -> If(cond): then x @ W -> Relu, else x @ W -> Tanh, W one outer initializer; plus a
+    MatMul with its own weight in each branch, so both kinds of body weight are there."""
+    b = GraphBuilder(seed)
+    w = b.weight("W", (dim, dim), 1.0 / np.sqrt(dim))
+    branches = {}
+    for which, act in (("then", "Relu"), ("else", "Tanh")):
+        inner = GraphBuilder(seed + (1 if which == "then" else 2))
+        h = inner.node("MatMul", ["x", w], f"{which}_shared_mm", outputs=[f"{which}_h"])
+        a = inner.node(act, [h], f"{which}_act", outputs=[f"{which}_a"])
+        own = inner.weight(f"{which}.w", (dim, dim), 1.0 / np.sqrt(dim))
+        out = inner.node("MatMul", [a, own], f"{which}_own_mm", outputs=[f"{which}_out"])
+        branches[which] = helper.make_graph(inner.nodes, f"{which}_branch", [],
+                                            [tensor(out, None)], list(inner.inits.values()))
+    b.node("If", ["cond"], "if", outputs=["y"], then_branch=branches["then"],
+           else_branch=branches["else"])
+    return b.model([tensor("x", ["batch", dim]), tensor("cond", [], TensorProto.BOOL)],
+                   [tensor("y", ["batch", dim])], 17, "if_shared_weight")
 
 
 # --- chains described as data (property-based tests) ---------------------------------------------

@@ -285,3 +285,142 @@ def test_dry_run_prints_each_plan_and_json_its_rows(tmp_path, capsys):
     quantize = [r for r in plans[0]["rows"] if r["action"] != "skip"]
     assert sorted(r["node"] for r in quantize) == ["fc1", "fc2"]
     assert not out.exists()
+
+
+# --- the HTML report, the report command, --quiet (#19) ----------------------------------------
+
+
+def _compress_tiny_clip(folder, *extra: str) -> tuple[int, str, str]:
+    """``compress`` of the zoo's tiny-clip (built in code, a few seconds) with an HTML page."""
+    from onnxcomp import zoo
+
+    out = folder / "tc.onnx"
+    return main(["compress", str(zoo.fetch("tiny-clip")), "-o", str(out), "--recipe",
+                 "quantize:int8", "--calib", "tiny-clip:16", "--report",
+                 str(folder / "report.json"), "--html", str(folder / "report.html"), *extra])
+
+
+def test_compress_writes_the_html_page_and_report_rerenders_it(tmp_path, capsys):
+    import re
+
+    assert _compress_tiny_clip(tmp_path) == 0
+    capsys.readouterr()
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    data = json.loads((tmp_path / "report.json").read_text())
+    # what the measurers now keep for the page
+    assert data["models"]["reference"]["breakdown"]["bytes"] > \
+        data["models"]["candidate"]["breakdown"]["bytes"]
+    assert len(data["fidelity"]["outputs"]["image_embeds"]["per_sample_cosine"]) == 256
+    assert np.asarray(data["fidelity"]["retrieval"]["similarity"]["reference"]).shape == (24, 24)
+    headings = re.findall(r"<h2>([^<]*)</h2>", page)
+    for heading in ("Summary", "Passes", "Per-layer quantization harm (quantize)",
+                    "Parameters and bytes by op type and dtype", "Fidelity per output"):
+        assert heading in headings
+    assert (tmp_path / "report.json").stat().st_mode & 0o044  # shareable, as the page
+    # an old report re-rendered: the same sections
+    again = tmp_path / "sub" / "again.html"
+    assert main(["report", str(tmp_path / "report.json"), "--html", str(again)]) == 0
+    assert capsys.readouterr().out.strip() == str(again)
+    assert re.findall(r"<h2>([^<]*)</h2>", again.read_text(encoding="utf-8")) == headings
+
+
+def test_compress_writes_the_page_even_when_the_target_is_missed(tmp_path, capsys):
+    assert _compress_tiny_clip(tmp_path, "--min-cosine", "0.99999") == 1
+    assert "target missed" in capsys.readouterr().err
+    assert not (tmp_path / "tc.onnx").exists()
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "FAILED: every output" in page and "was not written" in page
+
+
+def test_validate_and_bench_write_the_page(tmp_path, capsys):
+    model = _model(tmp_path)
+    html = tmp_path / "v.html"
+    assert main(["validate", model, model, "--data", "random:2", "--html", str(html)]) == 0
+    assert "Fidelity per output" in html.read_text(encoding="utf-8")
+    html = tmp_path / "b.html"
+    report = tmp_path / "b.json"
+    assert main(["bench", model, "--runs", "3", "--min-seconds", "0", "--no-memory",
+                 "--report", str(report), "--html", str(html)]) == 0
+    assert "Latency</h2>" in html.read_text(encoding="utf-8")
+    result = json.loads(report.read_text())["bench"]["results"][0]
+    assert len(result["times_ms"]) == result["runs"] >= 3
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ("{not json", "not JSON"),
+    ("[1, 2]", "not an onnxcomp report (a JSON list"),
+    ('{"bench": {"results": [{"model": "m"}]}}', "not an onnxcomp report this version can draw"),
+])
+def test_report_command_refuses_what_is_not_a_report(tmp_path, capsys, content, message):
+    source = tmp_path / "r.json"
+    if content is not None:
+        source.write_text(content)
+    html = tmp_path / "r.html"
+    assert main(["report", str(source), "--html", str(html)]) == 2
+    assert message in _one_line_error(capsys)
+    assert not html.exists()
+
+
+def _a_file(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
+    return str(tmp_path / "file.txt" / "r.html")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--html", "FILE_PARENT"], "--html"),
+    (["--html", "FOLDER"], "is a folder"),
+    (["--report", "FILE_PARENT"], "--report"),
+    (["--report", "FOLDER"], "is a folder"),
+    (["--report", "SAME", "--html", "SAME"], "name the same file"),
+])
+@pytest.mark.parametrize("command", ["compress", "validate", "bench"])
+def test_an_output_path_that_cannot_be_written_fails_before_any_work(
+        tmp_path, capsys, monkeypatch, argv, message, command):
+    from onnxcomp import api
+    from onnxcomp.measure import bench, validate
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the output paths were checked")
+
+    for module, name in ((api, "compress"), (validate, "validate"), (bench, "bench")):
+        monkeypatch.setattr(module, name, no_work)
+    model = _model(tmp_path)
+    (tmp_path / "folder").mkdir()
+    paths = {"FILE_PARENT": _a_file(tmp_path), "FOLDER": str(tmp_path / "folder"),
+             "SAME": str(tmp_path / "same.out")}
+    argv = [paths.get(a, a) for a in argv]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    base = {"compress": ["compress", model, "-o", str(tmp_path / "out.onnx"), "--recipe",
+                         "cleanup"],
+            "validate": ["validate", model, model],
+            "bench": ["bench", model]}[command]
+    assert main([*base, *argv]) == 2
+    assert message in _one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_silences_progress(tmp_path, capsys, where):
+    model = _model(tmp_path)
+    argv = ["compress", model, "-o", str(tmp_path / "out.onnx"), "--recipe", "quantize:int8",
+            "--calib", "random:2"]
+    assert main(argv) == 0
+    loud = capsys.readouterr()
+    assert "[1/3] cleanup" in loud.err and "validate: 2/2" in loud.err
+    quiet = ["--quiet", *argv] if where == "before" else [*argv, "--quiet"]
+    assert main(quiet) == 0
+    silent = capsys.readouterr()
+    assert silent.err == "" and "| quantize" in silent.out  # the results still print
+
+
+def test_quiet_in_a_real_process_and_progress_as_lines_on_a_pipe(tmp_path):
+    model = _model(tmp_path)
+    argv = ["bench", model, "--runs", "3", "--min-seconds", "0", "--no-memory"]
+    loud = _cli(*argv)
+    assert loud.returncode == 0, loud.stderr
+    assert "bench cpu, 1 thread(s), 1 model(s): 0/3" in loud.stderr
+    assert "\r" not in loud.stderr  # a pipe gets plain lines
+    quiet = _cli("--quiet", *argv)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert "| model" in quiet.stdout

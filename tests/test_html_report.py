@@ -240,27 +240,26 @@ def _run_chromium(binary: str, page: Path, profile: Path, *args: str
         capture_output=True, text=True, timeout=120, check=False)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fixture", ["report_ppocr_demo.json", "report_tiny_clip.json"])
-def test_chromium_renders_the_page(fixture, tmp_path):
+def check_in_chromium(page: Path, folder: Path, min_tables: int = 5, min_images: int = 4,
+                      screenshot: Path | None = None) -> None:
+    """Headless Chromium renders ``page`` with no console message, with its tables and every
+    image in the DOM, and a screenshot shows text and charts (skips without Chromium)."""
     binary = _chromium()
     if binary is None:
         pytest.skip("headless Chromium not installed (Debian: apt-get install chromium)")
-    pytest.importorskip("matplotlib")
-    page = render_html(_load(fixture), tmp_path / "report.html")
     text = page.read_text(encoding="utf-8")
     assert_self_contained(text)
 
-    dom = _run_chromium(binary, page, tmp_path / "profile", "--dump-dom")
+    dom = _run_chromium(binary, page, folder / "profile", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
     assert not console, console
-    assert dom.stdout.count("<table>") >= 5
+    assert dom.stdout.count("<table>") >= min_tables
     assert dom.stdout.count("<img ") == text.count("<img ")
-    assert text.count("<img ") >= 4
+    assert text.count("<img ") >= min_images
 
-    shot = tmp_path / "screenshot.png"
-    done = _run_chromium(binary, page, tmp_path / "profile", f"--screenshot={shot}",
+    shot = screenshot or folder / "screenshot.png"
+    done = _run_chromium(binary, page, folder / "profile", f"--screenshot={shot}",
                          "--window-size=1000,3000")
     assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
     from PIL import Image
@@ -272,6 +271,55 @@ def test_chromium_renders_the_page(fixture, tmp_path):
     rgb = np.asarray(Image.open(shot).convert("RGB")).reshape(-1, 3).astype(int)
     blue = np.abs(rgb - np.array([0x4c, 0x72, 0xb0])).sum(axis=1) < 30
     assert blue.mean() > 0.001
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture", ["report_ppocr_demo.json", "report_tiny_clip.json"])
+def test_chromium_renders_the_page(fixture, tmp_path):
+    if _chromium() is None:
+        pytest.skip("headless Chromium not installed (Debian: apt-get install chromium)")
+    pytest.importorskip("matplotlib")
+    check_in_chromium(render_html(_load(fixture), tmp_path / "report.html"), tmp_path)
+
+
+@pytest.mark.slow
+def test_chromium_renders_the_page_compress_writes(tmp_path, capsys):
+    """The real flow: ``compress --html`` of tiny-clip (a few seconds), its page in Chromium."""
+    if _chromium() is None:
+        pytest.skip("headless Chromium not installed (Debian: apt-get install chromium)")
+    pytest.importorskip("matplotlib")
+    from onnxcomp import zoo
+    from onnxcomp.cli import main
+
+    page = tmp_path / "report.html"
+    assert main(["--quiet", "compress", str(zoo.fetch("tiny-clip")), "-o",
+                 str(tmp_path / "tc.onnx"), "--recipe", "quantize:int8", "--calib",
+                 "tiny-clip:16", "--html", str(page)]) == 0
+    check_in_chromium(page, tmp_path, min_images=4)
+
+
+@pytest.mark.zoo
+@pytest.mark.slow
+def test_chromium_renders_the_demo_page(tmp_path, capsys):
+    """``onnxcomp demo`` (ppocr-rec, about a minute): its report.html in Chromium, with every
+    section the demo has data for, the OCR line crops among the images."""
+    if _chromium() is None:
+        pytest.skip("headless Chromium not installed (Debian: apt-get install chromium)")
+    pytest.importorskip("matplotlib")
+    from onnxcomp.cli import main
+
+    assert main(["--quiet", "demo", "--out", str(tmp_path / "demo")]) == 0
+    assert "report page: " in capsys.readouterr().out
+    page = tmp_path / "demo" / "report.html"
+    task = json.loads((tmp_path / "demo" / "report.json").read_text())["fidelity"]["task"]
+    assert task["changed"]["total"] == 100  # the lines read differently, with their images
+    assert all(line["image"].startswith("data:image/png") for line in task["changed"]["lines"])
+    text = page.read_text(encoding="utf-8")
+    for heading in ("Summary", "Passes", "Per-layer quantization harm (quantize)",
+                    "Parameters and bytes by op type and dtype", "Latency",
+                    "Fidelity per output", "Task metric (ppocr-rec)"):
+        assert f"{heading}</h" in text, heading
+    check_in_chromium(page, tmp_path, min_images=4)
 
 
 def test_chromium_console_check_catches_errors(tmp_path):

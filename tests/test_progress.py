@@ -51,12 +51,14 @@ class FakeClock:
         return self.now
 
 
-@pytest.mark.parametrize("size", [(30, 120), None], ids=["sized", "no-size"])
+@pytest.mark.parametrize("size", [(30, 120), None, (0, 120)],
+                         ids=["sized", "no-size", "columns-only"])
 def test_tty_gets_a_bar_with_rate_and_eta(size):
     pytest.importorskip("tqdm")
     pty = pytest.importorskip("pty")
     master, slave = pty.openpty()
-    if size:  # a terminal window; a fresh pty reports 0 x 0 (tqdm then drew nothing)
+    if size:  # a terminal window; a fresh pty reports 0 x 0, `stty cols 120` alone 0 rows
+        # (tqdm then drew nothing)
         import fcntl
         import struct
         import termios
@@ -208,3 +210,29 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="total"), \
             Progress(io.StringIO(), mode="lines").task("x", total=-1):
         pass
+
+
+def test_report_progress_is_the_process_progress(capsys, monkeypatch):
+    """``report.progress`` (what measurers default to) is the process's Progress, bars
+    included: not an old callback wrapped into lines."""
+    from onnxcomp.report import progress as report_progress
+
+    monkeypatch.setattr(progress, "_current", None)  # restored after the test
+
+    configured = progress.configure(quiet=True)
+    assert as_progress(report_progress) is configured
+    report_progress("nothing: quiet")
+    configured = progress.configure(mode="lines")
+    assert as_progress(report_progress) is configured
+    report_progress("a line")
+    assert capsys.readouterr().err == "a line\n"
+
+
+def test_a_task_that_fails_prints_no_final_line():
+    """The error says what happened; a "3/5 in 1 s" line before it would read as success."""
+    lines: list[str] = []
+    bar = Progress(sink=lines.append)
+    with pytest.raises(RuntimeError), bar.task("validate", total=5, unit="batch") as task:
+        task.advance()
+        raise RuntimeError("boom")
+    assert lines == ["validate: 0/5, 0%"]

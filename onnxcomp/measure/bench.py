@@ -8,7 +8,9 @@ How the timings are taken, so that two models can be compared fairly on a noisy 
   default): 30 runs of a 0.2 ms model last 6 ms, short enough for one burst of another
   process to move the median;
 - p50/p90/p99 over the timed runs (``numpy.percentile``, linear interpolation), throughput =
-  batch / p50, and ratios against the first model (p50 ratio and file size ratio).
+  batch / p50, and ratios against the first model (p50 ratio and file size ratio);
+- the timings themselves, for the HTML report's distributions: ``times_ms`` (ms, 4 decimals, at
+  most ``TIMES_KEPT`` evenly spaced over the run order).
 - GPU providers (CUDA, TensorRT; DirectML) use I/O binding: inputs are copied to the device once
   and outputs stay on the device, so host/device copies are not timed.
 
@@ -42,10 +44,13 @@ from onnx import external_data_helper
 from onnxcomp import calibration, runtime
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model, iter_tensors, load
+from onnxcomp.progress import Progress, Task, as_progress
 from onnxcomp.report import Report
 from onnxcomp.report import progress as default_progress
 
 MEMORY_RUNS = 3
+# Timings kept per result in the report (``times_ms``); the percentiles use them all.
+TIMES_KEPT = 1000
 # OrtValue device names for providers whose inputs should live on the device.
 DEVICE_OF_PROVIDER = {
     "CUDAExecutionProvider": "cuda",
@@ -60,6 +65,15 @@ def percentiles(times_s: Sequence[float]) -> dict[str, float]:
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
             "mean_ms": float(ms.mean()), "min_ms": float(ms.min())}
+
+
+def kept_times(times_s: Sequence[float], limit: int = TIMES_KEPT) -> list[float]:
+    """Run times (seconds) as milliseconds rounded to 4 decimals, thinned to at most ``limit``
+    evenly spaced over the run order (so a drift over the runs still shows)."""
+    ms = np.asarray(times_s, dtype=np.float64) * 1000.0
+    if ms.size > limit:
+        ms = ms[np.linspace(0, ms.size - 1, limit).round().astype(np.int64)]
+    return [round(float(t), 4) for t in ms]
 
 
 def model_size(path: str | os.PathLike) -> int:
@@ -200,7 +214,7 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
           threads: Sequence[int] | int = (1,), batch: int = 1, runs: int = 30,
           warmup: int = 5, data: Any = None, names: Sequence[str] | None = None,
           memory: bool = True, min_seconds: float = 1.0, spinning: bool = True,
-          progress: Callable[[str], None] | None = default_progress) -> Report:
+          progress: Progress | Callable[[str], None] | None = default_progress) -> Report:
     """Time the models side by side; see the module docstring for the method.
 
     ``models``: paths or Models (in-memory ones are saved to a temporary file first); the first
@@ -211,7 +225,9 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
     sub-millisecond model is not timed within one short burst of machine noise. ``spinning``:
     ONNX Runtime's default lets idle intra-op threads spin-wait; False makes them sleep, which
     keeps interleaved multi-threaded sessions from stealing each other's (and other processes')
-    cores on a busy machine, at some wake-up cost.
+    cores on a busy machine, at some wake-up cost. ``progress``: where the progress goes
+    (default: the process's :mod:`onnxcomp.progress`; a ``progress(message)`` callable; None:
+    silent): a task per provider x threads, counting rounds.
     """
     if isinstance(models, (str, os.PathLike, Model)):
         models = [models]
@@ -229,7 +245,7 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
     if float(min_seconds) < 0:
         raise UserError(f"min_seconds must be >= 0, got {min_seconds}")
     resolved = {p: runtime.resolve_provider(p) for p in providers}  # fails early on bad names
-    say = progress or (lambda message: None)
+    bar = as_progress(progress)
 
     with tempfile.TemporaryDirectory(prefix="onnxcomp-bench-") as tmp:
         paths, loaded = [], []
@@ -257,9 +273,10 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
         results = []
         for provider in providers:
             for count in thread_counts:
-                say(f"bench: {provider}, {count} thread(s): {runs} runs x {len(paths)} models")
-                times = _time_interleaved(paths, provider, count, feeds, runs, int(warmup),
-                                          float(min_seconds), spinning)
+                name = f"bench {provider}, {count} thread(s), {len(paths)} model(s)"
+                with bar.task(name, total=runs, unit="round") as task:
+                    times = _time_interleaved(paths, provider, count, feeds, runs, int(warmup),
+                                              float(min_seconds), spinning, task=task)
                 base = None
                 for index, (info, model_times) in enumerate(zip(infos, times)):
                     stats = percentiles(model_times)
@@ -271,12 +288,13 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
                         "throughput": info["batch"] / (stats["p50_ms"] / 1000.0),
                         "latency_ratio": stats["p50_ms"] / base,
                         "speedup": base / stats["p50_ms"],
+                        "times_ms": kept_times(model_times),
                     })
         memory_rows = []
         if memory:
             for provider in providers:
                 for info, path, model_feeds in zip(infos, paths, feeds):
-                    say(f"bench: peak memory of {info['name']} ({provider})")
+                    bar.message(f"bench: peak memory of {info['name']} ({provider})")
                     measured = measure_memory(path, provider, thread_counts[0], model_feeds)
                     memory_rows.append({"model": info["name"], "provider": resolved[provider],
                                         "threads": thread_counts[0], **measured})
@@ -296,7 +314,8 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
 def _time_interleaved(paths: list[Path], provider: str, threads: int,
                       feeds: list[dict[str, np.ndarray]], runs: int, warmup: int,
                       min_seconds: float = 0.0, spinning: bool = True,
-                      max_rounds: int = 1_000_000) -> list[list[float]]:
+                      max_rounds: int = 1_000_000, task: Task | None = None
+                      ) -> list[list[float]]:
     runners = [_Runner(str(p), provider, threads, f, spinning) for p, f in zip(paths, feeds)]
     for runner in runners:
         runner.first_run()
@@ -308,13 +327,30 @@ def _time_interleaved(paths: list[Path], provider: str, threads: int,
     clock = time.perf_counter
     started = clock()
     r = 0
+    shown = started
     while r < runs or (clock() - started < min_seconds and r < max_rounds):
         for i in (order if r % 2 == 0 else order[::-1]):
             start = clock()
             runners[i]()
             times[i].append(clock() - start)
         r += 1
+        now = clock()
+        if task is not None and now - shown >= 0.1:  # between rounds, never inside a timing
+            shown = now
+            task.set(r, _rounds_expected(r, runs, now - started, min_seconds, max_rounds))
+    if task is not None:
+        task.set(r, r)
     return times
+
+
+def _rounds_expected(done: int, runs: int, elapsed: float, min_seconds: float,
+                     max_rounds: int) -> int:
+    """Rounds the timing will take: ``runs``, or more while the rounds span < ``min_seconds``
+    (estimated from the rate so far), for the progress total."""
+    if elapsed <= 0 or done <= 0:
+        return runs
+    by_time = int(np.ceil(min_seconds * done / elapsed))
+    return max(runs, done, min(by_time, max_rounds))
 
 
 # ---------------------------------------------------------------------------------------------

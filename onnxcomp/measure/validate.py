@@ -18,7 +18,13 @@ Metrics per output (``a`` = reference, ``b`` = candidate, both read as float64):
   reference's top 5 classes (top min(5, C)). Ties resolve to the lowest class index.
 - Dual encoders (exactly two outputs, both float ``[batch, d]`` with the same ``d``): retrieval
   agreement over all samples, see :func:`retrieval_metrics`. Those two outputs get no top-k.
-- Task metric: for zoo data (``ppocr-rec:eval:64``) the zoo's task metric, for both models.
+- Task metric: for zoo data (``ppocr-rec:eval:64``) the zoo's task metric, for both models;
+  where the zoo model says which examples changed (``task_changes``: for ppocr-rec the lines
+  whose text the candidate reads differently, with their images), ``task["changed"]``.
+
+Kept for the HTML report (:mod:`onnxcomp.report_html`): each output's per-sample cosines
+(``per_sample_cosine``, the first ``PER_SAMPLE_LIMIT``, rounded to 6 decimals) and, for dual
+encoders, both models' similarity matrices on the first pairs (``retrieval["similarity"]``).
 
 ``min_cosine`` gates on each output's ``cosine_mean``.
 """
@@ -26,7 +32,6 @@ Metrics per output (``a`` = reference, ``b`` = candidate, both read as float64):
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +40,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxcomp import calibration, runtime
+from onnxcomp import calibration, report_data, runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import InvalidOutput, OnnxcompError, UserError
 from onnxcomp.measure.compare import per_sample_cosine
 from onnxcomp.model import Model, load
+from onnxcomp.progress import Progress, as_progress
 from onnxcomp.report import Report
 from onnxcomp.report import progress as default_progress
 
@@ -47,6 +53,8 @@ DEFAULT_COUNT = 8
 TOP_K = 5
 # Rows of the similarity matrix computed at a time (bounds memory for large evaluation sets).
 RETRIEVAL_BLOCK = 1024
+# Per-sample cosines kept per output for the report's histogram (the sums cover every sample).
+PER_SAMPLE_LIMIT = 10_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +157,7 @@ class OutputStats:
     top1: int = 0
     topk: int = 0
     notes: list[str] = field(default_factory=list)
+    per_sample: list[float] = field(default_factory=list)
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, topk: bool = True) -> None:
         if self.shape is None:
@@ -159,6 +168,9 @@ class OutputStats:
             self.samples += cosine.size
             self.cosine_sum += float(cosine.sum())
             self.cosine_min = min(self.cosine_min, float(cosine.min()))
+            room = PER_SAMPLE_LIMIT - len(self.per_sample)
+            if room > 0:
+                self.per_sample.extend(round(float(c), 6) for c in cosine.ravel()[:room])
             a = reference.astype(np.float64, copy=False)
             d = a - candidate.astype(np.float64, copy=False)
             self.diff_sq += float(np.vdot(d, d))
@@ -183,6 +195,7 @@ class OutputStats:
             "cosine_min": self.cosine_min,
             "rel_l2": rel_l2,
             "max_abs": self.max_abs,
+            "per_sample_cosine": list(self.per_sample),
         }
         if self.class_scores and self.positions:
             result["positions"] = self.positions
@@ -291,14 +304,15 @@ def dual_encoder_outputs(outputs: dict[str, np.ndarray]) -> tuple[str, str] | No
 def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.PathLike,
              data: Any = None, count: int | None = None, min_cosine: float | None = None,
              batch_dims: dict[str, int] | None = None,
-             progress: Callable[[str], None] | None = default_progress,
+             progress: Progress | Callable[[str], None] | None = default_progress,
              ours: bool = False) -> Report:
     """Run both models on the same data and measure how closely the candidate follows.
 
     ``data``: anything :func:`onnxcomp.calibration.resolve` accepts (default ``random:8``);
     ``count``: at most this many batches; ``min_cosine``: gate on every output's mean cosine
     (``report.fidelity["passed"]``); ``batch_dims``: sizes of named dynamic input dims for
-    random inputs; ``progress``: a callable for progress lines (None: silent).
+    random inputs; ``progress``: where the progress goes (default: the process's
+    :mod:`onnxcomp.progress`; a ``progress(message)`` callable; None: silent).
 
     Both models are the user's (``UserError`` naming the file ONNX Runtime refuses, or the data
     the reference cannot run on), unless ``ours``: the candidate is a model onnxcomp produced
@@ -331,51 +345,48 @@ def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.P
     stats = {name: OutputStats(name) for name in output_names}
     dual: tuple[str, str] | None = None
     rows: dict[str, list[np.ndarray]] = {}
-    started = last_report = time.monotonic()
-    for index, batch in enumerate(dataset):
-        if index:
-            calibration.check_batch(batch, ref_model, where=f"{dataset.name} batch {index}")
-        where = f"{dataset.name} batch {index}"
-        try:
-            ref_out = runtime.run(ref_sess, batch, output_names)
-        except MemoryError:
-            raise
-        except Exception as exc:  # ONNX Runtime's errors: the data does not fit the model
-            raise UserError(f"the reference {ref_label} cannot run on {where} (check {flag}): "
-                            f"{_first_line(exc)}") from exc
-        try:
-            cand_out = runtime.run(cand_sess, batch, output_names)
-        except MemoryError:
-            raise
-        except Exception as exc:
-            if ours:
-                raise InvalidOutput(f"the compressed model fails on {where}, where the "
-                                    f"reference runs: {_first_line(exc)}") from exc
-            raise UserError(f"the candidate {cand_label} cannot run on {where}, where the "
-                            f"reference runs: {_first_line(exc)}") from exc
-        if index == 0:
-            dual = dual_encoder_outputs(ref_out)
+    with as_progress(progress).task("validate", total=len(dataset), unit="batch") as task:
+        for index, batch in enumerate(dataset):
+            if index:
+                calibration.check_batch(batch, ref_model, where=f"{dataset.name} batch {index}")
+            where = f"{dataset.name} batch {index}"
+            try:
+                ref_out = runtime.run(ref_sess, batch, output_names)
+            except MemoryError:
+                raise
+            except Exception as exc:  # ONNX Runtime's errors: the data does not fit the model
+                raise UserError(f"the reference {ref_label} cannot run on {where} (check "
+                                f"{flag}): {_first_line(exc)}") from exc
+            try:
+                cand_out = runtime.run(cand_sess, batch, output_names)
+            except MemoryError:
+                raise
+            except Exception as exc:
+                if ours:
+                    raise InvalidOutput(f"the compressed model fails on {where}, where the "
+                                        f"reference runs: {_first_line(exc)}") from exc
+                raise UserError(f"the candidate {cand_label} cannot run on {where}, where the "
+                                f"reference runs: {_first_line(exc)}") from exc
+            if index == 0:
+                dual = dual_encoder_outputs(ref_out)
+                if dual:
+                    rows = {f"{side}:{name}": [] for side in ("ref", "cand") for name in dual}
+            for name in output_names:
+                a, b = ref_out[name], cand_out[name]
+                if a.shape != b.shape:
+                    raise UserError(
+                        f"output {name!r} has shape {list(a.shape)} in the reference but "
+                        f"{list(b.shape)} in the candidate (batch {index})"
+                    )
+                stats[name].add(a, b, topk=not (dual and name in dual))
             if dual:
-                rows = {f"{side}:{name}": [] for side in ("ref", "cand") for name in dual}
-        for name in output_names:
-            a, b = ref_out[name], cand_out[name]
-            if a.shape != b.shape:
-                raise UserError(
-                    f"output {name!r} has shape {list(a.shape)} in the reference but "
-                    f"{list(b.shape)} in the candidate (batch {index})"
-                )
-            stats[name].add(a, b, topk=not (dual and name in dual))
-        if dual:
-            for name in dual:
-                rows[f"ref:{name}"].append(np.asarray(ref_out[name], dtype=np.float32))
-                rows[f"cand:{name}"].append(np.asarray(cand_out[name], dtype=np.float32))
-        if metric is not None:
-            kept_ref.append(ref_out)
-            kept_cand.append(cand_out)
-        now = time.monotonic()
-        if progress and now - last_report > 2.0:
-            progress(f"validate: batch {index + 1}/{len(dataset)} ({now - started:.0f} s)")
-            last_report = now
+                for name in dual:
+                    rows[f"ref:{name}"].append(np.asarray(ref_out[name], dtype=np.float32))
+                    rows[f"cand:{name}"].append(np.asarray(cand_out[name], dtype=np.float32))
+            if metric is not None:
+                kept_ref.append(ref_out)
+                kept_cand.append(cand_out)
+            task.advance()
 
     outputs = {name: stats[name].summary(min_cosine) for name in output_names}
     fidelity: dict[str, Any] = {
@@ -393,17 +404,19 @@ def validate(reference: Model | str | os.PathLike, candidate: Model | str | os.P
         fidelity["passed"] = all(o["passed"] for o in outputs.values())
     if dual:
         a, b = dual
-        retrieval = retrieval_metrics(np.concatenate(rows[f"ref:{a}"]),
-                                      np.concatenate(rows[f"ref:{b}"]),
-                                      np.concatenate(rows[f"cand:{a}"]),
-                                      np.concatenate(rows[f"cand:{b}"]))
-        fidelity["retrieval"] = {"a": a, "b": b, **retrieval}
+        matrices = [np.concatenate(rows[f"{side}:{name}"]) for side in ("ref", "cand")
+                    for name in (a, b)]
+        retrieval = retrieval_metrics(*matrices)
+        fidelity["retrieval"] = {"a": a, "b": b, **retrieval,
+                                 "similarity": report_data.similarity_sample(*matrices)}
     if metric is not None:
         fidelity["task"] = _task_scores(metric, ref_model, cand_model, kept_ref, kept_cand,
                                         dataset)
 
     report = Report(command="validate")
-    report.models = {"reference": {"path": ref_label}, "candidate": {"path": cand_label}}
+    report.models = {role: {"path": label, "breakdown": report_data.model_breakdown(model)}
+                     for role, label, model in (("reference", ref_label, ref_model),
+                                                ("candidate", cand_label, cand_model))}
     report.fidelity = fidelity
     if dataset.name.startswith("random:"):
         report.notes.append("inputs are random draws from the input signature: fidelity on "
@@ -434,10 +447,20 @@ def _task_scores(metric: Callable, ref_model: Model, cand_model: Model,
     cand_scores = metric(cand_model, cand_outputs, labels)
     if not ref_scores:
         return None
+    from onnxcomp import zoo
+
+    # Which examples the candidate gets differently (ppocr-rec: the lines it reads differently,
+    # with their images), where the zoo model can say; for the report's pictures.
+    changes = getattr(zoo.entry(dataset.zoo_name).implementation(), "task_changes", None)
+    changed = changes(dataset.zoo_name, ref_model, cand_model, ref_outputs, cand_outputs,
+                      labels, dataset.name) if changes is not None else None
     delta = {}
     for key, ref_value in ref_scores.items():
         cand_value = cand_scores.get(key)
         if isinstance(ref_value, (int, float)) and isinstance(cand_value, (int, float)):
             delta[key] = float(cand_value) - float(ref_value)
-    return {"name": dataset.zoo_name, "reference": dict(ref_scores),
+    task = {"name": dataset.zoo_name, "reference": dict(ref_scores),
             "candidate": dict(cand_scores), "delta": delta}
+    if changed is not None:
+        task["changed"] = changed
+    return task

@@ -1,11 +1,17 @@
-"""cleanup: lift Constant-node weights to initializers, drop Identity nodes, fold constant
-subgraphs, remove dead nodes, sort topologically.
+"""cleanup: name every node, lift Constant-node weights to initializers, drop Identity nodes,
+fold constant subgraphs, remove dead nodes, sort topologically.
 
 Runs first in every pipeline (so later passes see every weight as an initializer, whatever the
 exporter did) and last (so every pass leaves a tidy graph). Constant folding evaluates only nodes
 whose inputs are all constants, through ONNX Runtime, and refuses to materialize tensors larger
 than ``fold_size_limit`` bytes (folding an Expand of a constant can otherwise blow up the file).
 Nothing in If/Loop bodies is folded; those are only tidied.
+
+Unnamed and duplicate-named nodes (legal ONNX, common in hand-built and some exported graphs) get
+a stable unique name, ``<op>_<first output>`` (``graph.name_nodes``), listed in the plan: every
+pass addresses nodes by name, and would otherwise skip them. A weight lifted inside nested If
+branches is written once, in the innermost graph enclosing its readers
+(``graph.share_scoped_initializers``, run on every export), so lifting never grows the file.
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import export_model, import_graph, lift_constant_nodes, tidy
+from onnxcomp.graph import (
+    export_model,
+    import_graph,
+    lift_constant_nodes,
+    name_nodes,
+    node_subgraphs,
+    tidy,
+)
 from onnxcomp.model import Model
 from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
 
@@ -25,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Config:
+    name_nodes: bool = option(True, "give unnamed or duplicate-named nodes unique names "
+                                    "(<op>_<output>), so that passes can address them")
     lift_constants: bool = option(True, "turn Constant-node weights into initializers")
     remove_identity: bool = option(True, "bypass Identity nodes (not those producing outputs)")
     fold_constants: bool = option(True, "evaluate nodes whose inputs are all constants")
@@ -62,9 +77,12 @@ def _remove_identities(graph: gs.Graph) -> list[str]:
 
 
 def _signature(graph: gs.Graph) -> tuple:
+    """What cleanup can change, subgraphs included: nodes (names too) and constants."""
     constants = tuple(sorted((name, tuple(t.shape or ())) for name, t in graph.tensors().items()
                              if isinstance(t, gs.Constant)))
-    nodes = tuple((n.op, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs))
+    nodes = tuple((n.op, n.name, tuple(t.name for t in n.inputs),
+                   tuple(t.name for t in n.outputs),
+                   tuple(_signature(body) for body in node_subgraphs(n)))
                   for n in graph.nodes)
     return nodes, constants
 
@@ -73,6 +91,9 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     """What cleanup would do: counted on a scratch copy of the graph (cheap, no weights read)."""
     graph = import_graph(model)
     result = Plan(NAME, config)
+    if config.name_nodes:
+        for old, new in name_nodes(graph):
+            result.rows.append(PlanRow(new, "name node", f"was {old!r}" if old else "unnamed"))
     if config.lift_constants:
         for node in graph.nodes:
             if node.op == "Constant":
@@ -96,6 +117,16 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     before = _signature(graph)
     nodes_before = len(graph.nodes)
 
+    if config.name_nodes:
+        renamed = name_nodes(graph)
+        if renamed:
+            applied.touched.extend(new for _, new in renamed)
+            unnamed = sum(1 for old, _ in renamed if not old)
+            applied.notes.append(f"named {len(renamed)} nodes ({unnamed} unnamed, "
+                                 f"{len(renamed) - unnamed} duplicate names): "
+                                 + ", ".join(f"{old or '<unnamed>'} -> {new}"
+                                             for old, new in renamed[:5])
+                                 + (" ..." if len(renamed) > 5 else ""))
     if config.lift_constants:
         lifted = lift_constant_nodes(graph)
         if lifted:

@@ -2,8 +2,8 @@
 teacher's outputs (the original model, in ONNX Runtime), on unlabeled data.
 
 - Teacher: ONNX Runtime with its optimizations on (thread pool not spinning), outputs cached
-  per data batch (up to ``TEACHER_CACHE_BYTES``). Measured on tiny-clip (8 pairs): ORT 2 ms a batch against the
-  frozen twin's 0.45 s, so the twin only ever runs the student.
+  per data batch (up to ``TEACHER_CACHE_BYTES``). Measured on tiny-clip (8 pairs, 2 busy
+  cores): ORT 2.6 ms a batch, the frozen twin (no grad) 17 ms, so the twin runs only the student.
 - Losses: ``onnxcomp.train.losses`` (chosen from the output kind, or ``loss``), plus hint
   terms on intermediate tensors present with the same shape in both graphs.
 - A step reads data batches (in a seeded order, reshuffled every pass over the data) until
@@ -255,9 +255,9 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
                 (loss * share).backward()
                 step_loss += float(loss.detach()) * share
                 seen += n if options.batch > 0 else wanted_samples
-            if not math.isfinite(step_loss):
+            norm = torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+            if not (math.isfinite(step_loss) and math.isfinite(float(norm))):
                 return _gave_up(result, student, state["step"] + 1, started, bar_owner)
-            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
             optimizer.step()
             scheduler.step()
             state["step"] += 1
@@ -310,8 +310,8 @@ def _save(path: Path, twin, optimizer, scheduler, order: _Order, state: dict, be
 
 
 def _gave_up(result: Result, student: Model, step: int, started: float, progress) -> Result:
-    message = (f"distill kd: the loss became NaN/inf at step {step}; the input weights are "
-               "kept (try a lower lr)")
+    message = (f"distill kd: the loss or its gradients became NaN/inf at step {step}; the "
+               "input weights are kept (try a lower lr)")
     progress(message)
     result.model, result.trained, result.stopped = student, False, "nan loss"
     result.steps, result.seconds = step, time.perf_counter() - started

@@ -199,6 +199,46 @@ def task_metric(name: str, model, outputs: Sequence[dict[str, np.ndarray]],
     return detection_scores([_output(o, DET_OUTPUT) for o in outputs], labels)
 
 
+def task_changes(name: str, reference, candidate,
+                 ref_outputs: Sequence[dict[str, np.ndarray]],
+                 cand_outputs: Sequence[dict[str, np.ndarray]], labels: Sequence | None,
+                 data_name: str = "") -> dict | None:
+    """ppocr-rec: the lines whose text the candidate reads differently from the reference, with
+    the label and both readings (:func:`onnxcomp.report_data.changed_lines`), and each line's
+    input image where ``data_name`` is this zoo's generated data (``ppocr-rec:eval:100``, seed
+    0, checked against the labels); None for other models or without labels."""
+    if name != "ppocr-rec" or labels is None:
+        return None
+    from onnxcomp.report_data import changed_lines
+
+    expected = [text for batch_labels in labels for text in batch_labels]
+    ref_text, cand_text = recognize(reference, ref_outputs), recognize(candidate, cand_outputs)
+    if not len(expected) == len(ref_text) == len(cand_text):
+        return None  # not one line per label: nothing to pair
+    return changed_lines(expected, ref_text, cand_text, _line_images(data_name, expected))
+
+
+class _LineImages:
+    """The rendered crops of generated lines, drawn on demand: only the lines shown are drawn."""
+
+    def __init__(self, split: str):
+        self.split = split
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return rec_line(0, self.split, index)[1]
+
+
+def _line_images(data_name: str, labels: Sequence[str]) -> _LineImages | None:
+    """The images of ``data_name`` when it is this zoo's generator (``ppocr-rec:SPLIT:N``, maybe
+    cut to ``[:n]``) with the default seed: checked on the first label; else None."""
+    parts = data_name.split(":")
+    if len(parts) < 3 or parts[0] != "ppocr-rec" or parts[1] not in _SPLITS or not labels:
+        return None
+    if rec_line(0, parts[1], 0)[0] != labels[0]:
+        return None
+    return _LineImages(parts[1])
+
+
 # ---------------------------------------------------------------------------------------------
 # data
 

@@ -180,3 +180,26 @@ def test_a_model_that_cannot_run_on_the_inputs_is_named(tmp_path, model_path):
         bench([path], runs=1, memory=False, min_seconds=0, progress=None)
     report = bench([path], batch=3, runs=1, memory=False, min_seconds=0, progress=None)
     assert report.bench["results"][0]["runs"] == 1
+
+
+def test_timings_are_kept_for_the_report(model_path):
+    from onnxcomp.measure.bench import kept_times
+
+    assert kept_times([0.001, 0.00123456789]) == [1.0, 1.2346]
+    thinned = kept_times(np.arange(5000) / 1e6, limit=1000)
+    assert len(thinned) == 1000 and thinned[0] == 0.0 and thinned[-1] == pytest.approx(4.999)
+    report = bench([model_path, model_path], runs=7, memory=False, min_seconds=0,
+                   progress=None)
+    for result in report.bench["results"]:
+        assert len(result["times_ms"]) == result["runs"] == 7
+        assert min(result["times_ms"]) == pytest.approx(result["min_ms"], abs=1e-4)
+
+
+def test_a_progress_task_per_provider_and_threads(model_path):
+    lines = []
+    bench([model_path], threads=[1, 2], runs=3, memory=False, min_seconds=0,
+          progress=lines.append)
+    starts = [line for line in lines if line.endswith("0/3, 0%")]
+    assert starts == ["bench cpu, 1 thread(s), 1 model(s): 0/3, 0%",
+                      "bench cpu, 2 thread(s), 1 model(s): 0/3, 0%"]
+    assert any(line.startswith("bench cpu, 2 thread(s), 1 model(s): 3/3 in") for line in lines)

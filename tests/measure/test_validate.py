@@ -380,7 +380,9 @@ def test_reference_that_cannot_run_on_the_data_is_a_user_error(tmp_path):
     model.save(ref)
     model.save(cand)
     # In a real process: ONNX Runtime's own log lines would be on stderr too.
-    done = subprocess.run([sys.executable, "-m", "onnxcomp.cli", "validate", str(ref), str(cand)],
+    # --quiet: no progress lines, so stderr holds exactly what ONNX Runtime and the error add.
+    done = subprocess.run([sys.executable, "-m", "onnxcomp.cli", "--quiet", "validate", str(ref),
+                           str(cand)],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and f"the reference {ref} cannot run" in done.stderr
@@ -420,3 +422,68 @@ def test_candidate_failing_where_the_reference_runs():
                      [_vi("y", ["N", 8])])
     with pytest.raises(InvalidOutput, match="signature changed: the models' inputs differ"):
         validate(ref, renamed, progress=None, ours=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the report keeps for the HTML page
+
+
+def test_report_keeps_per_sample_cosines_similarity_and_breakdown(monkeypatch):
+    from onnxcomp.measure import validate as validate_module
+
+    monkeypatch.setattr(validate_module, "PER_SAMPLE_LIMIT", 5)
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    data = calibration.random_data(dual_encoder(), 3, dims={"N": 4})
+    report = validate(dual_encoder(), dual_encoder(swap), data=data, progress=None)
+    text = report.fidelity["outputs"]["text_embeds"]
+    assert text["samples"] == 12 and len(text["per_sample_cosine"]) == 5  # capped
+    first = data.make_batch(0)["text"]
+    expected = per_sample_cosine(first, first @ swap.astype(np.float32))[:4]
+    assert text["per_sample_cosine"][:4] == pytest.approx(expected, abs=1e-6)
+    similarity = report.fidelity["retrieval"]["similarity"]
+    assert similarity["samples"] == 12
+    assert np.asarray(similarity["reference"]).shape == (12, 12)
+    assert similarity["reference"] != similarity["candidate"]
+    for role in ("reference", "candidate"):
+        breakdown = report.models[role]["breakdown"]
+        assert {r["op"] for r in breakdown["rows"]} == {"MatMul"} and breakdown["params"] == 16
+
+
+def _recognizer_outputs(texts, characters):
+    """[1, T, C] one-hot CTC scores that decode to each text (blanks between characters)."""
+    classes = {c: i + 1 for i, c in enumerate(characters)}
+    classes[" "] = len(characters) + 1
+    outputs = []
+    for text in texts:
+        steps = [0] + [k for c in text for k in (classes[c], 0)]
+        scores = np.zeros((1, len(steps), len(characters) + 2), np.float32)
+        scores[0, np.arange(len(steps)), steps] = 1.0
+        outputs.append({"softmax_11.tmp_0": scores})
+    return outputs
+
+
+def test_ocr_lines_whose_text_changed_come_with_their_images():
+    from onnxcomp import zoo
+    from onnxcomp.zoo import ppocr
+
+    data = zoo.dataset("ppocr-rec", "eval", 3)
+    characters = sorted(ppocr.ALPHABET - {" "})
+    proto = helper.make_model(helper.make_graph([], "g", [], []))
+    helper.set_model_props(proto, {"character": "\n".join(characters)})
+    labels = [batch[0] for batch in data.labels]
+    misread = labels[1][:-1] + ("x" if labels[1][-1] != "x" else "y")
+    ref_out = _recognizer_outputs(labels, characters)
+    cand_out = _recognizer_outputs([labels[0], misread, labels[2]], characters)
+    changed = ppocr.task_changes("ppocr-rec", proto, proto, ref_out, cand_out, data.labels,
+                                 data.name)
+    assert changed["count"] == 1 and changed["total"] == 3
+    (line,) = changed["lines"]
+    assert (line["index"], line["label"], line["reference"], line["candidate"]) == (
+        1, labels[1], labels[1], misread)
+    assert line["image"].startswith("data:image/png;base64,")
+    # data that is not the generator's (or another seed): no images, the texts still
+    other = ppocr.task_changes("ppocr-rec", proto, proto, ref_out, cand_out, data.labels,
+                               "arrays")
+    assert "image" not in other["lines"][0] and other["count"] == 1
+    assert ppocr.task_changes("ppocr-det", proto, proto, ref_out, cand_out, data.labels,
+                              data.name) is None

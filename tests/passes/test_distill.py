@@ -299,3 +299,89 @@ def test_tiny_clip_prune_then_distill_recovers_fidelity():
     cos = repair.details["output_cosine"]
     # Measured before the move to LayerChange: 0.2625 -> 0.7393 (8 calibration batches).
     assert cos["before"] < 0.5 and cos["after"] > cos["before"] + 0.3
+
+
+# --- method = "kd" (training; the loop itself is tested in tests/train) ----------------------
+
+
+def test_short_forms_keep_the_ridge_and_accept_the_methods():
+    assert distill.Config.from_short("kd").method == "kd"
+    assert distill.Config.from_short("refit") == distill.Config()
+    assert distill.Config.from_short("0.5") == distill.Config(ridge=0.5)
+    with pytest.raises(ValueError, match="kd, refit or a ridge"):
+        distill.Config.from_short("train")
+    with pytest.raises(ValueError, match="loss must be"):
+        distill.Config(method="kd", loss="l1")
+    with pytest.raises(ValueError, match="device must be"):
+        distill.Config(device="tpu")
+
+
+def test_kd_without_torch_is_one_line_naming_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch" else real(name, *a))
+    teacher, student, record, _ = _teacher_and_student(noise=0.3)
+    ctx = _ctx(teacher, student, record)
+    with pytest.raises(UserError) as error:
+        _run(student, distill.Config(method="kd"), ctx)
+    message = str(error.value)
+    assert "\n" not in message and "onnxcomp[train]" in message and "torch" in message
+    # refit needs no torch
+    _run(student, distill.Config(), _ctx(teacher, student, record))
+
+
+def _kd_setup():
+    pytest.importorskip("torch")
+    teacher = make_mlp()
+    data = calibration.random_data(teacher, 8, dims={"batch": 32}, seed=1)
+    held_out = calibration.random_data(teacher, 3, dims={"batch": 32}, seed=2)
+    ctx = Context(calibration=data, evaluation=held_out, teacher=teacher)
+    return teacher, ctx
+
+
+def _blanked(model: Model) -> bytes:
+    proto = model.copy().proto
+    for tensor in proto.graph.initializer:
+        tensor.ClearField("raw_data")
+        tensor.ClearField("float_data")
+    return proto.SerializeToString()
+
+
+def test_kd_trains_only_initializer_values_and_reports_the_gain():
+    teacher, ctx = _kd_setup()
+    steps = parse_recipe("prune:0.5") + [parse_recipe("distill:kd")[0]]
+    out, records = Pipeline(steps).run(teacher, ctx)
+    pruned_model, _ = Pipeline(parse_recipe("prune:0.5")).run(teacher, Context(
+        calibration=ctx.calibration, teacher=teacher))
+    kd_record = records[-1]
+    figures = kd_record.details["kd"]
+    assert figures["held_out"] and figures["seconds"] > 0
+    assert kd_record.modified and figures["cosine_after"] > figures["cosine_before"]
+    assert any("held-out output cosine" in note for note in kd_record.notes)
+    assert _blanked(out) == _blanked(pruned_model)  # graph unchanged, only values
+    assert set(kd_record.touched) <= {n.name for n in out.graph.node}
+
+
+def test_kd_with_nothing_changed_before_does_nothing():
+    teacher, ctx = _kd_setup()
+    out, record = distill.PASS.run(teacher, distill.Config(method="kd", steps=5), ctx)
+    assert not record.modified and out is teacher
+    assert any("nothing to distill" in note for note in record.notes)
+
+
+def test_kd_dry_run_lists_trainable_layers_and_refuses_unsupported_ops_at_apply():
+    teacher, ctx = _kd_setup()
+    ctx.records.append(_changed(LayerChange("fc2", "prune", "y")))
+    before = teacher.proto.SerializeToString()
+    plan = distill.PASS.plan(teacher, distill.Config(method="kd"), ctx)
+    assert teacher.proto.SerializeToString() == before
+    assert [r.node for r in plan.actions()] == ["fc1", "fc1_bias", "fc2"]
+    assert "train 1 weight(s), 128 values" in plan.actions()[0].action
+    odd = teacher.copy()
+    odd.graph.node[2].op_type = "NotAnOp"  # the Relu
+    plan = distill.PASS.plan(odd, distill.Config(method="kd"), ctx)
+    assert ("NotAnOp", "skip") in [(r.node, r.action) for r in plan.rows]
+    with pytest.raises(UserError, match="NotAnOp"):
+        distill.PASS.apply(odd, plan, ctx)

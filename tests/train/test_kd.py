@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from onnxcomp import calibration
 from onnxcomp.errors import UserError
-from onnxcomp.passes import distill, prune
+from onnxcomp.passes import prune
 from onnxcomp.pipeline import Context, Pipeline, Step
 from onnxcomp.train import kd, losses
 
@@ -127,7 +127,7 @@ def test_without_evaluation_data_the_calibration_data_is_scored():
 
 
 def test_hint_tensors_must_exist_in_both_graphs():
-    teacher, student, data, held_out, _ = _pruned()
+    teacher, student, data, _, _ = _pruned()
     with pytest.raises(UserError, match="nope"):
         kd.train(teacher, student, data, kd.Options(steps=1, hint_tensors=("nope",)))
     # The pruned hidden layer has the same name but half the width: refused by shape.

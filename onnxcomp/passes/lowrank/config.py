@@ -9,6 +9,8 @@ from typing import Any
 from onnxcomp.pipeline import option
 
 DEFAULT_ENERGY = 0.9
+# Per-layer error limit: see docs/lowrank.md ("Per-layer error limit") for the measurement.
+DEFAULT_MAX_LAYER_ERROR = 0.2
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
 RANK_MODES = ("energy", "rank", "rank_ratio", "param_budget")
 
@@ -38,6 +40,10 @@ class Config:
     # (and so generalises beyond that data).
     damping: float = option(0.01, "ridge added to the covariance's eigenvalues, relative to "
                                   "their mean")
+    max_layer_error: float | None = option(
+        DEFAULT_MAX_LAYER_ERROR, "largest relative error of one layer's own output (on the "
+        "calibration data; of its weight without data): a layer over it gets a higher rank, "
+        "or is skipped when that rank saves nothing (none: no limit)")
     op_types: tuple[str, ...] = option(SUPPORTED_OPS, "ops to factor: MatMul, Gemm, Conv (1x1)")
     exclude: tuple[str, ...] = option((), "fnmatch patterns of node names left alone")
 
@@ -58,6 +64,10 @@ class Config:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not _is_number(self.min_saving) or not 0 <= self.min_saving < 1:
             raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving!r}")
+        if self.max_layer_error is not None and (not _is_number(self.max_layer_error)
+                                                 or not 0 < self.max_layer_error <= 1):
+            raise ValueError(f"max_layer_error must be in (0, 1] or none, "
+                             f"got {self.max_layer_error!r}")
         for name in ("min_params", "damping"):
             value = getattr(self, name)
             if not _is_number(value) or value < 0:

@@ -3,7 +3,9 @@
 MatMul → MatMul(x, A), MatMul(h, B); Gemm → MatMul(x, A), Gemm(h, B, C) with C and beta on the
 second (transB and alpha are already folded into the factors); a 1x1 Conv → Conv(x, A) with the
 strides and pads, then a 1x1 Conv(h, B, bias). A weight shared by several sites of the same kind
-is factored once and the factors are shared.
+is factored once and the factors are shared, across If branches too: each layer is rewritten in
+the graph (or If/Loop/Scan body) that holds it, and the export writes the shared factors once, in
+the innermost graph enclosing their readers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnx_graphsurgeon as gs
 from onnxcomp.graph import (
     constant_array,
     export_model,
+    graph_nodes,
     import_graph,
     replace_node,
     tidy,
@@ -50,13 +53,14 @@ def factor(model: Model, plans: list[LayerPlan]) -> tuple[Model, list[dict[str, 
     """Rewrite the factored sites of ``plans`` on a copy of ``model``: the new model and, per
     layer, its details (the two new nodes last: first factor, second factor)."""
     graph = import_graph(model)
-    by_output = {node.outputs[0].name: node for node in graph.nodes if node.outputs}
+    by_output = {node.outputs[0].name: (node, holder) for node, holder in graph_nodes(graph)
+                 if node.outputs}
     made: dict[str, tuple[gs.Constant, gs.Constant]] = {}
     layers = []
     for p in plans:
         if not p.factored:
             continue
-        node = by_output[p.output]
+        node, holder = by_output[p.output]
         if p.weight not in made:
             weight = constant_array(node.inputs[1])
             a, b = (f.astype(weight.dtype) for f in p.factors)
@@ -67,8 +71,8 @@ def factor(model: Model, plans: list[LayerPlan]) -> tuple[Model, list[dict[str, 
                               gs.Constant(unique_name(graph, f"{p.weight}_lowrank_B"), b))
         a, b = made[p.weight]
         x_name = node.inputs[0].name
-        new, hidden, bias = _new_nodes(graph, node, p, a, b)
-        replace_node(graph, node, new)
+        new, hidden, bias = _new_nodes(holder, node, p, a, b)
+        replace_node(holder, node, new)
         layers.append({**p.summary(), "input": x_name, "hidden": hidden.name,
                        "factor_a": a.name, "factor_b": b.name,
                        "bias": bias.name if bias is not None else None,

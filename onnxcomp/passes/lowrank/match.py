@@ -6,8 +6,9 @@ non-constant, non-2-D or non-float weights, spatial kernels, grouped convs, tran
 names, weights also read by other kinds of node or in different ways, weights below
 ``min_params``, weights where even rank 1 saves less than ``min_saving``, and pairs that are a
 low-rank factorization already (``(x @ A) @ B`` through a narrow inner width: an earlier run's
-factors, so a second run finds nothing to do). Nodes inside If/Loop/Scan bodies are listed as
-skipped, never touched.
+factors, so a second run finds nothing to do). Nodes inside If/Loop/Scan bodies are matched
+like any other (``Site.owner`` names the top-level node holding them); a weight read in both
+branches of an If is one group, factored once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import constant_array, linear_weight, nested_nodes
+from onnxcomp.graph import constant_array, graph_nodes, linear_weight, nested_nodes
 from onnxcomp.passes.lowrank.config import Config
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ class LayerPlan:
     calibration_rows: int = 0
     shared_with: tuple[str, ...] = ()
     reason: str | None = None
+    owner: str | None = None  # the top-level If/Loop/Scan whose body holds the node
+    # The rank the rule gave, when max_layer_error raised it (0: not raised), and that error.
+    raised_from: int = 0
+    rule_error: float | None = None
     factors: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -62,7 +67,8 @@ class LayerPlan:
 
     def summary(self) -> dict[str, Any]:
         keys = ("node", "op", "output", "weight", "K", "N", "rank", "max_rank", "kept_energy",
-                "rel_output_error", "rel_weight_error", "activation_aware", "calibration_rows",
+                "rel_output_error", "rel_weight_error", "activation_aware", "calibration_rows", "owner",
+                "raised_from",
                 "reason")
         data = {key: getattr(self, key) for key in keys}
         data.update(shared_with=list(self.shared_with), params_before=self.params_before,
@@ -79,6 +85,7 @@ class Site:
     matrix: np.ndarray  # K x N, float64, alpha folded in
     kind: tuple  # sites share factors only when the weight was read the same way
     sampling: tuple | None = None  # Conv: per spatial axis (start, step) of the input rows read
+    graph: gs.Graph | None = None  # the graph (or If/Loop/Scan body) that holds the node
 
 
 def label(node: gs.Node) -> str:
@@ -123,13 +130,6 @@ def match(node: gs.Node) -> tuple[np.ndarray, tuple, tuple | None] | str:
     return _match_conv(node) if node.op == "Conv" else _match_linear(node)
 
 
-def subgraph_sites(graph: gs.Graph, ops: tuple[str, ...]) -> list[LayerPlan]:
-    """Candidate nodes inside If/Loop/Scan bodies, skipped (named by their top-level owner)."""
-    return [LayerPlan(label(inner), inner.op, inner.outputs[0].name,
-                      reason=f"inside the {owner.op} body of {label(owner)}: not touched")
-            for inner, owner in nested_nodes(graph) if inner.op in ops and inner.outputs]
-
-
 def break_even(k: int, n: int, min_saving: float) -> int:
     """The largest rank r with ``r (K + N) <= (1 - min_saving) K N`` and below K N."""
     rank = math.floor((1 - min_saving) * k * n / (k + n))
@@ -146,7 +146,8 @@ def _skip_factor_pairs(graph: gs.Graph, sites: list[Site], skipped: list[LayerPl
     find nothing to do (the energy rule on a factor's flatter spectrum can pick a rank below r,
     which the margin test alone does not refuse)."""
     by_node = {id(site.node): site for site in sites}
-    outputs = {t.name for t in graph.outputs}
+    outputs = {t.name for t in graph.outputs} | {t.name for site in sites if site.graph
+                                                 for t in site.graph.outputs}
     pairs = []
     for first in sites:
         node = first.node
@@ -176,10 +177,13 @@ def _skip_factor_pairs(graph: gs.Graph, sites: list[Site], skipped: list[LayerPl
 def find_sites(graph: gs.Graph, config: Config) -> tuple[list[Site], list[LayerPlan]]:
     """Match every candidate node, then group sites by weight: share factors or skip."""
     sites, skipped = [], []
-    for node in graph.nodes:
+    owners = {id(inner): owner for inner, owner in nested_nodes(graph)}
+    for node, holder in graph_nodes(graph):
         if node.op not in config.op_types or not node.outputs:
             continue
-        plan = LayerPlan(label(node), node.op, node.outputs[0].name)
+        owner = owners.get(id(node))
+        plan = LayerPlan(label(node), node.op, node.outputs[0].name,
+                         owner=label(owner) if owner is not None else None)
         pattern = next((p for p in config.exclude if fnmatch.fnmatchcase(node.name, p)), None)
         matched = f"excluded by pattern {pattern!r}" if pattern else match(node)
         if isinstance(matched, str):
@@ -188,7 +192,7 @@ def find_sites(graph: gs.Graph, config: Config) -> tuple[list[Site], list[LayerP
             plan.weight = node.inputs[1].name
             plan.K, plan.N = matched[0].shape
             plan.max_rank = break_even(plan.K, plan.N, config.min_saving)
-            sites.append(Site(node, plan, *matched))
+            sites.append(Site(node, plan, *matched, graph=holder))
         if plan.reason:
             skipped.append(plan)
     sites = _skip_factor_pairs(graph, sites, skipped)

@@ -35,17 +35,37 @@ from onnxcomp.pipeline import Context
 ENERGY_SLACK = 1e-9
 
 
+# Widest layer input whose covariance is collected (K x K float64, 128 MiB at 4096, and an
+# O(K^3) eigendecomposition): a wider layer (a CRNN's flattened conv features into a Gemm) is
+# factored by its weight alone. Without this bound a 19 MB CRNN needed 6.1 GB and 157 s.
+MAX_COVARIANCE_DIM = 4096
+# Activation rows turned into float64 at a time (a big conv map is not copied whole).
+ROWS_PER_CHUNK = 16384
+
+
 def _rows(x: np.ndarray, k: int, sampling: tuple | None, conv: bool) -> np.ndarray:
+    """The input rows a layer reads, as a float32 [rows, K] view or copy."""
     if conv:
         if sampling is not None:
             x = x[(slice(None), slice(None)) + tuple(slice(s, None, t) for s, t in sampling)]
         x = np.moveaxis(x, 1, -1)
-    return x.reshape(-1, k).astype(np.float64)
+    return x.reshape(-1, k)
+
+
+def _accumulate(total: np.ndarray, rows: np.ndarray) -> None:
+    """``total += rowsᵀ rows`` in float64, a chunk of rows at a time."""
+    for start in range(0, rows.shape[0], ROWS_PER_CHUNK):
+        chunk = rows[start:start + ROWS_PER_CHUNK].astype(np.float64)
+        total += chunk.T @ chunk
 
 
 def covariances(model: Model, sites: list[Site], ctx: Context
                 ) -> dict[str, tuple[np.ndarray, int]]:
-    """E[x xᵀ] and the row count per weight, from the inputs of the sites that read it."""
+    """E[x xᵀ] and the row count per weight, from the inputs of the sites that read it; none
+    for weights wider than ``MAX_COVARIANCE_DIM`` (factored by the weight alone)."""
+    sites = [site for site in sites if site.plan.K <= MAX_COVARIANCE_DIM]
+    if not sites:
+        return {}
     keys = {}
     for site in sites:
         keys[(site.node.inputs[0].name, site.sampling, site.kind[0] == "Conv")] = site.plan.K
@@ -55,7 +75,7 @@ def covariances(model: Model, sites: list[Site], ctx: Context
     def on_batch(index: int, activations: dict[str, np.ndarray]) -> None:
         for key, k in keys.items():
             rows = _rows(activations[key[0]], k, key[1], key[2])
-            sums[key] += rows.T @ rows
+            _accumulate(sums[key], rows)
             counts[key] += rows.shape[0]
 
     names = sorted({key[0] for key in keys})

@@ -23,12 +23,17 @@ layers most harmful on their own to float; int4 raises the most sensitive layer 
 
 Each quantized site is handed to later passes as a ``LayerChange`` with ``repair="bias"``: its
 weights are on the quantization grid, so distill may only correct the bias.
-Refuses models already quantized; weights inside If/Loop bodies are left float (noted).
+Refuses models already quantized. Weights inside If/Loop/Scan bodies are quantized by the
+weight-only modes (int8-dynamic, int4), each in its own body; static int8 leaves them float
+(their activation ranges are not collected) and says so per node. A weight read by several
+nodes is quantized once and shared (``rewrite.py``). An output whose weights came out larger
+than the input's says so in a loud note (``graph.size_note``).
 """
 
 from __future__ import annotations
 
 from onnxcomp import calibration
+from onnxcomp.graph import size_note
 from onnxcomp.model import Model
 
 # Modules by name (not their functions): a package attribute named like a submodule would hide it.
@@ -122,6 +127,9 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         return applied
     applied.model, applied.modified = result, True
     applied.touched = [s.node for s in final.sites]
+    grew = size_note(model, result, NAME)
+    if grew:
+        applied.notes.append(grew)
     # Each site's output keeps its name in the student: the teacher has the same tensor (but
     # for a Gemm rewritten as MatMul + Add, whose product before the bias is new; distill
     # skips it, saying so).
@@ -132,7 +140,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
 # Reads weights through gs constants only: works on models whose weights stay on disk.
 PASS = PassSpec(NAME, Config, plan, apply,
                 Capabilities(lazy_weights=True, needs_calibration=Config.needs_calibration,
-                             notes="refuses models already quantized; weights inside If/Loop "
-                                   "bodies stay float"),
+                             notes="refuses models already quantized; static int8 leaves "
+                                   "weights inside If/Loop bodies float (int8-dynamic and int4 "
+                                   "quantize them)"),
                 summary="int8 static QDQ (calibrated), int8 dynamic, int4 weight-only blocks; "
                         "Gather tables as int8 rows; mixed precision to a min_cosine")

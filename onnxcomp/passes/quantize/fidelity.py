@@ -38,7 +38,9 @@ def measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Confi
     if ctx.evaluation is None and config.gptq:
         applied.notes.append("SQNR and output cosine measured on the calibration data GPTQ was "
                              "fitted to: optimistic (pass held-out data with --eval)")
-    outputs = {s.output: s.node for s in quant_plan.sites}
+    # Tensors inside If/Loop bodies can't be fetched from the model: those sites count only
+    # through the model outputs.
+    outputs = {s.output: s.node for s in quant_plan.sites if s.owner is None}
     comparison = compare.compare(prepared, result, list(outputs), scoring, EVAL_BATCHES)
     layer_sqnr = sorted(((outputs[t], comparison.sqnr.get(t, math.inf)) for t in outputs),
                         key=lambda item: item[1])
@@ -111,7 +113,7 @@ def _keep_float(prepared: Model, result: Model, quant_plan: QuantPlan, config: C
 def _mixed_bits(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config,
                 ctx: Context, applied: Applied, baseline: float) -> Model:
     """int4 below ``min_cosine``: the most sensitive layer groups go to 8 bits (in place)."""
-    layers = [s.node for s in quant_plan.sites if s.op in ("MatMul", "Gemm")]
+    layers = [s.node for s in quant_plan.sites if s.op in ("MatMul", "Gemm") and s.owner is None]
     ctx.progress(f"quantize: mixed precision, reference outputs on {EVAL_BATCHES} batches")
     found = quantize_mixed.search(prepared, result, layers, float(config.min_cosine), baseline,
                                   ctx.evaluation or ctx.calibration, ctx.progress,

@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from onnxcomp.graph import unique_name
+from onnxcomp.graph import proto_scopes, unique_name
 
 
 @dataclass(frozen=True)
@@ -174,17 +174,25 @@ def nbits_weight(blocks: Blockwise) -> np.ndarray:
     return pack_nibbles(unsigned.astype(np.uint8))
 
 
-def matmulnbits_node(graph: gs.Graph, base: str, activation: gs.Tensor, output: gs.Tensor,
-                     blocks: Blockwise, name: str | None = None) -> gs.Node:
-    """A com.microsoft.MatMulNBits computing ``output = activation @ dequantize(blocks)``; 8-bit
-    blocks are stored one a byte as ``q + 128`` (the kernel's implicit zero point)."""
-    n = blocks.q.shape[0]
-    inputs = [activation,
-              gs.Constant(unique_name(graph, f"{base}_B_int{blocks.bits}"), nbits_weight(blocks)),
-              gs.Constant(unique_name(graph, f"{base}_scales"), blocks.scales.reshape(-1))]
+def nbits_constants(graph: gs.Graph, base: str, blocks: Blockwise) -> list[gs.Constant]:
+    """MatMulNBits' constant inputs ``B``, ``scales`` [, ``zero_points``] for ``blocks``."""
+    constants = [gs.Constant(unique_name(graph, f"{base}_B_int{blocks.bits}"),
+                             nbits_weight(blocks)),
+                 gs.Constant(unique_name(graph, f"{base}_scales"), blocks.scales.reshape(-1))]
     if blocks.zero_points is not None:
         zp = pack_nibbles(blocks.zero_points).reshape(-1)
-        inputs.append(gs.Constant(unique_name(graph, f"{base}_zero_points"), zp))
+        constants.append(gs.Constant(unique_name(graph, f"{base}_zero_points"), zp))
+    return constants
+
+
+def matmulnbits_node(graph: gs.Graph, base: str, activation: gs.Tensor, output: gs.Tensor,
+                     blocks: Blockwise, name: str | None = None,
+                     constants: list[gs.Constant] | None = None) -> gs.Node:
+    """A com.microsoft.MatMulNBits computing ``output = activation @ dequantize(blocks)``; 8-bit
+    blocks are stored one a byte as ``q + 128`` (the kernel's implicit zero point).
+    ``constants`` (from ``nbits_constants``): another node's, shared with this one."""
+    n = blocks.q.shape[0]
+    inputs = [activation, *(constants or nbits_constants(graph, base, blocks))]
     return gs.Node("MatMulNBits", name or unique_name(graph, f"{base}_nbits"),
                    domain="com.microsoft",
                    attrs={"K": int(blocks.k), "N": int(n), "bits": int(blocks.bits),
@@ -218,11 +226,13 @@ def qdq_weight(graph: gs.Graph, name: str, blocks: Blockwise
 
 
 def to_4bit(proto: onnx.ModelProto, names: set[str]) -> None:
-    """Rewrite the named int8/uint8 initializers as INT4/UINT4 (packed two a byte)."""
-    for i, tensor in enumerate(proto.graph.initializer):
-        if tensor.name not in names:
-            continue
-        values = numpy_helper.to_array(tensor)
-        dtype = onnx.TensorProto.INT4 if values.dtype == np.int8 else onnx.TensorProto.UINT4
-        proto.graph.initializer[i].CopyFrom(
-            onnx.helper.make_tensor(tensor.name, dtype, list(values.shape), values.ravel()))
+    """Rewrite the named int8/uint8 initializers as INT4/UINT4 (packed two a byte), in the
+    main graph and in If/Loop/Scan bodies."""
+    for body, _ in proto_scopes(proto.graph):
+        for i, tensor in enumerate(body.initializer):
+            if tensor.name not in names:
+                continue
+            values = numpy_helper.to_array(tensor)
+            dtype = onnx.TensorProto.INT4 if values.dtype == np.int8 else onnx.TensorProto.UINT4
+            body.initializer[i].CopyFrom(
+                onnx.helper.make_tensor(tensor.name, dtype, list(values.shape), values.ravel()))

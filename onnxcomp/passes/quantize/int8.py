@@ -134,13 +134,43 @@ def rewire_consumers(tensor: gs.Tensor, replacement: gs.Tensor, skip_ops=("Quant
                 consumer.inputs[i] = replacement
 
 
+class Shared:
+    """One constant per source tensor and transform: readers of a shared weight (an unrolled LSTM's
+    80 Gemms reading 4 weights) get one quantized copy between them, not one each. Keys hold the
+    source tensor's id, so they are only valid for one graph import."""
+
+    def __init__(self) -> None:
+        self.made: dict[tuple, object] = {}
+
+    def get(self, key: tuple, make):
+        if key not in self.made:
+            self.made[key] = make()
+        return self.made[key]
+
+
 def dynamic_matmul(graph: gs.Graph, node: gs.Node, weight: np.ndarray, axis: int | None,
-                   bias: np.ndarray | None = None) -> None:
-    """Replace a MatMul-like node (activation input 0, float weight [K, N]) by the dynamic form."""
-    q, scale = symmetric_int8(weight, axis)
-    bias_value = None if bias is None else bias.astype(np.float32)
-    _replace_by_dynamic_form(graph, node, "MatMulInteger", weight_q=q, weight_scale=scale,
-                             bias_value=bias_value)
+                   bias: np.ndarray | None = None, shared: Shared | None = None,
+                   key: tuple | None = None, bias_key: tuple | None = None) -> None:
+    """Replace a MatMul-like node (activation input 0, float weight [K, N]) by the dynamic form.
+    ``key`` / ``bias_key`` name the weight's / bias's source (tensor and transform): nodes with
+    the same key share one quantized weight / one bias constant through ``shared``."""
+    shared = shared or Shared()
+    base = node.name or node.outputs[0].name
+    key = key or (id(node),)
+    source = node.inputs[1].name or base
+
+    def make_weight():
+        q, scale = symmetric_int8(weight, axis)
+        return (gs.Constant(unique_name(graph, f"{source}_W_{q.dtype}"), q),
+                gs.Constant(unique_name(graph, f"{source}_W_scale"), scale))
+
+    weight_q, weight_scale = shared.get(("dynamic", *key, axis), make_weight)
+    bias_const = None
+    if bias is not None:
+        bias_const = shared.get(("bias", *(bias_key or (id(node),))), lambda: gs.Constant(
+            unique_name(graph, f"{base}_bias_value"), bias.astype(np.float32)))
+    _replace_by_dynamic_form(graph, node, "MatMulInteger", weight_q=weight_q,
+                             weight_scale=weight_scale, bias_value=bias_const)
 
 
 def dynamic_conv(graph: gs.Graph, node: gs.Node, weight: np.ndarray,
@@ -150,18 +180,23 @@ def dynamic_conv(graph: gs.Graph, node: gs.Node, weight: np.ndarray,
     # ORT's CPU ConvInteger takes uint8 weights only: the symmetric int8 values shifted by 128.
     q_u8 = (q.astype(np.int16) + 128).astype(np.uint8)
     bias_value = None
+    base = node.name or node.outputs[0].name
     if bias is not None:  # [C] -> [1, C, 1, ...] so it broadcasts over the conv output
-        bias_value = bias.astype(np.float32).reshape(1, -1, *([1] * (weight.ndim - 2)))
-    _replace_by_dynamic_form(graph, node, "ConvInteger", attrs=dict(node.attrs), weight_q=q_u8,
-                             weight_zero_point=np.asarray(128, np.uint8), weight_scale=scale,
+        bias_value = gs.Constant(unique_name(graph, f"{base}_bias_value"), bias.astype(
+            np.float32).reshape(1, -1, *([1] * (weight.ndim - 2))))
+    _replace_by_dynamic_form(graph, node, "ConvInteger", attrs=dict(node.attrs),
+                             weight_q=gs.Constant(unique_name(graph, f"{base}_W_uint8"), q_u8),
+                             weight_zero_point=np.asarray(128, np.uint8),
+                             weight_scale=gs.Constant(unique_name(graph, f"{base}_W_scale"),
+                                                      scale),
                              bias_value=bias_value)
 
 
 def _replace_by_dynamic_form(graph: gs.Graph, node: gs.Node, integer_op: str, *,
-                             weight_q: np.ndarray, weight_scale: np.ndarray,
+                             weight_q: gs.Constant, weight_scale: gs.Constant,
                              weight_zero_point: np.ndarray | None = None,
                              attrs: dict | None = None,
-                             bias_value: np.ndarray | None = None) -> None:
+                             bias_value: gs.Constant | None = None) -> None:
     """Replace ``node`` (activation input 0) by DynamicQuantizeLinear(A) -> ``integer_op``(A_q,
     W_q, A_zp[, W_zp]) -> Cast -> Mul(A_s * W_s) [-> Add(bias_value)], into its own output.
 
@@ -176,7 +211,7 @@ def _replace_by_dynamic_form(graph: gs.Graph, node: gs.Node, integer_op: str, *,
     acc = gs.Variable(name("int32"), dtype=np.int32)
     acc_f = gs.Variable(name("float"), dtype=np.float32)
     both = gs.Variable(name("scale"), dtype=np.float32)
-    integer_inputs = [a_q, gs.Constant(name(f"W_{weight_q.dtype}"), weight_q), a_zp]
+    integer_inputs = [a_q, weight_q, a_zp]
     if weight_zero_point is not None:
         integer_inputs.append(gs.Constant(name("W_zero_point"), weight_zero_point))
     nodes = [
@@ -185,8 +220,7 @@ def _replace_by_dynamic_form(graph: gs.Graph, node: gs.Node, integer_op: str, *,
         gs.Node(integer_op, name(integer_op.lower()), attrs=attrs, inputs=integer_inputs,
                 outputs=[acc]),
         gs.Node("Cast", name("cast"), attrs={"to": 1}, inputs=[acc], outputs=[acc_f]),
-        gs.Node("Mul", name("scale_mul"),
-                inputs=[a_s, gs.Constant(name("W_scale"), weight_scale)], outputs=[both]),
+        gs.Node("Mul", name("scale_mul"), inputs=[a_s, weight_scale], outputs=[both]),
     ]
     node.outputs.clear()
     node.inputs.clear()
@@ -195,7 +229,5 @@ def _replace_by_dynamic_form(graph: gs.Graph, node: gs.Node, integer_op: str, *,
     else:
         scaled = gs.Variable(name("scaled"), dtype=np.float32)
         nodes.append(gs.Node("Mul", name("rescale"), inputs=[acc_f, both], outputs=[scaled]))
-        nodes.append(gs.Node("Add", name("bias"),
-                             inputs=[scaled, gs.Constant(name("bias_value"), bias_value)],
-                             outputs=[output]))
+        nodes.append(gs.Node("Add", name("bias"), inputs=[scaled, bias_value], outputs=[output]))
     graph.nodes.extend(nodes)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import constant_array, nested_nodes
+from onnxcomp.graph import constant_array, graph_nodes, nested_nodes
 from onnxcomp.passes.quantize.int8 import weight_axis
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class Site:
     # static: a tensor after the node to QDQ too (its output, or after a Relu/Clip), so that
     # ONNX Runtime finds DQ -> op -> Q and chains QLinear kernels; None: no output QDQ.
     output_qdq: str | None = None
+    # The top-level If/Loop/Scan whose body holds the node (None: the main graph). Such sites
+    # are weight-only (int8-dynamic, int4): nothing in a body is calibrated or measured.
+    owner: str | None = None
 
 
 @dataclass
@@ -139,27 +142,35 @@ def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[
     """The Conv/MatMul/Gemm sites of ``graph`` for ``mode``, and why the others are skipped."""
     result = QuantPlan(mode)
     seen = set()
-    for node in graph.nodes:
+    owners = {id(inner): owner for inner, owner in nested_nodes(graph)}
+    for node, _ in graph_nodes(graph):
         if node.op not in op_types:
             continue
         if not node.name or node.name in seen:
             result.skipped.append((node.name or node.outputs[0].name,
-                                   "node has no unique name"))
+                                   "node has no unique name (run cleanup, which names it)"))
             continue
         seen.add(node.name)
+        owner = owners.get(id(node))
         reason = excluded(node, exclude)
+        if reason is None and owner is not None and mode == "int8":
+            reason = (f"inside the {owner.op} body of {owner.name}: static int8 needs activation "
+                      "ranges there, which calibration does not collect (int8-dynamic and int4 "
+                      "quantize it)")
         site = reason or match_node(node, mode, per_channel, activation_matmuls)
         if isinstance(site, str):
             logger.debug("quantize: skip %s: %s", node.name, site)
             result.skipped.append((node.name, site))
             continue
+        if owner is not None:
+            site = Site(**{**site.__dict__, "owner": owner.name})
         result.sites.append(site)
     if mode == "int8" and output_qdq != "none":
         _place_output_qdq(result, graph, output_qdq)
-    nested = sum(1 for inner, _ in nested_nodes(graph) if inner.op in op_types)
+    nested = sum(1 for s in result.sites if s.owner is not None)
     if nested:
-        result.notes.append(f"{nested} {'/'.join(op_types)} nodes inside If/Loop subgraphs were "
-                            "not quantized")
+        result.notes.append(f"{nested} sites inside If/Loop/Scan bodies are quantized weight-only "
+                            "(no per-layer SQNR there, no GPTQ statistics: round to nearest)")
     return result
 
 

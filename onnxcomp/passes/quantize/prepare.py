@@ -103,8 +103,11 @@ def gemm_weight(node: gs.Node) -> LinearWeight | str:
 
 
 def _gemms_as_matmul(graph: gs.Graph, config: Config) -> int:
-    """Gemm (transA=0, constant B) -> MatMul(A, alpha * B') [+ Add(beta * C)], same node name."""
+    """Gemm (transA=0, constant B) -> MatMul(A, alpha * B') [+ Add(beta * C)], same node name.
+    Gemms reading the same B (and C) the same way share one rewritten constant: an LSTM unrolled
+    into 80 Gemms over 4 weights keeps 4 weights, not 80 copies."""
     count = 0
+    made: dict[tuple, gs.Constant] = {}
     for node in list(graph.nodes):
         if node.op != "Gemm" or excluded(node, config.exclude):
             continue
@@ -112,19 +115,25 @@ def _gemms_as_matmul(graph: gs.Graph, config: Config) -> int:
         if isinstance(weight, str):
             continue  # matched (and skipped with the reason) as a Gemm
         activation, output = node.inputs[0], node.outputs[0]
+        source_b = node.inputs[1]
+        source_c = node.inputs[2] if len(node.inputs) > 2 else None
         node.inputs.clear()
         node.outputs.clear()
         product = output
+        name = node.name
         if weight.bias is not None:
             product = gs.Variable(unique_name(graph, f"{output.name}_matmul"), dtype=np.float32)
-            graph.nodes.append(gs.Node("Add", unique_name(graph, f"{node.name}_bias"),
-                                       inputs=[product, gs.Constant(
-                                           unique_name(graph, f"{node.name}_C"), weight.bias)],
-                                       outputs=[output]))
-        name = node.name
+            key = ("C", id(source_c), float(node.attrs.get("beta", 1.0)))
+            if key not in made:
+                made[key] = gs.Constant(unique_name(graph, f"{name}_C"), weight.bias)
+            graph.nodes.append(gs.Node("Add", unique_name(graph, f"{name}_bias"),
+                                       inputs=[product, made[key]], outputs=[output]))
+        key = ("B", id(source_b), weight.transposed, weight.alpha)
+        if key not in made:
+            made[key] = gs.Constant(unique_name(graph, f"{name}_B"), weight.matrix)
         node.name = unique_name(graph, f"{name}_replaced")
-        graph.nodes.append(gs.Node("MatMul", name, inputs=[activation, gs.Constant(
-            unique_name(graph, f"{name}_B"), weight.matrix)], outputs=[product]))
+        graph.nodes.append(gs.Node("MatMul", name, inputs=[activation, made[key]],
+                                   outputs=[product]))
         count += 1
     return count
 

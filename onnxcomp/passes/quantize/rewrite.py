@@ -8,6 +8,11 @@
 - int8-dynamic: DynamicQuantizeLinear -> MatMulInteger / ConvInteger (``int8``);
 - int4: MatMulNBits or opset-21 blockwise DequantizeLinear (``int4``), the blocks from GPTQ
   when ``stats`` holds the layer input's ``X^T X`` (``gptq``).
+
+A weight read by several sites (an unrolled LSTM's Gemms, both branches of an If) is quantized
+once and every reader reads the one result (``int8.Shared``; static int8's ``QdqWriter`` keeps
+one DequantizeLinear per weight). Sites inside If/Loop/Scan bodies (int8-dynamic, int4) are
+rewritten in their own body, where outer-scope tensors stay readable.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp import runtime
-from onnxcomp.graph import constant_array, export_model, import_graph, tidy, unique_name
+from onnxcomp.graph import (
+    constant_array,
+    export_model,
+    graph_nodes,
+    import_graph,
+    proto_scopes,
+    tidy,
+    unique_name,
+)
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import attention as quantize_attention
 from onnxcomp.passes.quantize import calib as quantize_calib
@@ -38,7 +51,8 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
     calibration statistics of the activation inputs, by tensor name: ``(min, max)`` for static
     int8 (needed), ``X^T X`` for int4 with GPTQ."""
     graph = import_graph(model)
-    nodes = {n.name: n for n in graph.nodes}
+    holders = {n.name: body for n, body in graph_nodes(graph) if n.name}
+    nodes = {n.name: n for n, _ in graph_nodes(graph) if n.name}
     tables: dict = {}
     sites = []
     for site in quant_plan.sites:  # Gather tables and fused Attention have their own rewrites
@@ -53,8 +67,10 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy
+        shared = quantize_int8.Shared()
         for site in sites:
-            four_bit.update(_weight_only(graph, nodes[site.node], site, config, stats))
+            four_bit.update(_weight_only(holders[site.node], nodes[site.node], site, config,
+                                         stats, shared))
             if lazy:
                 # A replaced weight's memory map is freed only by the cycle collector (gs tensors
                 # and nodes point at each other): collect now, so that one float weight at a
@@ -87,8 +103,10 @@ def _static(graph: gs.Graph, nodes: dict[str, gs.Node], sites: list[Site], stats
 
 
 def _weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Config,
-                 stats: dict | None = None) -> list[str]:
-    """Dynamic int8 or int4 rewrite of one site; returns initializers to store as 4-bit."""
+                 stats: dict | None, shared: quantize_int8.Shared) -> list[str]:
+    """Dynamic int8 or int4 rewrite of one site (in ``graph``, the body that holds it); returns
+    initializers to store as 4-bit. Sites reading the same weight the same way share one
+    quantized weight (and one bias) through ``shared``."""
     if node.op == "Conv":  # int8-dynamic only (the match refuses Conv for int4)
         bias = constant_array(node.inputs[2]) if len(node.inputs) > 2 else None
         quantize_int8.dynamic_conv(graph, node, constant_array(node.inputs[1]), bias)
@@ -97,44 +115,70 @@ def _weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Config,
     if isinstance(linear, str):  # the match checked what linear_weight checks
         raise TypeError(f"{node.name}: planned site has no linear weight ({linear})")
     weight, bias = linear.matrix, linear.bias
+    key = (id(node.inputs[1]), linear.transposed, linear.alpha)
+    bias_key = (id(node.inputs[2]), float(node.attrs.get("beta", 1.0))) if bias is not None \
+        else None
     if config.mode == "int8-dynamic":
         axis = 1 if config.per_channel else None
-        quantize_int8.dynamic_matmul(graph, node, weight, axis, bias)
+        quantize_int8.dynamic_matmul(graph, node, weight, axis, bias, shared, key, bias_key)
         return []
     positive = config.int4_format == "qdq"
     hessian = (stats or {}).get(node.inputs[0].name) if config.gptq else None
-    if hessian is not None:
+    if hessian is not None:  # GPTQ fits the blocks to this reader's inputs: not shared
+        key = (id(node),)
         blocks = quantize_gptq.quantize(weight, hessian, config.block_size, config.int4_symmetric,
                                         config.int4_scale, positive)
     else:
-        blocks = quantize_int4.quantize_blocks(weight, config.block_size, config.int4_symmetric,
-                                               config.int4_scale, positive=positive)
+        blocks = shared.get(("int4", *key), lambda: quantize_int4.quantize_blocks(
+            weight, config.block_size, config.int4_symmetric, config.int4_scale,
+            positive=positive))
+    weight_name = node.inputs[1].name or node.name
     activation, output = node.inputs[0], node.outputs[0]
     node.outputs.clear()
     node.inputs.clear()
     if bias is not None:
         product = gs.Variable(unique_name(graph, f"{output.name}_nobias"), dtype=np.float32)
+        bias_const = shared.get(("bias", *bias_key), lambda: gs.Constant(
+            unique_name(graph, f"{node.name}_C"), bias))
         graph.nodes.append(gs.Node("Add", unique_name(graph, f"{node.name}_bias"),
-                                   inputs=[product, gs.Constant(unique_name(
-                                       graph, f"{node.name}_C"), bias)],
-                                   outputs=[output]))
+                                   inputs=[product, bias_const], outputs=[output]))
         output = product
     if config.int4_format == "matmulnbits":
         # The MatMulNBits takes the layer's name, so mixed precision (and the user) can find it.
         name = node.name
         node.name = unique_name(graph, f"{name}_replaced")
+        constants = shared.get(("nbits", *key), lambda: quantize_int4.nbits_constants(
+            graph, weight_name if len(key) > 1 else name, blocks))
         graph.nodes.append(quantize_int4.matmulnbits_node(graph, name, activation, output,
-                                                          blocks, name=name))
+                                                          blocks, name=name, constants=constants))
         return []
-    dq, weight_out, four_bit = quantize_int4.qdq_weight(graph, site.weight_name, blocks)
-    graph.nodes += [dq, gs.Node("MatMul", unique_name(graph, f"{node.name}_int4"),
-                                inputs=[activation, weight_out], outputs=[output])]
+    dq, weight_out, four_bit = shared.get(("qdq", *key), lambda: quantize_int4.qdq_weight(
+        graph, site.weight_name, blocks))
+    # One DequantizeLinear per scope that reads the weight (a body can't read a sibling body's
+    # tensors), all over the one set of 4-bit constants.
+    scope = ("qdq-scope", *key, id(graph))
+    if scope not in shared.made:
+        if ("qdq-placed", *key) not in shared.made:
+            shared.made[("qdq-placed", *key)] = True
+            graph.nodes.append(dq)
+            shared.made[scope] = weight_out
+        else:
+            out = gs.Variable(unique_name(graph, f"{weight_out.name}_{node.name}"),
+                              dtype=np.float32, shape=weight_out.shape)
+            graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{dq.name}_"
+                                                                              f"{node.name}"),
+                                       attrs=dict(dq.attrs), inputs=list(dq.inputs),
+                                       outputs=[out]))
+            shared.made[scope] = out
+    weight_out = shared.made[scope]
+    graph.nodes.append(gs.Node("MatMul", unique_name(graph, f"{node.name}_int4"),
+                               inputs=[activation, weight_out], outputs=[output]))
     return four_bit
 
 
 def _export(graph: gs.Graph, like: Model) -> Model:
     result = export_model(graph, like=like)
-    domains = {n.domain for n in result.graph.node if n.domain}
+    domains = {n.domain for body, _ in proto_scopes(result.graph) for n in body.node if n.domain}
     declared = {o.domain for o in result.proto.opset_import}
     for domain in domains - declared:
         result.proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))

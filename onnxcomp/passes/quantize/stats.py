@@ -45,8 +45,9 @@ def statistics(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
         return _ranges(model, quant_plan, config, ctx)
     if config.gptq:
         nodes = {n.name: n for n in import_graph(model).nodes}
+        # Inputs inside If/Loop bodies are not graph tensors: those sites round to nearest.
         inputs = [nodes[s.node].inputs[0].name for s in quant_plan.sites
-                  if s.op in ("MatMul", "Gemm")]
+                  if s.op in ("MatMul", "Gemm") and s.owner is None]
         names = list(dict.fromkeys(inputs))
         ctx.progress(f"quantize: GPTQ statistics of {len(names)} inputs on "
                      f"{len(ctx.calibration)} batches, {GPTQ_INPUTS_PER_SEGMENT} inputs a segment")

@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 from onnxcomp import calibration, runtime
 from onnxcomp.errors import OnnxcompError, UserError
 from onnxcomp.passes import lowrank
+from onnxcomp.passes.lowrank import spectrum
 from onnxcomp.pipeline import SKIP, Context
 from onnxcomp.recipe import apply_overrides, parse_recipe
 
@@ -21,7 +22,8 @@ EXACT = 1e-4
 
 
 def run_pass(model, ctx=None, **kwargs):
-    return lowrank.PASS.run(model, lowrank.Config(**kwargs), ctx or Context())
+    return lowrank.PASS.run(model, lowrank.Config(**{"max_layer_error": None, **kwargs}),
+                           ctx or Context())
 
 
 def assert_close(reference, candidate, tol=EXACT, seed=1):
@@ -139,7 +141,8 @@ def test_layer_changes_name_the_second_factor_and_the_teacher_output():
 def test_dry_run_rows_and_no_mutation():
     model = mini_transformer()
     before = model.proto.SerializeToString()
-    plan = lowrank.PASS.plan(model, lowrank.Config(energy=0.95), Context())
+    plan = lowrank.PASS.plan(model, lowrank.Config(energy=0.95, max_layer_error=None),
+                             Context())
     assert model.proto.SerializeToString() == before
     rows = {row.node: row for row in plan.rows}
     assert rows["scores"].action == SKIP and "activation x activation" in rows["scores"].reason
@@ -313,3 +316,42 @@ def test_tiny_clip_zoo():
     out9, record9 = run_pass(model, Context(calibration=calib), energy=0.9)
     runtime.run_model(out9, data)  # valid either way
     assert record9.params_after <= record9.params_before
+
+
+# --- issue #17: per-layer error limit, wide inputs, shared weights ---------------------------
+
+
+def test_max_layer_error_raises_the_rank_or_leaves_the_layer_dense():
+    """A layer whose own error at the rule's rank is over the limit gets the smallest rank
+    that meets it; where that rank saves nothing the layer stays dense, with the reason."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 64)).astype(np.float32)  # flat spectrum: no cheap rank
+    model = matmul_model(w)
+    free = lowrank.PASS.plan(model, lowrank.Config(rank=8, max_layer_error=None), Context())
+    assert free.payload[0].factored and free.payload[0].rel_weight_error > 0.5
+    limited = lowrank.PASS.plan(model, lowrank.Config(rank=8, max_layer_error=0.2), Context())
+    (layer,) = limited.payload
+    assert not layer.factored and "over max_layer_error 0.2" in layer.reason
+    assert any("left dense" in note for note in limited.notes)
+    # A low-rank-ish weight: rank 1 is over the limit, a higher rank below break-even meets it.
+    u = rng.standard_normal((64, 6)) @ rng.standard_normal((6, 64))
+    soft = (u + 0.05 * rng.standard_normal((64, 64))).astype(np.float32)
+    plan = lowrank.PASS.plan(matmul_model(soft), lowrank.Config(rank=1, max_layer_error=0.2),
+                             Context())
+    (layer,) = plan.payload
+    assert layer.factored and layer.raised_from == 1 and 1 < layer.rank <= layer.max_rank
+    assert layer.rel_weight_error <= 0.2
+    assert "raised from 1" in plan.rows[0].action
+
+
+def test_wide_inputs_are_factored_without_a_covariance(monkeypatch):
+    """Inputs wider than MAX_COVARIANCE_DIM get no K x K covariance (a CRNN's 16k-wide Gemm
+    needed GBs): factored by the weight, and the plan says so."""
+    monkeypatch.setattr(spectrum, "MAX_COVARIANCE_DIM", 32)
+    monkeypatch.setattr(lowrank, "MAX_COVARIANCE_DIM", 32)
+    model = matmul_model(low_rank(np.random.default_rng(3), 64, 48, 4))
+    data = calibration.random_data(model, 2)
+    plan = lowrank.PASS.plan(model, lowrank.Config(energy=0.99), Context(calibration=data))
+    (layer,) = plan.payload
+    assert layer.factored and not layer.activation_aware
+    assert any("wider than 32 inputs" in note for note in plan.notes)

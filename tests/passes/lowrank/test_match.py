@@ -7,6 +7,7 @@ import onnx_graphsurgeon as gs
 from lowrank_graphs import low_rank, make_model, matmul_model, vi
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcomp import runtime
 from onnxcomp.graph import import_graph
 from onnxcomp.passes import lowrank
 from onnxcomp.passes.lowrank.match import break_even, find_sites, match
@@ -57,7 +58,9 @@ def test_weight_read_by_another_kind_of_node_is_skipped():
     assert not sites and "also read by add" in skipped[0].reason
 
 
-def test_subgraph_weights_are_reported_untouched():
+def test_subgraph_weights_are_factored_in_their_body():
+    """A MatMul inside an If branch reading an outer weight is factored there (by its weight
+    alone), the factors written once; both branch conditions still compute the same."""
     w = low_rank(np.random.default_rng(13), 64, 64, 2)
     branch = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["t"], name="inner")],
                                "then", [], [vi("t", [2, 64])])
@@ -68,12 +71,17 @@ def test_subgraph_weights_are_reported_untouched():
     model = make_model(nodes, [vi("x", [2, 64]), vi("c", [], TensorProto.BOOL)],
                        [vi("y", [2, 64])], [numpy_helper.from_array(w, "W")])
     plan = lowrank.PASS.plan(model, lowrank.Config(energy=1.0), Context())
-    assert [(r.node, r.action, r.reason) for r in plan.rows] == \
-        [("inner", SKIP, "inside the If body of branch: not touched")]
-    assert any("not touched" in note for note in plan.notes)
-    _, record = lowrank.PASS.run(model, lowrank.Config(energy=1.0), Context())
-    assert not record.modified
-    assert record.skipped == [("inner", "inside the If body of branch: not touched")]
+    assert [(r.node, r.action) for r in plan.rows] == [("inner", "factor rank 2 of 64 (-94% params)")]
+    assert plan.payload[0].owner == "branch"
+    out, record = lowrank.PASS.run(model, lowrank.Config(energy=1.0), Context())
+    assert record.modified and record.touched == ["inner"]
+    body = next(a.g for a in out.graph.node[0].attribute if a.name == "then_branch")
+    assert [n.op_type for n in body.node] == ["MatMul", "MatMul"]
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "c": np.array(cond)}
+        np.testing.assert_allclose(runtime.run_model(out, feeds)["y"],
+                                   runtime.run_model(model, feeds)["y"], atol=1e-4, rtol=1e-4)
 
 
 def test_a_bias_free_bottleneck_pair_is_a_factorization_already():

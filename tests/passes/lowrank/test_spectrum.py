@@ -15,11 +15,11 @@ EXACT = 1e-4
 
 
 def plans(model, ctx=None, **kwargs):
-    return lowrank.layer_plans(model, lowrank.Config(**kwargs), ctx or Context())
+    return lowrank.layer_plans(model, lowrank.Config(**{"max_layer_error": None, **kwargs}), ctx or Context())
 
 
 def run_pass(model, ctx=None, **kwargs):
-    return lowrank.PASS.run(model, lowrank.Config(**kwargs), ctx or Context())
+    return lowrank.PASS.run(model, lowrank.Config(**{"max_layer_error": None, **kwargs}), ctx or Context())
 
 
 # --- rank rules ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 from quantize_graphs import conv_mlp, data_for, init, ops
 
-from onnxcomp import runtime
+from onnxcomp import calibration, runtime
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model
 from onnxcomp.passes import quantize
@@ -77,6 +77,19 @@ def test_subgraph_weights_are_noted():
               helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
-    _, record = run(model, quantize.Config(mode="int8-dynamic"), Context())
+    # Static int8 leaves body weights float, saying why per node.
+    calib = calibration.random_data(model, 2)
+    _, record = run(model, quantize.Config(), Context(calibration=calib))
     assert not record.modified
-    assert any("2 MatMul/Gemm nodes inside If/Loop" in note for note in record.notes)
+    assert any("static int8 needs activation ranges" in why for _, why in record.skipped)
+    # int8-dynamic quantizes them (issue #17); the second branch's node shares the first's
+    # name, so it waits for cleanup to name it.
+    out, record = run(model, quantize.Config(mode="int8-dynamic"), Context())
+    assert record.touched == ["inner_mm"]
+    assert record.skipped == [("inner_mm", "node has no unique name (run cleanup, which names "
+                                           "it)")]
+    assert any("1 sites inside If/Loop/Scan bodies" in note for note in record.notes)
+    for cond in (True, False):
+        feeds = {"x": np.ones((1, 4), np.float32), "cond": np.array(cond)}
+        np.testing.assert_allclose(runtime.run_model(out, feeds)["y"],
+                                   runtime.run_model(model, feeds)["y"], rtol=0.02)

@@ -1,0 +1,137 @@
+"""What a search leaves in OUT_DIR: each trial's report, recipe and model as it finishes; at
+the end the Pareto front (``pareto.md``, ``pareto.json``, ``pareto.png`` where matplotlib is
+installed) and the chosen model (``best.onnx`` with ``best.json``). Models of trials off the
+final front are removed (a later trial can only push trials off the front, never back on),
+unless ``keep_models``. Every model is written with ``onnxcomp.model.save`` (atomic)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from onnxcomp.model import Model, load, save
+from onnxcomp.report import markdown_table, write_json_atomic
+from onnxcomp.search.study import Finished
+from onnxcomp.search.trial import recipe_text
+
+METRIC_ORDER = ("latency", "size", "params", "cosine", "top1", "line_accuracy",
+                "char_accuracy")
+
+
+def trial_dir(out_dir: Path, number: int) -> Path:
+    return out_dir / "trials" / f"{number:04d}"
+
+
+def write_trial(out_dir: Path, finished: Finished, result: dict[str, Any],
+                recipe: list[tuple[str, dict[str, Any]]]) -> None:
+    folder = trial_dir(out_dir, finished.number)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.toml").write_text(recipe_text(recipe), encoding="utf-8")
+    data = {key: value for key, value in result.items() if key != "model_bytes"}
+    data.update(params=finished.params, violations=finished.violations,
+                feasible=finished.feasible, recipe=[[n, t] for n, t in recipe])
+    write_json_atomic(data, folder / "report.json")
+    if result.get("model_bytes"):
+        import onnx
+
+        save(Model(onnx.load_from_string(result["model_bytes"])), folder / "model.onnx")
+
+
+def _columns(trials: list[Finished], objectives: tuple[str, ...],
+             constraint_metrics: list[str]) -> list[str]:
+    present = {k for t in trials for k in t.metrics}
+    wanted = [*objectives, *constraint_metrics, *METRIC_ORDER]
+    return [m for m in dict.fromkeys(wanted) if m in present]
+
+
+def recipe_of(finished: Finished, recipes: dict[int, list]) -> str:
+    parts = []
+    for name, table in recipes.get(finished.number, []):
+        short = {"quantize": table.get("mode"), "prune": table.get("ratio"),
+                 "lowrank": table.get("energy")}.get(name)
+        parts.append(f"{name}:{short}" if short is not None else name)
+    return ",".join(parts) or "(float)"
+
+
+def front_table(front: list[Finished], objectives: tuple[str, ...], constraint_metrics: list[str],
+                recipes: dict[int, list], best: Finished | None) -> str:
+    columns = _columns(front, objectives, constraint_metrics)
+    rows = [[f"{t.number}{' *' if best and t.number == best.number else ''}",
+             recipe_of(t, recipes), *(t.metrics.get(c) for c in columns)] for t in front]
+    return markdown_table(["trial", "recipe", *columns], rows)
+
+
+def write_summary(out_dir: Path, trials: list[Finished], front: list[Finished],
+                  best: Finished | None, objectives: tuple[str, ...],
+                  constraints: list[str], constraint_metrics: list[str],
+                  reference: dict[str, float], recipes: dict[int, list], space: dict,
+                  keep_models: bool = False) -> str:
+    table = front_table(front, objectives, constraint_metrics, recipes, best)
+    lines = [f"# search: {len(trials)} trials, {sum(t.feasible for t in trials)} feasible, "
+             f"{len(front)} on the Pareto front",
+             "", f"objectives (ratios to the float model, lower is better): "
+             f"{', '.join(objectives)}",
+             f"constraints: {', '.join(constraints) or 'none'}", "", table, ""]
+    lines.append(f"chosen (*): trial {best.number}, {recipe_of(best, recipes)}" if best
+                 else "no trial met every constraint")
+    text = "\n".join(lines) + "\n"
+    (out_dir / "pareto.md").write_text(text, encoding="utf-8")
+    write_json_atomic({
+        "objectives": list(objectives), "constraints": constraints, "reference": reference,
+        "space": space, "front": [t.number for t in front],
+        "best": best.number if best else None,
+        "trials": [{"number": t.number, "state": t.state, "feasible": t.feasible,
+                    "params": t.params, "metrics": t.metrics, "violations": t.violations,
+                    "error": t.error, "recipe": recipes.get(t.number)} for t in trials],
+    }, out_dir / "pareto.json")
+    if best is not None:
+        source = trial_dir(out_dir, best.number) / "model.onnx"
+        if source.exists():
+            save(load(source), out_dir / "best.onnx")
+            shutil.copyfile(trial_dir(out_dir, best.number) / "report.json",
+                            out_dir / "best.json")
+    if not keep_models:
+        on_front = {t.number for t in front}
+        for finished in trials:
+            if finished.number not in on_front:
+                (trial_dir(out_dir, finished.number) / "model.onnx").unlink(missing_ok=True)
+    plot(out_dir / "pareto.png", trials, front, objectives, constraint_metrics)
+    return text
+
+
+def plot(path: Path, trials: list[Finished], front: list[Finished],
+         objectives: tuple[str, ...], constraint_metrics: list[str]) -> Path | None:
+    """Size vs latency (or the two first objectives), colour = the first constraint's metric
+    (fidelity); the front joined by a line. Skipped without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    axes = list(objectives[:2]) if len(objectives) > 1 else [objectives[0], "size"]
+    done = [t for t in trials if t.state == "COMPLETE" and all(a in t.metrics for a in axes)]
+    if not done:
+        return None
+    colour = next((m for m in constraint_metrics if all(m in t.metrics for t in done)), None)
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    xs = [t.metrics[axes[0]] for t in done]
+    ys = [t.metrics[axes[1]] for t in done]
+    cs = [t.metrics[colour] for t in done] if colour else None
+    points = ax.scatter(xs, ys, c=cs, cmap="viridis",
+                        marker="o", edgecolors=["k" if t.feasible else "r" for t in done])
+    if colour:
+        figure.colorbar(points, label=colour)
+    if front:
+        ax.plot([t.metrics[axes[0]] for t in front], [t.metrics[axes[1]] for t in front],
+                "k--", lw=1, label="Pareto front")
+        ax.legend()
+    ax.set_xlabel(f"{axes[0]} (ratio to float)")
+    ax.set_ylabel(f"{axes[1]} (ratio to float)")
+    ax.set_title("search trials (red edge: misses a constraint)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,257 @@
+"""The Optuna study behind ``onnxcomp search``: ask for recipes, run them, tell the results.
+
+- The study lives in ``OUT_DIR/study.db`` (SQLite): a search run again with the same
+  ``OUT_DIR`` resumes. Trials that finished (complete, or failed with an error) count once;
+  trials cut off by an interruption (SIGTERM, Ctrl-C, a killed process) are marked failed
+  without an error and their parameters queued again, so they run first on resume.
+- Trials run in batches of the executor's width: ask ``slots`` trials, run them, tell all of
+  them in trial order, ask the next batch. Waiting for the batch's slowest trial costs some
+  worker time; in exchange the sampler sees the same history whatever order the workers finish
+  in, so a seeded search proposes the same recipes on the local pool and on Ray. The sampler is
+  re-seeded per batch from ``(seed, first trial number)``, so a resumed search does not replay
+  the random draws of its first start.
+- Multi-objective: every objective a minimized ratio to the float model; constraints reach
+  Optuna as ``constraints_func`` values (``<= 0`` is met), so TPE / NSGA-II prefer feasible
+  recipes. The Pareto front is computed here over complete, feasible trials.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from onnxcomp.errors import UserError
+from onnxcomp.search import goals
+from onnxcomp.search.space import Space
+from onnxcomp.search.trial import Job
+
+STUDY_NAME = "onnxcomp-search"
+SAMPLERS = ("tpe", "nsga2")
+
+
+class Interrupted(Exception):
+    """SIGTERM during a search (turned into an exception so the study is left consistent)."""
+
+
+@dataclass
+class Settings:
+    objectives: tuple[str, ...]
+    constraints: list[goals.Constraint]
+    reference: dict[str, float]
+    n_trials: int
+    seed: int = 0
+    sampler: str = "tpe"
+
+
+@dataclass
+class Finished:
+    """What the loop hands back per trial, for output and the front."""
+
+    number: int
+    state: str
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    violations: list[float] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.state == "COMPLETE" and all(v <= 0 for v in self.violations)
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("search needs optuna: pip install 'onnxcomp[search]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _constraints_of(trial: Any) -> list[float]:
+    return list(trial.user_attrs.get("constraints", [math.inf]))
+
+
+def make_sampler(kind: str, seed: int, n_trials: int, constrained: bool):
+    import warnings
+
+    optuna = _optuna()
+    func = _constraints_of if constrained else None
+    with warnings.catch_warnings():  # "multivariate/group/constraints_func is experimental"
+        warnings.simplefilter("ignore")
+        if kind == "tpe":
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, constraints_func=func,
+                n_startup_trials=max(2, min(10, n_trials // 3)))
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(
+                seed=seed, constraints_func=func, population_size=max(4, min(20, n_trials // 3)))
+    raise UserError(f"unknown sampler {kind!r}: use {' or '.join(SAMPLERS)}")
+
+
+def open_study(path: Path, settings: Settings, space: Space):
+    """The study in ``path`` (created or resumed); a different search there is a UserError."""
+    optuna = _optuna()
+    storage = f"sqlite:///{path}"
+    study = optuna.create_study(storage=storage, study_name=STUDY_NAME, load_if_exists=True,
+                                directions=["minimize"] * len(settings.objectives))
+    signature = {"objectives": list(settings.objectives),
+                 "constraints": [c.describe() for c in settings.constraints],
+                 "dimensions": space.to_dict()["dimensions"], "fixed": space.to_dict()["fixed"]}
+    stored = study.user_attrs.get("signature")
+    if stored is None:
+        for key, value in signature.items():
+            study.set_user_attr(key, value)
+        study.set_user_attr("signature", signature)
+        study.set_user_attr("reference", settings.reference)
+    elif _plain(stored) != _plain(signature):
+        changed = [k for k in signature if _plain(stored.get(k)) != _plain(signature[k])]
+        raise UserError(f"{path.parent} holds a search with other {', '.join(changed)}: "
+                        "use another output folder to start a new search")
+    return study
+
+
+def _plain(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def finished_count(study: Any) -> int:
+    """Trials that count towards ``n_trials``: complete, or failed with an error."""
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.trials if t.state == TrialState.COMPLETE
+               or (t.state == TrialState.FAIL and "error" in t.user_attrs))
+
+
+def requeue_interrupted(study: Any) -> int:
+    """Trials left RUNNING by a dead process: failed (without an error, so they don't count)
+    and their parameters queued again. Returns how many."""
+    from optuna.trial import TrialState
+
+    stale = [t for t in study.trials if t.state == TrialState.RUNNING]
+    for trial in stale:
+        study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    return len(stale)
+
+
+@contextmanager
+def sigterm_raises():
+    """SIGTERM raises ``Interrupted`` in the main thread while the search runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted("terminated")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(study: Any, space: Space, settings: Settings, executor: Any,
+        on_result: Callable[[Finished, dict[str, Any]], None]) -> None:
+    """Ask, run and tell until ``n_trials`` trials have finished (see the module docstring)."""
+    from optuna.trial import TrialState
+
+    requeue_interrupted(study)
+    constrained = bool(settings.constraints)
+    while True:
+        remaining = settings.n_trials - finished_count(study)
+        if remaining <= 0:
+            return
+        first = len(study.trials)
+        study.sampler = make_sampler(settings.sampler, (settings.seed * 1_000_003 + first)
+                                     % 2**32, settings.n_trials, constrained)
+        batch = []
+        for _ in range(min(executor.slots, remaining)):
+            trial = study.ask()
+            params = space.sample(trial)
+            recipe = space.recipe(params)
+            trial.set_user_attr("recipe", [[name, table] for name, table in recipe])
+            batch.append((trial, Job(trial.number, params, recipe)))
+        results: dict[int, dict[str, Any]] = {}
+        try:
+            for index, result in executor.run([job for _, job in batch]):
+                results[index] = result
+        except (KeyboardInterrupt, Interrupted):
+            for index, (trial, _) in enumerate(batch):
+                if index not in results:  # cut off: not counted, asked again on resume
+                    study.tell(trial, state=TrialState.FAIL)
+                    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            for index in sorted(results):
+                _tell(study, batch[index][0], results[index], settings, on_result)
+            raise
+        for index in range(len(batch)):  # in trial order: the sampler's history is the same
+            _tell(study, batch[index][0], results[index], settings, on_result)
+
+
+def _tell(study: Any, trial: Any, result: dict[str, Any], settings: Settings,
+          on_result: Callable[[Finished, dict[str, Any]], None]) -> None:
+    from optuna.trial import TrialState
+
+    for key in ("node", "seconds", "compress_seconds", "p50_ms"):
+        if key in result:
+            trial.set_user_attr(key, result[key])
+    if not result.get("ok"):
+        error = str(result.get("error", "unknown error"))[:2000]
+        trial.set_user_attr("error", error)
+        study.tell(trial, state=TrialState.FAIL)
+        on_result(Finished(trial.number, "FAIL", dict(trial.params), error=error), result)
+        return
+    metrics = result["metrics"]
+    violations = goals.feasible(metrics, settings.constraints, settings.reference)
+    trial.set_user_attr("metrics", metrics)
+    trial.set_user_attr("constraints", [v if math.isfinite(v) else 1e9 for v in violations])
+    values = [metrics[name] for name in settings.objectives]
+    study.tell(trial, values)
+    on_result(Finished(trial.number, "COMPLETE", dict(trial.params), metrics, violations),
+              result)
+
+
+def summaries(study: Any, settings: Settings) -> list[Finished]:
+    """Every finished trial of the study (this run's and earlier runs'), in trial order."""
+    from optuna.trial import TrialState
+
+    result = []
+    for t in study.trials:
+        if t.state == TrialState.COMPLETE:
+            metrics = dict(t.user_attrs.get("metrics", {}))
+            result.append(Finished(t.number, "COMPLETE", dict(t.params), metrics,
+                                   goals.feasible(metrics, settings.constraints,
+                                                  settings.reference)))
+        elif t.state == TrialState.FAIL and "error" in t.user_attrs:
+            result.append(Finished(t.number, "FAIL", dict(t.params),
+                                   error=t.user_attrs["error"]))
+    return result
+
+
+def pareto_front(trials: list[Finished], objectives: tuple[str, ...]) -> list[Finished]:
+    """Feasible trials no other feasible trial beats on every objective (ties: both kept)."""
+    candidates = [t for t in trials if t.feasible]
+
+    def dominates(a: Finished, b: Finished) -> bool:
+        pairs = [(a.metrics[o], b.metrics[o]) for o in objectives]
+        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+    front = [t for t in candidates if not any(dominates(o, t) for o in candidates)]
+    return sorted(front, key=lambda t: tuple(t.metrics[o] for o in objectives))
+
+
+def best(trials: list[Finished], objectives: tuple[str, ...]) -> Finished | None:
+    """The chosen model: feasible, lowest first objective (then the next ones, then number)."""
+    feasible = [t for t in trials if t.feasible]
+    if not feasible:
+        return None
+    return min(feasible, key=lambda t: (*(t.metrics[o] for o in objectives), t.number))
