@@ -1,13 +1,14 @@
 """distill by training (kd, QAT) beside the closed-form refit, on held-out zoo data.
 
-For each model and base recipe, three rows: the base recipe, ``BASE,distill`` (refit) and
-``BASE,distill:kd`` (QAT after quantize), calibrating/training on the zoo's calib split and
-measuring on its eval split (disjoint generator streams). Each row runs in its own process so its
-peak RSS is its own; the kd rows get ``--minutes`` of training (``distill.max_minutes``) and
-``--steps`` steps at most.
+For each model and base recipe, the rows: the base recipe, ``BASE,distill`` (refit),
+``BASE,distill:kd`` (QAT after quantize) and ``BASE,distill,distill:kd`` (kd started from the
+refit result), calibrating/training on the zoo's calib split and measuring on its eval split
+(disjoint generator streams). Each row runs in its own process so its peak RSS is its own; the
+kd rows get ``--minutes`` of training (``distill.max_minutes``) and ``--steps`` steps at most;
+rows with quantize train at ``--qat-lr``. ``--recipes`` picks rows by recipe.
 
-    python benchmarks/distill_kd.py [--models tiny-clip ppocr-rec] [--calib 64] [--eval 16]
-                                    [--minutes 3] [--steps 400] [--out benchmarks/results/...]
+    python benchmarks/distill_kd.py [--models ppocr-rec tiny-clip] [--calib 64] [--eval 16]
+                                    [--minutes 3] [--steps 400] [--recipes R ...] [--out F]
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import time
 from pathlib import Path
 
 RECIPES = {
-    "tiny-clip": ["prune:0.3", "quantize:int8"],
+    "tiny-clip": ["prune:0.3,lowrank:0.9", "prune:0.3", "quantize:int8"],
     "ppocr-rec": ["prune:0.3", "quantize:int8"],
 }
+REPAIRS = ("", ",distill", ",distill:kd", ",distill,distill:kd")
 
 
 def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, steps: int,
@@ -52,6 +54,7 @@ def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, ste
             if kd:
                 out["kd steps"] = f"{kd['steps']} (best {kd['best_step']}, {kd['stopped']})"
                 out["kd eval cos"] = f"{kd['cosine_before']:.4f} → {kd['cosine_after']:.4f}"
+                out["kd train s"] = kd["seconds"]
                 out["kept"] = record.modified
     out["peak RSS MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
@@ -66,28 +69,32 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--qat-lr", type=float, default=1e-4)
+    parser.add_argument("--recipes", nargs="*", help="only these recipes (default: every row)")
     parser.add_argument("--out", default="benchmarks/results/distill_kd.json")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
+        lr = args.qat_lr if "quantize" in args.row[1] else args.lr
         print(json.dumps(row(*args.row, args.calib, args.eval, args.minutes, args.steps,
-                             args.batch, args.lr)))
+                             args.batch, lr)))
         return 0
     results = {}
     for name in args.models:
         rows = []
-        for base in RECIPES[name]:
-            for recipe in (base, f"{base},distill", f"{base},distill:kd"):
-                command = [sys.executable, __file__, "--row", name, recipe, "--calib",
-                           str(args.calib), "--eval", str(args.eval), "--minutes",
-                           str(args.minutes), "--steps", str(args.steps), "--batch",
-                           str(args.batch), "--lr", str(args.lr)]
-                done = subprocess.run(command, capture_output=True, text=True, check=False)
-                if done.returncode:
-                    rows.append({"recipe": recipe, "error": done.stderr.strip()[-300:]})
-                else:
-                    rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(name, rows[-1], flush=True)
+        for recipe in (base + repair for base in RECIPES[name] for repair in REPAIRS):
+            if args.recipes and recipe not in args.recipes:
+                continue
+            command = [sys.executable, __file__, "--row", name, recipe, "--calib",
+                       str(args.calib), "--eval", str(args.eval), "--minutes",
+                       str(args.minutes), "--steps", str(args.steps), "--batch",
+                       str(args.batch), "--lr", str(args.lr), "--qat-lr", str(args.qat_lr)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False)
+            if done.returncode:
+                rows.append({"recipe": recipe, "error": done.stderr.strip()[-300:]})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(name, rows[-1], flush=True)
         results[name] = rows
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))

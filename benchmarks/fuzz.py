@@ -12,6 +12,7 @@ command line) to ``benchmarks/results/fuzz.json``.
 
     python benchmarks/fuzz.py --cases 12000 --seed 0 --workers 2
     python benchmarks/fuzz.py --minutes 20          # as many cases as fit
+    python benchmarks/fuzz.py --minutes 10 --seed 200000 --append   # add to the figures
     python benchmarks/fuzz.py --replay 1785         # one case, verbose
 
 Violations whose cause is known and owned elsewhere are matched against ``KNOWN_FAILURES``
@@ -41,7 +42,28 @@ CHUNK = 100
 SILENCE_S = 90  # no line from a worker for this long: a hang (the in-process limit is 30 s)
 
 # (violation kind, substring of its detail, the file that must change, why)
-KNOWN_FAILURES: list[tuple[str, str, str, str]] = []
+KNOWN_FAILURES: list[tuple[str, str, str, str]] = [
+    ("exit3", "IndexError: index -9223372036854775808",
+     "onnxcomp/passes/quantize/calib.py",
+     ("static int8 calibration on activations near the float32 limit (a 3e38 weight): "
+     "TensorStats.update's histogram range overflows; refuse or keep those layers float")),
+    ("exit3", "UnicodeDecodeError", "onnxcomp/checks.py",
+     ("a bit flip inside a name: skeleton()/_copy_field reads a string field that is not UTF-8; "
+     "refuse it as a UserError (invalid UTF-8 in a name)")),
+    ("exit3", "in initializer but not in graph input", "onnxcomp/passes/cleanup.py",
+     ("ir_version < 4 (initializers must be graph inputs): cleanup turns Constant nodes into "
+     "initializers without listing them as inputs; refuse ir_version < 4 or add the inputs")),
+    ("stderr_lines", "error line(s)", "onnxcomp/cli.py",
+     ("the default fidelity floor (cmd_compress): exits non-zero with 'onnxcomp: below the "
+     "fidelity floor; model written to X.below-floor.onnx' and no error line, and writes a "
+     "model; NaN cosines (inputs whose reference output is NaN) trip it too")),
+    ("unfaithful", "cosine", "onnxcomp/passes/quantize (int8-dynamic)",
+     ("huge finite weights (3e38) quantized and dequantized to Inf/NaN or a lost channel; "
+     "now caught by the fidelity floor (cli.py) rather than refused up front")),
+    ("exit3", "onnxcomp.passes.distill' has no attribute 'PASS'", "(none: transient)",
+     ("onnxcomp/passes/distill.py was mid-edit in the shared tree during the run; all 60 "
+     "replayed seeds pass now")),
+]
 
 
 def known(violation: dict) -> str | None:
@@ -156,6 +178,31 @@ def summarize(results: list[dict], args, wall: float) -> dict:
     }
 
 
+def merge(previous: dict, current: dict) -> dict:
+    """Two runs' summaries as one (``--append``): counts added, violations joined."""
+    merged = dict(current)
+    runs = previous.get("runs") or [{k: previous[k] for k in ("seed", "cases", "wall_s")}]
+    merged["runs"] = runs + [{k: current[k] for k in ("seed", "cases", "wall_s")}]
+    for key in ("cases", "wall_s", "late_refusals"):
+        merged[key] = round(previous[key] + current[key], 1)
+    merged["cases_per_s"] = round(merged["cases"] / merged["wall_s"], 2)
+    merged["outcomes"] = dict(collections.Counter(previous["outcomes"])
+                              + collections.Counter(current["outcomes"]))
+    for key in ("by_command", "by_mutation", "by_base", "by_data"):
+        table = {k: collections.Counter(v) for k, v in previous[key].items()}
+        for k, v in current[key].items():
+            table[k] = table.get(k, collections.Counter()) + collections.Counter(v)
+        merged[key] = {k: dict(v) for k, v in sorted(table.items())}
+    merged["violations"] = previous["violations"] + current["violations"]
+    groups = collections.defaultdict(list)
+    for v in merged["violations"]:
+        groups[(v["kind"], v["detail"][:90])].append(v["case"]["seed"])
+    merged["violation_groups"] = [{"kind": kind, "detail": detail, "count": len(seeds),
+                                   "seeds": seeds[:20]} for (kind, detail), seeds in
+                                  sorted(groups.items(), key=lambda item: -len(item[1]))]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=1000)
@@ -165,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--zoo", action="store_true", help="mix in zoo models (5 %% of cases)")
     parser.add_argument("--out", default=str(RESULTS / "fuzz.json"))
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's figures to those already in --out")
     parser.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--replay", type=int, default=None, help="run one seed and print it")
     args = parser.parse_args(argv)
@@ -207,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                 counts = collections.Counter(r["outcome"] for r in results)
             print(f"{len(results)} cases, {dict(counts)}", file=sys.stderr, flush=True)
     summary = summarize(results, args, time.monotonic() - started)
+    if args.append and Path(args.out).exists():
+        summary = merge(json.loads(Path(args.out).read_text()), summary)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     print(json.dumps({k: summary[k] for k in ("cases", "wall_s", "cases_per_s", "outcomes",

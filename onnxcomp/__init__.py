@@ -32,6 +32,13 @@ def bench(*args, **kwargs):
     return _bench(*args, **kwargs)
 
 
+def search(*args, **kwargs):
+    """Recipe search (the [search] extra: optuna, ray optional); see onnxcomp.search."""
+    from onnxcomp.search import search as _search
+
+    return _search(*args, **kwargs)
+
+
 def inspect(*args, **kwargs):
     from onnxcomp.inspection import inspect_model
 
@@ -51,5 +58,6 @@ __all__ = [
     "inspect",
     "load",
     "save",
+    "search",
     "validate",
 ]

@@ -41,6 +41,23 @@ class CompressResult:
     model: Model
     report: Report
     passed: bool = True
+    # No --min-cosine was given and an output fell below the default floor (FIDELITY_FLOOR).
+    below_floor: bool = False
+
+
+# Without --min-cosine, compress still gates on fidelity: an output whose mean cosine falls
+# below this floor makes the run exit 1 (the model is kept under a name that says so). Recipes
+# that only quantize (and fuse/distill) are held to 0.95: int8 that keeps less is broken (a
+# PicoDet detector at 0.67 shipped with exit 0 before this); recipes that prune or factor remove
+# capacity by design and are held to 0.90 (prune:0.3 alone on PP-OCRv4 rec: 0.54; with distill
+# 0.91). Set --min-cosine to choose another gate.
+FIDELITY_FLOOR = {"quantize": 0.95, "destructive": 0.90}
+_DESTRUCTIVE = {"prune", "lowrank"}
+
+
+def fidelity_floor(steps: list[Step]) -> float:
+    return FIDELITY_FLOOR["destructive" if _DESTRUCTIVE & {s.name for s in steps}
+                          else "quantize"]
 
 
 def _as_model(model: Model | str | os.PathLike) -> Model:
@@ -120,6 +137,8 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         report.notes.append(f"{name} chose its mixed precision on "
                             "the --eval data: a fidelity check on the same data is optimistic "
                             "(validate on other held-out data)")
+    _never_bigger(original, compressed, steps, report)
+    below_floor = False
     if validate:
         from onnxcomp.measure.validate import validate as run_validation
 
@@ -129,7 +148,35 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
                                   ours=True, progress=log)
         report.fidelity = fidelity.fidelity
         passed = bool(report.fidelity.get("passed", True))
-    return CompressResult(compressed, report, passed)
+        if min_cosine is None:
+            below_floor = _below_floor(report, fidelity_floor(steps))
+    return CompressResult(compressed, report, passed, below_floor)
+
+
+_COMPRESSING = {"quantize", "prune", "lowrank"}
+
+
+def _never_bigger(original: Model, compressed: Model, steps: list[Step], report: Report) -> None:
+    """A compressing recipe whose weights grew is not worth it: said in the verdicts."""
+    if not _COMPRESSING & {s.name for s in steps}:
+        return
+    before, after = original.weight_bytes(), compressed.weight_bytes()
+    if after > before:
+        report.verdicts.append(f"not worth it: the weights grew from {before} to {after} bytes "
+                               f"({after / max(before, 1):.2f}x the input)")
+
+
+def _below_floor(report: Report, floor: float) -> bool:
+    """The worst output's mean cosine against the default floor; a verdict when below."""
+    outputs = (report.fidelity or {}).get("outputs", {})
+    worst = min(((o["cosine_mean"], name) for name, o in outputs.items()
+                 if o.get("cosine_mean") is not None), default=None)
+    if worst is None or worst[0] >= floor:
+        return False
+    report.verdicts.append(f"below the fidelity floor: output {worst[1]!r} mean cosine "
+                           f"{worst[0]:.4f} < {floor} (the default gate without --min-cosine; "
+                           "set --min-cosine to choose another)")
+    return True
 
 
 def check_data_runs(model: Model, data: calibration.Dataset, flag: str) -> None:
@@ -219,4 +266,3 @@ def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
         plan.notes.append("planned on the cleaned-up input: a dry run does not apply the "
                           "earlier steps, so this step will see their result, not this model")
     return plans
-

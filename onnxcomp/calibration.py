@@ -29,6 +29,7 @@ import math
 import os
 import re
 import stat
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ MAX_BATCH_BYTES = 1 << 30
 SIZE_CANDIDATES = (16, 32, 64, 224, 320, 640)
 # Trial runs (see fitting_shapes) are skipped for models whose weights exceed this or are lazy.
 TRIAL_MAX_BYTES = 1 << 29
+# Trial runs try candidates of at most this many bytes a batch, for at most this long in all.
+TRIAL_MAX_BATCH_BYTES = 1 << 26
+TRIAL_SECONDS = 10.0
 # A model up to this size is hashed to recognise a zoo model (sha256 of the file's bytes).
 ZOO_HASH_MAX_BYTES = 1 << 26
 NEEDS_DATA = "give real data (--calib, --eval or --data) or sizes (--shape)"
@@ -418,6 +422,22 @@ def stride_divisors(model: Model) -> dict[str, list[int]]:
     return result
 
 
+def _conv_channels(model: Model, input_name: str) -> int | None:
+    """The channel count a Conv reading the input directly expects (its weight's dim 1 times
+    ``group``), for a dynamic channel axis."""
+    weights = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            weights[node.output[0]] = node.attribute[0].t
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[0] == input_name:
+            weight = weights.get(node.input[1])
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if weight is not None and len(weight.dims) > 2 and weight.dims[1] > 0 and group > 0:
+                return int(weight.dims[1]) * int(group)
+    return None
+
+
 def _model_digest(model: Model) -> str | None:
     if model.lazy or model.proto.ByteSize() > ZOO_HASH_MAX_BYTES:
         return None
@@ -550,10 +570,16 @@ def _choose_shapes(model: Model, specs, base: dict[str, list[int]],
                     shapes[key][axis] = known[key][axis]
         return shapes
 
+    channels = {key: _conv_channels(model, key) for key, axes in free.items()
+                if 1 in axes and rank[key] >= 3}
+
     def sized(size: int) -> dict[str, list[int]]:
         shapes = {key: list(shape) for key, shape in base.items()}
         for key, axes in free.items():
             for axis in axes:
+                if axis == 1 and channels.get(key):
+                    shapes[key][axis] = channels[key]
+                    continue
                 divisor = 1
                 if key in divisors and axis >= 2 and axis - 2 < len(divisors[key]):
                     divisor = divisors[key][axis - 2]
@@ -563,7 +589,7 @@ def _choose_shapes(model: Model, specs, base: dict[str, list[int]],
     candidates = []
     for size in (DEFAULT_DYNAMIC_DIM, *SIZE_CANDIDATES):
         shapes = sized(size)
-        if shapes not in candidates and _batch_bytes(specs, shapes) <= MAX_BATCH_BYTES:
+        if shapes not in candidates and _batch_bytes(specs, shapes) <= TRIAL_MAX_BATCH_BYTES:
             candidates.append(shapes)
     if not candidates:
         return sized(DEFAULT_DYNAMIC_DIM)  # _check_bytes refuses it with the sizes
@@ -576,8 +602,12 @@ def _choose_shapes(model: Model, specs, base: dict[str, list[int]],
     except Exception:  # noqa: BLE001  a model ONNX Runtime refuses: its callers say so
         return candidates[0]
     rng = np.random.default_rng(0)
-    first_error = None
+    first_error, tried = None, []
+    deadline = time.monotonic() + TRIAL_SECONDS
     for shapes in candidates:
+        if time.monotonic() > deadline:
+            break
+        tried.append(str(shapes[next(iter(free))]))
         try:
             runtime.run(sess, _draw(specs, shapes, rng))
             return shapes
@@ -585,9 +615,8 @@ def _choose_shapes(model: Model, specs, base: dict[str, list[int]],
             raise
         except Exception as exc:  # noqa: BLE001  ONNX Runtime's errors: try the next size
             first_error = first_error or _first_line(exc)
-    tried = ", ".join(str(shapes[next(iter(free))]) for shapes in candidates)
     raise UserError(f"random data: the model runs on none of the sizes tried for its dynamic "
-                    f"dims ({tried}; first error: {first_error}): {NEEDS_DATA}")
+                    f"dims ({', '.join(tried)}; first error: {first_error}): {NEEDS_DATA}")
 
 
 def random_data(model: Model, count: int, seed: int = 0, dims: dict[str, int] | None = None,

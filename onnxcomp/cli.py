@@ -141,15 +141,27 @@ def cmd_compress(args) -> int:
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
                           min_cosine=args.min_cosine, overrides=args.set,
                           validate=not args.no_validate)
+    output = args.output
+    if result.passed and result.below_floor:
+        # Kept for inspection, under a name nobody mistakes for a result.
+        output = str(Path(args.output).with_suffix("")) + ".below-floor.onnx"
+        result.report.notes.append(f"below the fidelity floor: the model was written to "
+                                   f"{output}, not {args.output}")
     if result.passed:
-        path = result.model.save(args.output)
+        path = result.model.save(output)
         result.report.models["candidate"]["path"] = str(path)
     else:
         result.report.notes.append(
             f"the result missed --min-cosine {args.min_cosine}: {args.output} was not written")
     _emit(result.report, args.json, args.report, args.html)
+    for verdict in result.report.verdicts:
+        print(f"onnxcomp: warning: {verdict}", file=sys.stderr)
     if not result.passed:
         print(f"onnxcomp: target missed (--min-cosine {args.min_cosine}); no model written",
+              file=sys.stderr)
+        return EXIT_TARGET_MISSED
+    if result.below_floor:
+        print(f"onnxcomp: below the fidelity floor; model written to {output}",
               file=sys.stderr)
         return EXIT_TARGET_MISSED
     return 0
@@ -237,6 +249,23 @@ def cmd_zoo(args) -> int:
         return 0
     path = zoo.fetch(args.name)
     print(path)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from onnxcomp.search import search
+
+    result = search(args.model, calib=args.calib, eval_data=args.eval,
+                    constraints=args.constraint or [], objectives=args.objective,
+                    n_trials=args.trials, out_dir=args.out, space=args.space,
+                    executor=args.executor, ray_address=args.ray_address,
+                    workers=args.workers, seed=args.seed, sampler=args.sampler,
+                    threads=args.threads, provider=args.provider,
+                    keep_models=args.keep_models)
+    print(result.table())
+    if result.best is None:
+        print("onnxcomp: no trial met every constraint", file=sys.stderr)
+        return EXIT_TARGET_MISSED
     return 0
 
 
@@ -342,6 +371,30 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the report as one self-contained HTML page here")
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
+
+    search = command("search", "find the best recipe for a constraint (optuna; ray optional)")
+    search.add_argument("model")
+    search.add_argument("--calib", default=None, help="calibration data (as for compress)")
+    search.add_argument("--eval", default=None, help="held-out data the constraints are "
+                        "checked on (default: the zoo's eval split for zoo data)")
+    search.add_argument("--constraint", action="append", metavar="METRIC>=BOUND",
+                        help="e.g. 'cosine>=0.99', 'line_accuracy>=float-0.01' (repeatable)")
+    search.add_argument("--objective", default="latency",
+                        help="latency, size, params; comma-separated for several")
+    search.add_argument("--trials", type=int, default=20)
+    search.add_argument("--space", default=None, help="TOML narrowing/extending the space")
+    search.add_argument("--executor", choices=["local", "ray"], default=None,
+                        help="default: ray where installed, else a local process pool")
+    search.add_argument("--ray-address", default=None, help="a Ray cluster's address")
+    search.add_argument("--workers", type=int, default=None, help="trials at once")
+    search.add_argument("--threads", type=int, default=1, help="cores per timing trial")
+    search.add_argument("--provider", default="cpu", help="execution provider")
+    search.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--keep-models", action="store_true",
+                        help="keep every trial's model, not only the Pareto front's")
+    search.add_argument("-o", "--out", default="onnxcomp-search", help="output folder")
+    search.set_defaults(func=cmd_search)
 
     report = command("report", "render a JSON report as one HTML page")
     report.add_argument("report", metavar="REPORT.json")

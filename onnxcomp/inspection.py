@@ -258,7 +258,9 @@ def inspect_model(model: Model | str | os.PathLike,
                         "(onnxcomp lifts them to initializers before compressing)")
     if in_subgraphs:
         warnings.append(f"{sum(in_subgraphs.values())} nodes live inside If/Loop/Scan bodies: "
-                        "passes do not compress inside subgraphs")
+                        "int8-dynamic, int4 and lowrank act on their weights (weight-only: no "
+                        "calibration statistics inside bodies); static int8 and prune leave "
+                        "them float")
     if unknown:
         warnings.append(f"FLOPs unknown for {len(unknown)} nodes (shapes not inferable)")
     size = None

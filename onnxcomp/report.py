@@ -102,6 +102,9 @@ class Report:
     fidelity: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    # Why the result is not worth shipping, when it is not (larger than its input, below the
+    # fidelity floor): shown first in tables and pages, and on stderr by the CLI.
+    verdicts: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(asdict(self))
@@ -113,7 +116,7 @@ class Report:
         return write_json_atomic(self.to_dict(), path)
 
     def table(self) -> str:
-        parts = []
+        parts = [f"VERDICT: {verdict}" for verdict in self.verdicts]
         if self.passes:
             rows = []
             for record in self.passes:

@@ -132,6 +132,8 @@ def _card(value: str, label: str) -> str:
 
 def _summary(page: _Page, report: dict[str, Any]) -> None:
     page.add("<h2>Summary</h2>")
+    for verdict in report.get("verdicts") or []:
+        page.add(f'<div class="verdict fail">{_esc(verdict)}</div>')
     fidelity = report.get("fidelity") or {}
     gate = fidelity.get("min_cosine")
     if fidelity and gate is not None:

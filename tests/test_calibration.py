@@ -296,3 +296,13 @@ def test_ppocr_det_validates_against_itself_from_the_cli(capsys):
     path = str(zoo.fetch("ppocr-det"))  # random:1 at 16x16 used to fail inside the model
     assert cli.main(["validate", path, path, "--count", "1"]) == 0
     assert capsys.readouterr().err.count("error") == 0
+
+
+@pytest.mark.parametrize("constant_nodes", [False, True])
+def test_a_dynamic_channel_axis_takes_the_first_convs_channels(constant_nodes):
+    model = builders.conv_net(constant_nodes=constant_nodes)
+    for i, dim in enumerate(model.graph.input[0].type.tensor_type.shape.dim):
+        dim.dim_param = f"d{i}"  # every axis dynamic: [d0, d1, d2, d3]
+    shape = calibration.random_data(model, 1).make_batch(0)["x"].shape
+    assert shape[:2] == (1, 3)
+    runtime.run_model(model, calibration.random_data(model, 1).make_batch(0))

@@ -47,7 +47,7 @@ def _default_executor() -> str:
     return "ray" if importlib.util.find_spec("ray") is not None else "local"
 
 
-def search(model: str | os.PathLike, calib: Any = None, eval_data: Any = None,
+def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = None,
            constraints: list[str] | tuple[str, ...] = (), objectives: str | list[str] = "latency",
            n_trials: int = 20, out_dir: str | os.PathLike = "onnxcomp-search",
            space: str | os.PathLike | dict | None = None, executor: str | None = None,
@@ -69,10 +69,11 @@ def search(model: str | os.PathLike, calib: Any = None, eval_data: Any = None,
     """
     from onnxcomp import calibration
     from onnxcomp.api import check_data_runs, evaluation_data
-    from onnxcomp.model import load
+    from onnxcomp.model import Model, load
     from onnxcomp.report import progress as default_progress
-    from onnxcomp.search import executors, output, study as study_mod
+    from onnxcomp.search import executors, output
     from onnxcomp.search import space as space_mod
+    from onnxcomp.search import study as study_mod
     from onnxcomp.search.trial import Batches, Shared
 
     say = progress or default_progress
@@ -89,7 +90,7 @@ def search(model: str | os.PathLike, calib: Any = None, eval_data: Any = None,
         raise UserError(f"{out}: exists and is not a folder")
     executor = executor or _default_executor()
 
-    original = load(model)
+    original = model if isinstance(model, Model) else load(model)
     calib_set = calibration.resolve(calib, original) if calib is not None else None
     notes: list[str] = []
     eval_set = evaluation_data(original, eval_data, calib_set, notes)

@@ -68,13 +68,14 @@ class LocalExecutor:
             index = futures[future]
             try:
                 yield index, future.result()
-            except Exception as exc:  # the worker process died (killed, out of memory)
+            except Exception as exc:  # noqa: BLE001  the worker process died (killed, OOM)
                 yield index, {"number": jobs[index].number, "ok": False,
                               "error": f"worker failed: {type(exc).__name__}: {exc}"}
 
     def close(self) -> None:
+        processes = list((getattr(self._pool, "_processes", None) or {}).values())
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for process in list(getattr(self._pool, "_processes", {}).values()):
+        for process in processes:  # a trial still running (interrupted search): stop it
             if process.is_alive():
                 process.terminate()
 
@@ -121,7 +122,7 @@ class RayExecutor:
             index = pending.pop(done[0])
             try:
                 yield index, ray.get(done[0])
-            except Exception as exc:  # the task's worker died
+            except Exception as exc:  # noqa: BLE001  the task's worker died
                 yield index, {"number": jobs[index].number, "ok": False,
                               "error": f"ray task failed: {type(exc).__name__}: {exc}"}
 

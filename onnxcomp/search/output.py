@@ -68,10 +68,10 @@ def write_summary(out_dir: Path, trials: list[Finished], front: list[Finished],
                   reference: dict[str, float], recipes: dict[int, list], space: dict,
                   keep_models: bool = False) -> str:
     table = front_table(front, objectives, constraint_metrics, recipes, best)
-    lines = [f"# search: {len(trials)} trials, {sum(t.feasible for t in trials)} feasible, "
-             f"{len(front)} on the Pareto front",
-             "", f"objectives (ratios to the float model, lower is better): "
-             f"{', '.join(objectives)}",
+    lines = [(f"# search: {len(trials)} trials, {sum(t.feasible for t in trials)} feasible, "
+              f"{len(front)} on the Pareto front"),
+             "", (f"objectives (ratios to the float model, lower is better): "
+                  f"{', '.join(objectives)}"),
              f"constraints: {', '.join(constraints) or 'none'}", "", table, ""]
     lines.append(f"chosen (*): trial {best.number}, {recipe_of(best, recipes)}" if best
                  else "no trial met every constraint")

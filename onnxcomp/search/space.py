@@ -83,7 +83,8 @@ class Dimension:
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high),
                                      step=int(self.step or 1))
-        return trial.suggest_float(self.name, self.low, self.high, step=self.step)
+        value = trial.suggest_float(self.name, self.low, self.high, step=self.step)
+        return round(value, 12)  # a step of 0.05 gives 0.15000000000000002
 
     def describe(self) -> str:
         if self.choices is not None:

@@ -15,6 +15,7 @@ that fails returns its error as data (a recipe the model refuses is a finding, n
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import tempfile
 import time
@@ -83,7 +84,7 @@ def init_worker(shared: Shared, slots: Any = None) -> None:
     if slots is not None and hasattr(os, "sched_setaffinity"):
         try:
             cores = slots.get_nowait()
-        except Exception:  # more workers than core sets: leave this one unpinned
+        except queue.Empty:  # more workers than core sets: leave this one unpinned
             cores = None
         if cores:
             try:
@@ -147,8 +148,8 @@ def _where() -> str:
 
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
-    except Exception:  # not under Ray
-        pass
+    except (ImportError, RuntimeError):  # not under Ray
+        return socket.gethostname()
     return socket.gethostname()
 
 
@@ -184,7 +185,7 @@ def run_trial(shared: Shared, job: Job) -> dict[str, Any]:
             result["model_bytes"] = proto.SerializeToString()
     except OnnxcompError as exc:
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}")
-    except Exception as exc:  # a bug in a pass or here: kept with its traceback, search goes on
+    except Exception as exc:  # noqa: BLE001  our bug: kept with its traceback, search goes on
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}",
                       traceback=traceback.format_exc(limit=8))
     result["seconds"] = time.perf_counter() - started

@@ -6,7 +6,8 @@ node with PyTorch ops, its weights as trainable parameters, and writes them back
   in ``self.weights``, keyed by a safe version of its ONNX name (``onnx_name(key)`` gives it
   back). By default every float tensor of two or more elements trains; one-element floats
   (GELU's √2, the attention scale, HardSwish's 6, Pow's exponent, Resize's scales) are formula
-  constants and stay frozen unless named in ``trainable``. Integer tensors (shapes, indices,
+  constants and BatchNormalization's running mean and variance are statistics: they stay
+  frozen unless named in ``trainable``. Integer tensors (shapes, indices,
   quantized weights) are buffers.
 - Forward: nodes in topological order through the op table (``onnxcomp.train.ops``); shapes are
   computed eagerly, so dynamic shapes need no tracing. ``run(feeds, outputs)`` returns any named
@@ -180,6 +181,11 @@ class Twin(torch.nn.Module):
                 continue
             self._steps.append((node, fn, ctx, attrs))
         self._last_use = self._last_uses()
+        # BatchNormalization's running mean and variance (inputs 3 and 4) are statistics, not
+        # weights (buffers in torch): trained by AdamW, a variance of 1e-4 (a near-dead channel
+        # of PP-OCR rec) went negative within five steps and sqrt(var + eps) turned NaN.
+        self.statistics = {name for node in graph.node if node.op_type == "BatchNormalization"
+                           for name in node.input[3:5] if name}
         self._choose_trainable(trainable)
 
     # -- weights ------------------------------------------------------------------------------
@@ -203,7 +209,7 @@ class Twin(torch.nn.Module):
     def _choose_trainable(self, trainable: Iterable[str] | None) -> None:
         if trainable is None:
             chosen = {name for key, name in self._onnx_names.items()
-                      if self.weights[key].numel() > 1}
+                      if self.weights[key].numel() > 1 and name not in self.statistics}
         else:
             chosen = set(trainable)
             unknown = sorted(chosen - set(self._keys))

@@ -85,7 +85,8 @@ def test_quantize_refuses_its_own_output(graph, mode):
 def test_lowrank_twice_changes_nothing_more(graph):
     # min_params=0: the builders' weights are below the default floor (1024), so that the
     # first run factors something and the second run meets factors.
-    config = _config("lowrank", min_params=0)
+    # The rule alone (no per-layer error limit): this checks that factors are not factored again.
+    config = _config("lowrank", min_params=0, max_layer_error=None)
     once, _ = _run("lowrank", builders.ALL[graph](), config)
     _valid(once)
     twice, again = _run("lowrank", once, config)
@@ -97,7 +98,8 @@ def test_lowrank_does_not_factor_its_own_factors():
     # Found by test_properties.py: the energy rule can keep fewer components than a factor's
     # full rank (A, 12x2, of the factored 12x4 head here), and a factor of rank 1 is cheaper.
     model = builders.chain([builders.Layer("relu"), builders.Layer("matmul", 12)], 4, 4, seed=0)
-    config = _config("lowrank", min_params=0)
+    # The rule alone (no per-layer error limit): this checks that factors are not factored again.
+    config = _config("lowrank", min_params=0, max_layer_error=None)
     once, record = _run("lowrank", model, config)
     assert record.modified
     _, again = _run("lowrank", once, config)

@@ -16,6 +16,17 @@ from onnxcomp.pipeline import Context, Pipeline, Step
 from onnxcomp.train import kd, losses
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny graphs: one intra-op thread. On the shared 2-core machine two threads waiting on
+    each other made a 32×16 matmul take ~0.1 s (a kd test 22 s instead of 0.8 s)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _pruned(fraction: str = "0.5"):
     """Teacher: Gemm 16→64→64→8 with ReLUs; student: 50 % of the hidden channels pruned."""
     teacher = gemm_layers(sizes=(16, 64, 64, 8))
@@ -170,3 +181,13 @@ def test_losses_are_zero_at_the_teacher_and_positive_elsewhere():
     # Swapping two texts breaks the alignment: the similarity-matrix terms see it.
     swapped = b[[1, 0, 2, 3, 4, 5]]
     assert losses.contrastive_loss((a, swapped), (a, b), 1.0) > 0.1
+
+
+def test_kl_on_probabilities_with_zeros_is_finite():
+    # A softmax output underflows to exact zeros (CTC blanks): log(0) must not reach the loss
+    # or its gradient.
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]])
+    student = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.5]], requires_grad=True)
+    loss = losses.kl_loss(student, teacher, 2.0, probabilities=True)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0 and torch.isfinite(student.grad).all()

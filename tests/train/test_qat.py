@@ -20,6 +20,17 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulInteg
                    "MatMulNBits", "DynamicQuantizeMatMul"}
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny graphs: one intra-op thread. On the shared 2-core machine two threads waiting on
+    each other made a 32×16 matmul take ~0.1 s (a kd test 22 s instead of 0.8 s)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _quantized(model, config):
     data = data_for(model, 8)
     ctx = Context(calibration=data, teacher=model)
@@ -121,3 +132,41 @@ def test_quantize_then_distill_kd_through_the_pass(tmp_path):
     if repaired.modified:
         assert details["cosine_after"] > details["cosine_before"]
     assert optimized_ops(out, tmp_path).count("QLinearConv") == 2
+
+
+# --- zero and subnormal scales -----------------------------------------------------------------
+
+
+def test_fake_quant_of_a_zero_or_subnormal_scale_is_finite():
+    # The quantize pass stores a dead channel's subnormal scale as 0: w / 0 was 0/0 = NaN, and a
+    # subnormal scale gave w / s = inf, then inf - inf = NaN inside the STE.
+    value = torch.tensor([[0.0, 0.5], [0.3, -0.2], [1.0, 2.0]], requires_grad=True)
+    scale = torch.tensor([[0.0], [1e-45], [0.1]])
+    out = qat.fake_quant(value, scale, 0.0, -127, 127)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(value.grad).all()
+    assert out[0].abs().sum() == 0 and value.grad[0].abs().sum() == 0  # dead channel stays dead
+    assert torch.allclose(out[2], torch.tensor([1.0, 2.0]))
+
+
+def test_a_zero_scale_channel_trains_finite_and_keeps_its_integers():
+    student, data = _quantized(conv_mlp(), quantize.Config())
+    dq = next(n for n in student.graph.node if n.op_type == "DequantizeLinear"
+              and numpy_helper.to_array(_inits(student)[n.input[1]]).size > 1)
+    scales = numpy_helper.to_array(_inits(student)[dq.input[1]]).copy()
+    scales[0] = 0.0
+    _inits(student)[dq.input[1]].CopyFrom(numpy_helper.from_array(scales, dq.input[1]))
+    stored = numpy_helper.to_array(_inits(student)[dq.input[0]]).copy()
+    twin = Twin(student)
+    state = qat.prepare(twin, student)
+    optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2)
+    for batch in list(data)[:3]:
+        optimizer.zero_grad()
+        out = twin(batch)["y"]
+        out.square().mean().backward()
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(p.grad).all() for p in twin.parameters() if p.grad is not None)
+        optimizer.step()
+    back = numpy_helper.to_array(_inits(state.write_back(student))[dq.input[0]])
+    assert np.array_equal(back[0], stored[0])  # the dead channel's integers as stored
+    assert not np.array_equal(back[1:], stored[1:])  # the others trained

@@ -160,6 +160,43 @@ def test_gradients_reach_every_trainable_weight(cnn, cnn_feeds):
     assert not missing
 
 
+def _conv_bn(variance: float) -> Model:
+    """x[B,2,4,4] -> Conv(2->2, 1x1) -> BatchNormalization (channel 0's variance given) -> y."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("w", rng.standard_normal((2, 2, 1, 1))), ("gamma", np.ones(2)), ("beta", np.zeros(2)),
+        ("mean", np.zeros(2)), ("var", np.array([variance, 1.0])))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]),
+         helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])],
+        "conv_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 2, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 2, 4, 4])], inits)
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_batchnorm_statistics_stay_frozen_so_a_tiny_variance_never_goes_negative():
+    # PP-OCR rec's first BatchNormalization holds a variance of 1.1e-4: with the statistics
+    # trainable, AdamW (steps of ~lr each) pushed it below zero within five steps and
+    # sqrt(var + eps) made the QAT loss NaN.
+    model = _conv_bn(1e-4)
+    twin = Twin(model)
+    assert {n for n, p in twin.named_weights() if p.requires_grad} == {"w", "gamma", "beta"}
+    optimizer = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-3)
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 2, 4, 4)).astype(np.float32)}
+    for _ in range(10):
+        optimizer.zero_grad()
+        out = twin(feeds)["y"]
+        assert torch.isfinite(out).all()
+        # Larger outputs want a smaller variance: with it trainable this made it -9e-4 in one
+        # step and every output NaN from the second.
+        (-out[:, 0].abs().mean()).backward()
+        optimizer.step()
+    assert float(twin.parameter("var")[0]) == pytest.approx(1e-4)
+    # Named explicitly, they still train (the caller's choice).
+    assert Twin(model, trainable={"var"}).parameter("var").requires_grad
+
+
 def test_trainable_names_are_checked(cnn):
     only = Twin(cnn, trainable={"fc.weight"})
     assert [n for n, p in only.named_weights() if p.requires_grad] == ["fc.weight"]

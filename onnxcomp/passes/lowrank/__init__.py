@@ -31,7 +31,6 @@ from onnxcomp.passes.lowrank.config import DEFAULT_ENERGY, Config, needs_calibra
 from onnxcomp.passes.lowrank.factor import factor
 from onnxcomp.passes.lowrank.match import LayerPlan, Site, find_sites
 from onnxcomp.passes.lowrank.spectrum import (
-    ENERGY_SLACK,
     MAX_COVARIANCE_DIM,
     allocate_budget,
     covariances,

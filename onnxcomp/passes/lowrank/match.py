@@ -67,9 +67,8 @@ class LayerPlan:
 
     def summary(self) -> dict[str, Any]:
         keys = ("node", "op", "output", "weight", "K", "N", "rank", "max_rank", "kept_energy",
-                "rel_output_error", "rel_weight_error", "activation_aware", "calibration_rows", "owner",
-                "raised_from",
-                "reason")
+                "rel_output_error", "rel_weight_error", "activation_aware", "calibration_rows",
+                "owner", "raised_from", "reason")
         data = {key: getattr(self, key) for key in keys}
         data.update(shared_with=list(self.shared_with), params_before=self.params_before,
                     params_after=self.params_after)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcomp.graph import size_note
 from onnxcomp.model import Model
 from onnxcomp.passes.prune import importance as imp
 from onnxcomp.passes.prune.analysis import analyze, analyze_model, prepare
@@ -194,6 +195,9 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     removed = sum(len(v) for v in payload.removed.values())
     notes = [(f"{len(payload.removed)} groups pruned, {removed} channels/heads removed, "
               f"importance {payload.importance}")]
+    grew = size_note(model, result, NAME)
+    if grew:
+        notes.append(grew)
     return Applied(result, modified=True, touched=touched, notes=notes, changes=changes,
                    details={"groups": details})
 

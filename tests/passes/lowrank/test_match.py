@@ -11,7 +11,7 @@ from onnxcomp import runtime
 from onnxcomp.graph import import_graph
 from onnxcomp.passes import lowrank
 from onnxcomp.passes.lowrank.match import break_even, find_sites, match
-from onnxcomp.pipeline import SKIP, Context
+from onnxcomp.pipeline import Context
 
 
 def _node(model, name) -> gs.Node:
@@ -71,7 +71,8 @@ def test_subgraph_weights_are_factored_in_their_body():
     model = make_model(nodes, [vi("x", [2, 64]), vi("c", [], TensorProto.BOOL)],
                        [vi("y", [2, 64])], [numpy_helper.from_array(w, "W")])
     plan = lowrank.PASS.plan(model, lowrank.Config(energy=1.0), Context())
-    assert [(r.node, r.action) for r in plan.rows] == [("inner", "factor rank 2 of 64 (-94% params)")]
+    assert [(r.node, r.action) for r in plan.rows] == \
+        [("inner", "factor rank 2 of 64 (-94% params)")]
     assert plan.payload[0].owner == "branch"
     out, record = lowrank.PASS.run(model, lowrank.Config(energy=1.0), Context())
     assert record.modified and record.touched == ["inner"]

@@ -14,12 +14,17 @@ from onnxcomp.pipeline import Context
 EXACT = 1e-4
 
 
+def rules_only(**kwargs) -> lowrank.Config:
+    """The rank rules alone: these tests check them, not the per-layer error limit."""
+    return lowrank.Config(**{"max_layer_error": None, **kwargs})
+
+
 def plans(model, ctx=None, **kwargs):
-    return lowrank.layer_plans(model, lowrank.Config(**{"max_layer_error": None, **kwargs}), ctx or Context())
+    return lowrank.layer_plans(model, rules_only(**kwargs), ctx or Context())
 
 
 def run_pass(model, ctx=None, **kwargs):
-    return lowrank.PASS.run(model, lowrank.Config(**{"max_layer_error": None, **kwargs}), ctx or Context())
+    return lowrank.PASS.run(model, rules_only(**kwargs), ctx or Context())
 
 
 # --- rank rules ---------------------------------------------------------------------------------

@@ -86,8 +86,8 @@ def test_subgraph_weights_are_noted():
     # name, so it waits for cleanup to name it.
     out, record = run(model, quantize.Config(mode="int8-dynamic"), Context())
     assert record.touched == ["inner_mm"]
-    assert record.skipped == [("inner_mm", "node has no unique name (run cleanup, which names "
-                                           "it)")]
+    assert record.skipped == [("inner_mm",
+                               "node has no unique name (run cleanup, which names it)")]
     assert any("1 sites inside If/Loop/Scan bodies" in note for note in record.notes)
     for cond in (True, False):
         feeds = {"x": np.ones((1, 4), np.float32), "cond": np.array(cond)}

@@ -88,7 +88,7 @@ def test_a_weight_read_by_both_branches_is_quantized_once(mode):
 
 def test_nested_if_with_constant_weights_is_quantized_inside():
     model = builders.nested_if_constants()
-    out, records = _compress(model, "quantize:int4")
+    out, _ = _compress(model, "quantize:int4")
     assert _size(out) < 0.3 * _size(model)
     assert _ops(out).count("MatMulNBits") == 5
     x = np.random.default_rng(2).standard_normal((2, 64)).astype(np.float32)

@@ -1,0 +1,110 @@
+"""distill with method = "kd" through the pass (plan rows, apply, the recipe forms); the training
+loop itself is tested in tests/train."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_mlp
+
+from onnxcomp import calibration
+from onnxcomp.errors import UserError
+from onnxcomp.measure.compare import compare
+from onnxcomp.model import Model
+from onnxcomp.passes import distill
+from onnxcomp.pipeline import Context, LayerChange, PassRecord, Pipeline, Step
+from onnxcomp.recipe import parse_recipe
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny graphs: one intra-op thread. On the shared 2-core machine two threads waiting on
+    each other made a 32×16 matmul take ~0.1 s (a kd test 22 s instead of 0.8 s)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# Short runs (one data batch of 32 a step): the loop's convergence is tested in tests/train.
+KD = distill.Config(method="kd", steps=60, batch=0)
+
+
+def _changed(*changes: LayerChange, name: str = "lowrank") -> PassRecord:
+    return PassRecord(name, modified=True, changes=list(changes))
+
+
+def _kd_setup():
+    pytest.importorskip("torch")
+    teacher = make_mlp()
+    data = calibration.random_data(teacher, 8, dims={"batch": 32}, seed=1)
+    held_out = calibration.random_data(teacher, 3, dims={"batch": 32}, seed=2)
+    ctx = Context(calibration=data, evaluation=held_out, teacher=teacher)
+    return teacher, ctx
+
+
+def _blanked(model: Model) -> bytes:
+    proto = model.copy().proto
+    for tensor in proto.graph.initializer:
+        tensor.ClearField("raw_data")
+        tensor.ClearField("float_data")
+    return proto.SerializeToString()
+
+
+def test_kd_trains_only_initializer_values_and_reports_the_gain():
+    teacher, ctx = _kd_setup()
+    steps = parse_recipe("prune:0.5") + [Step(distill.PASS, KD)]
+    out, records = Pipeline(steps).run(teacher, ctx)
+    pruned_model, _ = Pipeline(parse_recipe("prune:0.5")).run(teacher, Context(
+        calibration=ctx.calibration, teacher=teacher))
+    kd_record = records[-1]
+    figures = kd_record.details["kd"]
+    assert figures["held_out"] and figures["seconds"] > 0
+    assert kd_record.modified and figures["cosine_after"] > figures["cosine_before"]
+    assert any("held-out output cosine" in note for note in kd_record.notes)
+    assert _blanked(out) == _blanked(pruned_model)  # graph unchanged, only values
+    assert set(kd_record.touched) <= {n.name for n in out.graph.node}
+
+
+def test_kd_with_nothing_changed_before_does_nothing():
+    teacher, ctx = _kd_setup()
+    out, record = distill.PASS.run(teacher, distill.Config(method="kd", steps=5), ctx)
+    assert not record.modified and out is teacher
+    assert any("nothing to distill" in note for note in record.notes)
+
+
+def test_kd_dry_run_lists_trainable_layers_and_refuses_unsupported_ops_at_apply():
+    teacher, ctx = _kd_setup()
+    ctx.records.append(_changed(LayerChange("fc2", "prune", "y")))
+    before = teacher.proto.SerializeToString()
+    plan = distill.PASS.plan(teacher, distill.Config(method="kd"), ctx)
+    assert teacher.proto.SerializeToString() == before
+    assert [r.node for r in plan.actions()] == ["fc1", "fc1_bias", "fc2"]
+    assert "train 1 weight(s), 128 values" in plan.actions()[0].action
+    odd = teacher.copy()
+    odd.graph.node[2].op_type = "NotAnOp"  # the Relu
+    plan = distill.PASS.plan(odd, distill.Config(method="kd"), ctx)
+    assert ("NotAnOp", "skip") in [(r.node, r.action) for r in plan.rows]
+    with pytest.raises(UserError, match="NotAnOp"):
+        distill.PASS.apply(odd, plan, ctx)
+
+
+def test_kd_after_refit_trains_on_from_the_refit_result():
+    # prune, distill (refit), distill:kd: the second distill step sees the earlier passes'
+    # changes (prune's; refit adds none) and trains every float weight of the refit student.
+    teacher, ctx = _kd_setup()
+    steps = parse_recipe("prune:0.5,distill") + [Step(distill.PASS, KD)]
+    out, records = Pipeline(steps).run(teacher, ctx)
+    refit_record, kd_record = records[-2], records[-1]
+    assert [r.name for r in records] == ["prune", "distill", "distill"]
+    assert refit_record.modified and "output_cosine" in refit_record.details
+    figures = kd_record.details["kd"]
+    # kd starts where refit ended: its input is the refit model, scored on the held-out data.
+    refit_only, _ = Pipeline(parse_recipe("prune:0.5,distill")).run(teacher, Context(
+        calibration=ctx.calibration, evaluation=ctx.evaluation, teacher=teacher))
+    start = compare(teacher, refit_only, [], ctx.evaluation, len(ctx.evaluation)).min_cosine
+    assert figures["cosine_before"] == pytest.approx(start, abs=1e-4)
+    if kd_record.modified:
+        assert figures["cosine_after"] > figures["cosine_before"]
+    else:  # no gain on the held-out data: the refit result is kept as it was
+        assert out.proto.SerializeToString() == refit_only.proto.SerializeToString()
