@@ -87,7 +87,8 @@ def worker(first: int, last: int, zoo: bool, repro: Path) -> None:
         outcome = fuzzkit.run_case(case, workdir / "case")
         result = outcome.to_dict()
         if outcome.outcome == "violation":
-            result["reproducer"] = str(fuzzkit.save_reproducer(outcome, workdir / "case", repro))
+            saved = fuzzkit.save_reproducer(outcome, workdir / "case", repro)
+            result["reproducer"] = str(saved.relative_to(ROOT))
         print(json.dumps(result, default=str), flush=True)
 
 

@@ -46,7 +46,8 @@ class CompressResult:
 
 
 # Without --min-cosine, compress still gates on fidelity: an output whose mean cosine falls
-# below this floor makes the run exit 1 (the model is kept under a name that says so). Recipes
+# below this floor makes the run exit 1 with the report written and no model (as a missed
+# --min-cosine does: nothing that looks like a result). Recipes
 # that only quantize (and fuse/distill) are held to 0.95: int8 that keeps less is broken (a
 # PicoDet detector at 0.67 shipped with exit 0 before this); recipes that prune or factor remove
 # capacity by design and are held to 0.90 (prune:0.3 alone on PP-OCRv4 rec: 0.54; with distill

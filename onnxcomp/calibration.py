@@ -59,7 +59,7 @@ TRIAL_MAX_BATCH_BYTES = 1 << 26
 TRIAL_SECONDS = 10.0
 # A model up to this size is hashed to recognise a zoo model (sha256 of the file's bytes).
 ZOO_HASH_MAX_BYTES = 1 << 26
-NEEDS_DATA = "give real data (--calib, --eval or --data) or sizes (--shape)"
+NEEDS_DATA = "give real data with --calib, --eval or --data (a folder of .npz batches)"
 
 
 @dataclass

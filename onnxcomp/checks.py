@@ -680,6 +680,10 @@ def check_proto(proto: onnx.ModelProto, model_file: Path | None = None,
         onnx.checker.check_model(skeleton(proto), full_check=False)
     except onnx.checker.ValidationError as exc:
         raise UserError(f"not a valid ONNX model: {first_line(exc)}") from None
+    except UnicodeDecodeError:
+        # protobuf parses string fields lazily: a corrupt name only fails when it is read
+        raise UserError("not a valid ONNX model: a name or string field is not valid UTF-8 "
+                        "(the file is corrupt)") from None
     check_weights(proto, root)
 
 

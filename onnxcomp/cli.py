@@ -141,29 +141,26 @@ def cmd_compress(args) -> int:
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
                           min_cosine=args.min_cosine, overrides=args.set,
                           validate=not args.no_validate)
-    output = args.output
-    if result.passed and result.below_floor:
-        # Kept for inspection, under a name nobody mistakes for a result.
-        output = str(Path(args.output).with_suffix("")) + ".below-floor.onnx"
-        result.report.notes.append(f"below the fidelity floor: the model was written to "
-                                   f"{output}, not {args.output}")
-    if result.passed:
-        path = result.model.save(output)
+    if result.passed and not result.below_floor:
+        path = result.model.save(args.output)
         result.report.models["candidate"]["path"] = str(path)
-    else:
+    elif not result.passed:
         result.report.notes.append(
             f"the result missed --min-cosine {args.min_cosine}: {args.output} was not written")
+    else:
+        result.report.notes.append(f"below the default fidelity floor: {args.output} was not "
+                                   "written (set --min-cosine to choose another gate)")
     _emit(result.report, args.json, args.report, args.html)
-    for verdict in result.report.verdicts:
-        print(f"onnxcomp: warning: {verdict}", file=sys.stderr)
     if not result.passed:
         print(f"onnxcomp: target missed (--min-cosine {args.min_cosine}); no model written",
               file=sys.stderr)
         return EXIT_TARGET_MISSED
     if result.below_floor:
-        print(f"onnxcomp: below the fidelity floor; model written to {output}",
-              file=sys.stderr)
+        floor = next(v for v in result.report.verdicts if v.startswith("below"))
+        print(f"onnxcomp: target missed: {floor}; no model written", file=sys.stderr)
         return EXIT_TARGET_MISSED
+    for verdict in result.report.verdicts:  # e.g. "not worth it": the model is still written
+        print(f"onnxcomp: warning: {verdict}", file=sys.stderr)
     return 0
 
 

@@ -94,7 +94,10 @@ def export_model(graph: gs.Graph, like: Model) -> Model:
     _keep_on_disk(graph)
     proto = gs.export_onnx(graph, do_type_check=False)
     original = like.proto
-    proto.ir_version = original.ir_version
+    # IR < 4 requires every initializer to be listed as a graph input, which the exported graph
+    # (and the initializers cleanup lifts from Constant nodes) does not do: IR 4 drops that rule
+    # and changes nothing else a model relies on (found by fuzzing an IR-3 model).
+    proto.ir_version = max(original.ir_version, 4)
     proto.producer_name = original.producer_name or "onnxcomp"
     proto.producer_version = original.producer_version
     proto.domain = original.domain

@@ -54,7 +54,7 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
            ray_address: str | None = None, workers: int | None = None, seed: int = 0,
            sampler: str = "tpe", threads: int = 1, provider: str = "cpu", runs: int = 30,
            min_seconds: float = 1.0, keep_models: bool = False,
-           progress: Any = None) -> SearchResult:
+           enqueue: list[str] | tuple[str, ...] = (), progress: Any = None) -> SearchResult:
     """Search recipes for ``model`` meeting ``constraints``, minimizing ``objectives``.
 
     ``calib``/``eval_data``: data sources as ``compress`` takes them (held-out ``eval_data`` is
@@ -65,7 +65,9 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
     ``executor``: ``local`` or ``ray`` (default: ray where installed, else local);
     ``ray_address``: a cluster's address. ``workers``: trials at once (default: as many as
     there are cores for ``threads`` each). ``threads``: ONNX Runtime threads (and cores) per
-    timing trial. An ``out_dir`` holding an earlier search with the same settings resumes it.
+    timing trial. ``enqueue``: fixed recipes (``quantize:int8``) run as the first trials, so
+    the search measures them side by side with what it finds (queued once, on the first start).
+    An ``out_dir`` holding an earlier search with the same settings resumes it.
     """
     from onnxcomp import calibration
     from onnxcomp.api import check_data_runs, evaluation_data
@@ -133,6 +135,7 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         study = study_mod.open_study(out / "study.db", settings, derived)
+        study_mod.enqueue_fixed(study, derived, tuple(enqueue))
         done_before = study_mod.finished_count(study)
         if done_before:
             say(f"search: resuming, {done_before} of {n_trials} trials already done")

@@ -161,6 +161,43 @@ class Space:
             steps.append((pass_name, table))
         return steps
 
+    def params_for(self, recipe: str | list) -> dict[str, Any]:
+        """The parameters that make this space's trial exactly ``recipe`` (a short-form or
+        parsed recipe such as ``quantize:int8``): to enqueue a fixed recipe as a trial, so the
+        search measures it side by side with what it finds. Every dimension the recipe leaves
+        out takes the pass's default (or off); a value the space cannot express is a
+        UserError."""
+        from onnxcomp.recipe import parse_recipe
+
+        steps = {step.spec.name: step.config for step in parse_recipe(recipe)}
+        names = {d.pass_name for d in self.dimensions} | {n.partition(".")[0] for n in self.fixed}
+        missing = sorted(set(steps) - names)
+        if missing:
+            raise UserError(f"recipe {recipe!r}: {', '.join(missing)} is not in the search space")
+        params: dict[str, Any] = {}
+        for dim in [d for d in self.dimensions if d.gate]:
+            if dim.name == "quantize.mode":
+                params[dim.name] = steps["quantize"].mode if "quantize" in steps else NONE
+            else:
+                params[dim.name] = dim.pass_name in steps
+        for dim in [d for d in self.dimensions if not d.gate]:
+            if not self._active(dim, params):
+                continue
+            value = getattr(steps[dim.pass_name], dim.field)
+            if dim.name == "quantize.exclude":
+                wanted = tuple(value or ())
+                value = next((label for label, patterns in self.exclude_sets.items()
+                              if tuple(patterns) == wanted), None)
+            params[dim.name] = value
+        for name, value in params.items():
+            dim = self.get(name)
+            fits = (value in dim.choices if dim.choices is not None
+                    else value is not None and dim.low <= value <= dim.high)
+            if not fits:
+                raise UserError(f"recipe {recipe!r}: {name} = {value!r} is outside the search "
+                                f"space ({dim.describe()})")
+        return params
+
     def to_dict(self) -> dict[str, Any]:
         return {"dimensions": [dataclasses.asdict(d) for d in self.dimensions],
                 "fixed": dict(self.fixed),

@@ -60,6 +60,7 @@ class Finished:
     metrics: dict[str, float] = field(default_factory=dict)
     violations: list[float] = field(default_factory=list)
     error: str | None = None
+    fixed_recipe: str | None = None  # the fixed recipe this trial was enqueued as, if any
 
     @property
     def feasible(self) -> bool:
@@ -131,6 +132,18 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def enqueue_fixed(study: Any, space: Space, recipes: list[str] | tuple[str, ...]) -> int:
+    """Queue each fixed recipe as one of the first trials (only on a study's first start, so a
+    resumed search does not run them twice). Returns how many were queued."""
+    if not recipes or study.trials or study.user_attrs.get("enqueued"):
+        return 0
+    queued = [(text, space.params_for(text)) for text in recipes]  # all checked before any
+    for text, params in queued:
+        study.enqueue_trial(params, user_attrs={"fixed_recipe": text})
+    study.set_user_attr("enqueued", [text for text, _ in queued])
+    return len(queued)
+
+
 def finished_count(study: Any) -> int:
     """Trials that count towards ``n_trials``: complete, or failed with an error."""
     from optuna.trial import TrialState
@@ -147,7 +160,10 @@ def requeue_interrupted(study: Any) -> int:
     stale = [t for t in study.trials if t.state == TrialState.RUNNING]
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        attrs = {"retry_of": trial.number}
+        if "fixed_recipe" in trial.user_attrs:
+            attrs["fixed_recipe"] = trial.user_attrs["fixed_recipe"]
+        study.enqueue_trial(trial.params, user_attrs=attrs)
     return len(stale)
 
 
@@ -197,7 +213,10 @@ def run(study: Any, space: Space, settings: Settings, executor: Any,
             for index, (trial, _) in enumerate(batch):
                 if index not in results:  # cut off: not counted, asked again on resume
                     study.tell(trial, state=TrialState.FAIL)
-                    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                    attrs = {"retry_of": trial.number}
+                    if "fixed_recipe" in trial.user_attrs:
+                        attrs["fixed_recipe"] = trial.user_attrs["fixed_recipe"]
+                    study.enqueue_trial(trial.params, user_attrs=attrs)
             for index in sorted(results):
                 _tell(study, batch[index][0], results[index], settings, on_result)
             raise
@@ -216,7 +235,8 @@ def _tell(study: Any, trial: Any, result: dict[str, Any], settings: Settings,
         error = str(result.get("error", "unknown error"))[:2000]
         trial.set_user_attr("error", error)
         study.tell(trial, state=TrialState.FAIL)
-        on_result(Finished(trial.number, "FAIL", dict(trial.params), error=error), result)
+        on_result(Finished(trial.number, "FAIL", dict(trial.params), error=error,
+                           fixed_recipe=trial.user_attrs.get("fixed_recipe")), result)
         return
     metrics = result["metrics"]
     violations = goals.feasible(metrics, settings.constraints, settings.reference)
@@ -224,8 +244,8 @@ def _tell(study: Any, trial: Any, result: dict[str, Any], settings: Settings,
     trial.set_user_attr("constraints", [v if math.isfinite(v) else 1e9 for v in violations])
     values = [metrics[name] for name in settings.objectives]
     study.tell(trial, values)
-    on_result(Finished(trial.number, "COMPLETE", dict(trial.params), metrics, violations),
-              result)
+    on_result(Finished(trial.number, "COMPLETE", dict(trial.params), metrics, violations,
+                       fixed_recipe=trial.user_attrs.get("fixed_recipe")), result)
 
 
 def summaries(study: Any, settings: Settings) -> list[Finished]:
@@ -238,10 +258,12 @@ def summaries(study: Any, settings: Settings) -> list[Finished]:
             metrics = dict(t.user_attrs.get("metrics", {}))
             result.append(Finished(t.number, "COMPLETE", dict(t.params), metrics,
                                    goals.feasible(metrics, settings.constraints,
-                                                  settings.reference)))
+                                                  settings.reference),
+                                   fixed_recipe=t.user_attrs.get("fixed_recipe")))
         elif t.state == TrialState.FAIL and "error" in t.user_attrs:
             result.append(Finished(t.number, "FAIL", dict(t.params),
-                                   error=t.user_attrs["error"]))
+                                   error=t.user_attrs["error"],
+                                   fixed_recipe=t.user_attrs.get("fixed_recipe")))
     return result
 
 

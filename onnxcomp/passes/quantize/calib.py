@@ -62,7 +62,10 @@ class TensorStats:
             self.counts = np.zeros(self.bins, dtype=np.int64)
         while extent > self.bound:
             self._double()
-        hist, _ = np.histogram(finite, bins=self.bins, range=(-self.bound, self.bound))
+        # float64: near float32's limit (3e38) the float32 subtraction inside np.histogram
+        # overflows and yields garbage bin indices.
+        hist, _ = np.histogram(finite.astype(np.float64), bins=self.bins,
+                               range=(-self.bound, self.bound))
         self.counts += hist
 
     def _double(self) -> None:

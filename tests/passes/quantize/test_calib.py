@@ -120,3 +120,13 @@ def test_near_zero_activation_ranges_get_a_normal_scale():
     assert scale == 1.0 and zero_point == 0
     scale, _ = quantize_calib.quant_params(-1.0, 1.0)
     assert abs(scale - 2.0 / 255) < 1e-9
+
+
+def test_histogram_survives_activations_near_the_float32_limit():
+    """Found by fuzzing: a 3e38 weight gave activations whose histogram indices overflowed."""
+    from onnxcomp.passes.quantize.calib import TensorStats
+
+    stats = TensorStats()
+    stats.update(np.array([1.0, 3e38, -3e38], np.float32))
+    stats.update(np.array([3.3e38], np.float32))
+    assert stats.counts.sum() == 4 and np.isfinite(stats.bound)
