@@ -257,7 +257,7 @@ def test_no_size_that_runs_is_a_user_error_naming_the_flags():
     with pytest.raises(UserError) as caught:
         calibration.resolve("random:1", model)
     message = str(caught.value)
-    assert "--calib" in message and "--shape" in message and "\n" not in message
+    assert "--calib" in message and "--data" in message and "\n" not in message
 
 
 def test_sequence_dims_keep_the_default_without_a_trial():
