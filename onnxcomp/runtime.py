@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from onnxcomp import checks
 from onnxcomp.errors import InvalidOutput, OnnxcompError, UserError
-from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model
+from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model, weights_on_disk
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -86,12 +86,63 @@ def session(model: Model | str | os.PathLike, provider: str = "cpu", threads: in
 
     A model ONNX Runtime refuses is the user's input here (``UserError``; callers say which
     file). For a model onnxcomp produced, :func:`check_loads` makes it ``InvalidOutput``."""
+    if optimize and provider == "cpu":
+        probe_optimizer(model)
     try:
         return _open_session(model, provider, threads, optimize, optimized_model_path)
     except OnnxcompError:
         raise
     except Exception as exc:
         raise UserError(f"ONNX Runtime could not load the model: {_first_line(exc)}") from exc
+
+
+# Models up to this size are first optimized by ONNX Runtime in a child process (see
+# probe_optimizer); larger ones would cost a second copy of their weights.
+PROBE_BYTES = 256 << 20
+_PROBED: dict[str, None] = {}
+_PROBE = ("import sys, onnxruntime as ort\n"
+          "o = ort.SessionOptions(); o.log_severity_level = 4\n"
+          "o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL\n"
+          "ort.InferenceSession(sys.stdin.buffer.read(), o, providers=['CPUExecutionProvider'])\n")
+
+
+def probe_optimizer(model: Model | str | os.PathLike) -> None:
+    """Refuse a model that crashes ONNX Runtime's graph optimizer, instead of crashing with it.
+
+    ONNX Runtime 1.32 segfaults optimizing some valid models (found by fuzzing: a
+    LayerNormalization whose optional bias is omitted). A session with optimizations on is
+    first created in a child process; a child killed by a signal is a ``UserError`` here (an
+    ONNX Runtime bug the model triggers), any other failure is left to the real session to
+    report. In-memory models up to ``PROBE_BYTES`` only (the child gets the serialized bytes;
+    models with weights on disk are not probed); each distinct model is probed once."""
+    import hashlib
+    import subprocess
+    import sys
+
+    if not isinstance(model, Model):
+        try:
+            path = Path(model)
+            if path.stat().st_size > PROBE_BYTES:
+                return
+            model = Model(onnx.load_model(str(path), load_external_data=False), path.parent)
+        except Exception:  # noqa: BLE001  the real session reports unreadable files
+            return
+    if model.lazy or weights_on_disk(model.proto) or \
+            model.weight_bytes() > PROBE_BYTES:
+        return
+    data = model.proto.SerializeToString()
+    key = hashlib.sha1(data).hexdigest()
+    if key in _PROBED:
+        return
+    try:
+        child = subprocess.run([sys.executable, "-c", _PROBE], input=data, capture_output=True,
+                               timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return  # no verdict: the real session decides
+    if child.returncode < 0:
+        raise UserError(f"ONNX Runtime crashed (signal {-child.returncode}) while optimizing "
+                        "the model: an ONNX Runtime bug this model triggers; nothing was run")
+    _PROBED[key] = None
 
 
 # Models up to this size (in memory) get onnx's full check (strict shape inference too); larger

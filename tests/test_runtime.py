@@ -74,3 +74,28 @@ def test_our_output_gets_the_full_check_and_a_session():
     # The same model given by the user is the user's error.
     with pytest.raises(UserError, match="ONNX Runtime could not load the model"):
         runtime.session(refused)
+
+
+def test_a_model_that_crashes_onnx_runtimes_optimizer_is_refused_not_a_crash():
+    """Found by fuzzing: ONNX Runtime 1.32 segfaults optimizing a LayerNormalization whose
+    optional bias is omitted (valid ONNX). The child-process probe turns that into a UserError;
+    without it this test process would die. Where ONNX Runtime is fixed, the session opens."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxcomp import runtime
+    from onnxcomp.errors import UserError
+    from onnxcomp.model import Model
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])
+    gamma = numpy_helper.from_array(np.ones(8, np.float32), "g")
+    w = numpy_helper.from_array(np.eye(8, dtype=np.float32), "w")
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", ""], ["n"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["n", "w"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "ln_no_bias", [x], [y], [gamma, w])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    try:
+        runtime.session(model)
+    except UserError as exc:
+        assert "crashed" in str(exc)
