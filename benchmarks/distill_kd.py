@@ -29,8 +29,15 @@ REPAIRS = ("", ",distill", ",distill:kd", ",distill,distill:kd")
 
 
 def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, steps: int,
-        batch: int, lr: float) -> dict:
+        batch: int, lr: float, threads: int = 0) -> dict:
     from onnxcomp import api, zoo
+
+    if threads and "distill:kd" in recipe:
+        import torch
+
+        # On a loaded 2-core machine two torch threads waiting on each other were ~3x slower
+        # a step than one (ppocr-rec kd: 26 steps in 7 minutes).
+        torch.set_num_threads(threads)
 
     overrides = [f"distill.max_minutes={minutes}", f"distill.steps={steps}",
                  f"distill.batch={batch}", f"distill.lr={lr}"] if "distill:kd" in recipe else []
@@ -71,13 +78,14 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--qat-lr", type=float, default=1e-4)
     parser.add_argument("--recipes", nargs="*", help="only these recipes (default: every row)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--out", default="benchmarks/results/distill_kd.json")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.row:
         lr = args.qat_lr if "quantize" in args.row[1] else args.lr
         print(json.dumps(row(*args.row, args.calib, args.eval, args.minutes, args.steps,
-                             args.batch, lr)))
+                             args.batch, lr, args.torch_threads)))
         return 0
     results = {}
     for name in args.models:
@@ -88,7 +96,8 @@ def main() -> int:
             command = [sys.executable, __file__, "--row", name, recipe, "--calib",
                        str(args.calib), "--eval", str(args.eval), "--minutes",
                        str(args.minutes), "--steps", str(args.steps), "--batch",
-                       str(args.batch), "--lr", str(args.lr), "--qat-lr", str(args.qat_lr)]
+                       str(args.batch), "--lr", str(args.lr), "--qat-lr", str(args.qat_lr),
+                       "--torch-threads", str(args.torch_threads)]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
                 rows.append({"recipe": recipe, "error": done.stderr.strip()[-300:]})
