@@ -258,8 +258,10 @@ def cmd_search(args) -> int:
                     executor=args.executor, ray_address=args.ray_address,
                     workers=args.workers, seed=args.seed, sampler=args.sampler,
                     threads=args.threads, provider=args.provider,
-                    keep_models=args.keep_models)
+                    keep_models=args.keep_models, enqueue=args.enqueue or [],
+                    html=args.html)
     print(result.table())
+    print(f"HTML: {args.html or Path(args.out) / 'pareto.html'}")
     if result.best is None:
         print("onnxcomp: no trial met every constraint", file=sys.stderr)
         return EXIT_TARGET_MISSED
@@ -390,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0)
     search.add_argument("--keep-models", action="store_true",
                         help="keep every trial's model, not only the Pareto front's")
+    search.add_argument("--enqueue", action="append", metavar="RECIPE",
+                        help="a fixed recipe (quantize:int8) to run first, measured side by "
+                        "side with what the search finds (repeatable)")
+    search.add_argument("--html", default=None, metavar="FILE",
+                        help="also write the HTML page here (always: OUT/pareto.html)")
     search.add_argument("-o", "--out", default="onnxcomp-search", help="output folder")
     search.set_defaults(func=cmd_search)
 
@@ -436,7 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         from onnxcomp import progress
-
         from onnxcomp.model import terminate_cleanly
 
         progress.configure(quiet=args.quiet)

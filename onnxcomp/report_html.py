@@ -12,7 +12,9 @@ touched and skipped, and why); per-layer quantization harm (SQNR and, when measu
 output cosine alone; float-kept layers marked); parameters and bytes by op type and dtype before
 and after (``models[role]["breakdown"]``); latency per model, provider and threads; fidelity per
 output (histogram of ``per_sample_cosine``); dual encoders (similarity matrices side by side,
-retrieval agreement); OCR (the lines whose text changed, with their images); notes.
+retrieval agreement); OCR (the lines whose text changed, with their images); notes; and for
+``onnxcomp search`` (a ``search`` key): constraints, the chosen model, the Pareto plot and
+front, the fixed recipes and every trial.
 
 Pictures need matplotlib (the ``[report]`` extra); without it the tables are all there and the
 page says which pictures are missing and how to get them.
@@ -392,6 +394,60 @@ def _task(page: _Page, task: dict[str, Any]) -> None:
 
 # --- the page ---------------------------------------------------------------------------------
 
+def _search(page: _Page, search: dict[str, Any]) -> None:
+    """``onnxcomp search``: the constraints, the chosen model, the Pareto plot and front, the
+    fixed recipes measured in the same run, and every trial (``search.output`` builds it)."""
+    objectives = list(search.get("objectives") or [])
+    columns = list(search.get("columns") or objectives)
+    page.add("<h2>Search</h2>")
+    page.add('<div class="cards">' + "".join([
+        _card(str(search.get("n_trials", "")), "trials finished"),
+        _card(str(search.get("n_feasible", "")), "meet every constraint"),
+        _card(str(len(search.get("front") or [])), "on the Pareto front")]) + "</div>")
+    page.add(f"<p>Objectives (ratios to the float model, lower is better): "
+             f"{_esc(', '.join(objectives))}.</p>")
+    constraints = search.get("constraints") or []
+    if constraints:
+        page.add("<h3>Constraints</h3>" + _table(
+            ["constraint", "bound", "float model"],
+            [[c.get("text"), c.get("bound"), c.get("reference")] for c in constraints]))
+    best = search.get("best")
+    page.add("<h3>Chosen model</h3>")
+    if best:
+        page.add(f"<p>Trial {_esc(best.get('trial'))}: <code>{_esc(best.get('recipe'))}</code>"
+                 f"{' (' + _esc(best.get('path')) + ')' if best.get('path') else ''}: "
+                 "feasible, lowest first objective.</p>")
+        page.add(_table(columns, [[(best.get("metrics") or {}).get(c) for c in columns]]))
+    else:
+        page.add('<div class="verdict fail">No trial met every constraint</div>')
+    uri = search.get("plot")
+    if uri:
+        page.add(_img(uri, "Pareto plot"))
+    else:
+        page.missing.append("Pareto plot")
+        page.add(f'<p class="missing">Picture "Pareto plot" needs matplotlib: '
+                 f"<code>{_esc(EXTRA_HINT)}</code></p>")
+    headers = ["trial", "recipe", *columns]
+
+    chosen = best.get("trial") if best else None
+    front = [[f"{e.get('trial')}{' *' if e.get('trial') == chosen else ''}", e.get("recipe"),
+              *((e.get("metrics") or {}).get(c) for c in columns)]
+             for e in search.get("front") or []]
+    page.add("<h3>Pareto front</h3><p>* the chosen model</p>" + _table(headers, front))
+    fixed = search.get("fixed") or []
+    if fixed:
+        page.add("<h3>Fixed recipes, measured in the same run</h3>" + _table(
+            ["trial", "recipe", "meets constraints", *columns],
+            [[e.get("trial"), e.get("recipe"), e.get("feasible"),
+              *((e.get("metrics") or {}).get(c) for c in columns)] for e in fixed]))
+    trials = search.get("trials") or []
+    if trials:
+        page.add("<h3>Every trial</h3>" + _table(
+            ["trial", "recipe", "state", "meets constraints", *columns],
+            [[e.get("trial"), e.get("recipe"), e.get("state"), e.get("feasible"),
+              *((e.get("metrics") or {}).get(c) for c in columns)] for e in trials]))
+
+
 def html_page(report: Any, plots: bool | None = None, title: str | None = None) -> str:
     """The page as a string. ``plots``: draw pictures (default: when matplotlib imports)."""
     data = report.to_dict() if hasattr(report, "to_dict") else report
@@ -405,7 +461,10 @@ def html_page(report: Any, plots: bool | None = None, title: str | None = None) 
     page.add('<div class="env">' + " · ".join(f"{_esc(k)} {_esc(v)}" for k, v in env.items())
              + "</div>")
     missing_at = len(page.parts)
-    _summary(page, data)
+    if data.get("search"):
+        _search(page, data["search"])
+    if not data.get("search") or any(data.get(k) for k in ("verdicts", "fidelity", "bench")):
+        _summary(page, data)
     passes = data.get("passes") or []
     if passes:
         _passes(page, passes)

@@ -54,7 +54,8 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
            ray_address: str | None = None, workers: int | None = None, seed: int = 0,
            sampler: str = "tpe", threads: int = 1, provider: str = "cpu", runs: int = 30,
            min_seconds: float = 1.0, keep_models: bool = False,
-           enqueue: list[str] | tuple[str, ...] = (), progress: Any = None) -> SearchResult:
+           enqueue: list[str] | tuple[str, ...] = (), html: str | os.PathLike | None = None,
+           progress: Any = None) -> SearchResult:
     """Search recipes for ``model`` meeting ``constraints``, minimizing ``objectives``.
 
     ``calib``/``eval_data``: data sources as ``compress`` takes them (held-out ``eval_data`` is
@@ -67,6 +68,7 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
     there are cores for ``threads`` each). ``threads``: ONNX Runtime threads (and cores) per
     timing trial. ``enqueue``: fixed recipes (``quantize:int8``) run as the first trials, so
     the search measures them side by side with what it finds (queued once, on the first start).
+    ``html``: also write the HTML page (always written as ``out_dir/pareto.html``).
     An ``out_dir`` holding an earlier search with the same settings resumes it.
     """
     from onnxcomp import calibration
@@ -177,7 +179,10 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
         chosen = study_mod.best(trials, names)
         summary = output.write_summary(
             out, trials, front, chosen, names, [c.describe() for c in parsed],
-            [c.metric for c in parsed], reference, recipes, derived.to_dict(), keep_models)
+            [c.metric for c in parsed], reference, recipes, derived.to_dict(), keep_models,
+            [{"text": c.describe(), "bound": c.bound(reference),
+              "reference": reference.get(c.metric)} for c in parsed],
+            Path(html) if html else None)
     return SearchResult(out, trials, front, chosen, summary, derived, notes)
 
 

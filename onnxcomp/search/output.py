@@ -66,7 +66,8 @@ def write_summary(out_dir: Path, trials: list[Finished], front: list[Finished],
                   best: Finished | None, objectives: tuple[str, ...],
                   constraints: list[str], constraint_metrics: list[str],
                   reference: dict[str, float], recipes: dict[int, list], space: dict,
-                  keep_models: bool = False) -> str:
+                  keep_models: bool = False, constraint_rows: list[dict] | None = None,
+                  html: Path | None = None) -> str:
     table = front_table(front, objectives, constraint_metrics, recipes, best)
     lines = [(f"# search: {len(trials)} trials, {sum(t.feasible for t in trials)} feasible, "
               f"{len(front)} on the Pareto front"),
@@ -96,8 +97,42 @@ def write_summary(out_dir: Path, trials: list[Finished], front: list[Finished],
         for finished in trials:
             if finished.number not in on_front:
                 (trial_dir(out_dir, finished.number) / "model.onnx").unlink(missing_ok=True)
-    plot(out_dir / "pareto.png", trials, front, objectives, constraint_metrics)
+    drawn = plot(out_dir / "pareto.png", trials, front, objectives, constraint_metrics)
+    page = search_report(trials, front, best, objectives, constraint_metrics, recipes,
+                         constraint_rows or [{"text": c} for c in constraints], drawn,
+                         out_dir / "best.onnx" if best is not None
+                         and (out_dir / "best.onnx").is_file() else None)
+    from onnxcomp.report_html import render_html
+
+    for target in dict.fromkeys([out_dir / "pareto.html", *([Path(html)] if html else [])]):
+        render_html(page, target, title=f"onnxcomp search: {out_dir.name}")
     return text
+
+
+def search_report(trials: list[Finished], front: list[Finished], best: Finished | None,
+                  objectives: tuple[str, ...], constraint_metrics: list[str],
+                  recipes: dict[int, list], constraint_rows: list[dict],
+                  png: Path | None, best_path: Path | None) -> dict[str, Any]:
+    """The report dict ``report_html`` renders as its search section (the plot inline as a PNG
+    data URI: the page stays one self-contained file)."""
+    import base64
+
+    columns = _columns(trials, objectives, constraint_metrics)
+
+    def entry(t: Finished) -> dict[str, Any]:
+        return {"trial": t.number, "recipe": recipe_of(t, recipes), "state": t.state,
+                "feasible": t.feasible, "metrics": dict(t.metrics)}
+
+    uri = None
+    if png is not None and Path(png).is_file():
+        uri = "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode()
+    return {"command": "search", "search": {
+        "objectives": list(objectives), "columns": columns, "constraints": constraint_rows,
+        "n_trials": len(trials), "n_feasible": sum(t.feasible for t in trials),
+        "front": [entry(t) for t in front],
+        "best": None if best is None else {**entry(best), "path": str(best_path or "")},
+        "fixed": [entry(t) for t in trials if t.fixed_recipe],
+        "trials": [entry(t) for t in trials], "plot": uri}}
 
 
 def plot(path: Path, trials: list[Finished], front: list[Finished],
@@ -111,7 +146,10 @@ def plot(path: Path, trials: list[Finished], front: list[Finished],
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    axes = list(objectives[:2]) if len(objectives) > 1 else [objectives[0], "size"]
+    if len(objectives) > 1:
+        axes = list(objectives[:2])
+    else:  # one objective: against size, or against latency when size is the objective
+        axes = [objectives[0], "latency" if objectives[0] == "size" else "size"]
     done = [t for t in trials if t.state == "COMPLETE" and all(a in t.metrics for a in axes)]
     if not done:
         return None

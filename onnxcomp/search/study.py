@@ -159,22 +159,25 @@ def requeue_interrupted(study: Any) -> int:
 
     stale = [t for t in study.trials if t.state == TrialState.RUNNING]
     for trial in stale:
-        study.tell(trial.number, state=TrialState.FAIL)
-        attrs = {"retry_of": trial.number}
-        if "fixed_recipe" in trial.user_attrs:
-            attrs["fixed_recipe"] = trial.user_attrs["fixed_recipe"]
-        study.enqueue_trial(trial.params, user_attrs=attrs)
+        _cut_off(study, trial)
     return len(stale)
+
+
+_DEFER = {"depth": 0, "pending": False}
 
 
 @contextmanager
 def sigterm_raises():
-    """SIGTERM raises ``Interrupted`` in the main thread while the search runs."""
+    """SIGTERM raises ``Interrupted`` in the main thread while the search runs (deferred to the
+    end of a ``_bookkeeping`` section, so the study is never left half-told)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if _DEFER["depth"]:
+            _DEFER["pending"] = True
+            return
         raise Interrupted("terminated")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -182,46 +185,71 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _DEFER.update(depth=0, pending=False)
+
+
+@contextmanager
+def _bookkeeping():
+    """Asking and telling trials: a SIGTERM arriving here takes effect when it is done."""
+    _DEFER["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFER["depth"] -= 1
+    if not _DEFER["depth"] and _DEFER["pending"]:
+        _DEFER["pending"] = False
+        raise Interrupted("terminated")
+
+
+def _cut_off(study: Any, trial: Any) -> None:
+    """A trial the interruption cut off: failed without an error (not counted) and its
+    parameters queued to run first on resume."""
+    from optuna.trial import TrialState
+
+    study.tell(trial.number, state=TrialState.FAIL)
+    attrs = {"retry_of": trial.number}
+    if "fixed_recipe" in trial.user_attrs:
+        attrs["fixed_recipe"] = trial.user_attrs["fixed_recipe"]
+    study.enqueue_trial(trial.params, user_attrs=attrs)
 
 
 def run(study: Any, space: Space, settings: Settings, executor: Any,
         on_result: Callable[[Finished, dict[str, Any]], None]) -> None:
     """Ask, run and tell until ``n_trials`` trials have finished (see the module docstring)."""
-    from optuna.trial import TrialState
-
     requeue_interrupted(study)
     constrained = bool(settings.constraints)
     while True:
         remaining = settings.n_trials - finished_count(study)
         if remaining <= 0:
             return
-        first = len(study.trials)
-        study.sampler = make_sampler(settings.sampler, batch_seed(settings.seed, first),
-                                     settings.n_trials, constrained)
-        batch = []
-        for _ in range(min(executor.slots, remaining)):
-            trial = study.ask()
-            params = space.sample(trial)
-            recipe = space.recipe(params)
-            trial.set_user_attr("recipe", [[name, table] for name, table in recipe])
-            batch.append((trial, Job(trial.number, params, recipe)))
+        batch: list[tuple[Any, Job]] = []
+        asked: list[Any] = []
         results: dict[int, dict[str, Any]] = {}
         try:
+            with _bookkeeping():
+                first = len(study.trials)
+                study.sampler = make_sampler(settings.sampler, batch_seed(settings.seed, first),
+                                             settings.n_trials, constrained)
+                for _ in range(min(executor.slots, remaining)):
+                    trial = study.ask()
+                    asked.append(trial)
+                    params = space.sample(trial)
+                    recipe = space.recipe(params)
+                    trial.set_user_attr("recipe", [[name, table] for name, table in recipe])
+                    batch.append((trial, Job(trial.number, params, recipe)))
             for index, result in executor.run([job for _, job in batch]):
                 results[index] = result
         except (KeyboardInterrupt, Interrupted):
-            for index, (trial, _) in enumerate(batch):
-                if index not in results:  # cut off: not counted, asked again on resume
-                    study.tell(trial, state=TrialState.FAIL)
-                    attrs = {"retry_of": trial.number}
-                    if "fixed_recipe" in trial.user_attrs:
-                        attrs["fixed_recipe"] = trial.user_attrs["fixed_recipe"]
-                    study.enqueue_trial(trial.params, user_attrs=attrs)
-            for index in sorted(results):
-                _tell(study, batch[index][0], results[index], settings, on_result)
+            with _bookkeeping():
+                for index, trial in enumerate(asked):
+                    if index not in results:  # cut off: not counted, asked again on resume
+                        _cut_off(study, trial)
+                for index in sorted(results):
+                    _tell(study, batch[index][0], results[index], settings, on_result)
             raise
-        for index in range(len(batch)):  # in trial order: the sampler's history is the same
-            _tell(study, batch[index][0], results[index], settings, on_result)
+        with _bookkeeping():
+            for index in range(len(batch)):  # in trial order: the sampler's history is the same
+                _tell(study, batch[index][0], results[index], settings, on_result)
 
 
 def _tell(study: Any, trial: Any, result: dict[str, Any], settings: Settings,

@@ -142,6 +142,7 @@ def test_bad_arguments_are_user_errors(tmp_path):
             search(builders.mlp(), out_dir=tmp_path, **{**ARGS, **bad}, **FAST)
 
 
+@pytest.mark.slow  # starts Ray: ~20 s on this machine
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
 def test_ray_executor_proposes_the_same_trials_as_the_local_one(tmp_path, inline, monkeypatch):
     import ray
@@ -159,3 +160,21 @@ def test_ray_executor_proposes_the_same_trials_as_the_local_one(tmp_path, inline
     reports = [json.loads((tmp_path / "ray" / "trials" / f"{t.number:04d}" /
                            "report.json").read_text()) for t in remote.trials]
     assert all(len(r["node"]) > 20 for r in reports)  # a Ray node id, not a host name
+
+
+def test_fixed_recipes_run_first_and_once(tmp_path, inline):
+    inline["fake"] = True
+    fixed = ["quantize:int8-dynamic", "prune:0.2"]
+    result = search(builders.mlp(), n_trials=4, out_dir=tmp_path, seed=1, enqueue=fixed,
+                    **ARGS, **FAST)
+    assert [t.fixed_recipe for t in result.trials] == [*fixed, None, None]
+    assert result.trials[0].params["quantize.mode"] == "int8-dynamic"
+    assert result.trials[1].params["prune.ratio"] == 0.2
+    assert result.trials[1].params["quantize.mode"] == "none"
+    more = search(builders.mlp(), n_trials=6, out_dir=tmp_path, seed=1, enqueue=fixed,
+                  **ARGS, **FAST)  # resumed: the fixed recipes are not queued again
+    assert [t.fixed_recipe for t in more.trials].count("prune:0.2") == 1
+    assert len(more.trials) == 6
+    with pytest.raises(UserError, match="not in the search space"):
+        search(builders.mlp(), n_trials=1, out_dir=tmp_path / "x", enqueue=["lowrank:0.9"],
+               **ARGS, **FAST)

@@ -113,3 +113,26 @@ def test_derive_leaves_the_model_alone():
     before = model.proto.SerializeToString()
     space_mod.derive(model, calibration=True, torch_available=False)
     assert model.proto.SerializeToString() == before
+
+
+def test_a_fixed_recipe_is_a_point_of_the_space():
+    space = space_mod.derive(builders.mlp(), calibration=True, torch_available=False)
+    params = space.params_for("quantize:int8")
+    assert params["quantize.mode"] == "int8" and params["prune.use"] is False
+    assert params["quantize.calibration"] == "mse"  # the pass's default: the recipe as is
+    assert space.recipe(params) == [("quantize", {"mode": "int8", "calibration": "mse",
+                                                  **({"exclude": []} if "quantize.exclude"
+                                                     in params else {}),
+                                                  **({"min_cosine": None}
+                                                     if "quantize.min_cosine" in params
+                                                     else {})})]
+    pruned = space.params_for("prune:0.3,distill")
+    assert pruned["quantize.mode"] == "none"
+    assert space.recipe(pruned) == [("prune", {"ratio": 0.3, "ranking": "local"}),
+                                    ("distill", {})]
+    with pytest.raises(UserError, match="not in the search space"):
+        space.params_for("lowrank:0.9")
+    narrowed = space_mod.apply_overrides(
+        space, {"dimensions": {"prune.ratio": {"low": 0.05, "high": 0.2}}})
+    with pytest.raises(UserError, match="outside the search space"):
+        narrowed.params_for("prune:0.3")

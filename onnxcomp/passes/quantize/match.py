@@ -88,9 +88,48 @@ def _float_constant(tensor: gs.Tensor) -> np.ndarray | None:
     return value
 
 
+# A weight whose largest magnitude is this many times its typical (median non-zero) magnitude
+# cannot be quantized: one scale per channel would round the rest of that channel to zero.
+# Trained weights measure well under 1e4 (LLM outlier channels included); a flipped exponent bit
+# gives 1e30+ (found by fuzzing: int8-dynamic on such a weight, cosine 0.78, exit 0).
+MAX_OUTLIER_RATIO = 1e6
+# Weights up to this many elements are checked exactly; larger ones on an even sample plus the
+# exact maximum of that sample's blocks (reading a large weight in a dry run must stay cheap).
+EXACT_CHECK_ELEMENTS = 1 << 24
+
+
+def extreme_outliers(weight: np.ndarray) -> str | None:
+    """Why ``weight`` cannot be quantized (absurd outliers or non-finite values), or None."""
+    flat = np.asarray(weight).reshape(-1)
+    if flat.size > EXACT_CHECK_ELEMENTS:
+        flat = flat[:: flat.size // EXACT_CHECK_ELEMENTS + 1]
+    magnitude = np.abs(flat.astype(np.float64))
+    if not np.isfinite(magnitude).all():
+        return "weight has NaN or Inf values: kept float"
+    nonzero = magnitude[magnitude > 0]
+    if nonzero.size == 0:
+        return None
+    typical, largest = float(np.median(nonzero)), float(nonzero.max())
+    if largest > MAX_OUTLIER_RATIO * typical:
+        return (f"weight outliers too extreme to quantize (max |w| {largest:.3g} vs median "
+                f"{typical:.3g}): kept float")
+    return None
+
+
 def match_node(node: gs.Node, mode: str, per_channel: bool, activation_matmuls: bool = False
                ) -> Site | str:
     """The site for ``node``, or why it can't be quantized in ``mode``."""
+    found = _match_node(node, mode, per_channel, activation_matmuls)
+    if isinstance(found, Site) and found.weight_input is not None:
+        weight = _float_constant(node.inputs[found.weight_input])
+        problem = extreme_outliers(weight) if weight is not None else None
+        if problem:
+            return problem
+    return found
+
+
+def _match_node(node: gs.Node, mode: str, per_channel: bool, activation_matmuls: bool
+                ) -> Site | str:
     inputs = node.inputs
     if node.op == "Conv":
         if mode == "int4":

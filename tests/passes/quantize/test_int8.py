@@ -239,3 +239,18 @@ def test_ppocr_rec_activation_matmuls(tmp_path):
     kernels = optimized_ops(result, tmp_path)
     assert kernels.count("QLinearMatMul") == 13 and not FLOAT_MATMULS & set(kernels)
     assert record.details["output_cosine"]["softmax_11.tmp_0"] > 0.9
+
+
+def test_a_weight_with_absurd_outliers_stays_float_with_the_reason():
+    """Found by fuzzing: a flipped exponent bit (1.4e37 in a 16x32 weight) made int8-dynamic
+    round the rest of that channel to zero (cosine 0.78, exit 0). Such layers stay float."""
+    from onnxcomp.passes.quantize.match import extreme_outliers
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((16, 32)).astype(np.float32)
+    assert extreme_outliers(weight) is None
+    weight[3, 5] = 1.4e37
+    assert "too extreme" in extreme_outliers(weight)
+    weight[3, 5] = np.inf
+    assert "NaN or Inf" in extreme_outliers(weight)
+    assert extreme_outliers(np.zeros((4, 4), np.float32)) is None
