@@ -142,7 +142,8 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
         if done_before:
             say(f"search: resuming, {done_before} of {n_trials} trials already done")
         recipes: dict[int, list] = {}
-        best_so_far: list[Finished] = []
+        earlier = study_mod.best(study_mod.summaries(study, settings), names)  # on resume
+        best_so_far: list[Finished] = [earlier] if earlier is not None else []
 
         def on_result(finished: Finished, result: dict[str, Any]) -> None:
             recipe = _recipe_of(study, finished.number)

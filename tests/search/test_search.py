@@ -178,3 +178,14 @@ def test_fixed_recipes_run_first_and_once(tmp_path, inline):
     with pytest.raises(UserError, match="not in the search space"):
         search(builders.mlp(), n_trials=1, out_dir=tmp_path / "x", enqueue=["lowrank:0.9"],
                **ARGS, **FAST)
+
+
+def test_progress_after_a_resume_names_the_best_of_the_whole_study(tmp_path, inline):
+    inline["fake"] = True
+    search(builders.mlp(), n_trials=4, out_dir=tmp_path, seed=1,
+           enqueue=["quantize:int8-dynamic"], **ARGS, **FAST)  # trial 0 is the best here
+    said = []
+    result = search(builders.mlp(), n_trials=5, out_dir=tmp_path, seed=1, **ARGS,
+                    **{**FAST, "progress": said.append})
+    last = [m for m in said if m.startswith("search: trial 4 ")]
+    assert last and f"best: trial {result.best.number}," in last[0]
