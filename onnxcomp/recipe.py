@@ -238,7 +238,11 @@ def describe_pass(name: str) -> str:
     from onnxcomp.report import markdown_table
 
     spec = passes.get(name)
-    rows = [[f.name, f.type, repr(f.default), f.help] for f in config_help(spec.config_type)]
+    def cell(text: str) -> str:  # a "|" inside a cell (X | None, a | b) would split the row
+        return str(text).replace("|", "\\|")
+
+    rows = [[f.name, cell(f.type), cell(repr(f.default)), cell(f.help)]
+            for f in config_help(spec.config_type)]
     caps = spec.capabilities
     facts = [f"reads weights lazily: {'yes' if caps.lazy_weights else 'no'}",
              f"needs the teacher: {'yes' if caps.needs_teacher else 'no'}"]

@@ -87,3 +87,14 @@ def test_the_same_list_field_splits_the_same_way_in_every_pass():
         (step,) = apply_overrides(parse_recipe(name + ":" + ("int4" if name == "quantize" else "0.9")),
                                   [f"{name}.exclude=a,b"])
         assert tuple(step.config.exclude) == ("a", "b"), name
+
+
+@pytest.mark.parametrize("name", ["cleanup", "quantize", "prune", "lowrank", "distill", "fuse"])
+def test_help_pass_is_a_well_formed_table(name):
+    import re
+
+    from onnxcomp.recipe import describe_pass
+
+    rows = [line for line in describe_pass(name).splitlines() if line.startswith("|")]
+    cells = {len(re.findall(r"(?<!\\)\|", row)) for row in rows}
+    assert len(rows) > 2 and cells == {5}, name  # 4 columns: 5 unescaped bars on every row
