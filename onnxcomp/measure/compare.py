@@ -45,6 +45,23 @@ def _samples(array: np.ndarray) -> np.ndarray:
     return array.reshape(1, -1)
 
 
+def dual_encoder_outputs(outputs: dict[str, np.ndarray]) -> tuple[str, str] | None:
+    """The (image-side, text-side) output names when the model looks like a dual encoder."""
+    if len(outputs) != 2:
+        return None
+    names = list(outputs)
+    arrays = [outputs[n] for n in names]
+    if not all(np.issubdtype(a.dtype, np.floating) and a.ndim == 2 for a in arrays):
+        return None
+    if arrays[0].shape[1] != arrays[1].shape[1]:
+        return None
+    image_words = ("image", "img", "vision", "pixel")
+    if any(w in names[1].lower() for w in image_words) and not any(
+            w in names[0].lower() for w in image_words):
+        names.reverse()
+    return names[0], names[1]
+
+
 # Requested tensors per segment when a large model is compared segment by segment.
 SEGMENT_TENSORS = 16
 

@@ -43,7 +43,7 @@ import onnx
 from onnxcomp import calibration, report_data, runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import InvalidOutput, OnnxcompError, UserError
-from onnxcomp.measure.compare import per_sample_cosine
+from onnxcomp.measure.compare import dual_encoder_outputs, per_sample_cosine
 from onnxcomp.model import Model, load
 from onnxcomp.progress import Progress, as_progress
 from onnxcomp.report import Report
@@ -278,23 +278,6 @@ def resolve_data(data: Any, reference: Model, candidate: Model, count: int | Non
     except OnnxcompError as exc:
         raise UserError(f"candidate: {exc}") from None
     return dataset
-
-
-def dual_encoder_outputs(outputs: dict[str, np.ndarray]) -> tuple[str, str] | None:
-    """The (image-side, text-side) output names when the model looks like a dual encoder."""
-    if len(outputs) != 2:
-        return None
-    names = list(outputs)
-    arrays = [outputs[n] for n in names]
-    if not all(np.issubdtype(a.dtype, np.floating) and a.ndim == 2 for a in arrays):
-        return None
-    if arrays[0].shape[1] != arrays[1].shape[1]:
-        return None
-    image_words = ("image", "img", "vision", "pixel")
-    if any(w in names[1].lower() for w in image_words) and not any(
-            w in names[0].lower() for w in image_words):
-        names.reverse()
-    return names[0], names[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from onnxcomp.errors import UserError
+from onnxcomp.measure.compare import dual_encoder_outputs
 
 LOSSES = ("auto", "kl", "cosine", "contrastive", "mse")
 CLIP_TAU = 0.07
-_IMAGE_WORDS = ("image", "img", "vision", "pixel")
 
 
 @dataclass(frozen=True)
@@ -52,20 +52,8 @@ def looks_like_probabilities(array: np.ndarray) -> bool:
 
 
 def dual_encoder(outputs: Mapping[str, np.ndarray]) -> tuple[str, str] | None:
-    """(image side, text side) when there are exactly two float [B, D] outputs of one width
-    (the same test as ``measure.validate.dual_encoder_outputs``)."""
-    if len(outputs) != 2:
-        return None
-    names = list(outputs)
-    arrays = [outputs[n] for n in names]
-    if not all(np.issubdtype(a.dtype, np.floating) and a.ndim == 2 for a in arrays):
-        return None
-    if arrays[0].shape[1] != arrays[1].shape[1]:
-        return None
-    if any(w in names[1].lower() for w in _IMAGE_WORDS) and not any(
-            w in names[0].lower() for w in _IMAGE_WORDS):
-        names.reverse()
-    return names[0], names[1]
+    """(image side, text side): the test validate uses, so training and validation agree."""
+    return dual_encoder_outputs(dict(outputs))
 
 
 def choose(outputs: Mapping[str, np.ndarray], loss: str = "auto") -> list[Term]:
