@@ -110,25 +110,7 @@ def case_from_seed(seed: int, zoo: bool = False) -> Case:
 # base models
 
 
-def strided_skip_net(levels: int = 5, concat: bool = False, seed: int = 3):
-    """x[1,3,H,W] -> ``levels`` Conv 3x3 stride 2 -> Resize x2 of the last -> Add (or Concat)
-    with the one before: runs only when H and W are multiples of 2**levels."""
-    b = builders.GraphBuilder(seed=seed)
-    x, cin = "x", 3
-    taps = []
-    for i in range(levels):
-        w = b.weight(f"c{i}.w", (4, cin, 3, 3), 0.3)
-        x = b.node("Conv", [x, w], f"c{i}", kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)
-        taps.append(x)
-        cin = 4
-    scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
-    up = b.node("Resize", [taps[-1], "", scales], "up", mode="nearest")
-    if concat:
-        b.node("Concat", [up, taps[-2]], "skip", outputs=["y"], axis=1)
-    else:
-        b.node("Add", [up, taps[-2]], "skip", outputs=["y"])
-    return b.model([builders.tensor("x", [1, 3, "height", "width"])],
-                   [builders.tensor("y", [1, None, None, None])], 17, "strided_skip")
+strided_skip_net = builders.strided_skip_net
 
 
 def _random_chain(rng: random.Random, conv: bool):
