@@ -656,7 +656,7 @@ def _check_count(count, text: str) -> None:
 
 
 _RANDOM_SPEC = re.compile(r"^random:(?P<n>[0-9]{1,12})$")
-_ZOO_SPEC = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_.-]*?)(?::(?P<split>calib|eval))?(?::(?P<n>\d+))?$")
+_ZOO_SPEC = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_.-]*?)(?::(?P<split>[a-z][a-z-]*))?(?::(?P<n>\d+))?$")
 
 
 def resolve(spec: str | Path | Dataset | None, model: Model, default_count: int = 16,

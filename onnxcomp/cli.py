@@ -91,6 +91,12 @@ def _check_outputs(*outputs: tuple[str | None, str]) -> None:
         seen[key] = flag
 
 
+def _is_parts(path: str) -> bool:
+    from onnxcomp.parts import is_parts
+
+    return is_parts(path)
+
+
 def cmd_inspect(args) -> int:
     from onnxcomp.inspection import format_inspection, inspect_model
 
@@ -123,6 +129,13 @@ def cmd_compress(args) -> int:
         return 0
     if not args.model or not args.output:
         raise UserError("compress needs MODEL and -o OUT (or --help-pass NAME)")
+    if _is_parts(args.model):
+        _check_outputs((args.report, "--report"), (args.html, "--html"))
+        from onnxcomp import cli_parts
+
+        return cli_parts.compress(args, _emit)
+    if args.part:
+        raise UserError("--part applies to a pipeline folder (with parts.json)")
     _check_output_path(args.model, args.output)
     if not args.dry_run:
         _check_outputs((args.output, "-o"), (args.report, "--report"),
@@ -168,6 +181,10 @@ def cmd_validate(args) -> int:
     from onnxcomp.measure.validate import validate
 
     _check_outputs((args.report, "--report"), (args.html, "--html"))
+    if _is_parts(args.reference):
+        from onnxcomp import cli_parts
+
+        return cli_parts.validate(args, _emit)
     _check_not_inputs([args.reference, args.candidate], [args.report, args.html])
     report = validate(args.reference, args.candidate, data=args.data, count=args.count,
                       min_cosine=args.min_cosine)
@@ -184,6 +201,10 @@ def cmd_bench(args) -> int:
 
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     _check_outputs((args.report, "--report"), (args.html, "--html"))
+    if any(_is_parts(m) for m in args.models):
+        from onnxcomp import cli_parts
+
+        return cli_parts.bench(args, _emit)
     _check_not_inputs(list(args.models), [args.report, args.html])
     report = bench(args.models, providers=providers, threads=_int_list(args.threads, "--threads"),
                    batch=args.batch, runs=args.runs, warmup=args.warmup, data=args.data,
@@ -336,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="skip the fidelity check (run `onnxcomp validate` later; keeps "
                           "the reference model out of memory for very large models)")
     compress.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    compress.add_argument("--part", action="append", metavar="PART=RECIPE",
+                          help="pipeline folders: this part's (or the decoder group's) recipe, "
+                               "or PART=float (repeatable)")
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=cmd_compress)
 
@@ -345,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--data", default=None)
     validate.add_argument("--count", type=int, default=None)
     validate.add_argument("--min-cosine", type=float, default=None)
+    validate.add_argument("--new-tokens", type=int, default=None,
+                          help="pipelines: tokens to generate (default: the manifest's)")
     validate.add_argument("--report", default=None, help="write the JSON report here")
     validate.add_argument("--html", default=None, metavar="FILE",
                           help="write the report as one self-contained HTML page here")
@@ -365,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(fairer on a busy machine)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     bench.add_argument("--data", default=None)
+    bench.add_argument("--new-tokens", type=int, default=None,
+                       help="pipelines: tokens generated per timed run (default 16)")
+    bench.add_argument("--context", type=int, default=None,
+                       help="pipelines: prompt length the per-token latency is measured at")
     bench.add_argument("--report", default=None, help="write the JSON report here")
     bench.add_argument("--html", default=None, metavar="FILE",
                        help="write the report as one self-contained HTML page here")

@@ -101,6 +101,9 @@ class Report:
     passes: list[Any] = field(default_factory=list)
     fidelity: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
+    # A pipeline of parts: greedy-generation agreement (measure/generation.py), and its
+    # generation bench (time to first token, tokens/s).
+    generation: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     # Why the result is not worth shipping, when it is not (larger than its input, below the
     # fidelity floor): shown first in tables and pages, and on stderr by the CLI.
@@ -135,6 +138,8 @@ class Report:
             parts.append(fidelity_table(self.fidelity))
         if self.bench:
             parts.append(bench_table(self.bench))
+        if self.generation:
+            parts.append(generation_table(self.generation))
         parts.extend(f"note: {n}" for n in self.notes)
         return "\n\n".join(p for p in parts if p)
 
@@ -261,3 +266,24 @@ def bench_table(bench: dict[str, Any]) -> str:
     return (table + f"\n\nbatch {bench.get('batch')}, {span} timed runs per model (at least "
             f"{bench.get('runs')}, spanning >= {bench.get('min_seconds', 0):g} s) after "
             f"{bench.get('warmup')} warm-up, interleaved; ratios against the first model")
+
+
+def generation_table(generation: dict[str, Any]) -> str:
+    """The greedy-generation comparison and/or the generation bench of a pipeline."""
+    out = []
+    agreement = generation.get("agreement")
+    if agreement:
+        rows = [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in agreement.items()]
+        out.append(markdown_table(["generation (candidate vs reference)", "value"], rows))
+    timing = generation.get("timing")
+    if timing:
+        keys = ["first_token_ms", "per_token_ms_p50", "per_token_ms_p90", "tokens_per_s",
+                "peak_rss_mb"]
+        rows = [[name] + [_fmt(t.get(k)) for k in keys] for name, t in timing.items()]
+        out.append(markdown_table(["pipeline", "time to first token ms", "per token ms p50",
+                                   "p90", "tokens/s", "peak RSS MB"], rows))
+    return "\n\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)

@@ -1,0 +1,114 @@
+"""The CLI for pipelines of parts (a folder with parts.json): compress, validate, bench.
+
+``onnxcomp.cli`` hands a command here when its model argument is a pipeline folder; the
+behaviour follows the single-file commands (exit 1 and no output when fidelity misses its
+gate, one clear line for a user mistake)."""
+
+from __future__ import annotations
+
+import sys
+
+from onnxcomp.errors import TargetMissed, UserError
+
+EXIT_TARGET_MISSED = TargetMissed.exit_code
+
+
+def _part_recipes(values: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values or []:
+        name, sep, recipe = value.partition("=")
+        if not sep or not name.strip():
+            raise UserError(f"--part {value!r}: expected PART=RECIPE (or PART=float)")
+        out[name.strip()] = recipe
+    return out
+
+
+def _positive(value: int | None, flag: str, limit: int) -> int | None:
+    if value is not None and not 1 <= value <= limit:
+        raise UserError(f"{flag} must be 1..{limit}, got {value}")
+    return value
+
+
+def compress(args, emit) -> int:
+    from onnxcomp.parts import open_parts
+    from onnxcomp.parts_compress import _check_output_folder, compress_parts, write_parts
+
+    if args.dry_run:
+        raise UserError("--dry-run plans one file: run it on a part's .onnx file")
+    if args.min_cosine is not None:
+        raise UserError("--min-cosine is for one file; a pipeline is gated per part by the "
+                        "default fidelity floor and reported by generation agreement")
+    reference = open_parts(args.model)
+    _check_output_folder(args.output, reference.manifest.folder)
+    result = compress_parts(args.model, recipe=args.recipe, per_part=_part_recipes(args.part),
+                            calib=args.calib, eval_data=args.eval, overrides=args.set,
+                            validate=not args.no_validate)
+    written = result.passed and not result.below_floor
+    if written:
+        path = write_parts(reference, result, args.output)
+        result.report.models["candidate"] = {"path": str(path)}
+    else:
+        result.report.notes.append(f"a part fell below its fidelity floor: {args.output} was "
+                                   "not written")
+    emit(result.report, args.json, args.report, args.html)
+    if not written:
+        print("onnxcomp: target missed: a part fell below its fidelity floor; nothing written",
+              file=sys.stderr)
+        return EXIT_TARGET_MISSED
+    for verdict in result.report.verdicts:
+        print(f"onnxcomp: warning: {verdict}", file=sys.stderr)
+    return 0
+
+
+def validate(args, emit) -> int:
+    from onnxcomp.measure.generation import validate_generation
+    from onnxcomp.parts import is_parts, open_parts
+    from onnxcomp.parts_compress import resolve_samples
+    from onnxcomp.report import Report
+
+    if not is_parts(args.candidate):
+        raise UserError(f"{args.candidate}: the reference is a pipeline folder, the candidate "
+                        "must be one too (a folder with parts.json)")
+    if args.data is None:
+        raise UserError("validating a pipeline needs --data (samples: a folder of .npz or a zoo "
+                        "generator such as whisper-tiny:eval:8)")
+    reference, candidate = open_parts(args.reference), open_parts(args.candidate)
+    samples = resolve_samples(args.data, reference, "eval", count=args.count or 8)
+    if args.count:
+        samples = samples.take(args.count)
+    report = Report("validate-parts")
+    report.models = {"reference": str(reference.folder), "candidate": str(candidate.folder)}
+    new_tokens = _positive(args.new_tokens, "--new-tokens", 4096)
+    report.generation = validate_generation(reference, candidate, samples, new_tokens)
+    emit(report, args.json, args.report, args.html)
+    return 0
+
+
+def bench(args, emit) -> int:
+    from onnxcomp.measure.generation import bench_generation
+    from onnxcomp.parts import is_parts, open_parts
+    from onnxcomp.parts_compress import resolve_samples
+    from onnxcomp.report import Report
+
+    for model in args.models:
+        if not is_parts(model):
+            raise UserError(f"{model}: bench compares pipelines with pipelines (a folder with "
+                            "parts.json); bench single files separately")
+    if args.providers.strip() != "cpu":
+        raise UserError("pipeline bench runs on the CPU provider only (so far)")
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    if len(threads) != 1 or threads[0] < 1:
+        raise UserError("pipeline bench takes one --threads value")
+    first = open_parts(args.models[0])
+    data = args.data or (first.manifest.raw.get("zoo") and f"{first.manifest.raw['zoo']}:eval:1")
+    if not data:
+        raise UserError("bench of a pipeline needs --data (one sample: an .npz or a zoo generator)")
+    sample = next(iter(resolve_samples(data, first, "eval", count=1)))
+    report = Report("bench-parts")
+    report.generation = bench_generation(
+        args.models, sample, new_tokens=_positive(args.new_tokens, "--new-tokens", 4096) or 16,
+        context=_positive(args.context, "--context", 1 << 16),
+        runs=_positive(args.runs, "--runs", 10000), threads=threads[0],
+        memory=not args.no_memory)
+    emit(report, args.json, args.report, args.html)
+    return 0

@@ -1,0 +1,324 @@
+"""Compress a pipeline of ONNX parts as one model: per-part recipes, tied weights kept tied.
+
+The unit is the pipeline folder (onnxcomp/parts.py). Parts are grouped: every run-once part
+(encoder, projector) is its own group; all decoder files (first step, with past, merged) are one
+group, compressed ONCE as a merged decoder (onnxcomp/decoders.py) so a tensor the files share is
+an outer initializer read by both paths, quantized or factored once, and the files written back
+from the merged result hold byte-identical weights under the same names.
+
+Calibration and held-out data are pipeline samples (``input_features``, ``pixel_values``,
+optional ``prompt_ids``); each part is calibrated on what it really sees: the reference
+pipeline's greedy generation is run on the samples and every part's inputs are recorded
+(a decoder step per generated token), so a decoder is calibrated on its own cache and tokens.
+
+Limits: a decoder group is compressed as a merged If graph, so only what the passes do inside
+If branches applies there (int8-dynamic, int4, lowrank; static int8 and prune say they skip
+branch weights); the output folder must not exist or be empty.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxcomp import calibration, progress
+from onnxcomp.decoders import FLAG, PAST_PREFIX, merge_decoders, split_merged
+from onnxcomp.errors import UserError
+from onnxcomp.model import Model, check_output_path
+from onnxcomp.parts import (DECODER_ROLES, MANIFEST, Manifest, Parts, _empty_past, generate,
+                            open_parts, tied_tensors)
+from onnxcomp.report import Report
+
+DECODER_GROUP = "decoder"
+FLOAT = ("float", "none", "")
+# Decoder steps recorded per part for calibration / the per-part fidelity check.
+MAX_RECORDED = 48
+
+
+@dataclass
+class PartsResult:
+    report: Report
+    # part name -> the compressed model (absent: written unchanged)
+    models: dict[str, Model] = field(default_factory=dict)
+    passed: bool = True
+    below_floor: bool = False
+
+
+def groups(manifest: Manifest) -> dict[str, list[str]]:
+    """group name -> its parts: each run-once part alone, every decoder file in one group."""
+    out: dict[str, list[str]] = {}
+    for part in manifest.parts:
+        key = DECODER_GROUP if part.role in DECODER_ROLES else part.name
+        out.setdefault(key, []).append(part.name)
+    return out
+
+
+def group_recipes(manifest: Manifest, recipe: str | None, per_part: dict[str, str] | None
+                  ) -> dict[str, str | None]:
+    """The recipe of each group: ``recipe`` for all, ``per_part`` (part or group name -> recipe
+    or ``float``) on top; a decoder file's name addresses the whole decoder group."""
+    grouped = groups(manifest)
+    owner = {part: g for g, members in grouped.items() for part in members}
+    chosen: dict[str, str | None] = {g: recipe for g in grouped}
+    given: dict[str, str] = {}
+    for key, value in (per_part or {}).items():
+        group = key if key in grouped else owner.get(key)
+        if group is None:
+            raise UserError(f"--part {key}=...: no part or group named {key!r} (parts: "
+                            f"{', '.join(p.name for p in manifest.parts)}; group: decoder)")
+        value = value.strip()
+        if group in given and given[group] != value:
+            raise UserError(f"--part: the decoder files are one group (tied weights); "
+                            f"{key!r} and another decoder part name different recipes")
+        given[group] = value
+        chosen[group] = None if value.lower() in FLOAT else value
+    return chosen
+
+
+def _record(parts: Parts, samples: list[dict], what: str) -> dict[str, list[list[dict]]]:
+    """part -> per sample, the feeds of every run of that part during greedy generation."""
+    log = progress.current()
+    recorded: dict[str, list[list[dict]]] = {p.name: [] for p in parts.manifest.parts}
+    with log.task(f"recording part inputs ({what})", total=len(samples)) as task:
+        for sample in samples:
+            runs: dict[str, list[dict]] = {p: [] for p in recorded}
+            generate(parts, sample, record=lambda part, feeds: runs[part].append(dict(feeds)))
+            for part, feeds in runs.items():
+                recorded[part].append(feeds)
+            task.advance()
+    return recorded
+
+
+def _spread(batches: list[dict], limit: int) -> list[dict]:
+    if len(batches) <= limit:
+        return batches
+    picks = np.linspace(0, len(batches) - 1, limit).round().astype(int)
+    return [batches[i] for i in sorted(set(picks))]
+
+
+def _merged_feeds(merged: onnx.ModelProto, first: list[list[dict]], later: list[list[dict]]
+                  ) -> list[dict]:
+    """Feeds for a merged decoder made from the separate files' recorded feeds: the first step
+    gets empty caches and the flag off; later steps the flag on and the sample's other inputs."""
+    names = [i.name for i in merged.graph.input]
+    empty = _empty_past(merged)
+    batches = []
+    for first_runs, later_runs in zip(first, later):
+        base = first_runs[0] if first_runs else {}
+        for feeds in first_runs:
+            batch = {**empty, **feeds, FLAG: np.array([False])}
+            batches.append({n: batch[n] for n in names if n in batch})
+        for feeds in later_runs:
+            batch = {**{k: v for k, v in base.items() if not k.startswith(PAST_PREFIX)
+                        and k != "input_ids"}, **feeds, FLAG: np.array([True])}
+            batches.append({n: batch[n] for n in names if n in batch})
+    return batches
+
+
+def _dataset(batches: list[dict], name: str) -> calibration.Dataset | None:
+    if not batches:
+        return None
+    return calibration.from_batches(_spread(batches, MAX_RECORDED), name=name)
+
+
+def resolve_samples(spec, parts: Parts, split: str, count: int = 8) -> calibration.Dataset:
+    """Pipeline samples from a SRC: a folder of .npz / an .npz file, or a zoo generator."""
+    if isinstance(spec, calibration.Dataset):
+        data = spec
+    else:
+        text = str(spec)
+        path = Path(text)
+        if path.is_dir():
+            data = calibration.from_npz_folder(path)
+        elif path.is_file() and text.endswith(".npz"):
+            data = calibration.from_npz_files([path], text)
+        else:
+            match = calibration._ZOO_SPEC.match(text)
+            from onnxcomp import zoo
+
+            if not match or match["name"] not in zoo.names():
+                raise UserError(f"pipeline data {text!r} is neither a folder of .npz files nor "
+                                f"a zoo generator ({', '.join(zoo.names())})")
+            data = zoo.dataset(match["name"], match["split"] or split,
+                               int(match["n"]) if match["n"] else count)
+    first = next(iter(data), None)
+    if first is None:
+        raise UserError(f"pipeline data {data.name}: no samples")
+    parts.check_connections(list(first))
+    return data
+
+
+def _check_output_folder(output: str | os.PathLike, source: Path) -> Path:
+    target = Path(output)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target}: the output folder must not exist or be empty")
+    if target.resolve() == source.resolve():
+        raise UserError(f"{target}: the output folder is the input pipeline")
+    check_output_path(target / MANIFEST)
+    return target
+
+
+def compress_parts(source: str | os.PathLike, recipe: str | None = None,
+                   per_part: dict[str, str] | None = None, calib=None, eval_data=None,
+                   overrides: list[str] | None = None, validate: bool = True) -> PartsResult:
+    """Compress every part of the pipeline at ``source`` by its group's recipe (in memory; see
+    :func:`write_parts`). Fidelity: each compressed group against its reference on the recorded
+    held-out feeds, then the whole pipeline by greedy generation (measure/generation.py)."""
+    from onnxcomp import api
+
+    reference = open_parts(source)
+    manifest = reference.manifest
+    recipes = group_recipes(manifest, recipe, per_part)
+    report = Report("compress-parts")
+    report.models["reference"] = {"path": str(manifest.folder), "task": manifest.task,
+                                  "parts": _sizes(manifest)}
+    models = {p.name: reference.model(p.name) for p in manifest.parts}
+    tied = tied_tensors(models)
+    report.models["tied_tensors"] = {"groups": len(tied), "bytes": sum(t.nbytes for t in tied),
+                                     "largest": [list(m) for t in tied[:3] for m in t.members]}
+    calib_set = resolve_samples(calib, reference, "calib") if calib is not None else None
+    eval_set = resolve_samples(eval_data, reference, "eval") if eval_data is not None else (
+        _zoo_eval(calib_set, reference))
+    calib_feeds = _record(reference, list(calib_set), "calibration") if calib_set else None
+    eval_feeds = _record(reference, list(eval_set), "held-out") if eval_set else None
+    result = PartsResult(report)
+    report.passes = []
+    report.models["groups"] = {}
+    for group, members in groups(manifest).items():
+        chosen = recipes[group]
+        if chosen is None:
+            report.models["groups"][group] = {"recipe": "float", "parts": members}
+            continue
+        base, calib_data, eval_data_g = _group_model(reference, group, members, calib_feeds,
+                                                     eval_feeds)
+        progress.current()(f"compressing {group} ({', '.join(members)}) with {chosen}")
+        out = api.compress(base, recipe=chosen, calib=calib_data, eval_data=eval_data_g,
+                           overrides=overrides, validate=validate)
+        report.passes.extend(out.report.passes)
+        report.notes.extend(f"{group}: {n}" for n in out.report.notes)
+        report.verdicts.extend(f"{group}: {v}" for v in out.report.verdicts)
+        report.models["groups"][group] = {"recipe": chosen, "parts": members,
+                                          "fidelity": out.report.fidelity}
+        result.passed &= out.passed
+        result.below_floor |= out.below_floor
+        result.models.update(_ungroup(manifest, group, members, out.model))
+    if validate:
+        from onnxcomp.measure.generation import validate_generation
+
+        with tempfile.TemporaryDirectory(prefix=".onnxcomp-parts-", dir=manifest.folder.parent
+                                         if os.access(manifest.folder.parent, os.W_OK)
+                                         else None) as scratch:
+            write_parts(reference, result, Path(scratch) / "candidate")
+            samples = eval_set or calib_set
+            if samples is None:
+                report.notes.append("no --calib/--eval samples: generation not validated")
+            else:
+                candidate = open_parts(Path(scratch) / "candidate")
+                report.generation = validate_generation(reference, candidate, samples)
+    return result
+
+
+def _zoo_eval(calib_set, parts: Parts):
+    if calib_set is not None and calib_set.zoo_name:
+        from onnxcomp import zoo
+
+        return zoo.dataset(calib_set.zoo_name, "eval", 8)
+    return None
+
+
+def _sizes(manifest: Manifest) -> dict[str, int]:
+    out = {}
+    for part in manifest.parts:
+        path = manifest.path(part)
+        data = path.with_name(path.name + ".data")
+        out[part.name] = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return out
+
+
+def _group_model(reference: Parts, group: str, members: list[str], calib_feeds, eval_feeds):
+    """The model a group is compressed as (a merged decoder for the decoder group), with its
+    recorded calibration and held-out feeds."""
+    manifest = reference.manifest
+    if group != DECODER_GROUP:
+        name = members[0]
+        model = Model(reference.model(name), manifest.folder)
+        pick = (lambda feeds: _dataset([b for runs in feeds[name] for b in runs],
+                                       f"{name} inputs"))
+        return model, pick(calib_feeds) if calib_feeds else None, (
+            pick(eval_feeds) if eval_feeds else None)
+    merged_parts = manifest.by_role("decoder-merged")
+    first, later = reference.decoder_route()
+    if merged_parts:
+        merged = reference.model(merged_parts[0].name)
+    else:
+        merged = merge_decoders(reference.model(first), reference.model(later))
+
+    def pick(feeds):
+        if feeds is None:
+            return None
+        if first == later:  # generation ran through the merged file: its own feeds
+            return _dataset([b for runs in feeds[first] for b in runs], "decoder inputs")
+        return _dataset(_merged_feeds(merged, feeds[first], feeds[later]), "decoder inputs")
+
+    return Model(merged, manifest.folder), pick(calib_feeds), pick(eval_feeds)
+
+
+def _ungroup(manifest: Manifest, group: str, members: list[str], model: Model
+             ) -> dict[str, Model]:
+    if group != DECODER_GROUP:
+        return {members[0]: model}
+    out = {}
+    first_step, with_past = split_merged(model.proto)
+    for part in manifest.parts:
+        if part.role == "decoder":
+            out[part.name] = Model(first_step)
+        elif part.role == "decoder-with-past":
+            out[part.name] = Model(with_past)
+        elif part.role == "decoder-merged":
+            out[part.name] = model
+    return out
+
+
+def write_parts(reference: Parts, result: PartsResult, output: str | os.PathLike) -> Path:
+    """Write the compressed pipeline folder atomically: staged beside ``output``, then moved;
+    parts without a compressed model are copied (with their external data)."""
+    manifest = reference.manifest
+    target = _check_output_folder(output, manifest.folder)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
+    try:
+        for part in manifest.parts:
+            destination = staging / part.file
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if part.name in result.models:
+                result.models[part.name].save(destination)
+            else:
+                source = manifest.path(part)
+                shutil.copyfile(source, destination)
+                for tensor_file in _external_files(source):
+                    shutil.copyfile(source.parent / tensor_file, staging / tensor_file)
+        (staging / MANIFEST).write_text(json.dumps(manifest.raw, indent=2) + "\n")
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _external_files(path: Path) -> set[str]:
+    """The external-data files a part reads (checked inside its folder when it was loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+    files = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add(entry.value)
+    return files
