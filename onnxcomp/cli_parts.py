@@ -30,8 +30,9 @@ def _positive(value: int | None, flag: str, limit: int) -> int | None:
 
 
 def compress(args, emit) -> int:
-    from onnxcomp.parts import open_parts
-    from onnxcomp.parts_compress import _check_output_folder, compress_parts, write_parts
+    from onnxcomp.parts import load_manifest, open_parts
+    from onnxcomp.parts_compress import (check_output_folder, compress_parts, part_sizes,
+                                         write_parts)
 
     if args.dry_run:
         raise UserError("--dry-run plans one file: run it on a part's .onnx file")
@@ -39,14 +40,18 @@ def compress(args, emit) -> int:
         raise UserError("--min-cosine is for one file; a pipeline is gated per part by the "
                         "default fidelity floor and reported by generation agreement")
     reference = open_parts(args.model)
-    _check_output_folder(args.output, reference.manifest.folder)
+    check_output_folder(args.output, reference.manifest.folder)
     result = compress_parts(args.model, recipe=args.recipe, per_part=_part_recipes(args.part),
                             calib=args.calib, eval_data=args.eval, overrides=args.set,
                             validate=not args.no_validate)
     written = result.passed and not result.below_floor
     if written:
         path = write_parts(reference, result, args.output)
-        result.report.models["candidate"] = {"path": str(path)}
+        sizes = part_sizes(load_manifest(path))
+        result.report.models["candidate"] = {"path": str(path), "parts": sizes}
+        before = sum(result.report.models["reference"]["parts"].values())
+        result.report.notes.append(f"pipeline size {before} -> {sum(sizes.values())} bytes "
+                                   f"({sum(sizes.values()) / before:.3f}x)")
     else:
         result.report.notes.append(f"a part fell below its fidelity floor: {args.output} was "
                                    "not written")

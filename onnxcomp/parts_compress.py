@@ -155,7 +155,7 @@ def resolve_samples(spec, parts: Parts, split: str, count: int = 8) -> calibrati
     return data
 
 
-def _check_output_folder(output: str | os.PathLike, source: Path) -> Path:
+def check_output_folder(output: str | os.PathLike, source: Path) -> Path:
     target = Path(output)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target}: the output folder must not exist or be empty")
@@ -178,7 +178,7 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
     recipes = group_recipes(manifest, recipe, per_part)
     report = Report("compress-parts")
     report.models["reference"] = {"path": str(manifest.folder), "task": manifest.task,
-                                  "parts": _sizes(manifest)}
+                                  "parts": part_sizes(manifest)}
     models = {p.name: reference.model(p.name) for p in manifest.parts}
     tied = tied_tensors(models)
     report.models["tied_tensors"] = {"groups": len(tied), "bytes": sum(t.nbytes for t in tied),
@@ -233,7 +233,7 @@ def _zoo_eval(calib_set, parts: Parts):
     return None
 
 
-def _sizes(manifest: Manifest) -> dict[str, int]:
+def part_sizes(manifest: Manifest) -> dict[str, int]:
     out = {}
     for part in manifest.parts:
         path = manifest.path(part)
@@ -290,7 +290,7 @@ def write_parts(reference: Parts, result: PartsResult, output: str | os.PathLike
     """Write the compressed pipeline folder atomically: staged beside ``output``, then moved;
     parts without a compressed model are copied (with their external data)."""
     manifest = reference.manifest
-    target = _check_output_folder(output, manifest.folder)
+    target = check_output_folder(output, manifest.folder)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".onnxcomp-", dir=target.parent))
     try:
