@@ -14,6 +14,7 @@ refuses (one line, nothing written: a bug; rerun with ONNXCOMP_DEBUG=1 for the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -100,6 +101,10 @@ def _is_parts(path: str) -> bool:
 def cmd_inspect(args) -> int:
     from onnxcomp.inspection import format_inspection, inspect_model
 
+    if _is_parts(args.model):
+        from onnxcomp import cli_parts
+
+        return cli_parts.inspect(args)
     info = inspect_model(args.model, shapes=_shapes(args.shape))
     print(json.dumps(info, indent=2, default=str) if args.json else format_inspection(info))
     return 0
@@ -489,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxcomp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `onnxcomp ... | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (flushed at exit, then closed)
+        return 141
     except Exception as exc:  # a bug, not the user's fault: one line unless debugging
         if os.environ.get("ONNXCOMP_DEBUG"):
             raise

@@ -29,6 +29,49 @@ def _positive(value: int | None, flag: str, limit: int) -> int | None:
     return value
 
 
+def inspect(args) -> int:
+    """The parts, their roles and sizes, the tensors the files share, the generation spec."""
+    import json
+
+    from onnxcomp.model import parameter_count
+    from onnxcomp.parts import open_parts, tied_tensors
+    from onnxcomp.parts_compress import groups, part_sizes
+    from onnxcomp.report import markdown_table
+
+    parts = open_parts(args.model)
+    manifest = parts.manifest
+    sizes = part_sizes(manifest)
+    models = {p.name: parts.model(p.name) for p in manifest.parts}
+    tied = tied_tensors(models)
+    info = {
+        "folder": str(manifest.folder), "task": manifest.task,
+        "parts": [{"name": p.name, "role": p.role, "file": p.file, "bytes": sizes[p.name],
+                   "parameters": parameter_count(models[p.name]),
+                   "inputs": [i.name for i in models[p.name].graph.input
+                              if i.name not in {t.name for t in models[p.name].graph.initializer}],
+                   "outputs": [o.name for o in models[p.name].graph.output]}
+                  for p in manifest.parts],
+        "groups": groups(manifest),
+        "tied_tensors": {"count": len(tied), "bytes": sum(t.nbytes for t in tied),
+                         "largest": [[f"{part}:{name}" for part, name in t.members]
+                                     for t in tied[:5]]},
+        "generation": {"start_ids": list(manifest.generation.start_ids),
+                       "eos_id": manifest.generation.eos_id,
+                       "max_new_tokens": manifest.generation.max_new_tokens},
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [[p["name"], p["role"], p["file"], f"{p['bytes'] / 1e6:.2f}", p["parameters"],
+             len(p["inputs"]), len(p["outputs"])] for p in info["parts"]]
+    print(markdown_table(["part", "role", "file", "MB", "parameters", "inputs", "outputs"],
+                         rows))
+    print(f"\ntensors stored in more than one file: {len(tied)} "
+          f"({sum(t.nbytes for t in tied) / 1e6:.2f} MB each copy); the decoder files are one "
+          "compression group (compressed once, as a merged decoder)")
+    return 0
+
+
 def compress(args, emit) -> int:
     from onnxcomp.parts import load_manifest, open_parts
     from onnxcomp.parts_compress import (check_output_folder, compress_parts, part_sizes,

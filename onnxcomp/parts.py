@@ -40,6 +40,7 @@ __all__ = ["merge_decoders", "split_merged", "MANIFEST", "Manifest", "PartSpec",
            "is_parts", "Parts", "open_parts", "tied_tensors", "Generation", "generate"]
 
 MANIFEST = "parts.json"
+MANIFEST_BYTES = 1 << 20
 FORMAT = "onnxcomp-parts/1"
 ROLES = ("encoder", "decoder", "decoder-with-past", "decoder-merged")
 DECODER_ROLES = ROLES[1:]
@@ -106,6 +107,9 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     file = path / MANIFEST if path.is_dir() else path
     folder = file.parent
     try:
+        if file.stat().st_size > MANIFEST_BYTES:
+            raise UserError(f"{file}: {file.stat().st_size} bytes is not a manifest "
+                            f"(limit {MANIFEST_BYTES})")
         raw = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: no {MANIFEST} (a pipeline folder needs one)") from None
@@ -127,6 +131,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         if Path(entry["file"]).is_absolute() or ".." in Path(entry["file"]).parts:
             raise UserError(f"{file}: part file {entry['file']!r} must stay inside the folder")
         target = folder / entry["file"]
+        if target.exists() and not target.resolve().is_relative_to(folder.resolve()):
+            raise UserError(f"{file}: part file {entry['file']!r} links outside the folder")
         if not target.is_file():
             raise UserError(f"{file}: part {entry['name']!r}: {target} is missing")
         parts.append(PartSpec(entry["name"], entry["file"], entry["role"]))

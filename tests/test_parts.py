@@ -98,3 +98,20 @@ def test_tied_tensors_are_found_across_files(tmp_path):
     assert all({m[0] for m in t.members} == {"decoder", "decoder_with_past", "decoder_merged"}
                for t in tied)
     assert tied[0].nbytes >= tied[-1].nbytes
+
+
+def test_part_files_that_escape_the_folder_are_refused(tmp_path):
+    folder = write_toy_pipeline(tmp_path / "p")
+    outside = tmp_path / "elsewhere.onnx"
+    (folder / "decoder_model.onnx").rename(outside)
+    (folder / "decoder_model.onnx").symlink_to(outside)
+    with pytest.raises(UserError, match="links outside the folder"):
+        load_manifest(folder)
+
+
+def test_a_huge_manifest_is_refused_before_reading(tmp_path):
+    folder = write_toy_pipeline(tmp_path / "p")
+    with open(folder / "parts.json", "ab") as handle:
+        handle.write(b" " * (2 << 20))
+    with pytest.raises(UserError, match="is not a manifest"):
+        load_manifest(folder)

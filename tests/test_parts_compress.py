@@ -187,3 +187,16 @@ def test_a_pipeline_below_the_fidelity_floor_writes_nothing(tmp_path):
     assert run.returncode == 1, run.stderr
     assert "nothing written" in run.stderr and not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".onnxcomp")]
+
+
+def test_cli_inspect_lists_parts_and_shared_tensors(tmp_path):
+    folder = write_toy_pipeline(tmp_path / "in", merged=True)
+    run = _cli("inspect", folder, "--json")
+    assert run.returncode == 0, run.stderr
+    import json
+
+    info = json.loads(run.stdout)
+    assert [p["role"] for p in info["parts"]] == ["encoder", "decoder", "decoder-with-past",
+                                                  "decoder-merged"]
+    assert info["tied_tensors"]["count"] == 3
+    assert info["groups"]["decoder"] == ["decoder", "decoder_with_past", "decoder_merged"]
