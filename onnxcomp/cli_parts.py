@@ -74,8 +74,7 @@ def inspect(args) -> int:
 
 def compress(args, emit) -> int:
     from onnxcomp.parts import load_manifest, open_parts
-    from onnxcomp.parts_compress import (check_output_folder, compress_parts, part_sizes,
-                                         write_parts)
+    from onnxcomp.parts_compress import check_output_folder, compress_parts, part_sizes, write_parts
 
     if args.dry_run:
         raise UserError("--dry-run plans one file: run it on a part's .onnx file")

@@ -211,7 +211,7 @@ def _strip_prefix(graph: onnx.GraphProto, tag: str) -> None:
     for name in defined:
         if name.startswith(prefix) and name[len(prefix):] not in taken:
             mapping[name] = name[len(prefix):]
-    _rename(graph, mapping, lambda n: n[len(prefix):] if n.startswith(prefix) else n)
+    _rename(graph, mapping, lambda n: n.removeprefix(prefix))
 
 
 def _slice(graph: onnx.GraphProto, branch: onnx.GraphProto, if_node: onnx.NodeProto,

@@ -36,8 +36,20 @@ import onnx
 from onnxcomp.decoders import FLAG, PAST_PREFIX, PRESENT_PREFIX, merge_decoders, split_merged
 from onnxcomp.errors import UserError
 
-__all__ = ["merge_decoders", "split_merged", "MANIFEST", "Manifest", "PartSpec", "load_manifest",
-           "is_parts", "Parts", "open_parts", "tied_tensors", "Generation", "generate"]
+__all__ = [
+    "MANIFEST",
+    "Generation",
+    "Manifest",
+    "PartSpec",
+    "Parts",
+    "generate",
+    "is_parts",
+    "load_manifest",
+    "merge_decoders",
+    "open_parts",
+    "split_merged",
+    "tied_tensors",
+]
 
 MANIFEST = "parts.json"
 MANIFEST_BYTES = 1 << 20
@@ -357,7 +369,7 @@ def _run(parts: Parts, part: str, feeds: dict[str, np.ndarray],
     names = [o.name for o in sess.get_outputs()]
     try:
         values = sess.run(names, feeds)
-    except Exception as exc:  # ORT's message says which input was wrong; one line of it
+    except Exception as exc:  # noqa: BLE001 (ORT raises its own classes; the message says which input)
         raise UserError(f"part {part!r} failed to run: {str(exc).splitlines()[0]}") from None
     return dict(zip(names, values))
 

@@ -32,8 +32,16 @@ from onnxcomp import calibration, progress
 from onnxcomp.decoders import FLAG, PAST_PREFIX, merge_decoders, split_merged
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model, check_output_path
-from onnxcomp.parts import (DECODER_ROLES, MANIFEST, Manifest, Parts, _empty_past, generate,
-                            open_parts, tied_tensors)
+from onnxcomp.parts import (
+    DECODER_ROLES,
+    MANIFEST,
+    Manifest,
+    Parts,
+    _empty_past,
+    generate,
+    open_parts,
+    tied_tensors,
+)
 from onnxcomp.report import Report
 
 DECODER_GROUP = "decoder"
@@ -89,7 +97,8 @@ def _record(parts: Parts, samples: list[dict], what: str) -> dict[str, list[list
     with log.task(f"recording part inputs ({what})", total=len(samples)) as task:
         for sample in samples:
             runs: dict[str, list[dict]] = {p: [] for p in recorded}
-            generate(parts, sample, record=lambda part, feeds: runs[part].append(dict(feeds)))
+            generate(parts, sample, record=lambda part, feeds, runs=runs: runs[part].append(
+                dict(feeds)))
             for part, feeds in runs.items():
                 recorded[part].append(feeds)
             task.advance()
@@ -196,19 +205,30 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
         if chosen is None:
             report.models["groups"][group] = {"recipe": "float", "parts": members}
             continue
-        base, calib_data, eval_data_g = _group_model(reference, group, members, calib_feeds,
-                                                     eval_feeds)
-        progress.current()(f"compressing {group} ({', '.join(members)}) with {chosen}")
-        out = api.compress(base, recipe=chosen, calib=calib_data, eval_data=eval_data_g,
-                           overrides=overrides, validate=validate)
-        report.passes.extend(out.report.passes)
-        report.notes.extend(f"{group}: {n}" for n in out.report.notes)
-        report.verdicts.extend(f"{group}: {v}" for v in out.report.verdicts)
+        units, reason = _units(reference, group, members, chosen, overrides, calib_feeds,
+                               eval_feeds)
+        if reason:
+            note = (f"{group}: compressed file by file ({reason}); the weights the files share "
+                    "are quantized by the same rule from the same values (checked below)")
+            report.notes.append(note)
+            progress.current()(f"note: {note}")
+        outputs = []
+        fidelity = {}
+        for unit in units:
+            progress.current()(f"compressing {unit.label} with {chosen}")
+            out = api.compress(unit.model, recipe=chosen, calib=unit.calib,
+                               eval_data=unit.evaluation, overrides=overrides, validate=validate)
+            report.passes.extend(out.report.passes)
+            report.notes.extend(f"{unit.label}: {n}" for n in out.report.notes)
+            report.verdicts.extend(f"{unit.label}: {v}" for v in out.report.verdicts)
+            fidelity[unit.label] = out.report.fidelity
+            result.passed &= out.passed
+            result.below_floor |= out.below_floor
+            outputs.append(out.model)
         report.models["groups"][group] = {"recipe": chosen, "parts": members,
-                                          "fidelity": out.report.fidelity}
-        result.passed &= out.passed
-        result.below_floor |= out.below_floor
-        result.models.update(_ungroup(manifest, group, members, out.model))
+                                          "fidelity": fidelity}
+        result.models.update(_assemble(manifest, group, members, outputs))
+    _check_ties(manifest, models, result, report)
     if validate:
         from onnxcomp.measure.generation import validate_generation
 
@@ -223,6 +243,20 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
                 candidate = open_parts(Path(scratch) / "candidate")
                 report.generation = validate_generation(reference, candidate, samples)
     return result
+
+
+def _check_ties(manifest: Manifest, before: dict[str, onnx.ModelProto], result: PartsResult,
+                report: Report) -> None:
+    """The decoder files must still share weights byte for byte where they did before."""
+    decoders = [p.name for p in manifest.parts if p.role in ("decoder", "decoder-with-past")]
+    if len(decoders) != 2 or not all(d in result.models for d in decoders):
+        return
+    tied_before = tied_tensors({d: before[d] for d in decoders})
+    tied_after = tied_tensors({d: result.models[d].proto for d in decoders})
+    report.models["tied_tensors"]["after"] = {"groups": len(tied_after),
+                                              "bytes": sum(t.nbytes for t in tied_after)}
+    if tied_before and not tied_after:
+        report.verdicts.append("the decoder files no longer share any weight byte for byte")
 
 
 def _zoo_eval(calib_set, parts: Parts):
@@ -242,47 +276,103 @@ def part_sizes(manifest: Manifest) -> dict[str, int]:
     return out
 
 
-def _group_model(reference: Parts, group: str, members: list[str], calib_feeds, eval_feeds):
-    """The model a group is compressed as (a merged decoder for the decoder group), with its
-    recorded calibration and held-out feeds."""
+@dataclass
+class _Unit:
+    """One model the group is compressed as, with the feeds it was recorded with."""
+    label: str
+    model: Model
+    calib: calibration.Dataset | None
+    evaluation: calibration.Dataset | None
+
+
+def separate_reason(recipe: str, overrides: list[str] | None) -> str | None:
+    """Why a recipe cannot compress the decoder group as one merged decoder (what the passes
+    cannot do inside If branches), or None: such recipes compress the files one by one."""
+    from onnxcomp.recipe import apply_overrides, parse_recipe
+
+    for step in apply_overrides(parse_recipe(recipe), overrides):
+        if step.name == "prune":
+            return "prune does not cut inside If branches"
+        if step.name == "quantize" and getattr(step.config, "mode", None) == "int8":
+            return ("static int8 needs activation ranges, which are not calibrated inside If "
+                    "branches")
+    return None
+
+
+def _flat(feeds, part: str) -> list[dict]:
+    return [b for runs in feeds[part] for b in runs]
+
+
+def _units(reference: Parts, group: str, members: list[str], recipe: str,
+           overrides: list[str] | None, calib_feeds, eval_feeds
+           ) -> tuple[list[_Unit], str | None]:
+    """The models a group is compressed as: a run-once part itself; the decoder group as one
+    merged decoder, or (see separate_reason) as its two files one by one."""
     manifest = reference.manifest
     if group != DECODER_GROUP:
         name = members[0]
-        model = Model(reference.model(name), manifest.folder)
-        pick = (lambda feeds: _dataset([b for runs in feeds[name] for b in runs],
-                                       f"{name} inputs"))
-        return model, pick(calib_feeds) if calib_feeds else None, (
-            pick(eval_feeds) if eval_feeds else None)
-    merged_parts = manifest.by_role("decoder-merged")
+
+        def pick_part(feeds):
+            return _dataset(_flat(feeds, name), f"{name} inputs") if feeds else None
+
+        return [_Unit(name, Model(reference.model(name), manifest.folder),
+                      pick_part(calib_feeds), pick_part(eval_feeds))], None
     first, later = reference.decoder_route()
-    if merged_parts:
-        merged = reference.model(merged_parts[0].name)
+    merged_parts = manifest.by_role("decoder-merged")
+    reason = separate_reason(recipe, overrides)
+    if first == later:  # only a merged file: its two paths, and its feeds split by the flag
+        merged = reference.model(first)
+        first_model, later_model = split_merged(merged)
+
+        def path_feeds(feeds, model, flag: bool):
+            names = {i.name for i in model.graph.input}
+            return [{k: v for k, v in b.items() if k in names}
+                    for b in _flat(feeds, first) if bool(b[FLAG][0]) == flag]
     else:
-        merged = merge_decoders(reference.model(first), reference.model(later))
+        merged = (reference.model(merged_parts[0].name) if merged_parts
+                  else merge_decoders(reference.model(first), reference.model(later)))
+        first_model, later_model = reference.model(first), reference.model(later)
 
-    def pick(feeds):
-        if feeds is None:
-            return None
-        if first == later:  # generation ran through the merged file: its own feeds
-            return _dataset([b for runs in feeds[first] for b in runs], "decoder inputs")
-        return _dataset(_merged_feeds(merged, feeds[first], feeds[later]), "decoder inputs")
+        def path_feeds(feeds, model, flag: bool):
+            return _flat(feeds, later if flag else first)
+    if reason is None:
+        def pick_merged(feeds):
+            if feeds is None:
+                return None
+            if first == later:
+                return _dataset(_flat(feeds, first), "decoder inputs")
+            return _dataset(_merged_feeds(merged, feeds[first], feeds[later]), "decoder inputs")
 
-    return Model(merged, manifest.folder), pick(calib_feeds), pick(eval_feeds)
+        return [_Unit("decoder (merged)", Model(merged, manifest.folder),
+                      pick_merged(calib_feeds), pick_merged(eval_feeds))], None
+    units = []
+    for label, model, flag in (("decoder (first step)", first_model, False),
+                               ("decoder (with past)", later_model, True)):
+        def pick_path(feeds, model=model, flag=flag, label=label):
+            return _dataset(path_feeds(feeds, model, flag), label) if feeds else None
+
+        units.append(_Unit(label, Model(model, manifest.folder), pick_path(calib_feeds),
+                           pick_path(eval_feeds)))
+    return units, reason
 
 
-def _ungroup(manifest: Manifest, group: str, members: list[str], model: Model
-             ) -> dict[str, Model]:
+def _assemble(manifest: Manifest, group: str, members: list[str], outputs: list[Model]
+              ) -> dict[str, Model]:
+    """The part files from the compressed unit(s) of a group."""
     if group != DECODER_GROUP:
-        return {members[0]: model}
+        return {members[0]: outputs[0]}
+    if len(outputs) == 1:
+        merged = outputs[0]
+        first_step, with_past = (Model(m) for m in split_merged(merged.proto))
+    else:
+        first_step, with_past = outputs
+        merged = Model(merge_decoders(first_step.proto, with_past.proto))
     out = {}
-    first_step, with_past = split_merged(model.proto)
     for part in manifest.parts:
-        if part.role == "decoder":
-            out[part.name] = Model(first_step)
-        elif part.role == "decoder-with-past":
-            out[part.name] = Model(with_past)
-        elif part.role == "decoder-merged":
-            out[part.name] = model
+        chosen = {"decoder": first_step, "decoder-with-past": with_past,
+                  "decoder-merged": merged}.get(part.role)
+        if chosen is not None:
+            out[part.name] = chosen
     return out
 
 
