@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 from builders import IR_VERSION, tensor
+from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
 
