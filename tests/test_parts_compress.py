@@ -224,3 +224,19 @@ def test_static_int8_decoders_are_compressed_file_by_file_and_stay_tied(tmp_path
     for sample in toy_samples(2, seed=4):
         assert generate(out, sample, merged=True).tokens == generate(
             out, sample, merged=merged_only and None).tokens
+
+
+def test_word_error_rates_with_a_token_decoder(tmp_path):
+    from onnxcomp.measure.generation import word_error_rate
+
+    assert word_error_rate(["Hello, world!"], ["hello world"]) == 0.0
+    assert word_error_rate(["a b c d"], ["a x c"]) == 0.5
+    folder = write_toy_pipeline(tmp_path / "in")
+    data = calibration.from_batches(toy_samples(3, seed=3), name="toy",
+                                    labels=[["w1 w2"]] * 3)
+    result = validate_generation(open_parts(folder), open_parts(folder), data,
+                                 decode=lambda tokens: " ".join(f"w{t}" for t in tokens))
+    agreement = result["agreement"]
+    assert agreement["wer_candidate_vs_reference"] == 0.0
+    assert agreement["wer_reference_vs_truth"] == agreement["wer_candidate_vs_truth"] > 0
+    assert result["samples"][0]["reference_text"].startswith("w")

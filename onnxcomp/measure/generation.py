@@ -100,11 +100,38 @@ def consistency(parts: Parts, sample: dict[str, np.ndarray], max_new_tokens: int
     return out
 
 
+def _words(text: str) -> list[str]:
+    kept = "".join(c.lower() if c.isalnum() or c.isspace() or c == "'" else " " for c in text)
+    return kept.split()
+
+
+def word_error_rate(truth: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Word-level edit distance over all samples / words in ``truth`` (lowercased, punctuation
+    dropped): the speech-recognition metric."""
+    errors = sum(_edit_distance(_words(t), _words(h)) for t, h in zip(truth, hypotheses))
+    words = sum(len(_words(t)) for t in truth)
+    return errors / max(words, 1)
+
+
+def _decoder_of(parts: Parts):
+    name = parts.manifest.raw.get("zoo")
+    if not isinstance(name, str):
+        return None
+    from onnxcomp import zoo
+
+    return zoo.token_decoder(name) if name in zoo.names() else None
+
+
 def validate_generation(reference: Parts, candidate: Parts, samples, max_new_tokens: int | None
-                        = None) -> dict:
-    """Greedy generation of both pipelines on ``samples`` (an iterable of sample dicts)."""
+                        = None, decode=None) -> dict:
+    """Greedy generation of both pipelines on ``samples`` (a Dataset or sample dicts). With a
+    token decoder (``decode``, or the zoo's for the manifest's ``zoo`` name): transcripts and
+    word error rates, against the reference's transcripts and, where the samples have labels
+    (the spoken text), against the truth."""
     rows = []
     checks = []
+    labels = getattr(samples, "labels", None)
+    decode = decode or _decoder_of(reference)
     samples = list(iter_samples(samples))
     with progress.current().task("generation agreement", total=len(samples)) as task:
         for sample in samples:
@@ -139,6 +166,17 @@ def validate_generation(reference: Parts, candidate: Parts, samples, max_new_tok
         "perplexity_candidate": float(np.exp(np.mean([r["nll_cand"] for r in rows]))),
         "new_tokens_mean": float(np.mean([r["tokens"] for r in rows])),
     }
+    if decode is not None:
+        ref_text = [decode(r["reference"]) for r in rows]
+        cand_text = [decode(r["candidate"]) for r in rows]
+        for row, a, b in zip(rows, ref_text, cand_text):
+            row["reference_text"], row["candidate_text"] = a, b
+        agreement["wer_candidate_vs_reference"] = word_error_rate(ref_text, cand_text)
+        if labels is not None and len(labels) >= len(rows):
+            truth = [str(label[0] if isinstance(label, (list, tuple)) else label)
+                     for label in list(labels)[:len(rows)]]
+            agreement["wer_reference_vs_truth"] = word_error_rate(truth, ref_text)
+            agreement["wer_candidate_vs_truth"] = word_error_rate(truth, cand_text)
     merged = [c for c in checks if c]
     if merged:
         if any("with_past_same_token" in c for c in merged):
@@ -150,8 +188,9 @@ def validate_generation(reference: Parts, candidate: Parts, samples, max_new_tok
         if any("merged_same_tokens" in c for c in merged):
             agreement["candidate_merged_same_tokens"] = float(np.mean(
                 [c["merged_same_tokens"] for c in merged if "merged_same_tokens" in c]))
-    return {"agreement": agreement, "samples": [
-        {k: r[k] for k in ("reference", "candidate", "cos_min", "exact")} for r in rows]}
+    keys = ("reference", "candidate", "cos_min", "exact", "reference_text", "candidate_text")
+    return {"agreement": agreement,
+            "samples": [{k: r[k] for k in keys if k in r} for r in rows]}
 
 
 # --- timing -------------------------------------------------------------------------------
