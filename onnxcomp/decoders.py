@@ -234,7 +234,10 @@ def _slice(graph: onnx.GraphProto, branch: onnx.GraphProto, if_node: onnx.NodePr
     out = helper.make_graph(nodes, graph.name, [], [])
     read, _ = _subgraph_names(out)
     out.input.extend(i for i in graph.input if i.name in read and i.name != FLAG)
+    # Weights of the outer graph (shared by both paths) and of the branch itself (a pass may
+    # have lifted a branch's constants into its own initializers).
     out.initializer.extend(t for t in graph.initializer if t.name in read)
+    out.initializer.extend(t for t in body.initializer if t.name in read)
     out.output.extend(kept_outputs)
     _strip_prefix(out, tag)
     return out

@@ -128,3 +128,23 @@ def _rename_input(model, old, new):
 def test_split_refuses_a_model_without_the_flag_if():
     with pytest.raises(UserError, match="not a merged decoder"):
         split_merged(toy_parts()["decoder"])
+
+
+def test_split_keeps_initializers_that_live_in_a_branch():
+    parts = toy_parts()
+    merged = merge_decoders(parts["decoder"], parts["decoder_with_past"])
+    for attr in merged.graph.node[0].attribute:  # as a pass that lifts a branch constant does
+        branch = attr.g
+        axes = numpy_helper.from_array(np.array([1], np.int64), f"{attr.name}/axes_local")
+        branch.initializer.append(axes)
+        for node in branch.node:
+            if node.op_type in ("Unsqueeze", "Squeeze"):
+                node.input[1] = axes.name
+    onnx.checker.check_model(merged, full_check=True)
+    first_step, with_past = split_merged(merged)
+    for model in (first_step, with_past):
+        onnx.checker.check_model(model, full_check=True)
+        assert any(t.name.endswith("axes_local") for t in model.graph.initializer)
+    first, later, _ = _feeds(parts)
+    np.testing.assert_array_equal(_session(first_step).run(None, first)[0],
+                                  _session(parts["decoder"]).run(None, first)[0])
