@@ -183,7 +183,9 @@ def merge_decoders(decoder: onnx.ModelProto, with_past: onnx.ModelProto) -> onnx
                                                      for d, v in opsets.items()])
     merged.ir_version = max(decoder.ir_version, with_past.ir_version)
     merged.producer_name = "onnxcomp"
-    helper.set_model_props(merged, {PADDED_KEY: json.dumps(sorted(passthrough))})
+    props = {p.key: p.value for p in decoder.metadata_props}  # the exporter's tags carry over
+    props[PADDED_KEY] = json.dumps(sorted(passthrough))
+    helper.set_model_props(merged, props)
     return merged
 
 

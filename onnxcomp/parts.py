@@ -181,7 +181,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     return Manifest(folder, str(raw.get("task", "")), tuple(parts), dict(feeds), spec, raw)
 
 
-def _model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     initializers = {t.name for t in model.graph.initializer}
     return [i for i in model.graph.input if i.name not in initializers]
 
@@ -196,6 +196,8 @@ class Parts:
         self.optimize = optimize
         self._models: dict[str, onnx.ModelProto] = {}
         self._sessions: dict[str, object] = {}
+        self._signatures: dict[str, tuple[list[onnx.ValueInfoProto],
+                                          list[onnx.ValueInfoProto]]] = {}
 
     @property
     def folder(self) -> Path:
@@ -207,6 +209,26 @@ class Parts:
 
             self._models[name] = model_io.load(self.manifest.path(self.manifest.part(name))).proto
         return self._models[name]
+
+    def signature(self, name: str) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+        """(inputs that are not initializers, outputs) of a part; its weights are not kept."""
+        if name not in self._signatures:
+            model = self._models.get(name)
+            if model is None:
+                from onnxcomp import model as model_io
+
+                model = model_io.load(self.manifest.path(self.manifest.part(name)),
+                                      load_weights=False).proto
+            self._signatures[name] = (model_inputs(model), list(model.graph.output))
+        return self._signatures[name]
+
+    def release(self) -> None:
+        """Drop the loaded models and sessions (memory; they are made again on use)."""
+        self._models.clear()
+        self._sessions.clear()
+        from onnxcomp import runtime
+
+        runtime.release_free_memory()
 
     def session(self, name: str):
         if name not in self._sessions:
@@ -243,8 +265,8 @@ class Parts:
         """Every part input is produced by the sample, an earlier part, a feed or the loop."""
         available = set(sample_keys) | {"prompt_ids"}
         for part in self.manifest.parts:
-            model = self.model(part.name)
-            for value in _model_inputs(model):
+            inputs, outputs = self.signature(part.name)
+            for value in inputs:
                 name = value.name
                 key = f"{part.name}.{name}"
                 if name not in available and CONVENTIONS.get(name) in available:
@@ -258,8 +280,8 @@ class Parts:
                     raise UserError(f"{self.folder}: input {name!r} of part {part.name!r} is "
                                     "not a sample input, an earlier part's output or a feed")
             if part.role == "encoder":
-                available |= {o.name for o in model.graph.output}
-                available |= {f"{part.name}.{o.name}" for o in model.graph.output}
+                available |= {o.name for o in outputs}
+                available |= {f"{part.name}.{o.name}" for o in outputs}
 
 
 def open_parts(path: str | os.PathLike, threads: int | None = None, optimize: bool = True
@@ -282,18 +304,31 @@ def _digest(tensor: onnx.TensorProto) -> tuple[str, int]:
     return hashlib.sha256(key).hexdigest(), len(data)
 
 
-def tied_tensors(models: dict[str, onnx.ModelProto], min_bytes: int = 1024) -> list[TiedTensor]:
-    """Initializers with identical contents in more than one place, largest first."""
+def digests(model: onnx.ModelProto, min_bytes: int = 1024) -> list[tuple[str, str, int]]:
+    """(initializer name, content digest, bytes) of every initializer of ``min_bytes`` or more."""
+    out = []
+    for tensor in model.graph.initializer:
+        digest, nbytes = _digest(tensor)
+        if nbytes >= min_bytes:
+            out.append((tensor.name, digest, nbytes))
+    return out
+
+
+def tied_from(per_part: dict[str, list[tuple[str, str, int]]]) -> list[TiedTensor]:
+    """Contents present in more than one place, largest first, from each part's digests."""
     groups: dict[str, list[tuple[str, str]]] = {}
     sizes: dict[str, int] = {}
-    for part, model in models.items():
-        for tensor in model.graph.initializer:
-            digest, nbytes = _digest(tensor)
-            if nbytes >= min_bytes:
-                groups.setdefault(digest, []).append((part, tensor.name))
-                sizes[digest] = nbytes
+    for part, entries in per_part.items():
+        for name, digest, nbytes in entries:
+            groups.setdefault(digest, []).append((part, name))
+            sizes[digest] = nbytes
     tied = [TiedTensor(d, sizes[d], tuple(m)) for d, m in groups.items() if len(m) > 1]
     return sorted(tied, key=lambda t: -t.nbytes)
+
+
+def tied_tensors(models: dict[str, onnx.ModelProto], min_bytes: int = 1024) -> list[TiedTensor]:
+    """Initializers with identical contents in more than one place, largest first."""
+    return tied_from({part: digests(model, min_bytes) for part, model in models.items()})
 
 
 # --- greedy generation --------------------------------------------------------------------
@@ -308,10 +343,10 @@ class Generation:
     step_s: list[float]
 
 
-def _empty_past(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def empty_past(inputs: Sequence[onnx.ValueInfoProto]) -> dict[str, np.ndarray]:
     """Zero-length caches for a merged decoder's first step, from the declared shapes."""
     feeds = {}
-    for value in _model_inputs(model):
+    for value in inputs:
         if not value.name.startswith(PAST_PREFIX):
             continue
         dims = value.type.tensor_type.shape.dim
@@ -422,7 +457,7 @@ def generate(parts: Parts, sample: dict[str, np.ndarray], max_new_tokens: int | 
     prompt = sample.get("prompt_ids")
     ids = (np.asarray(prompt, np.int64).reshape(1, -1) if prompt is not None
            else np.array([spec.start_ids], np.int64))
-    past: dict[str, np.ndarray] = _empty_past(parts.model(first_part)) if is_merged else {}
+    past: dict[str, np.ndarray] = empty_past(parts.signature(first_part)[0]) if is_merged else {}
     tokens: list[int] = []
     logits: list[np.ndarray] = []
     step_s: list[float] = []

@@ -37,9 +37,12 @@ from onnxcomp.parts import (
     MANIFEST,
     Manifest,
     Parts,
-    _empty_past,
+    digests,
+    empty_past,
     generate,
+    model_inputs,
     open_parts,
+    tied_from,
     tied_tensors,
 )
 from onnxcomp.report import Report
@@ -117,7 +120,7 @@ def _merged_feeds(merged: onnx.ModelProto, first: list[list[dict]], later: list[
     """Feeds for a merged decoder made from the separate files' recorded feeds: the first step
     gets empty caches and the flag off; later steps the flag on and the sample's other inputs."""
     names = [i.name for i in merged.graph.input]
-    empty = _empty_past(merged)
+    empty = empty_past(model_inputs(merged))
     batches = []
     for first_runs, later_runs in zip(first, later):
         base = first_runs[0] if first_runs else {}
@@ -188,8 +191,12 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
     report = Report("compress-parts")
     report.models["reference"] = {"path": str(manifest.folder), "task": manifest.task,
                                   "parts": part_sizes(manifest)}
-    models = {p.name: reference.model(p.name) for p in manifest.parts}
-    tied = tied_tensors(models)
+    # Content digests a part at a time: the parts' weights are not all held at once.
+    found = {}
+    for part in manifest.parts:
+        found[part.name] = digests(reference.model(part.name))
+        reference.release()
+    tied = tied_from(found)
     report.models["tied_tensors"] = {"groups": len(tied), "bytes": sum(t.nbytes for t in tied),
                                      "largest": [list(m) for t in tied[:3] for m in t.members]}
     calib_set = resolve_samples(calib, reference, "calib") if calib is not None else None
@@ -197,6 +204,7 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
         _zoo_eval(calib_set, reference))
     calib_feeds = _record(reference, list(calib_set), "calibration") if calib_set else None
     eval_feeds = _record(reference, list(eval_set), "held-out") if eval_set else None
+    reference.release()  # the sessions of the recording runs
     result = PartsResult(report)
     report.passes = []
     report.models["groups"] = {}
@@ -228,7 +236,8 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
         report.models["groups"][group] = {"recipe": chosen, "parts": members,
                                           "fidelity": fidelity}
         result.models.update(_assemble(manifest, group, members, outputs))
-    _check_ties(manifest, models, result, report)
+        reference.release()
+    _check_ties(manifest, found, result, report)
     if validate:
         from onnxcomp.measure.generation import validate_generation
 
@@ -245,13 +254,13 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
     return result
 
 
-def _check_ties(manifest: Manifest, before: dict[str, onnx.ModelProto], result: PartsResult,
+def _check_ties(manifest: Manifest, before: dict[str, list], result: PartsResult,
                 report: Report) -> None:
     """The decoder files must still share weights byte for byte where they did before."""
     decoders = [p.name for p in manifest.parts if p.role in ("decoder", "decoder-with-past")]
     if len(decoders) != 2 or not all(d in result.models for d in decoders):
         return
-    tied_before = tied_tensors({d: before[d] for d in decoders})
+    tied_before = tied_from({d: before[d] for d in decoders})
     tied_after = tied_tensors({d: result.models[d].proto for d in decoders})
     report.models["tied_tensors"]["after"] = {"groups": len(tied_after),
                                               "bytes": sum(t.nbytes for t in tied_after)}
