@@ -266,3 +266,100 @@ def split_merged(merged: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelPr
         part.metadata_props.extend(p for p in merged.metadata_props if p.key != PADDED_KEY)
         models.append(part)
     return models[0], models[1]
+
+
+# --- side by side: both paths as one plain graph (no If), the unit of compression ----------
+
+FIRST, LATER = "first", "with_past"
+
+
+def _prefixed(model: onnx.ModelProto, tag: str, initializer_names: dict[str, str]
+              ) -> onnx.GraphProto:
+    graph = onnx.GraphProto()
+    graph.CopyFrom(model.graph)
+    del graph.initializer[:]
+    read, defined = _subgraph_names(model.graph)
+    mapping = {name: f"{tag}/{name}" for name in (read | defined) - set(initializer_names)
+               if name}
+    mapping.update(initializer_names)
+    _rename(graph, mapping, lambda name: f"{tag}/{name}" if name else name)
+    # A symbolic dimension is one size across a graph: each path keeps its own ("sequence" is
+    # the prompt length in one path and 1 in the other).
+    _dim_params(graph, lambda p: f"{tag}/{p}")
+    return graph
+
+
+def _dim_params(graph: onnx.GraphProto, change: Callable[[str], str]) -> None:
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = change(dim.dim_param)
+
+
+def side_by_side(first: onnx.ModelProto, later: onnx.ModelProto) -> onnx.ModelProto:
+    """One graph running both decoder paths side by side: every input, output and node of the
+    first-step decoder prefixed ``first/``, of the with-past decoder ``with_past/``; a weight
+    both hold (same name, same content) is one initializer read by both. Passes see each shared
+    weight once, at the top level (calibration, GPTQ statistics, mixed precision all apply);
+    :func:`split_side_by_side` gives the two files back."""
+    initializers: list[TensorProto] = []
+    first_names: dict[str, str] = {}
+    later_names: dict[str, str] = {}
+    by_name: dict[str, TensorProto] = {}
+    for tensor in first.graph.initializer:
+        by_name[tensor.name] = tensor
+        initializers.append(tensor)
+        first_names[tensor.name] = tensor.name
+    for tensor in later.graph.initializer:
+        known = by_name.get(tensor.name)
+        if known is not None and _same_tensor(known, tensor):
+            later_names[tensor.name] = tensor.name
+            continue
+        copy = TensorProto()
+        copy.CopyFrom(tensor)
+        if known is not None:
+            copy.name = f"{LATER}/{tensor.name}"
+        later_names[tensor.name] = copy.name
+        initializers.append(copy)
+    a = _prefixed(first, FIRST, first_names)
+    b = _prefixed(later, LATER, later_names)
+    graph = helper.make_graph(list(a.node) + list(b.node), "decoders_side_by_side",
+                              list(a.input) + list(b.input), list(a.output) + list(b.output),
+                              initializers)
+    graph.value_info.extend(list(a.value_info) + list(b.value_info))
+    opsets: dict[str, int] = {}
+    for entry in list(first.opset_import) + list(later.opset_import):
+        opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
+                                                    for d, v in opsets.items()])
+    model.ir_version = max(first.ir_version, later.ir_version)
+    model.metadata_props.extend(first.metadata_props)
+    return model
+
+
+def split_side_by_side(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(first-step decoder, with-past decoder) from :func:`side_by_side`'s graph (compressed or
+    not): each path's outputs, the nodes they need and the weights those read."""
+    graph = model.graph
+    out = []
+    for tag in (FIRST, LATER):
+        prefix = f"{tag}/"
+        outputs = [o for o in graph.output if o.name.startswith(prefix)]
+        if not outputs:
+            raise UserError(f"not a side-by-side decoder graph: no outputs named {prefix}*")
+        nodes = _live_nodes(list(graph.node), {o.name for o in outputs})
+        part = helper.make_graph(nodes, graph.name, [], [])
+        read, _ = _subgraph_names(part)
+        read |= {o.name for o in outputs}
+        part.input.extend(i for i in graph.input if i.name in read)
+        part.initializer.extend(t for t in graph.initializer if t.name in read)
+        part.output.extend(outputs)
+        part.value_info.extend(v for v in graph.value_info if v.name in read)
+        _strip_prefix(part, tag)
+        _dim_params(part, lambda p, prefix=prefix: p[len(prefix):] if p.startswith(prefix) else p)
+        single = helper.make_model(part, opset_imports=list(model.opset_import))
+        single.ir_version = model.ir_version
+        single.producer_name = model.producer_name
+        single.metadata_props.extend(model.metadata_props)
+        out.append(single)
+    return out[0], out[1]

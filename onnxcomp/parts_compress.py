@@ -2,18 +2,20 @@
 
 The unit is the pipeline folder (onnxcomp/parts.py). Parts are grouped: every run-once part
 (encoder, projector) is its own group; all decoder files (first step, with past, merged) are one
-group, compressed ONCE as a merged decoder (onnxcomp/decoders.py) so a tensor the files share is
-an outer initializer read by both paths, quantized or factored once, and the files written back
-from the merged result hold byte-identical weights under the same names.
+group, compressed ONCE as one graph holding both decoder paths side by side
+(``decoders.side_by_side``): a weight the files share is one initializer read by both paths, so
+it is quantized, factored or pruned once, with calibration, GPTQ statistics and mixed precision
+working as on any model; the files written back (``split_side_by_side``, and ``merge_decoders``
+for a merged file) hold byte-identical weights under the same names.
 
 Calibration and held-out data are pipeline samples (``input_features``, ``pixel_values``,
 optional ``prompt_ids``); each part is calibrated on what it really sees: the reference
 pipeline's greedy generation is run on the samples and every part's inputs are recorded
-(a decoder step per generated token), so a decoder is calibrated on its own cache and tokens.
+(a decoder step per generated token; each with-past step is paired with its sample's first
+step for the side-by-side graph).
 
-Limits: a decoder group is compressed as a merged If graph, so only what the passes do inside
-If branches applies there (int8-dynamic, int4, lowrank; static int8 and prune say they skip
-branch weights); the output folder must not exist or be empty.
+Limits: the output folder must not exist or be empty; the decoder files must be one first-step
+and one with-past path (or a merged file holding them).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ import numpy as np
 import onnx
 
 from onnxcomp import calibration, progress
-from onnxcomp.decoders import FLAG, PAST_PREFIX, merge_decoders, split_merged
+from onnxcomp.decoders import (
+    FIRST,
+    FLAG,
+    LATER,
+    merge_decoders,
+    side_by_side,
+    split_merged,
+    split_side_by_side,
+)
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model, check_output_path
 from onnxcomp.parts import (
@@ -38,9 +48,7 @@ from onnxcomp.parts import (
     Manifest,
     Parts,
     digests,
-    empty_past,
     generate,
-    model_inputs,
     open_parts,
     tied_from,
     tied_tensors,
@@ -113,25 +121,6 @@ def _spread(batches: list[dict], limit: int) -> list[dict]:
         return batches
     picks = np.linspace(0, len(batches) - 1, limit).round().astype(int)
     return [batches[i] for i in sorted(set(picks))]
-
-
-def _merged_feeds(merged: onnx.ModelProto, first: list[list[dict]], later: list[list[dict]]
-                  ) -> list[dict]:
-    """Feeds for a merged decoder made from the separate files' recorded feeds: the first step
-    gets empty caches and the flag off; later steps the flag on and the sample's other inputs."""
-    names = [i.name for i in merged.graph.input]
-    empty = empty_past(model_inputs(merged))
-    batches = []
-    for first_runs, later_runs in zip(first, later):
-        base = first_runs[0] if first_runs else {}
-        for feeds in first_runs:
-            batch = {**empty, **feeds, FLAG: np.array([False])}
-            batches.append({n: batch[n] for n in names if n in batch})
-        for feeds in later_runs:
-            batch = {**{k: v for k, v in base.items() if not k.startswith(PAST_PREFIX)
-                        and k != "input_ids"}, **feeds, FLAG: np.array([True])}
-            batches.append({n: batch[n] for n in names if n in batch})
-    return batches
 
 
 def _dataset(batches: list[dict], name: str) -> calibration.Dataset | None:
@@ -213,29 +202,18 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
         if chosen is None:
             report.models["groups"][group] = {"recipe": "float", "parts": members}
             continue
-        units, reason = _units(reference, group, members, chosen, overrides, calib_feeds,
-                               eval_feeds)
-        if reason:
-            note = (f"{group}: compressed file by file ({reason}); the weights the files share "
-                    "are quantized by the same rule from the same values (checked below)")
-            report.notes.append(note)
-            progress.current()(f"note: {note}")
-        outputs = []
-        fidelity = {}
-        for unit in units:
-            progress.current()(f"compressing {unit.label} with {chosen}")
-            out = api.compress(unit.model, recipe=chosen, calib=unit.calib,
-                               eval_data=unit.evaluation, overrides=overrides, validate=validate)
-            report.passes.extend(out.report.passes)
-            report.notes.extend(f"{unit.label}: {n}" for n in out.report.notes)
-            report.verdicts.extend(f"{unit.label}: {v}" for v in out.report.verdicts)
-            fidelity[unit.label] = out.report.fidelity
-            result.passed &= out.passed
-            result.below_floor |= out.below_floor
-            outputs.append(out.model)
+        (unit,) = _units(reference, group, members, calib_feeds, eval_feeds)
+        progress.current()(f"compressing {unit.label} with {chosen}")
+        out = api.compress(unit.model, recipe=chosen, calib=unit.calib,
+                           eval_data=unit.evaluation, overrides=overrides, validate=validate)
+        report.passes.extend(out.report.passes)
+        report.notes.extend(f"{unit.label}: {n}" for n in out.report.notes)
+        report.verdicts.extend(f"{unit.label}: {v}" for v in out.report.verdicts)
         report.models["groups"][group] = {"recipe": chosen, "parts": members,
-                                          "fidelity": fidelity}
-        result.models.update(_assemble(manifest, group, members, outputs))
+                                          "fidelity": out.report.fidelity}
+        result.passed &= out.passed
+        result.below_floor |= out.below_floor
+        result.models.update(_assemble(manifest, group, members, out.model))
         reference.release()
     _check_ties(manifest, found, result, report)
     if validate:
@@ -287,36 +265,35 @@ def part_sizes(manifest: Manifest) -> dict[str, int]:
 
 @dataclass
 class _Unit:
-    """One model the group is compressed as, with the feeds it was recorded with."""
+    """One model a group is compressed as, with the feeds recorded for it."""
     label: str
     model: Model
     calib: calibration.Dataset | None
     evaluation: calibration.Dataset | None
 
 
-def separate_reason(recipe: str, overrides: list[str] | None) -> str | None:
-    """Why a recipe cannot compress the decoder group as one merged decoder (what the passes
-    cannot do inside If branches), or None: such recipes compress the files one by one."""
-    from onnxcomp.recipe import apply_overrides, parse_recipe
-
-    for step in apply_overrides(parse_recipe(recipe), overrides):
-        if step.name == "prune":
-            return "prune does not cut inside If branches"
-        if step.name == "quantize" and getattr(step.config, "mode", None) == "int8":
-            return ("static int8 needs activation ranges, which are not calibrated inside If "
-                    "branches")
-    return None
-
-
 def _flat(feeds, part: str) -> list[dict]:
     return [b for runs in feeds[part] for b in runs]
 
 
-def _units(reference: Parts, group: str, members: list[str], recipe: str,
-           overrides: list[str] | None, calib_feeds, eval_feeds
-           ) -> tuple[list[_Unit], str | None]:
-    """The models a group is compressed as: a run-once part itself; the decoder group as one
-    merged decoder, or (see separate_reason) as its two files one by one."""
+def _paired(first_runs: list[list[dict]], later_runs: list[list[dict]]) -> list[dict]:
+    """Side-by-side batches: each later step of a sample beside that sample's first step."""
+    batches = []
+    for firsts, laters in zip(first_runs, later_runs):
+        for index, later in enumerate(laters):
+            first = firsts[min(index, len(firsts) - 1)] if firsts else None
+            if first is not None:
+                batches.append({**{f"{FIRST}/{k}": v for k, v in first.items()},
+                                **{f"{LATER}/{k}": v for k, v in later.items()}})
+    return batches
+
+
+def _units(reference: Parts, group: str, members: list[str], calib_feeds, eval_feeds
+           ) -> list[_Unit]:
+    """What a group is compressed as: a run-once part itself; the decoder group as ONE graph
+    holding the first-step and with-past paths side by side (decoders.side_by_side), so every
+    weight the files share is compressed once, with calibration, GPTQ statistics and mixed
+    precision at the top level."""
     manifest = reference.manifest
     if group != DECODER_GROUP:
         name = members[0]
@@ -325,63 +302,47 @@ def _units(reference: Parts, group: str, members: list[str], recipe: str,
             return _dataset(_flat(feeds, name), f"{name} inputs") if feeds else None
 
         return [_Unit(name, Model(reference.model(name), manifest.folder),
-                      pick_part(calib_feeds), pick_part(eval_feeds))], None
+                      pick_part(calib_feeds), pick_part(eval_feeds))]
     first, later = reference.decoder_route()
-    merged_parts = manifest.by_role("decoder-merged")
-    reason = separate_reason(recipe, overrides)
-    if first == later:  # only a merged file: its two paths, and its feeds split by the flag
-        merged = reference.model(first)
-        first_model, later_model = split_merged(merged)
+    if first == later:  # only a merged file: its two paths, its feeds split by the flag
+        first_model, later_model = split_merged(reference.model(first))
+        names = {FIRST: {i.name for i in first_model.graph.input},
+                 LATER: {i.name for i in later_model.graph.input}}
 
-        def path_feeds(feeds, model, flag: bool):
-            names = {i.name for i in model.graph.input}
-            return [{k: v for k, v in b.items() if k in names}
-                    for b in _flat(feeds, first) if bool(b[FLAG][0]) == flag]
-    else:
-        merged = (reference.model(merged_parts[0].name) if merged_parts
-                  else merge_decoders(reference.model(first), reference.model(later)))
-        first_model, later_model = reference.model(first), reference.model(later)
+        def runs_of(feeds, tag: str, flag: bool) -> list[list[dict]]:
+            return [[{k: v for k, v in b.items() if k in names[tag]}
+                     for b in runs if bool(b[FLAG][0]) == flag] for runs in feeds[first]]
 
-        def path_feeds(feeds, model, flag: bool):
-            return _flat(feeds, later if flag else first)
-    if reason is None:
-        def pick_merged(feeds):
+        def pick(feeds):
             if feeds is None:
                 return None
-            if first == later:
-                return _dataset(_flat(feeds, first), "decoder inputs")
-            return _dataset(_merged_feeds(merged, feeds[first], feeds[later]), "decoder inputs")
-
-        return [_Unit("decoder (merged)", Model(merged, manifest.folder),
-                      pick_merged(calib_feeds), pick_merged(eval_feeds))], None
-    units = []
-    for label, model, flag in (("decoder (first step)", first_model, False),
-                               ("decoder (with past)", later_model, True)):
-        def pick_path(feeds, model=model, flag=flag, label=label):
-            return _dataset(path_feeds(feeds, model, flag), label) if feeds else None
-
-        units.append(_Unit(label, Model(model, manifest.folder), pick_path(calib_feeds),
-                           pick_path(eval_feeds)))
-    return units, reason
-
-
-def _assemble(manifest: Manifest, group: str, members: list[str], outputs: list[Model]
-              ) -> dict[str, Model]:
-    """The part files from the compressed unit(s) of a group."""
-    if group != DECODER_GROUP:
-        return {members[0]: outputs[0]}
-    if len(outputs) == 1:
-        merged = outputs[0]
-        first_step, with_past = (Model(m) for m in split_merged(merged.proto))
+            return _dataset(_paired(runs_of(feeds, FIRST, False), runs_of(feeds, LATER, True)),
+                            "decoder steps")
     else:
-        first_step, with_past = outputs
-        merged = Model(merge_decoders(first_step.proto, with_past.proto))
+        first_model, later_model = reference.model(first), reference.model(later)
+
+        def pick(feeds):
+            return (_dataset(_paired(feeds[first], feeds[later]), "decoder steps")
+                    if feeds is not None else None)
+    both = side_by_side(first_model, later_model)
+    return [_Unit("decoder (both paths)", Model(both, manifest.folder), pick(calib_feeds),
+                  pick(eval_feeds))]
+
+
+def _assemble(manifest: Manifest, group: str, members: list[str], output: Model
+              ) -> dict[str, Model]:
+    """The part files from a group's compressed model."""
+    if group != DECODER_GROUP:
+        return {members[0]: output}
+    first_step, with_past = split_side_by_side(output.proto)
     out = {}
     for part in manifest.parts:
-        chosen = {"decoder": first_step, "decoder-with-past": with_past,
-                  "decoder-merged": merged}.get(part.role)
-        if chosen is not None:
-            out[part.name] = chosen
+        if part.role == "decoder":
+            out[part.name] = Model(first_step)
+        elif part.role == "decoder-with-past":
+            out[part.name] = Model(with_past)
+        elif part.role == "decoder-merged":
+            out[part.name] = Model(merge_decoders(first_step, with_past))
     return out
 
 

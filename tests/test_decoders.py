@@ -148,3 +148,32 @@ def test_split_keeps_initializers_that_live_in_a_branch():
     first, later, _ = _feeds(parts)
     np.testing.assert_array_equal(_session(first_step).run(None, first)[0],
                                   _session(parts["decoder"]).run(None, first)[0])
+
+
+def test_side_by_side_runs_both_paths_and_splits_back_exactly():
+    from onnxcomp.decoders import side_by_side, split_side_by_side
+
+    parts = toy_parts()
+    both = side_by_side(parts["decoder"], parts["decoder_with_past"])
+    onnx.checker.check_model(both, full_check=True)
+    assert sorted(t.name for t in both.graph.initializer) == sorted(
+        t.name for t in parts["decoder"].graph.initializer)  # shared weights once
+    first, later, _ = _feeds(parts)
+    # the two paths have different lengths for the same symbolic "sequence": kept apart
+    outputs = _session(both).run(["first/logits", "with_past/logits"],
+                                 {**{f"first/{k}": v for k, v in first.items()},
+                                  **{f"with_past/{k}": v for k, v in later.items()}})
+    np.testing.assert_array_equal(outputs[0], _session(parts["decoder"]).run(["logits"], first)[0])
+    np.testing.assert_array_equal(
+        outputs[1], _session(parts["decoder_with_past"]).run(["logits"], later)[0])
+    for original, back in zip((parts["decoder"], parts["decoder_with_past"]),
+                              split_side_by_side(both)):
+        onnx.checker.check_model(back, full_check=True)
+        assert back.graph.input == original.graph.input
+        assert back.graph.output == original.graph.output
+        assert [n.name for n in back.graph.node] == [n.name for n in original.graph.node]
+        assert _sorted_weights(back) == _sorted_weights(original)
+
+
+def _sorted_weights(model):
+    return sorted((t.name, numpy_helper.to_array(t).tobytes()) for t in model.graph.initializer)
