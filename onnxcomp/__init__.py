@@ -61,3 +61,18 @@ __all__ = [
     "search",
     "validate",
 ]
+
+
+def compress_parts(*args, **kwargs):
+    """Compress a pipeline folder (parts.json); write it with ``onnxcomp.parts_compress
+    .write_parts``. See docs/generative.md."""
+    from onnxcomp.parts_compress import compress_parts as _compress_parts
+
+    return _compress_parts(*args, **kwargs)
+
+
+def open_parts(*args, **kwargs):
+    """Open a pipeline folder (parts.json): its manifest, parts and greedy generation."""
+    from onnxcomp.parts import open_parts as _open_parts
+
+    return _open_parts(*args, **kwargs)

@@ -144,7 +144,8 @@ def find_sites(model: Model, config: Config) -> QuantPlan:
     result = match(graph, config.mode, config.ops, config.exclude, config.per_channel,
                    config.output_qdq, config.activation_matmuls)
     if config.embeddings:
-        sites, skipped = quantize_gather.match(graph, config.exclude)
+        sites, skipped = quantize_gather.match(
+            graph, config.exclude, frozenset(s.node for s in result.sites))
         result.sites += sites
         result.skipped += skipped
     _attention(graph, config, result)

@@ -81,7 +81,50 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
         runtime.release_free_memory()  # the float weights and statistics read on the way
     if four_bit:
         quantize_int4.to_4bit(result.proto, four_bit)
+    share_transposed_int8(result.proto.graph)
     return result
+
+
+def share_transposed_int8(graph: onnx.GraphProto) -> int:
+    """An int8 matrix stored twice, once transposed (a tied embedding: the Gather table's int8
+    rows and the lm_head's int8 weight, quantized by the same symmetric per-row rule), is
+    stored once: the second becomes ``Transpose`` of the first, which ONNX Runtime folds when it
+    loads the model (memory, not file). Returns how many copies were dropped."""
+    by_key: dict[tuple, onnx.TensorProto] = {}
+    matrices = [t for t in graph.initializer
+                if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    if len(matrices) < 2:
+        return 0
+    for tensor in matrices:
+        values = onnx.numpy_helper.to_array(tensor)
+        by_key.setdefault((values.shape, values.tobytes()), tensor)
+    # The Gather table stays (ONNX Runtime gathers rows from it); the matrix copy goes.
+    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
+    dropped = []
+    for tensor in matrices:
+        if tensor.name in gathered:
+            continue
+        values = onnx.numpy_helper.to_array(tensor).T
+        twin = by_key.get((values.shape, np.ascontiguousarray(values).tobytes()))
+        if twin is None or twin is tensor or twin.name in dropped or values.shape[0] == \
+                values.shape[1]:
+            continue
+        dropped.append(tensor.name)
+    if not dropped:
+        return 0
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    nodes = []
+    for name in dropped:
+        values = onnx.numpy_helper.to_array(next(t for t in matrices if t.name == name)).T
+        twin = by_key[(values.shape, np.ascontiguousarray(values).tobytes())]
+        nodes.append(onnx.helper.make_node("Transpose", [twin.name], [name], perm=[1, 0],
+                                           name=f"{name}_transposed"))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
+    return len(dropped)
 
 
 def _static(graph: gs.Graph, nodes: dict[str, gs.Node], sites: list[Site], stats: dict) -> None:

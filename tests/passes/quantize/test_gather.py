@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from quantize_graphs import D, V, gather_model, ids_batches, init, int8_tables
 
-from onnxcomp import runtime
-from onnxcomp.model import Model
+from onnxcomp import calibration, runtime
+from onnxcomp.model import Model, load
 from onnxcomp.passes import quantize
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.pipeline import Context
@@ -158,3 +158,59 @@ def test_dead_rows_get_scale_one_not_a_subnormal_one():
     got, ref = runtime.run_model(result, ids)["emb"], runtime.run_model(model, ids)["emb"]
     assert not got[:2].any()  # the dead rows come back as zeros (|error| = 4e-40)
     assert np.all(np.abs(got[2] - ref[2]) <= scales[7, 0] / 2 + 1e-7)
+
+
+def _gemm_tied_model() -> Model:
+    """Gather(table) -> Relu -> Gemm(transB=1) on the same table: a tied lm_head (Whisper's)."""
+    rng = np.random.default_rng(11)
+    table = rng.standard_normal((V, D)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["emb"], name="emb_gather"),
+         helper.make_node("Relu", ["emb"], ["hidden"], name="act"),
+         helper.make_node("Gemm", ["hidden", "table"], ["logits"], transB=1, name="lm_head")],
+        "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [6, V])], [init("table", table)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return Model(model)
+
+
+@pytest.mark.parametrize("mode", quantize.MODES)
+def test_table_tied_to_a_quantized_lm_head_is_quantized_and_stored_once(mode, tmp_path):
+    model = _gemm_tied_model()
+    rng = np.random.default_rng(2)
+    data = calibration.from_batches([{"ids": rng.integers(0, V, (6,)).astype(np.int64)}
+                                     for _ in range(4)])
+    result, record = run(model, quantize.Config(mode=mode), Context(calibration=data))
+    assert {"emb_gather", "lm_head"} <= set(record.touched)
+    kinds = {t.name: t.data_type for t in result.graph.initializer}
+    assert TensorProto.FLOAT not in {kinds[n] for n in kinds if n.startswith("table")
+                                     and "scale" not in n}  # no float table left
+    int8_matrices = [t for t in result.graph.initializer
+                     if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8_matrices) == 1  # int8 modes: the lm_head reads Transpose(int8 table)
+    path = tmp_path / "q.onnx"
+    result.save(path)
+    # int8 modes: one int8 copy (0.25x + scales); int4: int8 rows + the 4-bit lm_head
+    assert path.stat().st_size < (0.5 if mode == "int4" else 0.3) * model.proto.ByteSize()
+    for batch in data:
+        want = runtime.run_model(model, batch)["logits"]
+        got = runtime.run_model(load(path), batch, optimize=True)["logits"]
+        cosine = float((want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got))
+        assert cosine > 0.99, cosine
+
+
+def test_transposed_int8_copies_are_shared_only_when_equal():
+    from onnxcomp.passes.quantize.rewrite import share_transposed_int8
+
+    a = np.arange(12, dtype=np.int8).reshape(3, 4)
+    graph = helper.make_graph([helper.make_node("Gather", ["a", "i"], ["g"]),
+                               helper.make_node("MatMul", ["x", "b"], ["y"]),
+                               helper.make_node("MatMul", ["x", "c"], ["z"])], "g", [], [],
+                              [numpy_helper.from_array(a, "a"),
+                               numpy_helper.from_array(a.T.copy(), "b"),
+                               numpy_helper.from_array((a.T + 1).astype(np.int8), "c")])
+    assert share_transposed_int8(graph) == 1
+    assert sorted(t.name for t in graph.initializer) == ["a", "c"]
+    assert graph.node[0].op_type == "Transpose" and list(graph.node[0].output) == ["b"]
