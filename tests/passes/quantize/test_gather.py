@@ -192,8 +192,9 @@ def test_table_tied_to_a_quantized_lm_head_is_quantized_and_stored_once(mode, tm
     assert len(int8_matrices) == 1  # int8 modes: the lm_head reads Transpose(int8 table)
     path = tmp_path / "q.onnx"
     result.save(path)
-    # int8 modes: one int8 copy (0.25x + scales); int4: int8 rows + the 4-bit lm_head
-    assert path.stat().st_size < (0.5 if mode == "int4" else 0.3) * model.proto.ByteSize()
+    # int8 modes: one int8 copy (0.25x) + two scale vectors of V rows (0.35x at this size);
+    # int4: int8 rows + the 4-bit lm_head. A second int8 copy would make 0.5x.
+    assert path.stat().st_size < (0.5 if mode == "int4" else 0.37) * model.proto.ByteSize()
     for batch in data:
         want = runtime.run_model(model, batch)["logits"]
         got = runtime.run_model(load(path), batch, optimize=True)["logits"]
