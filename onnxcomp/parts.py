@@ -127,6 +127,8 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise UserError(f"{path}: no {MANIFEST} (a pipeline folder needs one)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{file}: not a readable JSON manifest ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{file}: not a readable JSON manifest (nested too deeply)") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise UserError(f"{file}: format must be {FORMAT!r}")
     entries = raw.get("parts")
