@@ -14,6 +14,12 @@ Output ``softmax_11.tmp_0`` [N, T, C] is decoded by greedy CTC: argmax per step,
 collapsed, blanks dropped. Class 0 is the blank, classes 1..K are the characters of the model's
 ``character`` metadata (one per line), class K + 1 is the space.
 
+Splits: ``calib`` and ``eval`` (DejaVu faces, 3-25 printable ASCII characters), and ``hard``,
+recognition only: held-out lines of 16-28 characters with more brackets and symbols, in fonts
+the other splits never use, rotated, blurred, noisy and low in contrast
+(:func:`text_render.hard_style`); its texts come from the evaluation half of the text split, so
+they never meet a calibration line.
+
 Detection input: 640x640 pages with several lines at random places, same normalization,
 ``{"x": float32 [1, 3, 640, 640]}``; labels: the ink boxes of the lines.
 """
@@ -60,7 +66,9 @@ ALPHABET = frozenset(string.digits + string.ascii_letters + string.punctuation +
 
 # Splits draw from different seed streams, and a text belongs to one split only
 # (text_render.text_split), so calibration and evaluation data never share a line.
-_SPLITS = {"calib": 0, "eval": 1}
+_SPLITS = {"calib": 0, "eval": 1, "hard": 2}  # the seed stream of each split
+# Which half of the text split (text_render.text_split) each split's lines come from.
+_TEXT_HALF = {"calib": 0, "eval": 1, "hard": 1}
 
 
 def _check_name(name: str) -> None:
@@ -252,19 +260,28 @@ def _allowed(text: str) -> bool:
 
 
 def _line_text(rng: np.random.Generator, split: str) -> str:
-    return text_render.texts_for_split(rng, _SPLITS[split], 1, allowed=_allowed)[0]
+    if split == "hard":
+        return text_render.hard_texts_for_split(rng, _TEXT_HALF[split], 1,
+                                                allowed=_allowed)[0]
+    return text_render.texts_for_split(rng, _TEXT_HALF[split], 1, allowed=_allowed)[0]
 
 
 def rec_line(seed: int, split: str, index: int) -> tuple[str, np.ndarray]:
     """The text and the rendered uint8 RGB crop of one recognition item."""
     rng = _item_rng(seed, split, index)
     text = _line_text(rng, split)
+    if split == "hard":
+        return text, text_render.render_hard_line(text, text_render.hard_style(rng), rng)
     style = text_render.random_style(rng)
     return text, text_render.render_line(text, style, rng)
 
 
 def _rec_dataset(split: str, count: int, seed: int) -> Dataset:
-    text_render.font_files()  # fail early, with a clear message, when no font is found
+    # fail early, with a clear message, when no font is found
+    if split == "hard":
+        text_render.hard_font_files()
+    else:
+        text_render.font_files()
     labels = [[_line_text(_item_rng(seed, split, i), split)] for i in range(count)]
 
     def make(i: int) -> dict[str, np.ndarray]:
@@ -279,7 +296,7 @@ def _rec_dataset(split: str, count: int, seed: int) -> Dataset:
 def _page_layout(seed: int, split: str, index: int):
     rng = _item_rng(seed, split, index)
     count = int(rng.integers(3, 9))
-    texts = text_render.texts_for_split(rng, _SPLITS[split], count, allowed=_allowed)
+    texts = text_render.texts_for_split(rng, _TEXT_HALF[split], count, allowed=_allowed)
     return rng, text_render.layout_page(rng, texts, DET_SIZE)
 
 
@@ -312,11 +329,14 @@ def _det_dataset(split: str, count: int, seed: int) -> Dataset:
 def dataset(name: str, split: str, count: int, seed: int = 0) -> Dataset:
     _check_name(name)
     if split not in _SPLITS:
-        raise UserError(f"unknown data split {split!r}: use calib or eval")
+        raise UserError(f"unknown data split {split!r}: use calib, eval or hard")
     if count <= 0:
         raise UserError(f"the data count must be positive, got {count}")
     if name == "ppocr-rec":
         return _rec_dataset(split, count, seed)
+    if split == "hard":
+        raise UserError("the hard split is ppocr-rec's only (line crops): use calib or eval "
+                        "for ppocr-det")
     return _det_dataset(split, count, seed)
 
 

@@ -6,6 +6,14 @@ in one of several DejaVu faces (Sans, Serif, Mono, Bold, Condensed, Oblique) wit
 variations of size, grey level, background and position. Everything comes from a numpy
 ``Generator`` handed in by the caller, so a (seed, split, index) triple always gives the same
 text and the same pixels.
+
+The held-out "hard" lines (:func:`hard_text`, :func:`hard_style`, :func:`render_hard_line`) differ
+from those on purpose: 16 to 28 characters (squeezed harder into the recognizer's 320 columns),
+more brackets, quotes and symbols, fonts the other splits never use (Liberation, and the DejaVu
+faces left out of ``FACES``), slight rotation, blur and noise on most lines, low contrast. They
+stay printable ASCII: PP-OCRv4 rec reads accented Latin letters as their base letter and some
+symbols (bullet, yen, section) as look-alikes, so such labels would measure the labels, not
+the model; and no CJK font is installed here to draw Chinese.
 """
 
 from __future__ import annotations
@@ -52,6 +60,19 @@ _WORD_TEXT = (
     "Anna Peter Maria John Laura David Sophie Martin Clara Thomas Emma Lucas"
 )
 WORDS = tuple(_WORD_TEXT.split())
+
+# Faces only the hard split uses (whichever are found; matplotlib ships none of them).
+HARD_FONT_DIRS = (Path("/usr/share/fonts/truetype/liberation"),
+                  Path("/usr/share/fonts/truetype/liberation2"), *FONT_DIRS)
+HARD_FACES = (
+    "LiberationSans-Regular.ttf", "LiberationSans-Bold.ttf", "LiberationSans-Italic.ttf",
+    "LiberationSans-BoldItalic.ttf", "LiberationSerif-Regular.ttf", "LiberationSerif-Bold.ttf",
+    "LiberationSerif-Italic.ttf", "LiberationSerif-BoldItalic.ttf", "LiberationMono-Regular.ttf",
+    "LiberationMono-Bold.ttf", "LiberationSansNarrow-Regular.ttf", "LiberationSansNarrow-Bold.ttf",
+    "DejaVuSans-BoldOblique.ttf", "DejaVuSans-ExtraLight.ttf", "DejaVuSansMono-Oblique.ttf",
+    "DejaVuSansCondensed-Oblique.ttf", "DejaVuSerifCondensed-Italic.ttf",
+    "DejaVuSerif-BoldItalic.ttf",
+)
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -159,6 +180,47 @@ def texts_for_split(rng: np.random.Generator, split_bit: int, count: int,
     return texts
 
 
+def _hard_piece(rng: np.random.Generator) -> str:
+    """A piece of a hard line: a regular piece, at times wrapped in brackets or quotes or
+    followed by ASCII punctuation the easy splits rarely draw."""
+    makers, weights = zip(*_PIECES)
+    piece = makers[int(rng.choice(len(makers), p=np.asarray(weights) / sum(weights)))](rng)
+    if rng.random() < 0.12:
+        left, right = _one_of(rng, ("[]", "{}", "<>", '""', "''", "**", "__"))
+        piece = f"{left}{piece}{right}"
+    if rng.random() < 0.12:
+        piece += _one_of(rng, (",", ";", "!", "?", "&", "+", "=", "~", "^", "/"))
+    return piece
+
+
+def hard_text(rng: np.random.Generator, min_len: int = 16, max_len: int = 28,
+              allowed: Callable[[str], bool] | None = None) -> str:
+    """One hard line of ``min_len``-``max_len`` characters (22-34: PP-OCRv4 rec reads 40 CTC
+    steps, so longer lines could not be read back at all)."""
+    for _ in range(100):
+        target = int(rng.integers(min_len, max_len + 1))
+        parts: list[str] = []
+        while len(" ".join(parts)) < target:
+            parts.append(_hard_piece(rng))
+        text = " ".join(parts)
+        if len(text) > max_len:
+            text = " ".join(parts[:-1]) if len(" ".join(parts[:-1])) >= min_len else \
+                text[:max_len].rstrip()
+        if min_len <= len(text) <= max_len and (allowed is None or allowed(text)):
+            return text
+    raise UserError("could not generate a hard text line from the allowed characters")
+
+
+def hard_texts_for_split(rng: np.random.Generator, split_bit: int, count: int,
+                         allowed: Callable[[str], bool] | None = None) -> list[str]:
+    texts = []
+    while len(texts) < count:
+        text = hard_text(rng, allowed=allowed)
+        if text_split(text) == split_bit:
+            texts.append(text)
+    return texts
+
+
 # ---------------------------------------------------------------------------------------------
 # fonts
 
@@ -192,6 +254,21 @@ def font_files() -> tuple[Path, ...]:
         + ", ".join(str(d) for d in FONT_DIRS)
         + " and matplotlib's mpl-data/fonts/ttf); install them, e.g. apt-get install fonts-dejavu-core"
     )
+
+
+@functools.lru_cache(maxsize=1)
+def hard_font_files() -> tuple[Path, ...]:
+    """The faces of the hard split found on this machine (none of ``FACES``)."""
+    found: dict[str, Path] = {}
+    for folder in HARD_FONT_DIRS:
+        for face in HARD_FACES:
+            if face not in found and (folder / face).is_file():
+                found[face] = folder / face
+    if not found:
+        raise UserError("no fonts for the hard split found (looked for Liberation and DejaVu "
+                        "faces in " + ", ".join(str(d) for d in HARD_FONT_DIRS) + "); install "
+                        "them, e.g. apt-get install fonts-liberation fonts-dejavu-extra")
+    return tuple(found[face] for face in HARD_FACES if face in found)
 
 
 @functools.lru_cache(maxsize=256)
@@ -261,6 +338,48 @@ def render_line(text: str, style: LineStyle, rng: np.random.Generator) -> np.nda
     pixels = np.asarray(image, dtype=np.float32)
     if style.noise > 0:
         pixels = pixels + rng.normal(0.0, style.noise, size=pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class HardStyle:
+    """A :class:`LineStyle` drawn from the hard split's fonts, plus a rotation in degrees."""
+
+    line: LineStyle
+    angle: float
+
+
+def hard_style(rng: np.random.Generator) -> HardStyle:
+    """Low contrast (ink and paper 80-160 grey levels apart, inverted on 15% of lines), blur on
+    40% of lines, noise of std 2-8, rotation within +-1 degree, sizes 16-40, fonts of
+    ``hard_font_files``."""
+    fonts = hard_font_files()
+    paper_level = int(rng.integers(170, 246))
+    ink_level = paper_level - int(rng.integers(80, 161))
+    ink, paper = _grey(rng, ink_level, ink_level), _grey(rng, paper_level, paper_level)
+    if rng.random() < 0.15:
+        ink, paper = paper, ink
+    size = int(rng.integers(16, 41))
+    line = LineStyle(
+        font_path=fonts[int(rng.integers(len(fonts)))], size=size, ink=ink, paper=paper,
+        margin_x=(round(rng.uniform(0.02, 0.3) * size), round(rng.uniform(0.02, 0.3) * size)),
+        margin_top=float(rng.uniform(0.0, 0.25)), margin_bottom=float(rng.uniform(0.0, 0.25)),
+        noise=float(rng.uniform(2.0, 8.0)),
+        blur=float(rng.uniform(0.3, 0.8)) if rng.random() < 0.4 else 0.0)
+    return HardStyle(line, float(rng.uniform(-1.0, 1.0)))
+
+
+def render_hard_line(text: str, style: HardStyle, rng: np.random.Generator) -> np.ndarray:
+    """A hard line: drawn as :func:`render_line` draws it, rotated (the corners filled with
+    paper, the crop grown to keep the ink) before the blur and noise."""
+    sharp = LineStyle(**{**style.line.__dict__, "blur": 0.0, "noise": 0.0})
+    image = Image.fromarray(render_line(text, sharp, rng), "RGB")
+    image = image.rotate(style.angle, resample=Image.Resampling.BILINEAR, expand=True,
+                         fillcolor=style.line.paper)
+    if style.line.blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(style.line.blur))
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels + rng.normal(0.0, style.line.noise, size=pixels.shape)
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 

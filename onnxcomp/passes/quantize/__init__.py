@@ -16,6 +16,10 @@ place (``rewrite.py``):
 - every mode (``embeddings``): Gather tables as int8 rows, one scale per row, dequantized after
   the gather (``gather.py``); int8-dynamic (``attention``): the fuse pass's
   com.microsoft.Attention -> QAttention (``attention.py``); other modes leave it float, noted.
+Before the rewrite, when asked: cross-layer equalization of Conv -> Relu-like -> Conv chains
+(``equalize.py``, an exact float rewrite, listed in the plan's notes), SmoothQuant
+(``smooth.py``), int8 GPTQ of MatMul/Gemm weights (``gptq.run_int8``), bias correction of each
+layer's error mean (``bias.py``).
 Then, with calibration data (scored on the held-out ``ctx.evaluation`` when given): per-layer
 SQNR, and with ``min_cosine`` automatic mixed precision (``fidelity.py``): int8 modes return the
 layers most harmful on their own to float; int4 raises the most sensitive layer groups to 8 bits
@@ -33,11 +37,11 @@ than the input's says so in a loud note (``graph.size_note``).
 from __future__ import annotations
 
 from onnxcomp import calibration
-from onnxcomp.graph import size_note
+from onnxcomp.graph import import_graph, size_note
 from onnxcomp.model import Model
 
 # Modules by name (not their functions): a package attribute named like a submodule would hide it.
-from onnxcomp.passes.quantize import fidelity, prepare, rewrite, stats
+from onnxcomp.passes.quantize import bias, equalize, fidelity, gptq, prepare, rewrite, stats
 from onnxcomp.passes.quantize.config import MODES, NAME, Config
 from onnxcomp.passes.quantize.gptq import Hessians
 from onnxcomp.passes.quantize.match import Site
@@ -92,6 +96,10 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
                            f"weight {s.weight_name}" if s.weight_name else "")
                    for s in sites.sites]
     result.rows += [PlanRow(node, SKIP, reason) for node, reason in sites.skipped]
+    if config.equalize:  # what apply will equalize, counted by activation and skip reason
+        graph = import_graph(prepared)
+        chains, refused = equalize.find_chains(graph, {s.node for s in sites.sites})
+        result.notes.append(equalize.summary(chains, refused, {n.name: n for n in graph.nodes}))
     if not sites.sites:
         result.notes.append(f"nothing to quantize ({config.mode}, op types "
                             f"{', '.join(config.ops)})")
@@ -99,8 +107,9 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
 
 
 def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
-    """Rewrite the planned sites of the prepared model (SmoothQuant first when asked), then
-    measure; ``min_cosine`` may return sites to float (recorded as skipped here)."""
+    """Rewrite the planned sites of the prepared model (first, when asked: cross-layer
+    equalization, SmoothQuant, int8 GPTQ, bias correction), then measure; ``min_cosine`` may
+    return sites to float (recorded as skipped here)."""
     config: Config = plan_.config
     planned: Planned = plan_.payload
     quant_plan = planned.sites
@@ -108,9 +117,26 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     if not quant_plan.sites:
         return applied
     prepared = planned.prepared
+    if config.equalize:
+        # Its note is already the plan's (the chains found are the same).
+        prepared = equalize.run(prepared, {s.node for s in quant_plan.sites}, [])
     if config.smoothquant_alpha is not None:
         prepared = stats.smooth(prepared, quant_plan, config, ctx, applied.notes)
-    collected = stats.statistics(prepared, quant_plan, config, ctx)
+    if config.int8_gptq:  # weights onto the int8 grid, compensated; bias correction sees them
+        prepared, left = gptq.run_int8(prepared, quant_plan.sites, ctx.calibration,
+                                       applied.notes, ctx.progress)
+        applied.details["int8_gptq_skipped"] = [{"node": n, "why": w} for n, w in left]
+    collected = None
+    if config.bias_correction != "none":  # last: it corrects the weights as they are stored
+        if config.mode == "int8" and config.bias_correction == "all":
+            # The input ranges first, so that their rounding and clipping is corrected too;
+            # they are kept (the output ranges move by the small correction only).
+            collected = stats.statistics(prepared, quant_plan, config, ctx)
+        prepared, left = bias.run(prepared, quant_plan.sites, config, ctx.calibration,
+                                  applied.notes, ctx.progress, collected)
+        applied.details["bias_correction_skipped"] = [{"node": n, "why": w} for n, w in left]
+    if collected is None:
+        collected = stats.statistics(prepared, quant_plan, config, ctx)
     result = rewrite.rewrite(prepared, quant_plan, config, collected)
     if isinstance(collected, Hessians):
         collected = None  # read once, a segment at a time: nothing to keep

@@ -18,6 +18,7 @@ MODES = ("int8", "int8-dynamic", "int4")
 DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm"),
                     "int4": ("MatMul", "Gemm")}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+BIAS_CORRECTIONS = ("none", "weights", "all")
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,21 @@ class Config:
                                     "(no clipping)")
     int4_method: str = option("rtn", "int4: rtn (round to nearest) | gptq (error compensation "
                                      "from calibration data)")
+    int8_method: str = option("rtn", "int8 / int8-dynamic MatMul/Gemm weights: rtn (round to "
+                                     "nearest) | gptq (error compensation on calibration data, "
+                                     "per channel)")
     min_cosine: float | None = option(None, "model output cosine to meet: int8 keeps the most "
                                             "harmful layers float, int4 raises groups to 8 bits")
     smoothquant_alpha: float | None = option(None, "SmoothQuant migration strength in [0, 1] for "
                                                    "MatMuls after LayerNormalization (none: off)")
+    # Off by default: the ablation (benchmarks/quantize_ablation.py) measures both.
+    equalize: bool = option(False, "cross-layer equalization of Conv -> Relu/LeakyRelu/PRelu/"
+                                   "none -> Conv chains before quantizing (an exact float "
+                                   "rewrite)")
+    bias_correction: str = option("none", "take each layer's quantization error mean out of "
+                                          "its bias (needs calibration data): none | weights "
+                                          "((W_q - W) E[x]) | all (static int8: also the "
+                                          "inputs' rounding and clipping)")
     embeddings: bool = option(True, "Gather tables as int8 rows, one scale per row (every mode)")
     attention: bool = option(True, "int8-dynamic: fused com.microsoft.Attention -> QAttention")
     # Off by default: not faster on PP-OCR rec, slower on MiniLM at 128 tokens.
@@ -78,14 +90,22 @@ class Config:
                              f"got {self.int4_scale!r}")
         if self.int4_method not in ("rtn", "gptq"):
             raise ValueError(f"int4_method must be rtn or gptq, got {self.int4_method!r}")
+        if self.int8_method not in ("rtn", "gptq"):
+            raise ValueError(f"int8_method must be rtn or gptq, got {self.int8_method!r}")
+        if self.int8_method == "gptq" and not self.per_channel:
+            raise ValueError("int8_method = gptq needs per_channel = true (its grid is one "
+                             "scale per output channel)")
         if self.int4_format not in ("matmulnbits", "qdq"):
             raise ValueError(f"int4_format must be matmulnbits or qdq, got {self.int4_format!r}")
         if self.min_cosine is not None and not -1.0 <= float(self.min_cosine) <= 1.0:
             raise ValueError(f"min_cosine must be in [-1, 1], got {self.min_cosine!r}")
+        if self.bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, "
+                             f"got {self.bias_correction!r}")
         if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
-                     "activation_matmuls"):
+                     "activation_matmuls", "equalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -104,13 +124,21 @@ class Config:
     def gptq(self) -> bool:
         return self.mode == "int4" and self.int4_method == "gptq"
 
+    @property
+    def int8_gptq(self) -> bool:
+        return self.mode in ("int8", "int8-dynamic") and self.int8_method == "gptq"
+
     def needs_calibration(self) -> str | bool:
         """What reads calibration data, for the refusal message: static int8 (activation
-        ranges), SmoothQuant and GPTQ; False when nothing does."""
+        ranges), SmoothQuant, GPTQ (int4, int8) and bias correction; False when nothing does."""
         if self.mode == "int8":
             return "int8 (static activation ranges)"
         if self.gptq:
             return "int4 with GPTQ"
+        if self.int8_gptq:
+            return f"{self.mode} with GPTQ"
         if self.smoothquant_alpha is not None:
             return f"{self.mode} with smoothquant"
+        if self.bias_correction != "none":
+            return f"{self.mode} with bias_correction"
         return False

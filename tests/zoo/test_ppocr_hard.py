@@ -1,0 +1,55 @@
+"""The held-out hard split of ppocr-rec: disjoint from calibration, other fonts, still readable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxcomp.errors import UserError
+from onnxcomp.zoo import ppocr, text_render
+
+
+def test_hard_lines_are_seeded_and_disjoint_from_calibration():
+    first = ppocr.rec_line(0, "hard", 3)
+    again = ppocr.rec_line(0, "hard", 3)
+    assert first[0] == again[0] and np.array_equal(first[1], again[1])
+    hard = {ppocr.rec_line(0, "hard", i)[0] for i in range(40)}
+    calib = {ppocr.rec_line(0, "calib", i)[0] for i in range(200)}
+    assert not hard & calib
+    # every hard text is from the evaluation half of the text split, so it never is a calib text
+    assert {text_render.text_split(t) for t in hard} == {1}
+    assert all(16 <= len(t) <= 28 and all(c in ppocr.ALPHABET for c in t) for t in hard)
+
+
+def test_hard_fonts_are_not_the_calibration_fonts():
+    hard = {p.name for p in text_render.hard_font_files()}
+    assert hard and not hard & set(text_render.FACES)
+
+
+def test_hard_dataset_shapes_labels_and_refusals():
+    data = ppocr.dataset("ppocr-rec", "hard", 3)
+    assert data.name == "ppocr-rec:hard:3" and len(data) == 3
+    assert data.make_batch(1)["x"].shape == (1, 3, ppocr.REC_HEIGHT, ppocr.REC_WIDTH)
+    assert data.labels[2] == [ppocr.rec_line(0, "hard", 2)[0]]
+    with pytest.raises(UserError, match="ppocr-rec's only"):
+        ppocr.dataset("ppocr-det", "hard", 2)
+    with pytest.raises(UserError, match="calib, eval or hard"):
+        ppocr.dataset("ppocr-rec", "test", 2)
+
+
+@pytest.mark.zoo
+def test_hard_split_is_harder_than_eval_for_the_float_model():
+    from onnxcomp import runtime, zoo
+    from onnxcomp.model import load
+
+    path = zoo.fetch("ppocr-rec")
+    session = runtime.session(path)
+    model = load(path)
+    scores = {}
+    for split in ("eval", "hard"):
+        data = ppocr.dataset("ppocr-rec", split, 32)
+        outputs = [{ppocr.REC_OUTPUT: session.run(None, data.make_batch(i))[0]}
+                   for i in range(len(data))]
+        scores[split] = ppocr.task_metric("ppocr-rec", model, outputs, data.labels)
+    assert scores["hard"]["char_accuracy"] < scores["eval"]["char_accuracy"]
+    assert 0.6 <= scores["hard"]["line_accuracy"] < scores["eval"]["line_accuracy"]
