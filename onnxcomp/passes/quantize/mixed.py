@@ -33,6 +33,7 @@ from onnx import external_data_helper, numpy_helper
 
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
+from onnxcomp.decoders import FIRST, LATER
 from onnxcomp.errors import UserError
 from onnxcomp.measure import compare
 from onnxcomp.model import Model, read_external
@@ -40,6 +41,12 @@ from onnxcomp.passes.quantize.int4 import nbits_weight, quantize_blocks8
 
 
 def role(node_name: str) -> str:
+    # The two paths of a decoder pipeline compressed side by side (onnxcomp/decoders.py) hold
+    # the same layers: one role, so one 8-bit trial raises a shared weight for both.
+    for prefix in (f"{FIRST}/", f"{LATER}/"):
+        if node_name.startswith(prefix):
+            node_name = node_name[len(prefix):]
+            break
     return re.sub(r"\d+", "#", node_name)
 
 
@@ -54,21 +61,27 @@ def added_bytes(model: Model, nodes: list[str]) -> int:
     """Bytes that 8-bit blocks add over 4-bit ones for these MatMulNBits nodes of ``model``."""
     wanted = set(nodes)
     total = 0
+    counted: set[str] = set()  # a weight shared by several nodes is stored (and raised) once
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits" and node.name in wanted:
+        if node.op_type == "MatMulNBits" and node.name in wanted and node.input[1] not in counted:
+            counted.add(node.input[1])
             attrs = {a.name: a.i for a in node.attribute}
             blocks = -(-attrs["K"] // attrs["block_size"])
             total += attrs["N"] * blocks * attrs["block_size"] // 2
     return total
 
 
-def upgradable(node: onnx.NodeProto, readers: dict[str, int], stored: set[str]) -> bool:
+def upgradable(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]],
+               stored: set[str]) -> bool:
     """A 4-bit MatMulNBits with inputs (A, B, scales[, zero_points]), B and scales stored
-    initializers that no other node reads."""
+    initializers that only 4-bit MatMulNBits nodes with the same weight inputs read (a shared
+    weight is upgraded for all its readers at once)."""
     attrs = {a.name: a.i for a in node.attribute}
+    weights = tuple(node.input[1:])
     return (node.op_type == "MatMulNBits" and attrs.get("bits") == 4 and len(node.input) <= 4
             and all(name in stored for name in node.input[1:3])
-            and all(readers.get(name, 0) == 1 for name in node.input[1:] if name))
+            and all(r.op_type == "MatMulNBits" and tuple(r.input[1:]) == weights
+                    for name in weights if name for r in readers.get(name, [])))
 
 
 def upgrade(model: Model, nodes: list[str], weight_of: Callable[[str], np.ndarray]) -> list:
@@ -79,33 +92,44 @@ def upgrade(model: Model, nodes: list[str], weight_of: Callable[[str], np.ndarra
     Nodes that share a tensor with another node (or carry inputs beyond the zero points) are
     left at 4 bits: the undo list names the nodes that changed."""
     graph = model.graph
-    readers: dict[str, int] = {}
+    readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+            readers.setdefault(name, []).append(node)
     wanted = set(nodes)
     stored = {t.name for t in graph.initializer}
-    targets = [n for n in graph.node if n.name in wanted and upgradable(n, readers, stored)]
+    # One new weight per shared (B, scales[, zero points]), for every node that reads it.
+    by_weights: dict[tuple, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.name in wanted and upgradable(node, readers, stored):
+            by_weights.setdefault(tuple(node.input[1:]), [])
+    for node in graph.node:
+        if tuple(node.input[1:]) in by_weights and node.op_type == "MatMulNBits":
+            by_weights[tuple(node.input[1:])].append(node)
     new = []
-    for node in targets:
-        block_size = next(a.i for a in node.attribute if a.name == "block_size")
-        blocks = quantize_blocks8(weight_of(node.name), block_size)
-        new.append((node, numpy_helper.from_array(nbits_weight(blocks), f"{node.name}_B_int8"),
-                    numpy_helper.from_array(blocks.scales.reshape(-1), f"{node.name}_scales8")))
+    for group in by_weights.values():
+        first = group[0]
+        block_size = next(a.i for a in first.attribute if a.name == "block_size")
+        blocks = quantize_blocks8(weight_of(first.name), block_size)
+        new.append((group, numpy_helper.from_array(nbits_weight(blocks), f"{first.name}_B_int8"),
+                    numpy_helper.from_array(blocks.scales.reshape(-1),
+                                            f"{first.name}_scales8")))
     slots = {t.name: i for i, t in enumerate(graph.initializer)}
     undo = []
-    for node, weight, scales in new:
-        old_inputs = list(node.input)
+    for group, weight, scales in new:
+        old_inputs = list(group[0].input[1:])
         saved = []
-        for name, tensor in zip(old_inputs[1:3], (weight, scales)):
+        for name, tensor in zip(old_inputs[:2], (weight, scales)):
             kept = onnx.TensorProto()
             kept.CopyFrom(graph.initializer[slots[name]])
             saved.append((slots[name], kept))
             graph.initializer[slots[name]].CopyFrom(tensor)
-        del node.input[1:]
-        node.input.extend([weight.name, scales.name])
-        next(a for a in node.attribute if a.name == "bits").i = 8
-        undo.append((node, old_inputs, saved))
+        for node in group:
+            before = list(node.input)
+            del node.input[1:]
+            node.input.extend([weight.name, scales.name])
+            next(a for a in node.attribute if a.name == "bits").i = 8
+            undo.append((node, before, saved if node is group[0] else []))
     return undo
 
 

@@ -109,3 +109,44 @@ def test_a_failed_upgrade_leaves_the_model_as_it_was():
     with pytest.raises(RuntimeError):
         quantize_mixed.upgrade(int4, ["mm1", "mm2"], weight_of)
     assert int4.proto.SerializeToString() == before
+
+
+def test_a_weight_shared_by_two_paths_is_raised_once_for_both():
+    """Side-by-side decoder paths (onnxcomp/decoders.py) share weights: one role per layer, one
+    8-bit copy, and both readers switch to it."""
+    from pipeline_builders import toy_parts
+
+    from onnxcomp import calibration
+    from onnxcomp.decoders import side_by_side
+    from onnxcomp.model import Model
+    from onnxcomp.passes import quantize
+    from onnxcomp.passes.quantize.mixed import role
+    from onnxcomp.pipeline import Context
+
+    assert role("first//layers.3/fc1/MatMul") == role("with_past//layers.5/fc1/MatMul")
+    parts = toy_parts()
+    both = Model(side_by_side(parts["decoder"], parts["decoder_with_past"]))
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        hidden = rng.standard_normal((1, 5, 64)).astype(np.float32)
+        batches.append({"first/input_ids": rng.integers(0, 128, (1, 3)),
+                        "first/encoder_hidden_states": hidden,
+                        "with_past/input_ids": rng.integers(0, 128, (1, 1)),
+                        "with_past/past_key_values.0.key": rng.standard_normal(
+                            (1, 1, 3, 64)).astype(np.float32),
+                        "with_past/past_key_values.0.encoder.key": rng.standard_normal(
+                            (1, 1, 1, 64)).astype(np.float32)})
+    data = calibration.from_batches(batches)
+    result, record = quantize.PASS.run(both, quantize.Config(mode="int4", min_cosine=0.99999,
+                                                             block_size=16),
+                                       Context(calibration=data))
+    nbits = [n for n in result.graph.node if n.op_type == "MatMulNBits"]
+    raised = [n for n in nbits if any(a.name == "bits" and a.i == 8 for a in n.attribute)]
+    assert raised, "the target needs some 8-bit layers"
+    for node in nbits:  # each path reads the same tensors as its twin on the other path
+        twin = next(n for n in nbits if n is not node and role(n.name) == role(node.name))
+        assert list(twin.input[1:]) == list(node.input[1:])
+    names = [t.name for t in result.graph.initializer]
+    assert len(names) == len(set(names))
+    assert len({n.input[1] for n in raised}) == len(raised) // 2
