@@ -52,8 +52,13 @@ SPLITS = {"whisper-tiny-en": ("speech-calib", "speech"), "whisper-tiny": ("calib
 # The same modes as ONNX Runtime's file-by-file runs below (int8 = dynamic int8 everywhere; static
 # int8 of the Whisper encoder fell to cosine 0.87 on held-out speech and is refused by the floor).
 RECIPES = {
-    "int8": {"encoders": "quantize:int8-dynamic", "decoder": "quantize:int8-dynamic"},
-    "int4": {"encoders": "quantize:int8-dynamic", "decoder": "quantize:int4"},
+    "int8": {"encoders": "quantize:int8-dynamic", "decoder": "quantize:int8-dynamic",
+             "ort": "int8"},
+    "int4": {"encoders": "quantize:int8-dynamic", "decoder": "quantize:int4", "ort": "int4"},
+    # int4 with mixed precision: the decoder groups that the logits are most sensitive to are
+    # raised to 8 bits until the logits cosine on the calibration steps reaches 0.99.
+    "int4 mixed": {"encoders": "quantize:int8-dynamic", "decoder": "quantize:int4",
+                   "overrides": ["quantize.min_cosine=0.99"]},
 }
 
 
@@ -121,15 +126,18 @@ def run_pipeline(name: str, calib_count: int, eval_count: int, runs: int, new_to
     for label, recipe in RECIPES.items():
         started = time.perf_counter()
         result = compress_parts(source, per_part=_per_part(source, recipe), calib=calib,
-                                eval_data=held_out, validate=False)
+                                eval_data=held_out, validate=False,
+                                overrides=recipe.get("overrides"))
         seconds = time.perf_counter() - started
-        out = write_parts(reference, result, work / f"onnxcomp-{label}")
+        out = write_parts(reference, result, work / f"onnxcomp-{label.replace(' ', '-')}")
         folders[f"onnxcomp {label}"] = out
-        ort_out = work / f"ort-{label}"
-        ort_seconds = _ort_file_by_file(source, ort_out, label)
-        folders[f"ORT {label} file by file"] = ort_out
-        for key, folder, took in ((f"onnxcomp {label}", out, seconds),
-                                  (f"ORT {label} file by file", ort_out, ort_seconds)):
+        runs = [(f"onnxcomp {label}", out, seconds)]
+        if "ort" in recipe:
+            ort_out = work / f"ort-{label}"
+            ort_seconds = _ort_file_by_file(source, ort_out, recipe["ort"])
+            folders[f"ORT {label} file by file"] = ort_out
+            runs.append((f"ORT {label} file by file", ort_out, ort_seconds))
+        for key, folder, took in runs:
             candidate = open_parts(folder)
             rows[key] = {
                 "size": sum(part_sizes(candidate.manifest).values()),
@@ -153,9 +161,12 @@ def tables(results: dict) -> str:
         float_row = entry["rows"]["float"]
         float_timing = float_row.get("timing", {})
         rows = []
+        float_wer = next((r["generation"].get("wer_reference_vs_truth")
+                          for r in entry["rows"].values() if r.get("generation")), None)
         for key, row in entry["rows"].items():
             gen = row.get("generation", {})
             t = row.get("timing", {})
+            wer_text = gen.get("wer_candidate_vs_truth", float_wer if not gen else None)
             rows.append([
                 key, f"{row['size'] / 1e6:.1f}", f"{row['size'] / float_row['size']:.3f}",
                 f"{gen['exact_sequence']:.2f}" if gen else "1",
@@ -164,6 +175,9 @@ def tables(results: dict) -> str:
                 f"{gen['logits_cosine_mean']:.4f}" if gen else "1",
                 f"{gen['forced_top1']:.3f}" if gen else "1",
                 f"{gen['perplexity_candidate']:.2f}" if gen else "",
+                f"{gen['wer_candidate_vs_reference']:.3f}" if "wer_candidate_vs_reference" in gen
+                else ("0" if not gen else ""),
+                "" if wer_text is None else f"{wer_text:.3f}",
                 f"{t.get('first_token_ms', 0):.1f}",
                 f"{t.get('per_token_ms_p50', 0):.2f}",
                 f"{t.get('tokens_per_s', 0) / float_timing.get('tokens_per_s', 1):.2f}x",
@@ -173,7 +187,8 @@ def tables(results: dict) -> str:
                    f"{entry['new_tokens']} new tokens")
         out.append(markdown_table(
             ["pipeline", "MB", "size", "exact seq", "prefix agr.", "token err.",
-             "logits cos", "forced top-1", "ppl of float output", "TTFT ms",
+             "logits cos", "forced top-1", "ppl of float output", "WER vs float",
+             "WER vs spoken text", "TTFT ms",
              "per token ms p50", "tokens/s vs float", "peak RSS MB"], rows))
         tied_rows = []
         for key, row in entry["rows"].items():
