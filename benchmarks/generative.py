@@ -56,9 +56,10 @@ RECIPES = {
              "ort": "int8"},
     "int4": {"encoders": "quantize:int8-dynamic", "decoder": "quantize:int4", "ort": "int4"},
     # int4 with mixed precision: the decoder groups that the logits are most sensitive to are
-    # raised to 8 bits until the logits cosine on the calibration steps reaches 0.99.
+    # raised to 8 bits until the logits cosine on the calibration steps reaches 0.98 (0.99
+    # needed every group of whisper-tiny.en at 8 bits).
     "int4 mixed": {"encoders": "quantize:int8-dynamic", "decoder": "quantize:int4",
-                   "overrides": ["quantize.min_cosine=0.99"]},
+                   "overrides": ["quantize.min_cosine=0.98"]},
 }
 
 
