@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from onnxcomp import calibration, progress, report_data, runtime
+from onnxcomp import calibration, progress, report_data, runtime, targets
 from onnxcomp.errors import InvalidOutput, UserError
 from onnxcomp.model import Model, load
 from onnxcomp.pipeline import (
@@ -96,12 +96,17 @@ def evaluation_data(model: Model, eval_data, calib: calibration.Dataset | None,
 def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] | None = None,
              calib=None, eval_data=None, min_cosine: float | None = None,
              validate: bool = True, show_progress: bool = True,
-             overrides: list[str] | None = None) -> CompressResult:
+             overrides: list[str] | None = None,
+             target: str | targets.Target | None = None) -> CompressResult:
     """Compress ``model`` with ``recipe``; the input model object is left untouched.
 
-    ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe. User mistakes (recipe,
-    overrides, data) raise ``UserError``; a result that onnx's checker or ONNX Runtime refuses
-    raises ``InvalidOutput`` (see the module docstring), with or without ``validate``.
+    ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe. ``target``: the
+    deployment target (``onnxcomp.targets``, default ``ort-cpu``): its quantize defaults go on
+    before ``overrides``, a quantize mode it does not support is a ``UserError``, and the
+    result also gets the target's check (OpenVINO compiles it; TensorRT/QNN rules as notes).
+    User mistakes (recipe, overrides, data, a mode the target does not support) raise
+    ``UserError``; a result that onnx's checker or ONNX Runtime refuses raises
+    ``InvalidOutput`` (see the module docstring), with or without ``validate``.
     ``show_progress``: progress through the process's :mod:`onnxcomp.progress` (bars on a
     terminal, lines elsewhere; ``progress.configure`` sets it), else nothing; the passes get it
     as ``ctx.progress``."""
@@ -110,9 +115,10 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     # A broken input is the user's (exit 2), found before any work; the ORT load comes with
     # the data check below (a second session here would double the cost on big models).
     runtime.check_input(original, session=False)
-    steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
-                            overrides)
+    chosen = targets.get(target)
+    steps = target_steps(recipe, overrides, chosen)
     report = Report("compress")
+    report.environment["target"] = chosen.name
     report.models["reference"] = _model_facts(original, source_path)
     data = calibration.resolve(calib, original) if calib is not None else None
     log = progress.current() if show_progress else progress.Progress(quiet=True)
@@ -130,6 +136,8 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     compressed, records = Pipeline(pipeline).run(original, ctx)
     log("checking the result (onnx.checker, ONNX Runtime)")
     check_result(original, compressed, records, report.notes)
+    if any(record.modified for record in records):
+        check_target(compressed, chosen, report.notes)
     report.passes = records
     report.models["candidate"] = _model_facts(compressed)
     report.models["seconds"] = time.perf_counter() - started
@@ -247,14 +255,50 @@ def check_result(original: Model, compressed: Model, records: list[PassRecord],
         raise
 
 
+def target_steps(recipe, overrides: list[str] | None, target: targets.Target) -> list[Step]:
+    """The recipe's steps with ``target``'s quantize defaults applied before ``overrides``
+    (only where the recipe has a quantize step), and its modes checked."""
+    steps = parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
+    implied = list(target.overrides) if any(s.name == "quantize" for s in steps) else []
+    steps = apply_overrides(steps, [*implied, *(overrides or [])])
+    targets.check_modes(target, [s.config.mode for s in steps if s.name == "quantize"])
+    return steps
+
+
+def check_target(model: Model, target: targets.Target, notes: list[str]) -> None:
+    """The target's own check of a model onnxcomp produced: OpenVINO must compile it (when
+    installed; ``InvalidOutput`` if it refuses); structural targets get their documented
+    rules' findings as notes; an opset below the target's is said too."""
+    if model.opset() < target.min_opset:
+        notes.append(f"target {target.name}: opset {model.opset()} is below the "
+                     f"{target.min_opset} it needs")
+    if target.check == "openvino":
+        from onnxcomp import runtime_openvino
+
+        if not runtime_openvino.available():
+            notes.append("target openvino: not compiled by OpenVINO here (it is not installed: "
+                         "pip install 'onnxcomp[openvino]')")
+        else:
+            runtime_openvino.check_compiles(model, "the compressed model")
+            notes.append("target openvino: compiled by OpenVINO's CPU plugin; the fidelity "
+                         "here is measured in ONNX Runtime, and OpenVINO can differ (check it "
+                         "there: docs/targets.md)")
+    elif target.check == "structural":
+        findings = [] if model.lazy else targets.placement_findings(model.proto, target)
+        notes.append(f"target {target.name}: checked structurally only (not run here)")
+        notes.extend(f"target {target.name}: {finding}" for finding in findings)
+        notes.extend(f"target {target.name}: not implemented: {item}"
+                     for item in target.missing)
+
+
 def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
-            overrides: list[str] | None = None) -> list[Plan]:
+            overrides: list[str] | None = None,
+            target: str | targets.Target | None = None) -> list[Plan]:
     """What each step would do, without changing anything: one Plan per step. Every step is
     planned on the cleaned-up input model (later steps would see earlier results)."""
     original = _as_model(model)
     runtime.check_input(original, session=False)
-    steps = apply_overrides(parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE),
-                            overrides)
+    steps = target_steps(recipe, overrides, targets.get(target))
     data = calibration.resolve(calib, original) if calib is not None else None
     ctx = Context(calibration=data, teacher=original)
     for step in steps:

@@ -136,18 +136,25 @@ def cmd_compress(args) -> int:
         raise UserError("compress needs MODEL and -o OUT (or --help-pass NAME)")
     if _is_parts(args.model):
         _check_outputs((args.report, "--report"), (args.html, "--html"))
+        if args.target != "ort-cpu":
+            raise UserError("--target applies to one ONNX model, not to a pipeline folder")
         from onnxcomp import cli_parts
 
         return cli_parts.compress(args, _emit)
     if args.part:
         raise UserError("--part applies to a pipeline folder (with parts.json)")
     _check_output_path(args.model, args.output)
+    from onnxcomp import targets
+
+    mobile = targets.ort_paths(args.output) if targets.get(args.target).writes_ort else ()
     if not args.dry_run:
         _check_outputs((args.output, "-o"), (args.report, "--report"),
-                       (args.html, "--html"))
-        _check_not_inputs([args.model], [args.output, args.report, args.html])
+                       (args.html, "--html"), *((str(p), "--target ort-mobile") for p in mobile))
+        _check_not_inputs([args.model], [args.output, args.report, args.html,
+                                         *map(str, mobile)])
     if args.dry_run:
-        plans = api.dry_run(args.model, args.recipe, args.calib, overrides=args.set)
+        plans = api.dry_run(args.model, args.recipe, args.calib, overrides=args.set,
+                            target=args.target)
         if args.json:
             print(json.dumps([plan.to_dict() for plan in plans], indent=2, default=str))
         else:
@@ -158,10 +165,14 @@ def cmd_compress(args) -> int:
         raise UserError("--min-cosine needs the fidelity check: drop --no-validate")
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
                           min_cosine=args.min_cosine, overrides=args.set,
-                          validate=not args.no_validate)
+                          validate=not args.no_validate, target=args.target)
     if result.passed and not result.below_floor:
         path = result.model.save(args.output)
         result.report.models["candidate"]["path"] = str(path)
+        if mobile:  # ort-mobile: the .ort file and its operator config beside it
+            ort_path, ops_config = targets.write_ort(path)
+            result.report.models["candidate"].update(ort_path=str(ort_path),
+                                                     required_operators=str(ops_config))
     elif not result.passed:
         result.report.notes.append(
             f"the result missed --min-cosine {args.min_cosine}: {args.output} was not written")
@@ -207,14 +218,24 @@ def cmd_bench(args) -> int:
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     _check_outputs((args.report, "--report"), (args.html, "--html"))
     if any(_is_parts(m) for m in args.models):
+        if args.runtime.strip().lower() not in ("onnxruntime", "ort"):
+            raise UserError("pipeline bench runs in ONNX Runtime only (--runtime onnxruntime)")
         from onnxcomp import cli_parts
 
         return cli_parts.bench(args, _emit)
-    _check_not_inputs(list(args.models), [args.report, args.html])
+    # An .ort file (ONNX Runtime Mobile) is not ONNX: it reads only itself.
+    onnx_models = [m for m in args.models if not m.lower().endswith(".ort")]
+    _check_not_inputs(onnx_models, [args.report, args.html])
+    if len(onnx_models) < len(args.models):
+        from onnxcomp.model import check_output_paths
+
+        check_output_paths([args.report, args.html],
+                           [m for m in args.models if m not in onnx_models])
     report = bench(args.models, providers=providers, threads=_int_list(args.threads, "--threads"),
                    batch=args.batch, runs=args.runs, warmup=args.warmup, data=args.data,
                    memory=not args.no_memory, min_seconds=args.min_seconds,
-                   spinning=not args.no_spinning, progress=None if args.json else progress)
+                   spinning=not args.no_spinning, progress=None if args.json else progress,
+                   runtimes=args.runtime, shapes=_shapes(args.shape))
     _emit(report, args.json, args.report, args.html)
     return 0
 
@@ -365,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--part", action="append", metavar="PART=RECIPE",
                           help="pipeline folders: this part's (or the decoder group's) recipe, "
                                "or PART=float (repeatable)")
+    compress.add_argument("--target", default="ort-cpu",
+                          help="deployment target: ort-cpu (default), openvino, tensorrt, qnn, "
+                          "ort-mobile; its quantize defaults apply before --set")
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=cmd_compress)
 
@@ -384,7 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "latency, throughput, memory and size")
     bench.add_argument("models", nargs="+")
-    bench.add_argument("--providers", default="cpu")
+    bench.add_argument("--providers", default="cpu",
+                       help="ONNX Runtime execution providers, e.g. cpu,cuda,tensorrt,openvino")
+    bench.add_argument("--runtime", default="onnxruntime",
+                       help="onnxruntime, openvino (OpenVINO's own API; openvino:f32 or "
+                       "openvino:bf16 sets its precision) or both, comma-separated: timed "
+                       "interleaved side by side")
+    bench.add_argument("--shape", action="append", metavar="NAME=D,D,D",
+                       help="shape of an input's random data (dynamic dims; repeatable)")
     bench.add_argument("--threads", default="1")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--runs", type=int, default=30)

@@ -24,6 +24,19 @@ memory is not included. The peak is ``VmHWM`` from /proc/self/status, not
 ``getrusage(RUSAGE_SELF).ru_maxrss``: on Linux exec carries the parent's ru_maxrss over to the
 child, so a child started from a process holding 160 MB reported a 160 MB peak whatever the model
 (measured). ``ru_maxrss`` remains the fallback where /proc is missing.
+
+Runtimes: ``runtimes=("openvino",)`` times the models through OpenVINO's own API
+(``onnxcomp.runtime_openvino``: ``Core().compile_model(path, "CPU", {INFERENCE_NUM_THREADS,
+...})``, one infer request per model) with the same method, table and JSON; each result row
+says its ``runtime``. Several runtimes (``("onnxruntime", "openvino")``) are timed in one
+interleaved loop per thread count, every model in every runtime each round, so their ratios
+are side by side; ``latency_ratio`` is against the first model in the same runtime and
+provider, ``vs_first`` against the very first model and runtime. Peak memory is measured for
+ONNX Runtime only. ``openvino_precision`` sets OpenVINO's ``INFERENCE_PRECISION_HINT`` (None:
+the plugin's default, bf16 on CPUs that have it). Missing runtimes and providers are one
+``UserError`` line: OpenVINO not installed, or the OpenVINO execution provider, which needs
+``onnxruntime-openvino`` in its own virtual environment (it replaces the ``onnxruntime``
+module).
 """
 
 from __future__ import annotations
@@ -77,8 +90,11 @@ def kept_times(times_s: Sequence[float], limit: int = TIMES_KEPT) -> list[float]
 
 
 def model_size(path: str | os.PathLike) -> int:
-    """Bytes on disk: the .onnx file plus every external data file it references (once each)."""
+    """Bytes on disk: the .onnx file plus every external data file it references (once each);
+    an .ort file's own size."""
     path = Path(path)
+    if path.suffix.lower() == ".ort":
+        return path.stat().st_size
     proto = load(path, load_weights=False).proto
     total = path.stat().st_size
     locations = set()
@@ -165,9 +181,11 @@ def _session_without_spinning(path: str, provider: str, threads: int | None):
         raise UserError(f"ONNX Runtime could not load the model: {first}") from exc
 
 
-def _feeds_for(model: Model, data: Any, batch: int) -> dict[str, np.ndarray]:
+def _feeds_for(model: Model, data: Any, batch: int,
+               shapes: dict[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     if data is None:
-        dataset = calibration.random_data(model, 1, batch=batch)
+        dims, shape_batch = _dims_for_shapes(model, shapes)
+        dataset = calibration.random_data(model, 1, dims=dims, batch=shape_batch or batch)
     else:
         dataset = calibration.resolve(data, model, default_count=1, split="eval")
     return {k: np.ascontiguousarray(v) for k, v in dataset.make_batch(0).items()}
@@ -210,11 +228,105 @@ def _as_int_list(values: Any, what: str) -> list[int]:
     return result
 
 
+RUNTIMES = ("onnxruntime", "openvino")
+_EP_MISSING = ("the OpenVINO execution provider is not in this onnxruntime installation: it "
+               "needs the onnxruntime-openvino package, in its own virtual environment (it "
+               "replaces the onnxruntime module); or time OpenVINO itself with --runtime "
+               "openvino")
+
+
+def resolve_runtimes(runtimes: str | Sequence[str]) -> tuple[list[str], str | None]:
+    """``onnxruntime``/``ort``, ``openvino``/``ov`` (``openvino:f32``, ``openvino:bf16``: with
+    that inference precision hint), comma-separated or a list: the runtimes and the OpenVINO
+    precision named (None: not named). OpenVINO must be installed (else one ``UserError``)."""
+    if isinstance(runtimes, str):
+        runtimes = [r for r in runtimes.split(",") if r.strip()]
+    aliases = {"ort": "onnxruntime", "onnxruntime": "onnxruntime", "ov": "openvino",
+               "openvino": "openvino"}
+    result, precision = [], None
+    for name in runtimes:
+        base, _, hint = str(name).strip().lower().partition(":")
+        key = aliases.get(base)
+        if key is None or (hint and key != "openvino"):
+            raise UserError(f"unknown runtime {name!r}; known: {', '.join(RUNTIMES)} "
+                            "(openvino:f32 or openvino:bf16 to set its precision)")
+        if hint:
+            if hint not in ("f32", "bf16", "f16"):
+                raise UserError(f"runtime {name!r}: OpenVINO precision must be f32, bf16 or "
+                                "f16")
+            precision = hint
+        if key not in result:
+            result.append(key)
+    if not result:
+        raise UserError("bench needs at least one runtime")
+    if "openvino" in result:
+        from onnxcomp import runtime_openvino
+
+        runtime_openvino.require()
+    return result, precision
+
+
+def _resolve_provider(name: str) -> str:
+    """``runtime.resolve_provider``, with the OpenVINO EP's missing package named."""
+    full = runtime.PROVIDERS.get(name.lower(), name)
+    if full == "OpenVINOExecutionProvider":
+        import onnxruntime as ort
+
+        if full not in ort.get_available_providers():
+            raise UserError(_EP_MISSING)
+    return runtime.resolve_provider(name)
+
+
+def _onnx_beside(path: Path, runtimes: list[str]) -> Path:
+    """The ONNX file that gives an ``.ort`` file's input signature and parameter count (X.onnx
+    beside X.ort: ``compress --target ort-mobile`` writes both); the path itself otherwise."""
+    if path.suffix.lower() != ".ort":
+        return path
+    if "openvino" in runtimes:
+        raise UserError(f"{path}: OpenVINO cannot read .ort files (time the .onnx file)")
+    onnx_path = path.with_suffix(".onnx")
+    if not onnx_path.is_file():
+        raise UserError(f"{path}: bench reads the input signature of an .ort file from the "
+                        f"ONNX model beside it, and {onnx_path.name} is missing")
+    return onnx_path
+
+
+def _dims_for_shapes(model: Model, shapes: dict[str, Sequence[int]] | None
+                     ) -> tuple[dict[str, int], int | None]:
+    """``--shape NAME=D,D`` as the symbolic dims random data takes (and the batch, axis 0);
+    a shape that contradicts a fixed dim or names no input is a ``UserError``."""
+    if not shapes:
+        return {}, None
+    inputs = {v.name: v for v in calibration.graph_inputs(model)}
+    dims: dict[str, int] = {}
+    batch = None
+    for name, shape in shapes.items():
+        if name not in inputs:
+            raise UserError(f"--shape {name}: the model has no input {name!r} "
+                            f"(inputs: {', '.join(inputs)})")
+        declared = inputs[name].type.tensor_type.shape.dim
+        if len(declared) != len(shape):
+            raise UserError(f"--shape {name}: {len(shape)} dims given, the input has "
+                            f"{len(declared)}")
+        for axis, (dim, value) in enumerate(zip(declared, shape)):
+            if dim.HasField("dim_value") and dim.dim_value != value:
+                raise UserError(f"--shape {name}: axis {axis} is fixed at {dim.dim_value}, "
+                                f"got {value}")
+            if axis == 0:
+                batch = int(value)
+            elif dim.HasField("dim_param"):
+                dims[dim.dim_param] = int(value)
+    return dims, batch
+
+
 def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] = ("cpu",),
           threads: Sequence[int] | int = (1,), batch: int = 1, runs: int = 30,
           warmup: int = 5, data: Any = None, names: Sequence[str] | None = None,
           memory: bool = True, min_seconds: float = 1.0, spinning: bool = True,
-          progress: Progress | Callable[[str], None] | None = default_progress) -> Report:
+          progress: Progress | Callable[[str], None] | None = default_progress,
+          runtimes: str | Sequence[str] = ("onnxruntime",),
+          shapes: dict[str, Sequence[int]] | None = None,
+          openvino_precision: str | None = None) -> Report:
     """Time the models side by side; see the module docstring for the method.
 
     ``models``: paths or Models (in-memory ones are saved to a temporary file first); the first
@@ -227,7 +339,9 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
     keeps interleaved multi-threaded sessions from stealing each other's (and other processes')
     cores on a busy machine, at some wake-up cost. ``progress``: where the progress goes
     (default: the process's :mod:`onnxcomp.progress`; a ``progress(message)`` callable; None:
-    silent): a task per provider x threads, counting rounds.
+    silent): a task per provider x threads, counting rounds. ``runtimes``: see the module
+    docstring (OpenVINO runs on its CPU device whatever ``providers`` says). ``shapes``: input
+    name -> shape for the random inputs (``--shape``; dynamic dims only).
     """
     if isinstance(models, (str, os.PathLike, Model)):
         models = [models]
@@ -244,7 +358,18 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
         raise UserError(f"warmup must be >= 0, got {warmup}")
     if float(min_seconds) < 0:
         raise UserError(f"min_seconds must be >= 0, got {min_seconds}")
-    resolved = {p: runtime.resolve_provider(p) for p in providers}  # fails early on bad names
+    if shapes and data is not None:
+        raise UserError("--shape sets the random inputs' shapes: not with --data")
+    engines_runtimes, named_precision = resolve_runtimes(runtimes)
+    openvino_precision = openvino_precision or named_precision
+    resolved = ({p: _resolve_provider(p) for p in providers}  # fails early on bad names
+                if "onnxruntime" in engines_runtimes else {})
+    engines = [("onnxruntime", p) for p in providers if "onnxruntime" in engines_runtimes]
+    if "openvino" in engines_runtimes:
+        engines.append(("openvino", "CPU"))
+        resolved["CPU"] = "OpenVINO CPU"
+    # One runtime: each provider timed on its own, as before; several: all in one loop.
+    groups = [[e] for e in engines] if len(engines_runtimes) == 1 else [engines]
     bar = as_progress(progress)
 
     with tempfile.TemporaryDirectory(prefix="onnxcomp-bench-") as tmp:
@@ -256,10 +381,10 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
                 loaded.append(model)
             else:
                 path = Path(model)
-                loaded.append(load(path, load_weights=False))
+                loaded.append(load(_onnx_beside(path, engines_runtimes), load_weights=False))
             paths.append(path)
         labels = _unique_names(paths, names)  # in-memory models are named model0, model1...
-        feeds = [_feeds_for(m, data, batch) for m in loaded]
+        feeds = [_feeds_for(m, data, batch, shapes) for m in loaded]
         infos = []
         for label, path, model, model_feeds in zip(labels, paths, loaded, feeds):
             size = model_size(path)
@@ -271,28 +396,37 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
             info["size_ratio"] = info["bytes"] / infos[0]["bytes"]
 
         results = []
-        for provider in providers:
+        for group in groups:
             for count in thread_counts:
-                name = f"bench {provider}, {count} thread(s), {len(paths)} model(s)"
+                what = ", ".join(p if r == "onnxruntime" else r for r, p in group)
+                name = f"bench {what}, {count} thread(s), {len(paths)} model(s)"
                 with bar.task(name, total=runs, unit="round") as task:
-                    times = _time_interleaved(paths, provider, count, feeds, runs, int(warmup),
-                                              float(min_seconds), spinning, task=task)
-                base = None
-                for index, (info, model_times) in enumerate(zip(infos, times)):
-                    stats = percentiles(model_times)
-                    base = base or stats["p50_ms"]
-                    results.append({
-                        "model": info["name"], "model_index": index,
-                        "provider": resolved[provider],
-                        "threads": count, "runs": len(model_times), **stats,
-                        "throughput": info["batch"] / (stats["p50_ms"] / 1000.0),
-                        "latency_ratio": stats["p50_ms"] / base,
-                        "speedup": base / stats["p50_ms"],
-                        "times_ms": kept_times(model_times),
-                    })
+                    runners = [_make_runner(engine, str(path), count, model_feeds, spinning,
+                                            openvino_precision)
+                               for engine in group for path, model_feeds in zip(paths, feeds)]
+                    times = _time_runners(runners, runs, int(warmup), float(min_seconds),
+                                          task=task)
+                first = None
+                for e, (run_name, provider) in enumerate(group):
+                    base = None
+                    for index, info in enumerate(infos):
+                        stats = percentiles(times[e * len(infos) + index])
+                        base = base or stats["p50_ms"]
+                        first = first or stats["p50_ms"]
+                        results.append({
+                            "model": info["name"], "model_index": index,
+                            "runtime": run_name, "provider": resolved[provider],
+                            "threads": count, "runs": len(times[e * len(infos) + index]),
+                            **stats,
+                            "throughput": info["batch"] / (stats["p50_ms"] / 1000.0),
+                            "latency_ratio": stats["p50_ms"] / base,
+                            "speedup": base / stats["p50_ms"],
+                            "vs_first": stats["p50_ms"] / first,
+                            "times_ms": kept_times(times[e * len(infos) + index]),
+                        })
         memory_rows = []
         if memory:
-            for provider in providers:
+            for provider in [p for r, p in engines if r == "onnxruntime"]:
                 for info, path, model_feeds in zip(infos, paths, feeds):
                     bar.message(f"bench: peak memory of {info['name']} ({provider})")
                     measured = measure_memory(path, provider, thread_counts[0], model_feeds)
@@ -301,6 +435,14 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
 
     report = Report(command="bench")
     report.environment["provider"] = ",".join(resolved.values())
+    report.environment["runtimes"] = engines_runtimes
+    if "openvino" in engines_runtimes:
+        from onnxcomp import runtime_openvino
+
+        report.environment["openvino"] = runtime_openvino.version()
+        report.environment["openvino_precision"] = openvino_precision or "plugin default"
+        if memory:
+            report.notes.append("peak memory is measured for ONNX Runtime only")
     report.models = {info["name"]: {k: v for k, v in info.items() if k != "name"}
                      for info in infos}
     report.bench = {"batch": infos[0]["batch"], "runs": runs, "warmup": int(warmup),
@@ -311,12 +453,30 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
     return report
 
 
+def _make_runner(engine: tuple[str, str], path: str, threads: int,
+                 feeds: dict[str, np.ndarray], spinning: bool, precision: str | None):
+    """An ONNX Runtime session or an OpenVINO compiled model, ready to run ``feeds``."""
+    name, provider = engine
+    if name == "openvino":
+        from onnxcomp import runtime_openvino
+
+        return runtime_openvino.Runner(path, feeds, threads, provider, precision)
+    return _Runner(path, provider, threads, feeds, spinning)
+
+
 def _time_interleaved(paths: list[Path], provider: str, threads: int,
                       feeds: list[dict[str, np.ndarray]], runs: int, warmup: int,
                       min_seconds: float = 0.0, spinning: bool = True,
                       max_rounds: int = 1_000_000, task: Task | None = None
                       ) -> list[list[float]]:
     runners = [_Runner(str(p), provider, threads, f, spinning) for p, f in zip(paths, feeds)]
+    return _time_runners(runners, runs, warmup, min_seconds, max_rounds, task)
+
+
+def _time_runners(runners: list, runs: int, warmup: int, min_seconds: float = 0.0,
+                  max_rounds: int = 1_000_000, task: Task | None = None) -> list[list[float]]:
+    """Warm-up, then interleaved timed rounds (order reversed every other round) of runners
+    (ONNX Runtime or OpenVINO): each runner's run times in seconds."""
     for runner in runners:
         runner.first_run()
     order = list(range(len(runners)))

@@ -203,3 +203,55 @@ def test_a_progress_task_per_provider_and_threads(model_path):
     assert starts == ["bench cpu, 1 thread(s), 1 model(s): 0/3, 0%",
                       "bench cpu, 2 thread(s), 1 model(s): 0/3, 0%"]
     assert any(line.startswith("bench cpu, 2 thread(s), 1 model(s): 3/3 in") for line in lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes (OpenVINO's own API), the OpenVINO EP's missing package, --shape
+
+def _has_openvino() -> bool:
+    from onnxcomp import runtime_openvino
+
+    return runtime_openvino.available()
+
+
+@pytest.mark.skipif(not _has_openvino(), reason="openvino is not installed "
+                    "(pip install 'onnxcomp[openvino]')")
+def test_openvino_and_onnx_runtime_interleaved(model_path):
+    report = bench([model_path, mlp(128)], runs=5, warmup=1, memory=False, min_seconds=0,
+                   progress=None, runtimes="onnxruntime,openvino:f32")
+    rows = report.bench["results"]
+    assert [(r["runtime"], r["model_index"]) for r in rows] == [
+        ("onnxruntime", 0), ("onnxruntime", 1), ("openvino", 0), ("openvino", 1)]
+    assert rows[0]["vs_first"] == 1.0 and rows[2]["latency_ratio"] == 1.0
+    assert rows[2]["provider"] == "OpenVINO CPU" and rows[2]["runs"] == 5
+    assert report.environment["runtimes"] == ["onnxruntime", "openvino"]
+    assert report.environment["openvino_precision"] == "f32"
+    only = bench([model_path], runs=3, memory=True, min_seconds=0, progress=None,
+                 runtimes=["openvino"])
+    assert only.bench["memory"] == [] and "ONNX Runtime only" in " ".join(only.notes)
+    assert "p50 ms" in only.table()
+
+
+def test_unknown_runtime_and_missing_openvino_ep(model_path):
+    import onnxruntime as ort
+
+    with pytest.raises(OnnxcompError, match="unknown runtime 'tvm'"):
+        bench([model_path], runs=1, progress=None, runtimes="tvm")
+    with pytest.raises(OnnxcompError, match="precision must be"):
+        bench([model_path], runs=1, progress=None, runtimes="openvino:int3")
+    if "OpenVINOExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(OnnxcompError, match="onnxruntime-openvino.*own virtual env"):
+            bench([model_path], providers=["openvino"], runs=1, progress=None)
+
+
+def test_shapes_set_the_random_inputs(model_path):
+    report = bench([model_path], runs=1, warmup=0, memory=False, min_seconds=0, progress=None,
+                   shapes={"x": [5, 32]})
+    assert report.bench["batch"] == 5
+    for shapes, words in (({"nope": [1, 32]}, "no input 'nope'"),
+                          ({"x": [1, 32, 1]}, "3 dims given"),
+                          ({"x": [1, 31]}, "axis 1 is fixed at 32")):
+        with pytest.raises(OnnxcompError, match=words):
+            bench([model_path], runs=1, memory=False, progress=None, shapes=shapes)
+    with pytest.raises(OnnxcompError, match="not with --data"):
+        bench([model_path], runs=1, progress=None, shapes={"x": [1, 32]}, data="random:1")

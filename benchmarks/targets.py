@@ -1,0 +1,336 @@
+"""Deployment targets side by side: one model, four variants, timed in OpenVINO and in ONNX
+Runtime in one interleaved run, with fidelity measured in each runtime.
+
+Variants, all from the same preprocessed float model (Constant-node weights lifted, opset >= 13)
+and the same calibration batches (the zoo's ``calib`` split):
+- ``float``;
+- ``onnxcomp int8 ort-cpu``: ``compress --recipe quantize:int8 --target ort-cpu`` (the default);
+- ``onnxcomp int8 openvino``: the same with ``--target openvino``;
+- ``NNCF int8``: ``nncf.quantize(onnx_model, nncf.Dataset(batches))``, NNCF's post-training
+  quantization run on the ONNX model (its default preset; ``model_type=TRANSFORMER`` for
+  transformer models, as NNCF's documentation recommends for them).
+
+- ``NNCF int8 (OpenVINO IR)``: ``nncf.quantize`` on ``ov.convert_model`` of the same file,
+  OpenVINO's standard flow (OpenVINO only: ONNX Runtime cannot read IR).
+
+Timing, interleaved round by round, p50 over the rounds (``bench``'s method): the ONNX variants
+in ONNX Runtime (``onnxcomp.measure.bench``), and every variant in OpenVINO in one loop at
+``INFERENCE_PRECISION_HINT=f32`` and at the plugin's default precision (bf16 on this CPU, which
+makes "float" lossy, hence f32 for the ratios). Fidelity on the zoo's
+held-out data, in each runtime: PP-OCR rec line/char accuracy (``eval`` and ``hard`` splits),
+MiniLM mean cosine of ``sentence_embedding`` against float in ONNX Runtime. Executed ops by
+runtime precision come from OpenVINO's compiled model (``runtime_openvino.precision_summary``).
+
+    python benchmarks/targets.py --models ppocr-rec
+    python benchmarks/targets.py --models minilm --calib 32 --eval 32
+
+Each run replaces its models' entries in ``benchmarks/results/targets.json`` and rewrites the
+table in ``docs/targets.md`` between the markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxcomp import api, runtime, runtime_openvino, zoo
+from onnxcomp.measure.bench import bench
+from onnxcomp.model import load
+from onnxcomp.passes import cleanup
+from onnxcomp.pipeline import Context
+from onnxcomp.report import environment, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "targets.json"
+DOC = ROOT / "docs" / "targets.md"
+BEGIN, END = "<!-- targets:begin -->", "<!-- targets:end -->"
+TRANSFORMERS = {"minilm", "clip-vit-b32"}
+EMBEDDING = {"minilm": "sentence_embedding"}
+
+
+def preprocess(name: str, folder: Path) -> Path:
+    """Constant-node weights lifted, folded, opset raised to 13: what every quantizer gets."""
+    model = load(zoo.fetch(name))
+    model, _ = cleanup.PASS.run(model, cleanup.Config(), Context())
+    if model.opset() < 13:
+        model = type(model)(onnx.version_converter.convert_version(model.proto, 13),
+                            model.source)
+    path = folder / "float.onnx"
+    model.save(path)
+    return path
+
+
+def nncf_int8(name: str, float_path: Path, batches: list[dict], out: Path) -> float:
+    import nncf
+
+    started = time.perf_counter()
+    extra = {"model_type": nncf.ModelType.TRANSFORMER} if name in TRANSFORMERS else {}
+    quantized = nncf.quantize(onnx.load(str(float_path)), nncf.Dataset(batches),
+                              subset_size=len(batches), **extra)
+    onnx.save(quantized, str(out))
+    return time.perf_counter() - started
+
+
+def nncf_int8_ir(name: str, float_path: Path, batches: list[dict], out: Path) -> float:
+    """NNCF on OpenVINO's own model (``ov.convert_model`` of the same ONNX file), saved as IR:
+    OpenVINO's standard flow, the second anchor (ONNX Runtime cannot run it)."""
+    import nncf
+    import openvino as ov
+
+    started = time.perf_counter()
+    extra = {"model_type": nncf.ModelType.TRANSFORMER} if name in TRANSFORMERS else {}
+    quantized = nncf.quantize(ov.convert_model(str(float_path)), nncf.Dataset(batches),
+                              subset_size=len(batches), **extra)
+    ov.save_model(quantized, str(out))
+    return time.perf_counter() - started
+
+
+def openvino_timing(paths: dict[str, Path], feeds: dict, threads: list[int], runs: int
+                    ) -> list[dict]:
+    """Every variant (IR included) in OpenVINO at f32 and at the plugin's default precision,
+    all interleaved in one loop per thread count (``bench``'s method)."""
+    from onnxcomp.measure.bench import _time_runners, percentiles
+
+    rows = []
+    for count in threads:
+        engines = [(label, precision) for precision in ("f32", None) for label in paths]
+        runners = [runtime_openvino.Runner(paths[label], feeds, count, precision=precision)
+                   for label, precision in engines]
+        times = _time_runners(runners, runs, 5, 1.0)
+        base: dict = {}
+        for (label, precision), run_times in zip(engines, times):
+            stats = percentiles(run_times)
+            base.setdefault(precision, stats["p50_ms"])
+            rows.append({"model": label, "threads": count, "runs": len(run_times),
+                         "runtime": "openvino" if precision else "openvino (default precision)",
+                         "provider": "OpenVINO CPU", **stats,
+                         "latency_ratio": stats["p50_ms"] / base[precision]})
+    return rows
+
+
+def onnxcomp_int8(float_path: Path, calib, target: str, out: Path,
+                  overrides: list[str] | None = None) -> float:
+    started = time.perf_counter()
+    result = api.compress(str(float_path), recipe="quantize:int8", calib=calib,
+                          validate=False, show_progress=False, target=target,
+                          overrides=overrides)
+    result.model.save(out)
+    return time.perf_counter() - started
+
+
+def outputs_in(runtime_name: str, path: Path, data) -> list[dict[str, np.ndarray]]:
+    """Every batch's outputs: ONNX Runtime (CPU, default optimizations) or OpenVINO (f32)."""
+    batches = [data.make_batch(i) for i in range(len(data))]
+    if runtime_name == "onnxruntime":
+        sess = runtime.session(str(path), threads=1)
+        return [runtime.run(sess, feeds) for feeds in batches]
+    runner = runtime_openvino.Runner(path, batches[0], threads=1, precision="f32")
+    results = []
+    for feeds in batches:
+        runner.feeds = {k: feeds[k] for k in runner.feeds}
+        results.append(runner.outputs())
+    return results
+
+
+def fidelity(name: str, path: Path, float_path: Path, splits: dict, reference: dict
+             ) -> dict[str, dict]:
+    """Task metric (PP-OCR) or cosine against float in ONNX Runtime (MiniLM), per runtime
+    (an OpenVINO IR file: OpenVINO only)."""
+    result: dict[str, dict] = {}
+    model = load(float_path, load_weights=False)
+    for runtime_name in ("onnxruntime", "openvino"):
+        if path.suffix == ".xml" and runtime_name == "onnxruntime":
+            continue
+        scores = {}
+        for split, data in splits.items():
+            outs = outputs_in(runtime_name, path, data)
+            metric = zoo.task_metric(name)
+            if name == "ppocr-rec":
+                scores[split] = {k: round(v, 4) for k, v in
+                                 metric(model, outs, data.labels).items()}
+                continue
+            key = EMBEDDING.get(name) or next(iter(reference[split][0]))
+            cos = [float(np.dot(a[key].ravel(), b[key].ravel())
+                         / (np.linalg.norm(a[key]) * np.linalg.norm(b[key]) + 1e-12))
+                   for a, b in zip(outs, reference[split])]
+            scores[split] = {"cosine_mean": round(float(np.mean(cos)), 5),
+                             "cosine_min": round(float(np.min(cos)), 5)}
+            if metric is not None and data.labels is not None:
+                scores[split].update({k: round(v, 4) for k, v in
+                                      metric(model, outs, data.labels).items()})
+        result[runtime_name] = scores
+    return result
+
+
+def run_model(name: str, calib_count: int, eval_count: int, runs: int, threads: list[int]
+              ) -> dict:
+    print(f"== {name}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-targets-") as tmp:
+        folder = Path(tmp)
+        float_path = preprocess(name, folder)
+        calib = zoo.dataset(name, "calib", calib_count)
+        batches = [calib.make_batch(i) for i in range(len(calib))]
+        seconds = {}
+        paths = {"float": float_path}
+        paths["onnxcomp int8 ort-cpu"] = folder / "ort_cpu.onnx"
+        seconds["onnxcomp int8 ort-cpu"] = onnxcomp_int8(float_path, calib, "ort-cpu",
+                                                         paths["onnxcomp int8 ort-cpu"])
+        paths["onnxcomp int8 openvino"] = folder / "openvino.onnx"
+        seconds["onnxcomp int8 openvino"] = onnxcomp_int8(float_path, calib, "openvino",
+                                                          paths["onnxcomp int8 openvino"])
+        paths["NNCF int8"] = folder / "nncf.onnx"
+        seconds["NNCF int8"] = nncf_int8(name, float_path, batches, paths["NNCF int8"])
+        ir = {"NNCF int8 (OpenVINO IR)": folder / "nncf_ir.xml"}
+        seconds.update({k: nncf_int8_ir(name, float_path, batches, v) for k, v in ir.items()})
+        print("  quantized:", {k: round(v, 1) for k, v in seconds.items()}, flush=True)
+        # The placement choice behind the openvino target, recorded: attention's activation x
+        # activation MatMuls with uint8 x uint8 QDQ (not timed; what OpenVINO executes).
+        ablation_path = folder / "openvino_am.onnx"
+        onnxcomp_int8(float_path, calib, "openvino", ablation_path,
+                      ["quantize.activation_matmuls=true"])
+        ablation = {"onnxcomp int8 openvino + activation_matmuls": runtime_openvino.
+                    precision_summary(runtime_openvino.compile_model(
+                        ablation_path, threads=1, precision="f32"))}
+
+        splits = {split: zoo.dataset(name, split, eval_count)
+                  for split in zoo.entry(name).splits if split != "calib"}
+        reference = {split: outputs_in("onnxruntime", float_path, data)
+                     for split, data in splits.items()}
+        variants = {}
+        for label, path in {**paths, **ir}.items():
+            compiled = runtime_openvino.compile_model(path, threads=1, precision="f32")
+            variants[label] = {
+                "bytes": path.stat().st_size + (path.with_suffix(".bin").stat().st_size
+                                                if path.suffix == ".xml" else 0),
+                "quantize_seconds": round(seconds.get(label, 0.0), 2),
+                "openvino_ops_f32_hint": runtime_openvino.precision_summary(compiled),
+                "fidelity": fidelity(name, path, float_path, splits, reference),
+            }
+            print(f"  {label}: {variants[label]['fidelity']}", flush=True)
+
+        labels = list(paths)
+        timing = bench([str(paths[k]) for k in labels], names=labels, threads=threads,
+                       runs=runs, warmup=5, data=splits["eval"].take(1),
+                       memory=False, progress=None, runtimes=("onnxruntime",))
+        rows = timing.bench["results"] + openvino_timing(
+            {**paths, **ir}, splits["eval"].make_batch(0), threads, runs)
+    for row in rows:
+        row.pop("times_ms", None)
+    return {"model": name, "calib_batches": calib_count, "eval_batches": eval_count,
+            "variants": variants, "timing": rows, "ablation_openvino_ops_f32_hint": ablation,
+            "environment": {**environment(), "openvino": runtime_openvino.version(),
+                            "nncf": _nncf_version(), "loaded_machine": _load()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _nncf_version() -> str:
+    import nncf
+
+    return str(nncf.__version__)
+
+
+def _load() -> str:
+    try:
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def table(result: dict) -> str:
+    name = result["model"]
+    timing = result["timing"]
+    headers = ["variant", "size MB", "ORT p50 ms", "ORT ratio", "OV f32 p50 ms", "OV f32 ratio",
+               "OV f32 min ms", "OV default p50 ms", "OV int8 / f32 ops"]
+    splits = list(next(iter(result["variants"].values()))["fidelity"]["openvino"])
+    for split in splits:
+        headers += [f"{split} (ORT)", f"{split} (OV)"]
+    rows = []
+    for label, variant in result["variants"].items():
+        def p50(run: str, key: str = "p50_ms", label: str = label) -> str:
+            found = [r for r in timing if r["model"] == label and r["runtime"] == run
+                     and r["threads"] == 1]
+            return f"{found[0][key]:.3g}" if found else ""
+        ops = variant["openvino_ops_f32_hint"]["by_precision"]
+        row = [label, f"{variant['bytes'] / 1e6:.2f}", p50("onnxruntime"),
+               p50("onnxruntime", "latency_ratio"), p50("openvino"),
+               p50("openvino", "latency_ratio"), p50("openvino", "min_ms"),
+               p50("openvino (default precision)"),
+               f"{ops.get('int8', 0)} / {ops.get('f32', 0)}"]
+        for split in splits:
+            for run in ("onnxruntime", "openvino"):
+                score = variant["fidelity"].get(run, {}).get(split)
+                row.append(" / ".join(f"{v:.4g}" for v in score.values()) if score else "n/a")
+        rows.append(row)
+    ops_rows = []
+    for label, variant in result["variants"].items():
+        summary = variant["openvino_ops_f32_hint"]
+        ops_rows.append([label, summary["executed"],
+                         ", ".join(f"{k} {v}" for k, v in summary["by_precision"].items()),
+                         ", ".join(f"{k} x{v}" for k, v in summary["compute"].items()),
+                         ", ".join(f"{k} x{v}" for k, v in summary["glue"].items())])
+    for label, summary in result.get("ablation_openvino_ops_f32_hint", {}).items():
+        ops_rows.append([f"{label} (not timed)", summary["executed"],
+                         ", ".join(f"{k} {v}" for k, v in summary["by_precision"].items()),
+                         ", ".join(f"{k} x{v}" for k, v in summary["compute"].items()),
+                         ", ".join(f"{k} x{v}" for k, v in summary["glue"].items())])
+    ops_table = markdown_table(["variant", "executed ops", "by runtime precision",
+                                "Convolution / FullyConnected / MatMul",
+                                "FakeQuantize / Convert / Eltwise / Reorder"], ops_rows)
+    first_scores = next(iter(result["variants"].values()))["fidelity"]["openvino"]
+    score_names = ", ".join(next(iter(first_scores.values())))
+    metric = {"ppocr-rec": "line / char accuracy",
+              "minilm": "sentence-embedding cosine mean / min vs float in ORT"}.get(
+        name, f"output cosine vs float in ORT, then the zoo's task metrics ({score_names})")
+    env = result["environment"]
+    return "\n".join([
+        f"### {name}", "",
+        (f"Fidelity: {metric}. Ratios: p50 against float in the same runtime, 1 thread, "
+         f"interleaved. Machine: {env.get('cores', '?')} cores, shared and loaded "
+         f"({env['loaded_machine']} at the end of the run); onnxruntime "
+         f"{env.get('onnxruntime', '?')}, OpenVINO {env['openvino']}, NNCF {env['nncf']}; "
+         f"{result['date']}."), "",
+        markdown_table(headers, rows), "",
+        ("What OpenVINO's CPU plugin executed (compiled with INFERENCE_PRECISION_HINT=f32; "
+         "`compiled.get_runtime_model()`, each op's layerType and runtimePrecision; "
+         "int8 = u8 or i8):"), "", ops_table])
+
+
+def write_doc(results: dict) -> None:
+    if not DOC.exists():
+        return
+    text = DOC.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        return
+    body = "\n\n".join(table(results[name]) for name in results)
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}", encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["ppocr-rec"])
+    parser.add_argument("--calib", type=int, default=32, help="calibration batches")
+    parser.add_argument("--eval", type=int, default=64, help="held-out batches per split")
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--threads", default="1")
+    args = parser.parse_args()
+    threads = [int(t) for t in args.threads.split(",")]
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    for name in args.models:
+        results[name] = run_model(name, args.calib, args.eval, args.runs, threads)
+        RESULTS.write_text(json.dumps(results, indent=2))
+        print(table(results[name]), flush=True)
+    write_doc(results)
+
+
+if __name__ == "__main__":
+    main()

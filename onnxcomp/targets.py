@@ -1,0 +1,426 @@
+"""Deployment targets as data: which runtime runs and times a model, the quantize defaults that
+runtime implies, the modes it supports, and how the result is checked.
+
+A target is a frozen ``Target``. ``compress --target NAME`` (``api.compress(target=NAME)``)
+applies it: its ``overrides`` (``quantize.FIELD=VALUE``) go onto every quantize step *before* the
+user's ``--set`` (so the user still has the last word), a quantize mode it does not support is a
+``UserError``, and after the run ``check`` says what else the result must pass (OpenVINO must
+compile it; TensorRT and QNN: structural checks of their documented rules, reported as notes;
+ONNX Runtime Mobile: ``write_ort`` writes the ``.ort`` file and the reduced-operator config
+beside the saved model and checks it loads and matches).
+
+``ort-cpu`` is exactly today's defaults: its overrides are empty, so its figures do not move.
+The others are written from their runtimes' documentation and, for ``openvino``, from what its
+CPU plugin was measured to run in int8 (``docs/targets.md``). What the quantize pass cannot do
+yet for a target is said in ``missing``, not papered over: e.g. TensorRT's explicit
+quantization needs symmetric int8 activations and ``quantize.activation_dtype`` allows uint8
+only, so ``tensorrt`` refuses ``int8`` with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp.errors import InvalidOutput, UserError
+
+DEFAULT = "ort-cpu"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment target; every field is plain data the CLI, api and docs read."""
+
+    name: str
+    summary: str
+    runtime: str  # "onnxruntime" or "openvino": the API that loads, runs and times the result
+    provider: str  # ONNX Runtime provider short name (runtime.PROVIDERS) or the OpenVINO device
+    modes: tuple[str, ...]  # quantize modes this target supports
+    overrides: tuple[str, ...] = ()  # quantize.FIELD=VALUE, applied before the user's --set
+    min_opset: int = 13  # per-channel DequantizeLinear needs opset 13
+    quantized_ops: tuple[str, ...] = ("Conv", "MatMul", "Gemm")  # ops that get QDQ (int8)
+    float_ops: str = "every other op (Add, normalizations, Softmax, pooling, ...)"
+    activation_dtypes: tuple[str, ...] = ("uint8",)  # what the runtime takes for activations
+    symmetric_activations: bool = False  # zero points must be 0
+    weight_dtypes: tuple[str, ...] = ("int8",)
+    # "onnxruntime": the ONNX Runtime CPU load every result gets; "openvino": also compiled by
+    # OpenVINO's CPU plugin (when installed); "structural": the documented rules, as notes.
+    check: str = "onnxruntime"
+    rules: tuple[str, ...] = ()  # the runtime's documented rules this target encodes
+    missing: tuple[str, ...] = ()  # what the quantize pass cannot do yet for this target
+    # mode -> why this target refuses it (the UserError's reason)
+    refused: tuple[tuple[str, str], ...] = ()
+    supported_ops: tuple[str, ...] | None = None  # None: any op the runtime has
+    writes_ort: bool = False  # also write the .ort file (ONNX Runtime Mobile)
+    sources: tuple[str, ...] = ()
+
+
+_TRT_DOC = ("https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/"
+            "quantized-types-explicit-quantization.html")
+_QNN_DOC = "https://onnxruntime.ai/docs/execution-providers/QNN-ExecutionProvider.html"
+_OV_DOC = "https://docs.openvino.ai/2026/openvino-workflow/model-optimization.html"
+
+# The QNN EP's "Supported ONNX operators" table (ai.onnx domain; onnxruntime-qnn docs).
+QNN_OPS = (
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Asin", "Atan", "AveragePool",
+    "BatchNormalization", "Cast", "Ceil", "Clip", "Concat", "Conv", "ConvTranspose", "Cos",
+    "CumSum", "DepthToSpace", "DequantizeLinear", "Div", "Einsum", "Elu", "Equal", "Exp",
+    "Expand", "Flatten", "Floor", "Gather", "GatherElements", "GatherND", "Gelu", "Gemm",
+    "GlobalAveragePool", "GlobalMaxPool", "Greater", "GreaterOrEqual", "GridSample",
+    "GroupNormalization", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization",
+    "IsNaN", "LRN", "LSTM", "LayerNormalization", "LeakyRelu", "Less", "LessOrEqual", "Log",
+    "LogSoftmax", "LpNormalization", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mod", "Mul",
+    "Neg", "NonZero", "Not", "Or", "PRelu", "Pad", "Pow", "QuantizeLinear", "Reciprocal",
+    "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Relu",
+    "RMSNormalization", "Reshape", "Resize", "RoiAlign", "Round", "ScatterElements",
+    "ScatterND", "Sigmoid", "Sign", "Sin", "Slice", "Softmax", "Softplus", "SpaceToDepth",
+    "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tan", "Tanh", "ThresholdedRelu", "Tile", "TopK",
+    "Transpose", "Unsqueeze", "Upsample", "Where",
+)
+
+TARGETS: dict[str, Target] = {t.name: t for t in (
+    Target(
+        "ort-cpu", "ONNX Runtime, CPU execution provider (the default: today's placement)",
+        runtime="onnxruntime", provider="cpu",
+        modes=("int8", "int8-dynamic", "int4", "fp16", "bf16"),
+        rules=(("uint8 per-tensor activations, int8 symmetric per-channel weights: the QDQ "
+                "pairs ONNX Runtime fuses into QLinearConv / QLinearMatMul / "
+                "MatMulIntegerToFloat"),
+               ("Conv outputs (and MatMuls feeding a bias Add) get an output QDQ so QLinear "
+                "kernels chain"))),
+    Target(
+        "openvino", "OpenVINO, CPU plugin (its low-precision transformations)",
+        runtime="openvino", provider="CPU",
+        modes=("int8", "int8-dynamic", "int4", "fp16", "bf16"),
+        float_ops="every other op, and attention's activation x activation MatMuls",
+        # Measured (docs/targets.md): the CPU plugin runs Conv and MatMul in u8 from the QDQ on
+        # their inputs alone; the extra output QDQ of ort-cpu is not fused into the kernel but
+        # executed as Convert + Multiply/Subtract (PP-OCRv4 rec: 45 Converts, 44 extra
+        # Eltwise ops, slower than float), and uint8 x uint8 activation MatMuls stay f32 behind
+        # FakeQuantize nodes.
+        overrides=("quantize.output_qdq=none", "quantize.activation_matmuls=false"),
+        check="openvino",
+        rules=(("QDQ (read as FakeQuantize) on the activation and weight inputs of Conv, "
+                "MatMul and Gemm: the CPU plugin runs them as u8 x i8 kernels"),
+               ("no QDQ on outputs: a Q/DQ after an op is executed as Convert + Eltwise, not "
+                "fused"),
+               ("activation x activation MatMuls run int8 only with a signed (i8) second "
+                "input")),
+        missing=(("QDQ on the inputs of residual Add, MVN, pooling and ConvTranspose ops "
+                  "(NNCF quantizes them; the quantize pass places QDQ on Conv/MatMul/Gemm "
+                  "inputs only)"),
+                 ("fidelity in OpenVINO itself: compress validates in ONNX Runtime, and on "
+                  "PP-OCRv4 det OpenVINO computes this layout less exactly (output cosine .948 "
+                  "against .992 in ONNX Runtime, docs/targets.md)"),
+                 ("signed int8 activations for the second input of attention MatMuls "
+                  "(activation_dtype allows uint8 only), so they stay float")),
+        sources=(_OV_DOC,)),
+    Target(
+        "tensorrt", "TensorRT explicit quantization (Q/DQ), via the TensorRT EP",
+        runtime="onnxruntime", provider="tensorrt", modes=("int4", "fp16"),
+        overrides=("quantize.int4_format=qdq", "quantize.int4_symmetric=true"),
+        min_opset=21, activation_dtypes=("int8",), symmetric_activations=True,
+        quantized_ops=("MatMul", "Gemm"), float_ops="activations (int4 is weight-only)",
+        check="structural",
+        rules=(("int8 Q/DQ are symmetric: zero points must be 0, activations signed int8 "
+                "per tensor, weights int8 per channel (axis 0 of Conv, the output axis of "
+                "MatMul/Gemm)"),
+               ("Q/DQ on both inputs of residual Add so the Add fuses into the preceding "
+                "Conv's int8 kernel"),
+               "no Q/DQ on biases: TensorRT quantizes the bias itself",
+               "weight-only int4: DequantizeLinear with block_size (opset 21) before MatMul"),
+        missing=(("int8: symmetric int8 activations are not implemented (activation_dtype "
+                  "allows uint8 only), nor QDQ on residual Add inputs"),
+                 "not measured: no GPU on this machine"),
+        refused=(("int8", ("TensorRT's explicit quantization needs symmetric int8 "
+                          "activations, and the quantize pass writes uint8 activations only "
+                          "(quantize.activation_dtype)")),
+                 ("int8-dynamic", "TensorRT has no dynamic (run-time) int8 quantization")),
+        sources=(_TRT_DOC,)),
+    Target(
+        "qnn", "Qualcomm QNN EP, HTP (NPU) backend",
+        runtime="onnxruntime", provider="qnn", modes=("int8", "fp16"),
+        overrides=("quantize.output_qdq=all", "quantize.activation_matmuls=true"),
+        activation_dtypes=("uint8", "uint16"), weight_dtypes=("uint8", "int8"),
+        float_ops="none should (HTP runs a fully quantized graph); the pass leaves every op "
+                  "but Conv/MatMul/Gemm float: see missing",
+        check="structural", supported_ops=tuple(QNN_OPS),
+        rules=(("a fully quantized graph: uint8 or uint16 activations around every op, so that "
+                "HTP runs it as one partition"),
+               "MatMul input types on HTP: (uint8, uint8), (uint8, uint16), (uint16, uint8)",
+               "static shapes only; no If/Loop",
+               "ops outside the QNN EP's supported list fall back to the CPU EP"),
+        missing=(("QDQ around every op (the quantize pass places QDQ on Conv/MatMul/Gemm and "
+                  "their outputs only): other ops split the graph between HTP and the CPU"),
+                 ("uint16 activations and uint8 (asymmetric) weights: MatMuls with int8 weights "
+                  "are not HTP MatMul inputs"),
+                 "not measured: no Qualcomm device here"),
+        refused=(("int8-dynamic", "QNN HTP needs static quantization parameters"),
+                 ("int4", ("int4 weights need QNN's LPBQ form, which the quantize pass does "
+                          "not write"))),
+        sources=(_QNN_DOC,)),
+    Target(
+        "ort-mobile", "ONNX Runtime Mobile: the .ort format and a reduced-operator config",
+        runtime="onnxruntime", provider="cpu",
+        modes=("int8", "int8-dynamic", "int4", "fp16"),
+        writes_ort=True,
+        rules=("the ort-cpu placement (mobile CPUs run the same QDQ fusions)",
+               ("the .ort file and required_operators.config are written by the tools in the "
+               "onnxruntime wheel (onnxruntime.tools.convert_onnx_models_to_ort)"))),
+)}
+
+
+def get(name: str | Target | None) -> Target:
+    """The target called ``name`` (None: the default), else a ``UserError`` listing them."""
+    if isinstance(name, Target):
+        return name
+    key = (name or DEFAULT).strip().lower()
+    if key not in TARGETS:
+        raise UserError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    return TARGETS[key]
+
+
+def check_modes(target: Target, modes: list[str]) -> None:
+    """A quantize mode the target does not support is one ``UserError`` line saying why."""
+    refused = dict(target.refused)
+    for mode in modes:
+        if mode in target.modes:
+            continue
+        why = refused.get(mode, f"it supports {', '.join(target.modes)}")
+        raise UserError(f"target {target.name!r} does not support quantize mode {mode!r}: {why}")
+
+
+def quantize_overrides(target: Target, user: list[str] | None) -> list[str]:
+    """The target's overrides first, then the user's (a later ``--set`` wins)."""
+    return [*target.overrides, *(user or [])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Structural checks of a target's documented rules (no device needed)
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node values by name (not converted: weights stay bytes)."""
+    found = {tensor.name: tensor for tensor in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    found[node.output[0]] = attr.t
+    return found
+
+
+def _quantize_nodes(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto]
+                    ) -> list[tuple[onnx.NodeProto, np.ndarray | None]]:
+    """Every QuantizeLinear (activations: weights are stored quantized, behind a DQ only) with
+    its zero point (None when omitted: uint8 zero)."""
+    found = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            zero = None
+            if len(node.input) > 2 and node.input[2] in constants:
+                zero = numpy_helper.to_array(constants[node.input[2]])
+            found.append((node, zero))
+    return found
+
+
+def placement_findings(model: onnx.ModelProto, target: Target) -> list[str]:
+    """What in ``model`` breaks ``target``'s documented rules, one sentence each (empty: none
+    found). Structural only: it reads dtypes, zero points, op types and shapes, runs nothing."""
+    target = get(target)
+    graph = model.graph
+    findings: list[str] = []
+    constants = _constants(graph)
+    quantizers = _quantize_nodes(graph, constants)
+    dtypes = Counter("uint8" if zero is None else str(zero.dtype) for _, zero in quantizers)
+    wrong = {d: n for d, n in dtypes.items() if d not in target.activation_dtypes}
+    if wrong:
+        findings.append(f"{sum(wrong.values())} activation QuantizeLinear node(s) of type "
+                        f"{', '.join(sorted(wrong))}; {target.name} takes "
+                        f"{', '.join(target.activation_dtypes)}")
+    if target.symmetric_activations:
+        nonzero = sum(1 for _, zero in quantizers if zero is not None and np.any(zero != 0))
+        if nonzero:
+            findings.append(f"{nonzero} activation QuantizeLinear node(s) with non-zero zero "
+                            f"points; {target.name} needs symmetric quantization")
+    if target.supported_ops is not None:
+        allowed = set(target.supported_ops) | {"Constant"}
+        outside = Counter(n.op_type for n in graph.node if n.domain in ("", "ai.onnx")
+                          and n.op_type not in allowed)
+        outside.update(n.op_type for n in graph.node if n.domain not in ("", "ai.onnx"))
+        if outside:
+            listed = ", ".join(f"{op} x{n}" for op, n in sorted(outside.items()))
+            findings.append(f"ops outside {target.name}'s supported list (CPU fallback): {listed}")
+    if target.name == "qnn":
+        findings.extend(_qnn_findings(graph, constants))
+    if target.name == "tensorrt":
+        findings.extend(_trt_findings(graph))
+    return findings
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output}
+
+
+def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto]
+                  ) -> list[str]:
+    findings = []
+    producers = _producers(graph)
+    float_ops = Counter()
+    int8_matmuls = 0
+    quantized: set[str] = set()  # outputs of ops that run inside a QDQ node group
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
+            continue
+        feeds = [producers.get(name) for name in node.input if name]
+        if any(f is not None and f.op_type == "DequantizeLinear" for f in feeds) or (
+                node.op_type in ("Relu", "Clip") and node.input[0] in quantized):
+            quantized.update(node.output)  # Relu/Clip fuse into the op before them
+        if node.op_type == "MatMul":
+            for feed in feeds:
+                if feed is not None and feed.op_type == "DequantizeLinear":
+                    weight = constants.get(feed.input[0])
+                    if weight is not None and weight.data_type == onnx.TensorProto.INT8:
+                        int8_matmuls += 1
+                        break
+        if node.output[0] not in quantized and any(
+                name and name not in constants for name in node.input):
+            float_ops[node.op_type] += 1
+    if int8_matmuls:
+        findings.append(f"{int8_matmuls} MatMul(s) with int8 weights: HTP MatMul takes "
+                        "uint8/uint16 inputs only")
+    if float_ops:
+        listed = ", ".join(f"{op} x{n}" for op, n in sorted(float_ops.items()))
+        findings.append(f"ops reading float activations (not quantized: run outside HTP's "
+                        f"quantized graph): {listed}")
+    for value in graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            findings.append(f"input {value.name!r} has dynamic dimensions: QNN needs static "
+                            "shapes (fix them first)")
+    return findings
+
+
+def _trt_findings(graph: onnx.GraphProto) -> list[str]:
+    producers = _producers(graph)
+    findings = []
+    unquantized_adds = 0
+    for node in graph.node:
+        if node.op_type != "Add":
+            continue
+        feeds = [producers.get(name) for name in node.input]
+        from_conv = any(f is not None and f.op_type == "Conv" for f in feeds)
+        if from_conv and not all(f is not None and f.op_type == "DequantizeLinear"
+                                 for f in feeds):
+            unquantized_adds += 1
+    if unquantized_adds:
+        findings.append(f"{unquantized_adds} residual Add(s) after a Conv without Q/DQ on both "
+                        "inputs: TensorRT cannot fuse them into the int8 Conv")
+    return findings
+
+
+def describe(target: Target) -> list[str]:
+    """The target as lines for reports and ``docs/targets.md``."""
+    lines = [f"{target.name}: {target.summary}",
+             f"  runs on: {target.runtime} ({target.provider}); modes: {', '.join(target.modes)}",
+             f"  quantize overrides: {', '.join(target.overrides) or 'none (the defaults)'}",
+             f"  quantized: {', '.join(target.quantized_ops)}; float: {target.float_ops}"]
+    lines += [f"  rule: {rule}" for rule in target.rules]
+    lines += [f"  not implemented: {item}" for item in target.missing]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime Mobile: the .ort file and the reduced-operator config
+
+def ort_paths(onnx_path: str | os.PathLike) -> tuple[Path, Path]:
+    """Where ``write_ort`` puts OUT.ort and OUT.required_operators.config for OUT.onnx."""
+    path = Path(onnx_path)
+    return path.with_suffix(".ort"), path.with_suffix(".required_operators.config")
+
+
+def write_ort(onnx_path: str | os.PathLike) -> tuple[Path, Path]:
+    """Convert a saved model to ONNX Runtime's ``.ort`` format with the tool that ships in the
+    onnxruntime wheel (``onnxruntime.tools.convert_onnx_models_to_ort``, fixed optimizations),
+    next to it with the reduced-operator config (for a minimal ONNX Runtime build); then check
+    that the ``.ort`` file loads and gives the ONNX model's outputs (``InvalidOutput`` if not).
+    The tool's own progress output is swallowed; its errors are ``InvalidOutput``."""
+    import contextlib
+    import io
+    import logging
+    import shutil
+    import tempfile
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
+
+    source = Path(onnx_path).resolve()
+    ort_path, config_path = ort_paths(source)
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-ort-") as tmp:
+        log = io.StringIO()
+        logging.disable(logging.INFO)  # the tool logs each file it writes at INFO
+        try:
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                convert_onnx_models_to_ort(source, output_dir=Path(tmp),
+                                           optimization_styles=[OptimizationStyle.Fixed])
+        except Exception as exc:
+            raise InvalidOutput(f"ONNX Runtime's .ort converter refused {source.name}: "
+                                f"{_first_line(exc)}") from exc
+        finally:
+            logging.disable(logging.NOTSET)
+        made = sorted(Path(tmp).glob("*.ort"))
+        configs = sorted(Path(tmp).glob("*.config"))
+        if not made or not configs:
+            raise InvalidOutput(f"ONNX Runtime's .ort converter wrote no .ort file for "
+                                f"{source.name}: {_first_line(log.getvalue())}")
+        shutil.move(str(made[0]), ort_path)
+        # The config's header names the file it was generated from: the final name, not tmp.
+        config_path.write_text(configs[0].read_text(encoding="utf-8").replace(
+            str(made[0]), ort_path.name), encoding="utf-8")
+    check_ort(source, ort_path)
+    return ort_path, config_path
+
+
+def check_ort(onnx_path: str | os.PathLike, ort_path: str | os.PathLike,
+              tolerance: float = 1e-3) -> float:
+    """The ``.ort`` file loads in ONNX Runtime and its outputs match the ONNX model's on random
+    inputs (both sessions with ONNX Runtime's full optimizations): the largest difference, or
+    ``InvalidOutput``."""
+    import onnxruntime as ort
+
+    from onnxcomp import calibration
+    from onnxcomp.model import load
+
+    model = load(onnx_path, load_weights=False)
+    feeds = calibration.random_data(model, 1).make_batch(0)
+    try:
+        mobile = ort.InferenceSession(str(ort_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise InvalidOutput(f"ONNX Runtime cannot load {ort_path}: {_first_line(exc)}") from exc
+    full = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for got, want in zip(mobile.run(None, feeds), full.run(None, feeds)):
+        got, want = np.asarray(got), np.asarray(want)
+        if got.shape != want.shape:
+            raise InvalidOutput(f"{ort_path}: output shape {got.shape}, the ONNX model gives "
+                                f"{want.shape}")
+        if got.size and np.issubdtype(got.dtype, np.number):
+            diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+            scale = float(np.max(np.abs(want))) if want.size else 0.0
+            if diff > tolerance * max(1.0, scale):
+                raise InvalidOutput(f"{ort_path}: outputs differ from the ONNX model's by "
+                                    f"{diff:.3g}")
+            worst = max(worst, diff)
+    return worst
+
+
+def _first_line(exc: BaseException | str) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else (type(exc).__name__ if isinstance(exc, BaseException) else "")

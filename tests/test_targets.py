@@ -1,0 +1,184 @@
+"""Deployment targets: each target's placement rules on tiny graphs, the CPU default unchanged,
+refusals as one line (exit 2), the user's --set over the target's defaults, structural checks."""
+
+from __future__ import annotations
+
+import builders
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp import api, targets
+from onnxcomp.cli import main
+from onnxcomp.errors import UserError
+from onnxcomp.model import Model
+from onnxcomp.recipe import apply_overrides, parse_recipe
+
+
+def _compress(model, target=None, overrides=None, recipe="quantize:int8"):
+    return api.compress(model, recipe=recipe, calib="random:4", validate=False,
+                        show_progress=False, target=target, overrides=overrides)
+
+
+def _ops(model: Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def test_every_target_is_consistent_data():
+    assert set(targets.TARGETS) == {"ort-cpu", "openvino", "tensorrt", "qnn", "ort-mobile"}
+    assert targets.get(None).name == targets.DEFAULT == "ort-cpu"
+    assert targets.TARGETS["ort-cpu"].overrides == ()  # today's defaults, exactly
+    for target in targets.TARGETS.values():
+        assert target.runtime in ("onnxruntime", "openvino")
+        assert target.modes and target.rules
+        for mode, why in target.refused:
+            assert mode not in target.modes and why
+        # Each target's overrides are valid quantize options for each mode it supports.
+        for mode in target.modes:
+            steps = apply_overrides(parse_recipe(f"quantize:{mode}"), list(target.overrides))
+            assert steps[0].config.mode == mode
+        assert targets.describe(target)[0].startswith(target.name)
+
+
+def test_ort_cpu_is_todays_default_byte_for_byte():
+    model = builders.conv_net()
+    default = _compress(model).model
+    explicit = _compress(model, target="ort-cpu").model
+    assert default.proto.SerializeToString() == explicit.proto.SerializeToString()
+
+
+def test_openvino_places_qdq_on_inputs_only():
+    model = builders.conv_net()
+    cpu = _compress(model, target="ort-cpu")
+    ov = _compress(model, target="openvino")
+    convs = _ops(model)["Conv"]
+    # ort-cpu: a weight DQ per Conv, an input QDQ and (on conv outputs) an output QDQ.
+    assert _ops(ov.model)["QuantizeLinear"] < _ops(cpu.model)["QuantizeLinear"]
+    plan = api.dry_run(model, "quantize:int8", "random:4", target="openvino")[0]
+    actions = [row.action for row in plan.rows if row.action != "skip"]
+    assert len(actions) == convs and not any("output QDQ" in a for a in actions)
+    assert ov.report.environment["target"] == "openvino"
+
+
+def test_the_users_set_wins_over_the_target():
+    model = builders.conv_net()
+    cpu = _compress(model).model
+    back = _compress(model, target="openvino", overrides=["quantize.output_qdq=conv"]).model
+    assert cpu.proto.SerializeToString() == back.proto.SerializeToString()
+
+
+def test_a_recipe_without_quantize_takes_any_target():
+    steps = api.target_steps("cleanup", None, targets.get("tensorrt"))
+    assert [s.name for s in steps] == ["cleanup"]
+
+
+@pytest.mark.parametrize("target, mode, words", [
+    ("tensorrt", "int8", "symmetric int8 activations"),
+    ("tensorrt", "int8-dynamic", "no dynamic"),
+    ("qnn", "int8-dynamic", "static quantization"),
+    ("qnn", "int4", "LPBQ"),
+])
+def test_a_mode_the_target_does_not_support_is_refused(target, mode, words):
+    with pytest.raises(UserError, match=words):
+        api.target_steps(f"quantize:{mode}", None, targets.get(target))
+
+
+def test_cli_refusals_are_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "m.onnx"
+    builders.mlp().save(path)
+    for flags, words in ((["--target", "nope"], "unknown target 'nope'"),
+                         (["--target", "tensorrt"], "does not support quantize mode 'int8'"),
+                         (["--target", "qnn", "--recipe", "quantize:int4"], "int4")):
+        rc = main(["--quiet", "compress", str(path), "-o", str(tmp_path / "o.onnx"),
+                   "--calib", "random:4", *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and words in err[0], (flags, err)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_tensorrt_int4_is_blockwise_dequantize_linear():
+    result = _compress(builders.mlp(), target="tensorrt", recipe="quantize:int4")
+    ops = _ops(result.model)
+    assert "MatMulNBits" not in ops and ops.get("DequantizeLinear", 0) >= 1
+    assert result.model.opset() >= 21
+    assert any("checked structurally" in note for note in result.report.notes)
+    assert any("symmetric int8 activations" in note for note in result.report.notes)
+
+
+def test_qnn_quantizes_outputs_and_activation_matmuls_and_says_what_is_missing():
+    model = builders.attention_block()
+    result = _compress(model, target="qnn")
+    plan = api.dry_run(model, "quantize:int8", "random:4", target="qnn")[0]
+    actions = [row.action for row in plan.rows if row.action != "skip"]
+    assert any("activation x activation" in a for a in actions)
+    notes = "\n".join(result.report.notes)
+    # Its MatMuls read int8 weights: HTP MatMul takes uint8/uint16 only (said, not hidden).
+    assert "int8 weights" in notes and "not implemented" in notes
+
+
+def _residual_qdq(zero: int, dtype=TensorProto.UINT8) -> onnx.ModelProto:
+    """x -> Q -> DQ -> Conv -> Add(x) -> y: a residual Add with one quantized input."""
+    w = numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zp = helper.make_tensor("z", dtype, [], [zero])
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+             helper.make_node("Conv", ["dq", "w"], ["c"]),
+             helper.make_node("Add", ["c", "x"], ["y"]),
+             helper.make_node("Erf", ["y"], ["out"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n", 3, 4, 4])],
+        [w, scale, zp])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_tensorrt_rules_found_structurally():
+    findings = targets.placement_findings(_residual_qdq(128), targets.get("tensorrt"))
+    text = "\n".join(findings)
+    assert "uint8" in text and "non-zero zero points" in text and "residual Add" in text
+    clean = targets.placement_findings(_residual_qdq(0, TensorProto.INT8), "tensorrt")
+    assert not any("zero points" in f or "of type" in f for f in clean)
+
+
+def test_qnn_rules_found_structurally():
+    findings = "\n".join(targets.placement_findings(_residual_qdq(128), "qnn"))
+    assert "Erf x1" in findings  # not in the QNN EP's supported list
+    assert "dynamic dimensions" in findings
+    assert "Add x1" in findings  # reads float activations: outside HTP's quantized graph
+
+
+def test_ort_mobile_writes_an_ort_file_that_loads_and_matches(tmp_path, capsys):
+    from onnxcomp.errors import InvalidOutput
+    from onnxcomp.measure.bench import bench
+
+    path, out = tmp_path / "m.onnx", tmp_path / "small.onnx"
+    builders.conv_net().save(path)
+    rc = main(["--quiet", "compress", str(path), "-o", str(out), "--target", "ort-mobile",
+               "--calib", "random:4", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    report = __import__("json").loads(capsys.readouterr().out)
+    ort_path, config = targets.ort_paths(out)
+    assert report["models"]["candidate"]["ort_path"] == str(ort_path)
+    assert ort_path.is_file() and config.is_file()
+    assert "QuantizeLinear" in config.read_text() or "Conv" in config.read_text()
+    assert targets.check_ort(out, ort_path) < 1e-3
+    timed = bench([out, ort_path], runs=2, warmup=0, memory=False, min_seconds=0,
+                  progress=None)
+    assert [r["model"] for r in timed.bench["results"]] == ["small", "small#2"]
+    assert timed.bench["models"][1]["bytes"] == ort_path.stat().st_size
+    # An .ort file that does not match the ONNX model beside it is refused.
+    other = tmp_path / "other.onnx"
+    builders.conv_net(seed=1).save(other)
+    with pytest.raises(InvalidOutput, match="differ"):
+        targets.check_ort(other, ort_path)
+    # Without the ONNX model beside it, bench says what it needs.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "small.ort").write_bytes(ort_path.read_bytes())
+    with pytest.raises(UserError, match="small.onnx is missing"):
+        bench([alone / "small.ort"], runs=1, memory=False, progress=None)
