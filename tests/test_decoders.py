@@ -148,6 +148,8 @@ def test_split_keeps_initializers_that_live_in_a_branch():
     first, later, _ = _feeds(parts)
     np.testing.assert_array_equal(_session(first_step).run(None, first)[0],
                                   _session(parts["decoder"]).run(None, first)[0])
+    np.testing.assert_array_equal(_session(with_past).run(None, later)[0],
+                                  _session(parts["decoder_with_past"]).run(None, later)[0])
 
 
 def test_side_by_side_runs_both_paths_and_splits_back_exactly():

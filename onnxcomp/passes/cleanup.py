@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from onnxcomp.graph import (
@@ -31,6 +33,18 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
+
+
+def _widens_stored_weight(node: gs.Node) -> bool:
+    """A Cast of a narrow stored weight to float (bf16/fp16 storage read as float32): folding it
+    would store the float32 copy again and undo the compression (like QuantizeLinear and
+    DequantizeLinear, which onnx-graphsurgeon never folds)."""
+    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    if int(node.attrs.get("to", 0)) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
+        return False
+    return node.inputs[0].dtype not in (np.float32, np.float64)
+
 
 NAME = "cleanup"
 logger = logging.getLogger(__name__)
@@ -138,7 +152,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         count = len(graph.nodes)
         try:
             graph.fold_constants(size_threshold=config.fold_size_limit, recurse_subgraphs=False,
-                                 error_ok=True)
+                                 error_ok=True, should_exclude_node=_widens_stored_weight)
         except Exception as exc:  # noqa: BLE001 - folding is an optimization: never fatal
             applied.notes.append(f"constant folding skipped: {exc}")
         tidy(graph)

@@ -1,4 +1,4 @@
-"""quantize: int8 static QDQ, int8 dynamic, int4 weight-only blockwise.
+"""quantize: int8 static QDQ, int8 dynamic, int4 weight-only blockwise; fp16 / bf16 (half.py).
 
 Plan, then apply. ``plan`` refuses a model already quantized, prepares a copy (Constant-node
 weights lifted, Gemm as MatMul for static int8, opset raised: ``prepare.py``) and finds the sites
@@ -41,8 +41,8 @@ from onnxcomp.graph import import_graph, size_note
 from onnxcomp.model import Model
 
 # Modules by name (not their functions): a package attribute named like a submodule would hide it.
-from onnxcomp.passes.quantize import bias, equalize, fidelity, gptq, prepare, rewrite, stats
-from onnxcomp.passes.quantize.config import MODES, NAME, Config
+from onnxcomp.passes.quantize import bias, equalize, fidelity, gptq, half, prepare, rewrite, stats
+from onnxcomp.passes.quantize.config import HALF_MODES, INTEGER_MODES, MODES, NAME, Config
 from onnxcomp.passes.quantize.gptq import Hessians
 from onnxcomp.passes.quantize.match import Site
 from onnxcomp.passes.quantize.prepare import Planned
@@ -57,7 +57,7 @@ from onnxcomp.pipeline import (
     PlanRow,
 )
 
-__all__ = ["MODES", "NAME", "PASS", "Config", "apply", "plan"]
+__all__ = ["HALF_MODES", "INTEGER_MODES", "MODES", "NAME", "PASS", "Config", "apply", "plan"]
 
 
 def _action(site: Site, config: Config) -> str:
@@ -90,6 +90,8 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
         calibration.check_dataset(ctx.calibration, model)
     notes: list[str] = []
     prepared = prepare.prepare(model, config, notes)
+    if config.mode in HALF_MODES:
+        return half.plan(prepared, config, notes)
     sites = prepare.find_sites(prepared, config)
     result = Plan(NAME, config, notes=notes + sites.notes, payload=Planned(prepared, sites))
     result.rows = [PlanRow(s.node, _action(s, config),
@@ -111,6 +113,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     equalization, SmoothQuant, int8 GPTQ, bias correction), then measure; ``min_cosine`` may
     return sites to float (recorded as skipped here)."""
     config: Config = plan_.config
+    if config.mode in HALF_MODES:
+        return half.apply(model, plan_, ctx)
     planned: Planned = plan_.payload
     quant_plan = planned.sites
     applied = Applied(model, modified=False)

@@ -14,16 +14,19 @@ from onnxcomp.passes.quantize.int4 import SCALE_RULES
 from onnxcomp.pipeline import option
 
 NAME = "quantize"
-MODES = ("int8", "int8-dynamic", "int4")
+INTEGER_MODES = ("int8", "int8-dynamic", "int4")
+HALF_MODES = ("fp16", "bf16")
+MODES = INTEGER_MODES + HALF_MODES
 DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul", "Gemm"),
-                    "int4": ("MatMul", "Gemm")}
+                    "int4": ("MatMul", "Gemm"), "fp16": ("*",), "bf16": ("*",)}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 BIAS_CORRECTIONS = ("none", "weights", "all")
 
 
 @dataclass(frozen=True)
 class Config:
-    mode: str = option("int8", "int8 (static QDQ, calibrated) | int8-dynamic | int4 (weight-only)")
+    mode: str = option("int8", "int8 (static QDQ, calibrated) | int8-dynamic | int4 (weight-only) "
+                               "| fp16 (half compute) | bf16 (bfloat16 weights)")
     calibration: str = option("mse", "int8 activation ranges: minmax | percentile | entropy | mse")
     percentile: float = option(99.99, "calibration = percentile: the percentile kept, in (50, 100]")
     op_types: tuple[str, ...] | None = option(

@@ -74,7 +74,7 @@ def to_fp16(model: Model, keep_nodes: set[str]) -> Model:
     # Node names must be unique for node_block_list (cleanup names every node).
     converted = convert_float_to_float16(
         proto, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
-        node_block_list=sorted(keep_nodes), force_fp16_initializers=True,
+        node_block_list=sorted(keep_nodes), force_fp16_initializers=False,
         disable_shape_infer=False)
     return Model(converted, model.source)
 
@@ -90,9 +90,8 @@ def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 
 
 def bf16_tensor(name: str, values: np.ndarray) -> TensorProto:
-    tensor = helper.make_tensor(name, TensorProto.BFLOAT16, values.shape, vals=b"", raw=True)
-    tensor.raw_data = _to_bfloat16_bits(values).tobytes()
-    return tensor
+    return helper.make_tensor(name, TensorProto.BFLOAT16, values.shape,
+                              vals=_to_bfloat16_bits(values).tobytes(), raw=True)
 
 
 def to_bf16(model: Model, exclude: tuple[str, ...] = ()) -> tuple[Model, list[str]]:
@@ -199,3 +198,72 @@ def _float_tensors(model: Model) -> set[str]:
     inferred = onnx.shape_inference.infer_shapes(model.proto)
     values = list(inferred.graph.value_info) + list(inferred.graph.output)
     return {v.name for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+
+
+# --- the pass's plan and apply for mode fp16 / bf16 ---------------------------------------
+
+def plan(model: Model, config, notes: list[str]):
+    """Rows: every float node and whether it goes to half precision or stays float32.
+    ``model`` is the prepared copy (Constant weights lifted, opset raised); it travels in the
+    payload."""
+    from onnxcomp.pipeline import SKIP, Plan, PlanRow
+
+    rows = []
+    if config.mode == "fp16":
+        keep = kept_float(model.proto, tuple(config.exclude))
+        float_tensors = _float_tensors(model)
+        for node in model.graph.node:
+            if node.name in keep:
+                rows.append(PlanRow(node.name, SKIP, keep[node.name]))
+            elif any(o in float_tensors for o in node.output):
+                rows.append(PlanRow(node.name, "fp16", node.op_type))
+        payload = (model, keep)
+        notes.append("fp16: inputs and outputs stay float32 (Casts at the edges); ONNX "
+                     "Runtime's CPU provider runs most float16 ops through Casts: expect 0.5x "
+                     "size, not speed, there")
+    else:
+        readers: dict[str, list[str]] = {}
+        for node in model.graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node.name)
+        for tensor in model.graph.initializer:
+            if tensor.data_type in FLOAT_TYPES and int(np.prod(tensor.dims)) >= MIN_ELEMENTS:
+                rows.append(PlanRow(tensor.name, "bf16 storage",
+                                    f"read by {', '.join(readers.get(tensor.name, [])[:3])}"))
+        payload = (model, {})
+        notes.append("bf16: weights stored as bfloat16 and Cast to float32 where read; compute "
+                     "stays float32 (every runtime runs it)")
+    return Plan("quantize", config, rows=rows, notes=notes, payload=payload)
+
+
+def apply(model: Model, plan_, ctx):
+    from onnxcomp.pipeline import Applied
+
+    config = plan_.config
+    applied = Applied(model, modified=False)
+    if not any(row.action != "skip" for row in plan_.rows):
+        return applied
+    prepared, keep = plan_.payload
+    if config.mode == "bf16":
+        result, converted = to_bf16(prepared, tuple(config.exclude))
+        applied.touched = converted
+    else:
+        data = ctx.evaluation or ctx.calibration
+        result, details = fp16_to_target(prepared, keep, config.min_cosine, data,
+                                         ctx.progress)
+        applied.details.update(details)
+        extra = details.get("mixed_extra_float", [])
+        applied.skipped = [(n, f"kept float32 to meet min_cosine {config.min_cosine}")
+                           for n in extra]
+        applied.touched = [row.node for row in plan_.rows
+                           if row.action == "fp16" and row.node not in set(extra)]
+        if "output_cosine" in details:
+            applied.notes.append(f"fp16 output cosine {details['output_cosine']:.6f}"
+                                 + (f" with {len(extra)} more nodes float32 (target "
+                                    f"{config.min_cosine})" if extra else ""))
+        if config.min_cosine is not None and details.get("output_cosine", 1.0) < \
+                config.min_cosine:
+            applied.notes.append(f"min_cosine {config.min_cosine} not reached even with every "
+                                 "float16 node float32")
+    applied.model, applied.modified = result, True
+    return applied

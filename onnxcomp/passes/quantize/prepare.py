@@ -52,6 +52,10 @@ def check_not_quantized(model: Model) -> None:
 
 
 def _opset_needed(config: Config) -> int:
+    if config.mode == "bf16":
+        return 13  # Cast from bfloat16
+    if config.mode == "fp16":
+        return 10
     if config.mode == "int8":
         return 13 if config.per_channel else 10
     if config.mode == "int8-dynamic":

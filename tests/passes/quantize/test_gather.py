@@ -18,7 +18,7 @@ from onnxcomp.pipeline import Context
 run = quantize.PASS.run
 
 
-@pytest.mark.parametrize("mode", quantize.MODES)
+@pytest.mark.parametrize("mode", quantize.INTEGER_MODES)
 def test_gather_table_is_int8_in_every_mode(mode, tmp_path):
     model = gather_model()
     data = ids_batches(model)
@@ -176,7 +176,7 @@ def _gemm_tied_model() -> Model:
     return Model(model)
 
 
-@pytest.mark.parametrize("mode", quantize.MODES)
+@pytest.mark.parametrize("mode", quantize.INTEGER_MODES)
 def test_table_tied_to_a_quantized_lm_head_is_quantized_and_stored_once(mode, tmp_path):
     model = _gemm_tied_model()
     rng = np.random.default_rng(2)

@@ -138,7 +138,7 @@ def test_a_weight_shared_by_two_paths_is_raised_once_for_both():
                         "with_past/past_key_values.0.encoder.key": rng.standard_normal(
                             (1, 1, 1, 64)).astype(np.float32)})
     data = calibration.from_batches(batches)
-    result, record = quantize.PASS.run(both, quantize.Config(mode="int4", min_cosine=0.99999,
+    result, _ = quantize.PASS.run(both, quantize.Config(mode="int4", min_cosine=0.99999,
                                                              block_size=16),
                                        Context(calibration=data))
     nbits = [n for n in result.graph.node if n.op_type == "MatMulNBits"]

@@ -22,7 +22,7 @@ def test_refuses_already_quantized_model():
     model = conv_mlp()
     ctx = Context(calibration=data_for(model))
     result, _ = run(model, quantize.Config(), ctx)
-    for mode in quantize.MODES:
+    for mode in quantize.INTEGER_MODES:
         with pytest.raises(UserError, match="already quantized"):
             run(result, quantize.Config(mode=mode), ctx)
         with pytest.raises(UserError, match="already quantized"):  # the dry run says so too
