@@ -356,7 +356,7 @@ def split_side_by_side(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.Mo
         part.output.extend(outputs)
         part.value_info.extend(v for v in graph.value_info if v.name in read)
         _strip_prefix(part, tag)
-        _dim_params(part, lambda p, prefix=prefix: p[len(prefix):] if p.startswith(prefix) else p)
+        _dim_params(part, lambda p, prefix=prefix: p.removeprefix(prefix))
         single = helper.make_model(part, opset_imports=list(model.opset_import))
         single.ir_version = model.ir_version
         single.producer_name = model.producer_name
