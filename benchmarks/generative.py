@@ -132,13 +132,13 @@ def run_pipeline(name: str, calib_count: int, eval_count: int, runs: int, new_to
         seconds = time.perf_counter() - started
         out = write_parts(reference, result, work / f"onnxcomp-{label.replace(' ', '-')}")
         folders[f"onnxcomp {label}"] = out
-        runs = [(f"onnxcomp {label}", out, seconds)]
+        variants = [(f"onnxcomp {label}", out, seconds)]
         if "ort" in recipe:
             ort_out = work / f"ort-{label}"
             ort_seconds = _ort_file_by_file(source, ort_out, recipe["ort"])
             folders[f"ORT {label} file by file"] = ort_out
-            runs.append((f"ORT {label} file by file", ort_out, ort_seconds))
-        for key, folder, took in runs:
+            variants.append((f"ORT {label} file by file", ort_out, ort_seconds))
+        for key, folder, took in variants:
             candidate = open_parts(folder)
             rows[key] = {
                 "size": sum(part_sizes(candidate.manifest).values()),
