@@ -656,7 +656,20 @@ def _check_count(count, text: str) -> None:
 
 
 _RANDOM_SPEC = re.compile(r"^random:(?P<n>[0-9]{1,12})$")
-_ZOO_SPEC = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_.-]*?)(?::(?P<split>[a-z][a-z-]*))?(?::(?P<n>\d+))?$")
+_ZOO_SPEC = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_.-]*?)(?::(?P<split>[a-z][a-z-]*))?"
+                       r"(?::(?P<n>\d+))?$")
+
+
+def zoo_source(text: str) -> tuple[str, str | None, int | None] | None:
+    """``NAME[:SPLIT][:N]`` -> (name, split, count) when it names a zoo model, else None."""
+    match = _ZOO_SPEC.match(text)
+    if not match:
+        return None
+    from onnxcomp import zoo  # the zoo imports this module
+
+    if match["name"] not in zoo.names():
+        return None
+    return match["name"], match["split"], int(match["n"]) if match["n"] else None
 
 
 def resolve(spec: str | Path | Dataset | None, model: Model, default_count: int = 16,

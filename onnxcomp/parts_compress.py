@@ -141,14 +141,14 @@ def resolve_samples(spec, parts: Parts, split: str, count: int = 8) -> calibrati
         elif path.is_file() and text.endswith(".npz"):
             data = calibration.from_npz_files([path], text)
         else:
-            match = calibration._ZOO_SPEC.match(text)
             from onnxcomp import zoo
 
-            if not match or match["name"] not in zoo.names():
+            found = calibration.zoo_source(text)
+            if found is None:
                 raise UserError(f"pipeline data {text!r} is neither a folder of .npz files nor "
                                 f"a zoo generator ({', '.join(zoo.names())})")
-            data = zoo.dataset(match["name"], match["split"] or split,
-                               int(match["n"]) if match["n"] else count)
+            name, chosen_split, chosen_count = found
+            data = zoo.dataset(name, chosen_split or split, chosen_count or count)
     first = next(iter(data), None)
     if first is None:
         raise UserError(f"pipeline data {data.name}: no samples")
