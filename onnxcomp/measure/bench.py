@@ -542,7 +542,7 @@ def _maxrss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes, else KiB
 
 
-def _peak_bytes() -> int:
+def peak_bytes() -> int:
     # VmHWM is the high-water mark of this process's own address space. ru_maxrss is not usable
     # on Linux: exec carries the parent's peak over (a child started by a 160 MB process
     # reports at least 160 MB), so it is only the fallback where /proc is missing.
@@ -559,7 +559,7 @@ def _child_measure(model_path: str, provider: str, threads: str, feeds_path: str
     runner = _Runner(model_path, provider, int(threads), feeds)
     for _ in range(MEMORY_RUNS):
         runner()
-    peak = _peak_bytes()
+    peak = peak_bytes()
     return {"rss_before_mb": before / 2**20, "peak_rss_mb": peak / 2**20,
             "session_peak_mb": max(0, peak - before) / 2**20}
 

@@ -282,15 +282,15 @@ def peak_rss_mb(folder: str | os.PathLike, sample: dict, path: list[int],
 
 
 def _child(argv: list[str]) -> None:
-    # VmHWM, not ru_maxrss: exec keeps the parent's ru_maxrss (see bench._peak_bytes).
-    from onnxcomp.measure.bench import _peak_bytes
+    # VmHWM, not ru_maxrss: exec keeps the parent's ru_maxrss (see bench.peak_bytes).
+    from onnxcomp.measure.bench import peak_bytes
 
     folder, sample_file, path, threads = argv
     with np.load(sample_file) as npz:
         sample = {k: npz[k] for k in npz.files}
     parts = open_parts(folder, threads=int(threads) or None)
     generate(parts, sample, forced=json.loads(path))
-    print(_peak_bytes() / 2**20)
+    print(peak_bytes() / 2**20)
 
 
 if __name__ == "__main__":
