@@ -83,7 +83,13 @@ def compress(args, emit) -> int:
                         "default fidelity floor and reported by generation agreement")
     reference = open_parts(args.model)
     check_output_folder(args.output, reference.manifest.folder)
-    result = compress_parts(args.model, recipe=args.recipe, per_part=_part_recipes(args.part),
+    recipe, per_part = args.recipe, {}
+    if recipe and str(recipe).strip().endswith(".toml"):  # [[pass]] and [parts.NAME] tables
+        from onnxcomp.recipe import parts_recipe
+
+        recipe, per_part = parts_recipe(str(recipe).strip())
+    per_part.update(_part_recipes(args.part))  # the command line wins
+    result = compress_parts(args.model, recipe=recipe, per_part=per_part,
                             calib=args.calib, eval_data=args.eval, overrides=args.set,
                             validate=not args.no_validate)
     written = result.passed and not result.below_floor

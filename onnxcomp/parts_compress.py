@@ -79,25 +79,27 @@ def groups(manifest: Manifest) -> dict[str, list[str]]:
     return out
 
 
-def group_recipes(manifest: Manifest, recipe: str | None, per_part: dict[str, str] | None
-                  ) -> dict[str, str | None]:
-    """The recipe of each group: ``recipe`` for all, ``per_part`` (part or group name -> recipe
-    or ``float``) on top; a decoder file's name addresses the whole decoder group."""
+def group_recipes(manifest: Manifest, recipe, per_part: dict | None) -> dict:
+    """The recipe of each group (a short form, a TOML path or parsed steps; None: float):
+    ``recipe`` for all, ``per_part`` (part or group name -> recipe, or ``float``) on top; a
+    decoder file's name addresses the whole decoder group."""
     grouped = groups(manifest)
     owner = {part: g for g, members in grouped.items() for part in members}
-    chosen: dict[str, str | None] = {g: recipe for g in grouped}
-    given: dict[str, str] = {}
+    chosen: dict = dict.fromkeys(grouped, recipe)
+    given: dict = {}
     for key, value in (per_part or {}).items():
         group = key if key in grouped else owner.get(key)
         if group is None:
             raise UserError(f"--part {key}=...: no part or group named {key!r} (parts: "
                             f"{', '.join(p.name for p in manifest.parts)}; group: decoder)")
-        value = value.strip()
+        if isinstance(value, str):
+            value = value.strip()
         if group in given and given[group] != value:
             raise UserError(f"--part: the decoder files are one group (tied weights); "
                             f"{key!r} and another decoder part name different recipes")
         given[group] = value
-        chosen[group] = None if value.lower() in FLOAT else value
+        is_float = isinstance(value, str) and value.lower() in FLOAT
+        chosen[group] = None if is_float else value
     return chosen
 
 
@@ -166,8 +168,7 @@ def check_output_folder(output: str | os.PathLike, source: Path) -> Path:
     return target
 
 
-def compress_parts(source: str | os.PathLike, recipe: str | None = None,
-                   per_part: dict[str, str] | None = None, calib=None, eval_data=None,
+def compress_parts(source: str | os.PathLike, recipe=None, per_part: dict | None = None, calib=None, eval_data=None,
                    overrides: list[str] | None = None, validate: bool = True) -> PartsResult:
     """Compress every part of the pipeline at ``source`` by its group's recipe (in memory; see
     :func:`write_parts`). Fidelity: each compressed group against its reference on the recorded
@@ -203,13 +204,13 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
             report.models["groups"][group] = {"recipe": "float", "parts": members}
             continue
         (unit,) = _units(reference, group, members, calib_feeds, eval_feeds)
-        progress.current()(f"compressing {unit.label} with {chosen}")
+        progress.current()(f"compressing {unit.label} with {_describe(chosen)}")
         out = api.compress(unit.model, recipe=chosen, calib=unit.calib,
                            eval_data=unit.evaluation, overrides=overrides, validate=validate)
         report.passes.extend(out.report.passes)
         report.notes.extend(f"{unit.label}: {n}" for n in out.report.notes)
         report.verdicts.extend(f"{unit.label}: {v}" for v in out.report.verdicts)
-        report.models["groups"][group] = {"recipe": chosen, "parts": members,
+        report.models["groups"][group] = {"recipe": _describe(chosen), "parts": members,
                                           "fidelity": out.report.fidelity}
         result.passed &= out.passed
         result.below_floor |= out.below_floor
@@ -230,6 +231,13 @@ def compress_parts(source: str | os.PathLike, recipe: str | None = None,
                 candidate = open_parts(Path(scratch) / "candidate")
                 report.generation = validate_generation(reference, candidate, samples)
     return result
+
+
+def _describe(recipe) -> str:
+    if isinstance(recipe, list):
+        return ",".join(f"{step.name}:{getattr(step.config, 'mode', '')}".rstrip(":")
+                        for step in recipe)
+    return str(recipe)
 
 
 def _check_ties(manifest: Manifest, before: dict[str, list], result: PartsResult,

@@ -134,7 +134,7 @@ def config_from_table(name: str, table: dict[str, Any], base: Any = None) -> Any
         raise UserError(f"pass {name!r}: {exc}") from None
 
 
-def _steps_from_toml(path: Path) -> list[Step]:
+def _load_toml(path: Path) -> dict:
     try:
         if path.stat().st_size > MAX_RECIPE_BYTES:
             raise UserError(f"recipe file {path}: larger than {MAX_RECIPE_BYTES} bytes")
@@ -144,28 +144,67 @@ def _steps_from_toml(path: Path) -> list[Step]:
     except OSError as exc:
         raise UserError(f"recipe file {path}: {exc.strerror or exc}") from None
     try:
-        document = tomllib.loads(text)
+        return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise UserError(f"recipe file {path}: invalid TOML ({exc})") from None
-    unknown = sorted(set(document) - {"pass"})
-    if unknown:
-        raise UserError(f"recipe file {path}: unknown top-level key(s) {', '.join(unknown)}; "
-                        "expected [[pass]] tables")
-    tables = document.get("pass", [])
+
+
+def _steps_from_tables(tables, where: str) -> list[Step]:
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise UserError(f"recipe file {path}: 'pass' must be an array of tables ([[pass]])")
+        raise UserError(f"{where}: 'pass' must be an array of tables ([[pass]])")
     if len(tables) > MAX_STEPS:
-        raise UserError(f"recipe file {path}: more than {MAX_STEPS} steps")
+        raise UserError(f"{where}: more than {MAX_STEPS} steps")
     steps = []
     for table in tables:
         table = dict(table)
         name = table.pop("name", None)
         if not isinstance(name, str) or not name:
-            raise UserError(f"recipe file {path}: every [[pass]] needs a name (a string)")
+            raise UserError(f"{where}: every [[pass]] needs a name (a string)")
         steps.append(Step(passes.get(name), config_from_table(name, table)))
     if not steps:
-        raise UserError(f"recipe file {path}: no [[pass]] tables")
+        raise UserError(f"{where}: no [[pass]] tables")
     return steps
+
+
+def _steps_from_toml(path: Path) -> list[Step]:
+    document = _load_toml(path)
+    unknown = sorted(set(document) - {"pass"})
+    if unknown:
+        hint = " (a [parts.NAME] recipe is for a pipeline folder)" if "parts" in unknown else ""
+        raise UserError(f"recipe file {path}: unknown top-level key(s) {', '.join(unknown)}; "
+                        f"expected [[pass]] tables{hint}")
+    return _steps_from_tables(document.get("pass", []), f"recipe file {path}")
+
+
+def parts_recipe(path: str | Path) -> tuple[list[Step] | None, dict[str, list[Step] | str]]:
+    """A pipeline recipe file: ``[[pass]]`` tables for every part (optional) and ``[parts.NAME]``
+    tables for one part or the decoder group, each with ``recipe = "short form"`` (``"float"``
+    leaves it as it is) or its own ``[[parts.NAME.pass]]`` tables. Returns (the default steps or
+    None, part -> steps or ``"float"``)."""
+    path = Path(path)
+    document = _load_toml(path)
+    unknown = sorted(set(document) - {"pass", "parts"})
+    if unknown:
+        raise UserError(f"recipe file {path}: unknown top-level key(s) {', '.join(unknown)}; "
+                        "expected [[pass]] and [parts.NAME] tables")
+    default = (_steps_from_tables(document["pass"], f"recipe file {path}")
+               if "pass" in document else None)
+    per_part: dict[str, list[Step] | str] = {}
+    tables = document.get("parts", {})
+    if not isinstance(tables, dict):
+        raise UserError(f"recipe file {path}: 'parts' must be tables [parts.NAME]")
+    for name, table in tables.items():
+        where = f"recipe file {path}, [parts.{name}]"
+        if not isinstance(table, dict) or set(table) - {"recipe", "pass"} or len(table) != 1:
+            raise UserError(f"{where}: give either recipe = \"...\" or [[parts.{name}.pass]]")
+        if "recipe" in table:
+            if not isinstance(table["recipe"], str):
+                raise UserError(f"{where}: recipe must be a string")
+            text = table["recipe"].strip()
+            per_part[name] = "float" if text.lower() in ("float", "none") else parse_recipe(text)
+        else:
+            per_part[name] = _steps_from_tables(table["pass"], where)
+    return default, per_part
 
 
 def parse_recipe(recipe: str | Path | list[Step] | None) -> list[Step]:

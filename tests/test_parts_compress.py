@@ -236,3 +236,27 @@ def test_word_error_rates_with_a_token_decoder(tmp_path):
     assert agreement["wer_candidate_vs_reference"] == 0.0
     assert agreement["wer_reference_vs_truth"] == agreement["wer_candidate_vs_truth"] > 0
     assert result["samples"][0]["reference_text"].startswith("w")
+
+
+def test_a_toml_recipe_sets_each_part(tmp_path):
+    folder = write_toy_pipeline(tmp_path / "in")
+    recipe = tmp_path / "pipeline.toml"
+    recipe.write_text('[[pass]]\nname = "quantize"\nmode = "int8-dynamic"\n\n'
+                      '[parts.encoder]\nrecipe = "float"\n\n'
+                      '[[parts.decoder.pass]]\nname = "quantize"\nmode = "int4"\n'
+                      'block_size = 16\n')
+    run = _cli("compress", folder, "-o", tmp_path / "out", "--recipe", recipe,
+               "--calib", _npz_folder(tmp_path / "calib", 1), "--quiet")
+    assert run.returncode == 0, run.stderr
+    out = open_parts(tmp_path / "out")
+    assert (out.folder / "encoder_model.onnx").read_bytes() == (
+        folder / "encoder_model.onnx").read_bytes()
+    nbits = [n for n in out.model("decoder").graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(a.i == 16 for n in nbits for a in n.attribute if a.name == "block_size")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[parts.encoder]\nrecipe = "quantize:int4"\n[[parts.encoder.pass]]\n'
+                   'name = "quantize"\n')
+    run = _cli("compress", folder, "-o", tmp_path / "out2", "--recipe", bad,
+               "--calib", tmp_path / "calib")
+    assert run.returncode == 2 and "either recipe" in run.stderr
+    assert run.stderr.strip().count("\n") == 0 and not (tmp_path / "out2").exists()
