@@ -79,7 +79,7 @@ class Comparison:
 def sqnr_db(signal: float, noise: float) -> float:
     if noise <= 0:
         return float("inf")
-    if signal <= 0:
+    if signal <= 0 or not np.isfinite(noise):  # an overflowed candidate (fp16 inf) is -inf dB
         return float("-inf")
     return float(10.0 * np.log10(signal / noise))
 
