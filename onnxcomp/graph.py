@@ -17,11 +17,15 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model, read_external
 
 logger = logging.getLogger(__name__)
+# onnx-graphsurgeon prints its warnings on stdout ("[W] Could not convert: BFLOAT16 ...", a tip
+# about a colour module): our own notes say what matters; its errors still show.
+G_LOGGER.severity = G_LOGGER.ERROR
 
 # Ops whose first input is a pure pass-through of values (used to see through to a weight).
 _VALUE_PASSTHROUGH = {"Identity"}

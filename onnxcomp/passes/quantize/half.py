@@ -76,7 +76,11 @@ def to_fp16(model: Model, keep_nodes: set[str]) -> Model:
         proto, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
         node_block_list=sorted(keep_nodes), force_fp16_initializers=False,
         disable_shape_infer=False)
-    return Model(converted, model.source)
+    # The converter appends the input Casts after the nodes that read them: sort the graph.
+    from onnxcomp.graph import export_model, import_proto, tidy
+
+    result = Model(converted, model.source)
+    return export_model(tidy(import_proto(converted, model.source)), like=result)
 
 
 def _to_bfloat16_bits(values: np.ndarray) -> np.ndarray:

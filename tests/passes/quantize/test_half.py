@@ -126,3 +126,15 @@ def test_half_modes_refuse_a_quantized_model_and_do_nothing_without_float_weight
     again, record = quantize.PASS.run(half, quantize.Config(mode="bf16"), Context())
     assert not record.modified  # nothing float32 left to store narrower
     assert again.proto == half.proto
+
+
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
+def test_half_modes_pass_compress_checks_after_every_step(mode):
+    from onnxcomp import api
+
+    model = attention_block()
+    result = api.compress(model, recipe=f"quantize:{mode}", calib=_data(model),
+                          show_progress=False)
+    assert result.passed and not result.below_floor
+    assert result.report.fidelity["outputs"]
+    assert result.model.weight_bytes() <= 0.52 * model.weight_bytes()
