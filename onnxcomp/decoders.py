@@ -118,6 +118,18 @@ def _branch(model: onnx.ModelProto, tag: str, outer: set[str], initializer_names
     return graph
 
 
+def _model_of(graph: onnx.GraphProto, a: onnx.ModelProto, b: onnx.ModelProto
+              ) -> onnx.ModelProto:
+    """A model around ``graph`` with the higher opset of each domain and IR version of a, b."""
+    opsets: dict[str, int] = {}
+    for entry in list(a.opset_import) + list(b.opset_import):
+        opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
+                                                    for d, v in opsets.items()])
+    model.ir_version = max(a.ir_version, b.ir_version)
+    return model
+
+
 def merge_decoders(decoder: onnx.ModelProto, with_past: onnx.ModelProto) -> onnx.ModelProto:
     """One model with an If on ``use_cache_branch``: then = ``with_past``, else = ``decoder``."""
     if FLAG in {i.name for i in list(decoder.graph.input) + list(with_past.graph.input)}:
@@ -176,12 +188,7 @@ def merge_decoders(decoder: onnx.ModelProto, with_past: onnx.ModelProto) -> onnx
         copy.CopyFrom(value)
         outputs.append(copy)
     graph = helper.make_graph([node], "merged_decoder", inputs + [flag], outputs, initializers)
-    opsets: dict[str, int] = {}
-    for entry in list(decoder.opset_import) + list(with_past.opset_import):
-        opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
-    merged = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
-                                                     for d, v in opsets.items()])
-    merged.ir_version = max(decoder.ir_version, with_past.ir_version)
+    merged = _model_of(graph, decoder, with_past)
     merged.producer_name = "onnxcomp"
     props = {p.key: p.value for p in decoder.metadata_props}  # the exporter's tags carry over
     props[PADDED_KEY] = json.dumps(sorted(passthrough))
@@ -327,12 +334,7 @@ def side_by_side(first: onnx.ModelProto, later: onnx.ModelProto) -> onnx.ModelPr
                               list(a.input) + list(b.input), list(a.output) + list(b.output),
                               initializers)
     graph.value_info.extend(list(a.value_info) + list(b.value_info))
-    opsets: dict[str, int] = {}
-    for entry in list(first.opset_import) + list(later.opset_import):
-        opsets[entry.domain] = max(opsets.get(entry.domain, 0), entry.version)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
-                                                    for d, v in opsets.items()])
-    model.ir_version = max(first.ir_version, later.ir_version)
+    model = _model_of(graph, first, later)
     model.metadata_props.extend(first.metadata_props)
     return model
 

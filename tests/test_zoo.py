@@ -11,6 +11,7 @@ import pytest
 
 from onnxcomp import calibration, runtime, zoo
 from onnxcomp import model as model_io
+from onnxcomp.edits import edit_distance
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.model import Model
 from onnxcomp.zoo import ppocr, text_render, tiny_clip, wheels
@@ -42,9 +43,9 @@ def test_ctc_greedy_decode_collapses_repeats_and_drops_blanks():
 
 
 def test_text_accuracy_and_edit_distance():
-    assert ppocr.edit_distance("kitten", "sitting") == 3
-    assert ppocr.edit_distance("", "abc") == 3
-    assert ppocr.edit_distance("same", "same") == 0
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == 3
+    assert edit_distance("same", "same") == 0
     scores = ppocr.text_accuracy([" abc ", "abd", ""], ["abc", "abc", "xy"])
     assert scores["line_accuracy"] == pytest.approx(1 / 3)  # edge spaces are not errors
     assert scores["char_accuracy"] == pytest.approx(1 - 3 / 8)

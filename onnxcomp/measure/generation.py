@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxcomp import progress
+from onnxcomp.edits import edit_distance
 from onnxcomp.parts import Parts, generate, iter_samples, open_parts
 
 __all__ = ["bench_generation", "consistency", "validate_generation"]
@@ -45,16 +46,6 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     b = b.astype(np.float64).ravel()
     denominator = np.linalg.norm(a) * np.linalg.norm(b)
     return float(a @ b / denominator) if denominator > 0 else float(np.array_equal(a, b))
-
-
-def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
-    previous = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        current = [i]
-        for j, y in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
-        previous = current
-    return previous[-1]
 
 
 def _nll(logits: Sequence[np.ndarray], tokens: Sequence[int]) -> float:
@@ -108,7 +99,7 @@ def _words(text: str) -> list[str]:
 def word_error_rate(truth: Sequence[str], hypotheses: Sequence[str]) -> float:
     """Word-level edit distance over all samples / words in ``truth`` (lowercased, punctuation
     dropped): the speech-recognition metric."""
-    errors = sum(_edit_distance(_words(t), _words(h)) for t, h in zip(truth, hypotheses))
+    errors = sum(edit_distance(_words(t), _words(h)) for t, h in zip(truth, hypotheses))
     words = sum(len(_words(t)) for t in truth)
     return errors / max(words, 1)
 
@@ -143,7 +134,7 @@ def validate_generation(reference: Parts, candidate: Parts, samples, max_new_tok
             rows.append({
                 "exact": ref.tokens == cand.tokens,
                 "prefix": prefix / max(len(ref.tokens), 1), "prefix_tokens": prefix,
-                "ter": _edit_distance(ref.tokens, cand.tokens) / max(len(ref.tokens), 1),
+                "ter": edit_distance(ref.tokens, cand.tokens) / max(len(ref.tokens), 1),
                 "cos_mean": float(np.mean(cosines)), "cos_min": float(np.min(cosines)),
                 "top1": float(np.mean([int(np.argmax(f)) == t
                                        for f, t in zip(forced.logits, ref.tokens)])),

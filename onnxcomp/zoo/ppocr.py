@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from onnxcomp.calibration import Dataset
+from onnxcomp.edits import edit_distance
 from onnxcomp.errors import OnnxcompError, UserError
 from onnxcomp.zoo import text_render, wheels
 
@@ -142,19 +143,6 @@ def _reference_characters() -> tuple[str, ...]:
     from onnxcomp import zoo
 
     return tuple(model_characters(model_io.load(zoo.fetch("ppocr-rec"))))
-
-
-def edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (insertions, deletions, substitutions cost 1)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
-    return previous[-1]
 
 
 def text_accuracy(predicted: Sequence[str], expected: Sequence[str]) -> dict[str, float]:
