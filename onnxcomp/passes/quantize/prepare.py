@@ -22,6 +22,7 @@ from onnx import version_converter
 from onnxcomp.errors import UserError
 from onnxcomp.graph import (
     LinearWeight,
+    constant_array,
     export_model,
     import_graph,
     lift_constant_nodes,
@@ -32,7 +33,7 @@ from onnxcomp.graph import (
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import attention as quantize_attention
 from onnxcomp.passes.quantize import gather as quantize_gather
-from onnxcomp.passes.quantize.config import Config
+from onnxcomp.passes.quantize.config import INTEGER_MODES, Config
 from onnxcomp.passes.quantize.match import QuantPlan, excluded, is_quantized_op, match
 
 
@@ -70,6 +71,12 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
     lifted = lift_constant_nodes(graph)
     if lifted:
         notes.append(f"lifted {lifted} Constant nodes to initializers")
+    if config.mode in INTEGER_MODES and "MatMul" in config.ops and config.embeddings:
+        untied = _tied_lm_heads(graph, config)
+        if untied:
+            notes.append(f"tied lm_head: {', '.join(untied)} read through Transpose; the "
+                         "transposed weight is made a constant so the lm_head quantizes and the "
+                         "table becomes int8 rows (int8 modes then store one int8 matrix)")
     if config.mode == "int8" and "Gemm" in config.ops:
         rewritten = _gemms_as_matmul(graph, config)
         if rewritten:
@@ -104,6 +111,35 @@ def gemm_weight(node: gs.Node) -> LinearWeight | str:
     bias = None if weight.bias is None else np.asarray(weight.bias, np.float32)
     return LinearWeight(weight.tensor, np.asarray(weight.matrix, np.float32), bias,
                         weight.transposed, weight.alpha)
+
+
+def _tied_lm_heads(graph: gs.Graph, config: Config) -> list[str]:
+    """``MatMul(x, Transpose(T))`` where the float table ``T`` is also gathered (an embedding
+    tied to the lm_head, as SmolLM/Llama exports write it): the MatMuls read ``T``'s transpose
+    as a constant instead, so they are quantization sites and ``T`` is read by Gathers only
+    (gather.py then stores it as int8 rows). Returns the tables so treated."""
+    done = []
+    for node in list(graph.nodes):
+        if node.op != "Transpose" or not isinstance(node.inputs[0], gs.Constant):
+            continue
+        table = node.inputs[0]
+        values = constant_array(table)
+        perm = list(node.attrs.get("perm", [1, 0]))
+        if values is None or values.ndim != 2 or perm != [1, 0] or not np.issubdtype(
+                values.dtype, np.floating):
+            continue
+        readers = list(node.outputs[0].outputs)
+        gathered = any(r.op == "Gather" and r.inputs[0] is table for r in table.outputs)
+        if not gathered or not readers or any(
+                r.op != "MatMul" or r.inputs[1] is not node.outputs[0] or excluded(r, config.exclude)
+                for r in readers):
+            continue
+        transposed = gs.Constant(unique_name(graph, f"{table.name}_transposed"),
+                                 np.ascontiguousarray(values.T))
+        for reader in readers:
+            reader.inputs[1] = transposed
+        done.append(table.name)
+    return done
 
 
 def _gemms_as_matmul(graph: gs.Graph, config: Config) -> int:

@@ -67,10 +67,31 @@ def test_gather_exclude_by_name_and_op_type():
         assert "proj" in record.touched or pattern == "emb_*"
 
 
-def test_shared_table_with_tied_matmul_is_skipped_with_reason(caplog):
+def test_table_tied_through_transpose_is_quantized_with_its_lm_head():
+    """Gather(table) and MatMul(x, Transpose(table)) (SmolLM/Llama exports): the lm_head reads
+    the transpose as a constant, both are quantized, no float table is left; int8-dynamic
+    stores one int8 matrix."""
+    model = gather_model(tied=True)
+    result, record = run(model, quantize.Config(mode="int8-dynamic"), Context())
+    assert {"emb_gather", "lm_head"} <= set(record.touched)
+    floats = [t for t in result.graph.initializer
+              if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and D in t.dims]
+    assert not floats
+    int8_matrices = [t for t in result.graph.initializer
+                     if t.data_type == TensorProto.INT8 and len(t.dims) == 2 and V in t.dims]
+    assert len(int8_matrices) == 1
+    for batch in ids_batches(model):
+        want = runtime.run_model(model, batch)["logits"]
+        got = runtime.run_model(result, batch)["logits"]
+        cosine = float((want * got).sum() / np.linalg.norm(want) / np.linalg.norm(got))
+        assert cosine > 0.99, cosine
+
+
+def test_shared_table_with_a_float_reader_is_skipped_with_reason(caplog):
     model = gather_model(tied=True)
     with caplog.at_level("DEBUG", logger="onnxcomp.passes.quantize.gather"):
-        result, record = run(model, quantize.Config(mode="int8-dynamic"), Context())
+        result, record = run(model, quantize.Config(mode="int8-dynamic", exclude=("lm_head",)),
+                             Context())
     reason = dict(record.skipped)["emb_gather"]
     assert "shared with Transpose" in reason and "tied" in reason
     assert "emb_gather" in caplog.text and "shared" in caplog.text
