@@ -118,7 +118,24 @@ def export_model(graph: gs.Graph, like: Model) -> Model:
         del proto.functions[:]
         proto.functions.extend(original.functions)
     share_scoped_initializers(proto.graph)
+    _keep_io_shapes(proto.graph, original.graph)
     return Model(proto, like.source, like.external_data)
+
+
+def _keep_io_shapes(graph: onnx.GraphProto, original: onnx.GraphProto) -> None:
+    """A graph input/output that lost its shape on the way through onnx-graphsurgeon gets the
+    original declaration back: a ``value_info`` entry repeating an output without a shape
+    (ddddocr's exporter writes one) overrode it, and onnx's checker refuses a graph output whose
+    type has no shape (found by the breadth benchmark: exit 3 on every recipe)."""
+    declared = {v.name: v for v in list(original.input) + list(original.output)}
+    for value in list(graph.input) + list(graph.output):
+        before = declared.get(value.name)
+        tensor = value.type.tensor_type
+        if (before is not None and value.type.HasField("tensor_type")
+                and not tensor.HasField("shape")
+                and before.type.tensor_type.HasField("shape")
+                and before.type.tensor_type.elem_type == tensor.elem_type):
+            value.type.CopyFrom(before.type)
 
 
 def proto_scopes(graph: onnx.GraphProto) -> list[tuple[onnx.GraphProto, int | None]]:
