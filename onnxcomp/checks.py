@@ -529,8 +529,12 @@ def check_graph_inputs(graph: onnx.GraphProto, limit: int | None = None) -> None
         if not value.type.tensor_type.HasField("shape"):
             continue
         dims = value.type.tensor_type.shape.dim
-        if any(d.HasField("dim_value") and d.dim_value < 0 for d in dims):
+        # -1 is paddle2onnx's way to say "dynamic" (ONNX Runtime reads it so): fed like a named
+        # dynamic dimension. Other negative sizes mean nothing.
+        if any(d.HasField("dim_value") and d.dim_value < -1 for d in dims):
             raise UserError(f"input {value.name!r} has a negative dim")
+        if any(d.HasField("dim_value") and d.dim_value == -1 for d in dims):
+            continue
         if elem == TensorProto.STRING or not all(d.HasField("dim_value") for d in dims):
             continue
         declared = _nbytes(elem, math.prod(d.dim_value for d in dims))

@@ -424,3 +424,24 @@ def test_quiet_in_a_real_process_and_progress_as_lines_on_a_pipe(tmp_path):
     quiet = _cli("--quiet", *argv)
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert "| model" in quiet.stdout
+
+
+def test_minus_one_input_dims_are_dynamic(tmp_path):
+    """paddle2onnx writes -1 for a dynamic dimension (rapidocr's direction classifier); ONNX
+    Runtime reads it so, and so does onnxcomp. Other negative sizes stay refused."""
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+                                          "w")
+    for dims, code in (([-1, 3, 48, -1], 0), ([-8, 3, 48, 64], 2)):
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[1, 1, 1, 1])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, dims)],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 8, 48, -1])],
+            [weight])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        path = tmp_path / f"m{code}.onnx"
+        onnx.save(model, str(path))
+        result = _cli("compress", str(path), "-o", str(tmp_path / f"out{code}.onnx"),
+                      "--recipe", "quantize:int8", "--calib", "random:4", "--quiet")
+        assert result.returncode == code, result.stderr

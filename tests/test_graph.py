@@ -47,6 +47,6 @@ def test_an_output_repeated_in_value_info_without_a_shape_keeps_its_shape():
                               value_info=[bare])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=6)
     onnx.checker.check_model(model, full_check=True)
-    result, record = cleanup.PASS.run(Model(model), cleanup.Config(), Context())
+    result, _ = cleanup.PASS.run(Model(model), cleanup.Config(), Context())
     onnx.checker.check_model(result.proto, full_check=True)
     assert [d.dim_value for d in result.graph.output[0].type.tensor_type.shape.dim] == [1, 4]
