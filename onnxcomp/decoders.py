@@ -358,6 +358,10 @@ def split_side_by_side(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.Mo
         part.output.extend(outputs)
         part.value_info.extend(v for v in graph.value_info if v.name in read)
         _strip_prefix(part, tag)
+        # A weight the pass made once for both paths is named after one path's node
+        # ("first//layers.0/fc1/MatMul_B_int8"): the same name in both files, so the files
+        # (and a merged file built from them) share it by name as well as by content.
+        _strip_prefix(part, LATER if tag == FIRST else FIRST)
         _dim_params(part, lambda p, prefix=prefix: p.removeprefix(prefix))
         single = helper.make_model(part, opset_imports=list(model.opset_import))
         single.ir_version = model.ir_version

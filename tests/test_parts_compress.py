@@ -260,3 +260,19 @@ def test_a_toml_recipe_sets_each_part(tmp_path):
                "--calib", tmp_path / "calib")
     assert run.returncode == 2 and "either recipe" in run.stderr
     assert run.stderr.strip().count("\n") == 0 and not (tmp_path / "out2").exists()
+
+
+def test_int4_mixed_decoder_files_share_weights_by_name_and_the_merged_file_stores_them_once(
+        tmp_path):
+    folder = write_toy_pipeline(tmp_path / "in", merged=True)
+    result = compress_parts(folder, "quantize:int4", calib=_data(1), eval_data=_data(2),
+                            overrides=["quantize.min_cosine=0.99999", "quantize.block_size=16"],
+                            validate=False)
+    first, later = (result.models[d].proto for d in ("decoder", "decoder_with_past"))
+    eight_bit = [t.name for t in first.graph.initializer if t.name.endswith("_B_int8")]
+    assert eight_bit, "the target needs 8-bit weights"
+    assert not [n for n in eight_bit if n.startswith(("first/", "with_past/"))]
+    assert set(eight_bit) <= {t.name for t in later.graph.initializer}
+    merged = result.models["decoder_merged"].proto
+    merged_bytes = sum(t.ByteSize() for t in merged.graph.initializer)
+    assert merged_bytes <= 1.05 * sum(t.ByteSize() for t in first.graph.initializer)
