@@ -23,6 +23,20 @@ def _part_recipes(values: list[str] | None) -> dict[str, str]:
     return out
 
 
+def check_outputs_not_inputs(folders: list, outputs: list) -> None:
+    """No report/page path is a file a pipeline reads (its parts, their data, parts.json)."""
+    from onnxcomp.model import check_output_paths, files_read
+    from onnxcomp.parts import MANIFEST, load_manifest
+
+    reads = []
+    for folder in folders:
+        manifest = load_manifest(folder)
+        reads.append(manifest.folder / MANIFEST)
+        for part in manifest.parts:
+            reads.extend(files_read(manifest.path(part)))
+    check_output_paths(outputs, reads)
+
+
 def _positive(value: int | None, flag: str, limit: int) -> int | None:
     if value is not None and not 1 <= value <= limit:
         raise UserError(f"{flag} must be 1..{limit}, got {value}")
@@ -83,12 +97,20 @@ def compress(args, emit) -> int:
                         "default fidelity floor and reported by generation agreement")
     reference = open_parts(args.model)
     check_output_folder(args.output, reference.manifest.folder)
+    check_outputs_not_inputs([args.model], [args.report, args.html])
     recipe, per_part = args.recipe, {}
     if recipe and str(recipe).strip().endswith(".toml"):  # [[pass]] and [parts.NAME] tables
         from onnxcomp.recipe import parts_recipe
 
         recipe, per_part = parts_recipe(str(recipe).strip())
-    per_part.update(_part_recipes(args.part))  # the command line wins
+    from onnxcomp.parts_compress import groups
+
+    owner = {p: g for g, members in groups(reference.manifest).items() for p in members + [g]}
+    for key, value in _part_recipes(args.part).items():  # the command line wins, per group
+        group = owner.get(key)
+        for other in [k for k in per_part if group is not None and owner.get(k) == group]:
+            del per_part[other]
+        per_part[key] = value
     result = compress_parts(args.model, recipe=recipe, per_part=per_part,
                             calib=args.calib, eval_data=args.eval, overrides=args.set,
                             validate=not args.no_validate)
@@ -122,13 +144,18 @@ def validate(args, emit) -> int:
     if not is_parts(args.candidate):
         raise UserError(f"{args.candidate}: the reference is a pipeline folder, the candidate "
                         "must be one too (a folder with parts.json)")
+    if args.min_cosine is not None:
+        raise UserError("--min-cosine is for one file; a pipeline is compared by generation "
+                        "(see logits_cosine_min in the report)")
+    check_outputs_not_inputs([args.reference, args.candidate], [args.report, args.html])
     if args.data is None:
         raise UserError("validating a pipeline needs --data (samples: a folder of .npz or a zoo "
                         "generator such as whisper-tiny:eval:8)")
     reference, candidate = open_parts(args.reference), open_parts(args.candidate)
-    samples = resolve_samples(args.data, reference, "eval", count=args.count or 8)
-    if args.count:
-        samples = samples.take(args.count)
+    count = _positive(args.count, "--count", 4096)
+    samples = resolve_samples(args.data, reference, "eval", count=count or 8)
+    if count:
+        samples = samples.take(count)
     report = Report("validate-parts")
     report.models = {"reference": str(reference.folder), "candidate": str(candidate.folder)}
     new_tokens = _positive(args.new_tokens, "--new-tokens", 4096)
@@ -147,6 +174,7 @@ def bench(args, emit) -> int:
         if not is_parts(model):
             raise UserError(f"{model}: bench compares pipelines with pipelines (a folder with "
                             "parts.json); bench single files separately")
+    check_outputs_not_inputs(list(args.models), [args.report, args.html])
     if args.providers.strip() != "cpu":
         raise UserError("pipeline bench runs on the CPU provider only (so far)")
     threads = [int(t) for t in str(args.threads).split(",") if t.strip()]

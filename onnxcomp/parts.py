@@ -316,6 +316,14 @@ def digests(model: onnx.ModelProto, min_bytes: int = 1024) -> list[tuple[str, st
     return out
 
 
+def part_bytes(path: Path) -> int:
+    """A part's file and every external-data file it reads (whatever their names: Optimum
+    writes ``*.onnx_data``)."""
+    from onnxcomp.model import files_read
+
+    return sum(p.stat().st_size for p in files_read(path) if p.is_file())
+
+
 def tied_from(per_part: dict[str, list[tuple[str, str, int]]]) -> list[TiedTensor]:
     """Contents present in more than one place, largest first, from each part's digests."""
     groups: dict[str, list[tuple[str, str]]] = {}
@@ -475,7 +483,12 @@ def generate(parts: Parts, sample: dict[str, np.ndarray], max_new_tokens: int | 
         token = int(np.argmax(last)) if forced is None else int(forced[step])
         for name, array in outputs.items():
             if name.startswith(PRESENT_PREFIX):
-                past[PAST_PREFIX + name[len(PRESENT_PREFIX):]] = array
+                key = PAST_PREFIX + name[len(PRESENT_PREFIX):]
+                # Optimum's merged decoders fill the outputs the with-past path lacks (Whisper's
+                # cross-attention cache) with empty tensors: the past keeps its value.
+                if np.asarray(array).size == 0 and key in past and past[key].size > 0:
+                    continue
+                past[key] = array
         now = time.perf_counter()
         if step == 0:
             first_token_s = now - start

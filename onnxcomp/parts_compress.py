@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from onnxcomp import calibration, progress
 from onnxcomp.decoders import (
@@ -41,7 +40,7 @@ from onnxcomp.decoders import (
     split_side_by_side,
 )
 from onnxcomp.errors import UserError
-from onnxcomp.model import Model, check_output_path
+from onnxcomp.model import Model, check_output_path, files_read
 from onnxcomp.parts import (
     DECODER_ROLES,
     MANIFEST,
@@ -50,6 +49,7 @@ from onnxcomp.parts import (
     digests,
     generate,
     open_parts,
+    part_bytes,
     tied_from,
     tied_tensors,
 )
@@ -191,7 +191,7 @@ def compress_parts(source: str | os.PathLike, recipe=None, per_part: dict | None
                                      "largest": [list(m) for t in tied[:3] for m in t.members]}
     calib_set = resolve_samples(calib, reference, "calib") if calib is not None else None
     eval_set = resolve_samples(eval_data, reference, "eval") if eval_data is not None else (
-        _zoo_eval(calib_set, reference))
+        _zoo_eval(calib, calib_set))
     calib_feeds = _record(reference, list(calib_set), "calibration") if calib_set else None
     eval_feeds = _record(reference, list(eval_set), "held-out") if eval_set else None
     reference.release()  # the sessions of the recording runs
@@ -254,21 +254,23 @@ def _check_ties(manifest: Manifest, before: dict[str, list], result: PartsResult
         report.verdicts.append("the decoder files no longer share any weight byte for byte")
 
 
-def _zoo_eval(calib_set, parts: Parts):
-    if calib_set is not None and calib_set.zoo_name:
-        from onnxcomp import zoo
+def _zoo_eval(calib, calib_set):
+    """Held-out samples when none are given: the zoo's split that pairs with the calibration
+    split (``speech-calib`` -> ``speech``, else ``eval``)."""
+    if calib_set is None or not calib_set.zoo_name:
+        return None
+    from onnxcomp import zoo
 
-        return zoo.dataset(calib_set.zoo_name, "eval", 8)
-    return None
+    found = calibration.zoo_source(str(calib)) if isinstance(calib, str) else None
+    split = found[1] if found else None
+    held_out = split[: -len("-calib")] if split and split.endswith("-calib") else "eval"
+    if held_out not in zoo.entry(calib_set.zoo_name).splits:
+        held_out = "eval"
+    return zoo.dataset(calib_set.zoo_name, held_out, 8)
 
 
 def part_sizes(manifest: Manifest) -> dict[str, int]:
-    out = {}
-    for part in manifest.parts:
-        path = manifest.path(part)
-        data = path.with_name(path.name + ".data")
-        out[part.name] = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-    return out
+    return {part.name: part_bytes(manifest.path(part)) for part in manifest.parts}
 
 
 @dataclass
@@ -370,8 +372,10 @@ def write_parts(reference: Parts, result: PartsResult, output: str | os.PathLike
             else:
                 source = manifest.path(part)
                 shutil.copyfile(source, destination)
-                for tensor_file in _external_files(source):
-                    shutil.copyfile(source.parent / tensor_file, staging / tensor_file)
+                for read in files_read(source)[1:]:  # its external data, beside it as named
+                    relative = read.relative_to(source.parent.resolve())
+                    (destination.parent / relative).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(read, destination.parent / relative)
         (staging / MANIFEST).write_text(json.dumps(manifest.raw, indent=2) + "\n")
         if target.exists():
             target.rmdir()
@@ -379,14 +383,3 @@ def write_parts(reference: Parts, result: PartsResult, output: str | os.PathLike
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _external_files(path: Path) -> set[str]:
-    """The external-data files a part reads (checked inside its folder when it was loaded)."""
-    model = onnx.load(str(path), load_external_data=False)
-    files = set()
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                files.add(entry.value)
-    return files

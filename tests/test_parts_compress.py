@@ -3,6 +3,7 @@ validation by generation, atomic folder output (onnxcomp/parts_compress.py, cli_
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -276,3 +277,64 @@ def test_int4_mixed_decoder_files_share_weights_by_name_and_the_merged_file_stor
     merged = result.models["decoder_merged"].proto
     merged_bytes = sum(t.ByteSize() for t in merged.graph.initializer)
     assert merged_bytes <= 1.05 * sum(t.ByteSize() for t in first.graph.initializer)
+
+
+def test_an_optimum_merged_decoder_that_returns_an_empty_cross_cache_keeps_the_old_one(tmp_path):
+    """Optimum fills the outputs the with-past path lacks with empty tensors; the loop must keep
+    the cross-attention past it had (else later steps read a zero-length cache)."""
+    folder = write_toy_pipeline(tmp_path / "in", merged=True)
+    path = folder / "decoder_model_merged.onnx"
+    merged = onnx.load(str(path))
+    then_branch = next(a.g for a in merged.graph.node[0].attribute if a.name == "then_branch")
+    for node in then_branch.node:
+        if node.op_type == "Identity" and node.input[0] == "past_key_values.0.encoder.key":
+            node.op_type = "Slice"  # [B, 1, 1, D] -> [B, 1, 0, D]
+            del node.input[1:]
+            node.input.extend(["zero_i", "zero_i", "axis2_i"])
+            for value in then_branch.output:
+                if value.name == node.output[0]:
+                    value.type.tensor_type.shape.dim[2].dim_param = "empty"
+    for value in merged.graph.output:
+        if value.name == "present.0.encoder.key":
+            value.type.tensor_type.shape.dim[2].dim_param = "cross_sequence"
+    then_branch.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), "zero_i"),
+                                    numpy_helper.from_array(np.array([2], np.int64), "axis2_i")])
+    onnx.checker.check_model(merged, full_check=True)
+    onnx.save(merged, str(path))
+    parts = open_parts(folder)
+    for sample in toy_samples(2, seed=8):
+        assert generate(parts, sample, merged=True).tokens == generate(
+            parts, sample, merged=False).tokens
+
+
+def test_external_data_of_a_part_in_a_subfolder_is_copied_beside_it(tmp_path):
+    folder = write_toy_pipeline(tmp_path / "in")
+    (folder / "onnx").mkdir()
+    encoder = onnx.load(str(folder / "encoder_model.onnx"))
+    onnx.save(encoder, str(folder / "onnx" / "encoder_model.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="encoder_model.onnx_data",
+              size_threshold=0)
+    (folder / "encoder_model.onnx").unlink()
+    manifest = json.loads((folder / "parts.json").read_text())
+    manifest["parts"][0]["file"] = "onnx/encoder_model.onnx"
+    (folder / "parts.json").write_text(json.dumps(manifest))
+    result = compress_parts(folder, "quantize:int4", per_part={"encoder": "float"},
+                            calib=_data(1), validate=False)
+    out = write_parts(open_parts(folder), result, tmp_path / "out")
+    assert (out / "onnx" / "encoder_model.onnx_data").is_file()
+    assert generate(open_parts(out), toy_samples(1)[0]).tokens
+    sizes = result.report.models["reference"]["parts"]
+    assert sizes["encoder"] > (folder / "onnx" / "encoder_model.onnx").stat().st_size
+
+
+def test_pipeline_report_paths_may_not_be_input_files_and_validate_flags_are_checked(tmp_path):
+    folder = write_toy_pipeline(tmp_path / "in")
+    calib = _npz_folder(tmp_path / "calib", 1)
+    before = (folder / "parts.json").read_bytes()
+    run = _cli("compress", folder, "-o", tmp_path / "out", "--recipe", "quantize:int4",
+               "--calib", calib, "--report", folder / "parts.json")
+    assert run.returncode == 2 and (folder / "parts.json").read_bytes() == before, run.stderr
+    for args, message in ((["--min-cosine", "0.9"], "--min-cosine"),
+                          (["--count", "-1"], "--count")):
+        run = _cli("validate", folder, folder, "--data", calib, *args)
+        assert run.returncode == 2 and message in run.stderr, run.stderr

@@ -36,7 +36,8 @@ import numpy as np
 
 from onnxcomp import progress
 from onnxcomp.edits import edit_distance
-from onnxcomp.parts import Parts, generate, iter_samples, open_parts
+from onnxcomp.errors import UserError
+from onnxcomp.parts import Parts, generate, iter_samples, open_parts, part_bytes
 
 __all__ = ["bench_generation", "consistency", "validate_generation"]
 
@@ -124,6 +125,8 @@ def validate_generation(reference: Parts, candidate: Parts, samples, max_new_tok
     labels = getattr(samples, "labels", None)
     decode = decode or _decoder_of(reference)
     samples = list(iter_samples(samples))
+    if not samples:
+        raise UserError("no samples to generate from")
     with progress.current().task("generation agreement", total=len(samples)) as task:
         for sample in samples:
             ref = generate(reference, sample, max_new_tokens)
@@ -246,14 +249,7 @@ def _names(folders: Sequence[str | os.PathLike]) -> list[str]:
 
 
 def _folder_bytes(parts: Parts) -> int:
-    total = 0
-    for part in parts.manifest.parts:
-        path = parts.manifest.path(part)
-        total += path.stat().st_size
-        data = path.with_name(path.name + ".data")
-        if data.exists():
-            total += data.stat().st_size
-    return total
+    return sum(part_bytes(parts.manifest.path(part)) for part in parts.manifest.parts)
 
 
 def peak_rss_mb(folder: str | os.PathLike, sample: dict, path: list[int],

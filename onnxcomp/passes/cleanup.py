@@ -36,10 +36,16 @@ from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Pl
 
 
 def _widens_stored_weight(node: gs.Node) -> bool:
-    """A Cast of a narrow stored weight to float (bf16/fp16 storage read as float32): folding it
-    would store the float32 copy again and undo the compression (like QuantizeLinear and
-    DequantizeLinear, which onnx-graphsurgeon never folds)."""
-    if node.op != "Cast" or not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+    """A node that would store a weight again, wider or twice, if folded: a Cast of a narrow
+    stored weight to float (bf16/fp16 storage read as float32), or a Transpose of an int8
+    constant (quantize stores a tied table once and reads it transposed). Folding either would
+    undo the compression, like folding QuantizeLinear/DequantizeLinear (which onnx-graphsurgeon
+    never does)."""
+    if not node.inputs or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    if node.op == "Transpose":
+        return node.inputs[0].dtype in (np.int8, np.uint8)
+    if node.op != "Cast":
         return False
     if int(node.attrs.get("to", 0)) not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE):
         return False

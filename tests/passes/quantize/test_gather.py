@@ -236,3 +236,16 @@ def test_transposed_int8_copies_are_shared_only_when_equal():
     assert share_transposed_int8(graph) == 1
     assert sorted(t.name for t in graph.initializer) == ["a", "c"]
     assert graph.node[0].op_type == "Transpose" and list(graph.node[0].output) == ["b"]
+
+
+def test_the_shared_int8_matrix_survives_the_final_cleanup():
+    """compress ends with cleanup, which folds small constant subgraphs: the Transpose that
+    reads the tied int8 table must stay a Transpose (else the second copy is written back)."""
+    from onnxcomp import api
+
+    model = gather_model(tied=True)
+    result = api.compress(model, recipe="quantize:int8-dynamic", calib=ids_batches(model),
+                          show_progress=False)
+    int8_matrices = [t for t in result.model.graph.initializer
+                     if t.data_type == TensorProto.INT8 and len(t.dims) == 2 and V in t.dims]
+    assert len(int8_matrices) == 1
