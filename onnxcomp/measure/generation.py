@@ -114,6 +114,30 @@ def _decoder_of(parts: Parts):
     return zoo.token_decoder(name) if name in zoo.names() else None
 
 
+def _encoder_of(parts: Parts):
+    name = parts.manifest.raw.get("zoo")
+    if not isinstance(name, str):
+        return None
+    from onnxcomp import zoo
+
+    return zoo.text_encoder(name) if name in zoo.names() else None
+
+
+def text_perplexity(reference: Parts, candidate: Parts, samples: list[dict], texts: list[str],
+                    encode) -> dict[str, float] | None:
+    """Perplexity of the real text (the labels' tokens, teacher-forced after the start tokens)
+    under each pipeline: how likely each finds what was really said."""
+    nll_ref, nll_cand = [], []
+    for sample, text in zip(samples, texts):
+        tokens = encode(text)
+        if not tokens:
+            return None
+        nll_ref.append(_nll(generate(reference, sample, forced=tokens).logits, tokens))
+        nll_cand.append(_nll(generate(candidate, sample, forced=tokens).logits, tokens))
+    return {"text_perplexity_reference": float(np.exp(np.mean(nll_ref))),
+            "text_perplexity_candidate": float(np.exp(np.mean(nll_cand)))}
+
+
 def validate_generation(reference: Parts, candidate: Parts, samples, max_new_tokens: int | None
                         = None, decode=None) -> dict:
     """Greedy generation of both pipelines on ``samples`` (a Dataset or sample dicts). With a
@@ -171,6 +195,10 @@ def validate_generation(reference: Parts, candidate: Parts, samples, max_new_tok
                      for label in list(labels)[:len(rows)]]
             agreement["wer_reference_vs_truth"] = word_error_rate(truth, ref_text)
             agreement["wer_candidate_vs_truth"] = word_error_rate(truth, cand_text)
+            encode = _encoder_of(reference)
+            if encode is not None:
+                agreement.update(text_perplexity(reference, candidate, samples, truth, encode)
+                                 or {})
     merged = [c for c in checks if c]
     if merged:
         if any("with_past_same_token" in c for c in merged):

