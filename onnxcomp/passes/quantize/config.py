@@ -35,7 +35,8 @@ class Config:
     per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
     activation_dtype: str = option("uint8", "int8 activations: uint8 (the fast ONNX Runtime CPU "
                                             "path; the only choice)")
-    output_qdq: str = option("conv", "int8: also QDQ the outputs of none | conv | all sites")
+    output_qdq: str = option("conv", "int8: also QDQ the outputs of none | conv (Conv, and "
+                                     "MatMuls feeding a bias Add) | conv-only | all sites")
     block_size: int = option(32, "int4: rows per block sharing a scale (16, 32, 64, 128, 256)")
     int4_format: str = option("matmulnbits", "int4: com.microsoft.MatMulNBits | qdq (opset 21)")
     int4_symmetric: bool = option(True, "int4: symmetric blocks (no zero points)")
@@ -83,8 +84,9 @@ class Config:
         if self.activation_dtype != "uint8":
             raise ValueError(f"activation_dtype must be 'uint8' (the fast ONNX Runtime CPU path), "
                              f"got {self.activation_dtype!r}")
-        if self.output_qdq not in ("none", "conv", "all"):
-            raise ValueError(f"output_qdq must be none, conv or all, got {self.output_qdq!r}")
+        if self.output_qdq not in ("none", "conv", "conv-only", "all"):
+            raise ValueError(f"output_qdq must be none, conv, conv-only or all, got "
+                             f"{self.output_qdq!r}")
         if (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
                 or self.block_size not in BLOCK_SIZES):
             raise ValueError(f"block_size must be 16, 32, 64, 128 or 256, got {self.block_size!r}")

@@ -256,6 +256,8 @@ def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str) -> None:
         if (which == "conv" and site.op != "Conv" and site.weight_input is not None
                 and not _feeds_bias_add(tensor)):
             continue
+        if which == "conv-only" and site.op != "Conv" and site.weight_input is not None:
+            continue  # no output QDQ on MatMul -> bias Add (see docs/quantize.md: MiniLM)
         while (len(tensor.outputs) == 1 and tensor.outputs[0].op in _FOLDED_ACTIVATIONS
                and tensor.name not in graph_outputs):
             tensor = tensor.outputs[0].outputs[0]
