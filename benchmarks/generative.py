@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import onnx
+from doc_tables import write_between
 
 from onnxcomp import zoo
 from onnxcomp.measure.generation import bench_generation, validate_generation
@@ -223,10 +224,7 @@ def main() -> None:
                 name, args.calib, args.eval, args.runs, args.new_tokens, args.context,
                 Path(scratch) / name)
             RESULTS.write_text(json.dumps(results, indent=2, default=float))
-    text = DOC.read_text() if DOC.exists() else f"{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    DOC.write_text(f"{head}{BEGIN}\n{tables(results)}\n{END}{tail}")
+    write_between(DOC, BEGIN, END, tables(results), heading="")
     print(tables(results))
 
 

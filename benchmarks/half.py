@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from doc_tables import write_between
 
 from onnxcomp import api, runtime, runtime_openvino, zoo
 from onnxcomp.model import load
@@ -155,12 +156,7 @@ def main() -> None:
             results["models"][name] = run_model(name, args.count, args.runs, Path(scratch))
             RESULTS.write_text(json.dumps(results, indent=2))
             print(name, json.dumps(results["models"][name])[:400])
-    text = DOC.read_text()
-    if BEGIN not in text:
-        text += f"\n## fp16 / bf16 (measured)\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    DOC.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    write_between(DOC, BEGIN, END, table(results), heading="## fp16 / bf16 (measured)")
     print(table(results))
 
 

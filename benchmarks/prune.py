@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from doc_tables import write_between
 
 from onnxcomp import calibration, runtime, zoo
 from onnxcomp.measure.validate import validate
@@ -282,11 +283,7 @@ def op_table(rows: list[dict]) -> str:
 
 
 def write_doc(path: Path, text: str) -> None:
-    doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        raise SystemExit(f"{path}: no {BEGIN} … {END} markers to write the table between")
-    head, rest = doc.split(BEGIN, 1)
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    write_between(path, BEGIN, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

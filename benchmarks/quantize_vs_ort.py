@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from doc_tables import write_between
 
 from onnxcomp import calibration, runtime
 from onnxcomp.model import load
@@ -451,10 +452,7 @@ def table(results: list[dict]) -> str:
 
 
 def write_doc(text: str) -> None:
-    doc = DOC.read_text() if DOC.exists() else f"{BEGIN}\n{END}\n"
-    head, _, rest = doc.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    write_between(DOC, BEGIN, END, text, heading="")
 
 
 def merged(results: list[dict]) -> list[dict]:

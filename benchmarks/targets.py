@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from doc_tables import write_between
 
 from onnxcomp import api, runtime, runtime_openvino, zoo
 from onnxcomp.measure.bench import bench
@@ -304,15 +305,8 @@ def table(result: dict) -> str:
 
 
 def write_doc(results: dict) -> None:
-    if not DOC.exists():
-        return
-    text = DOC.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        return
     body = "\n\n".join(table(results[name]) for name in results)
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    DOC.write_text(f"{head}{BEGIN}\n{body}\n{END}{tail}", encoding="utf-8")
+    write_between(DOC, BEGIN, END, body, heading="## Measured")
 
 
 def main() -> None:

@@ -50,3 +50,15 @@ def constant_weights() -> Model:
 @pytest.fixture
 def feeds() -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny graphs: one intra-op thread (torch tests skip without torch). On the shared 2-core
+    machine two threads waiting on each other made a 32×16 matmul take ~0.1 s (a kd test 22 s
+    instead of 0.8 s). Test modules use it with ``pytestmark = usefixtures(...)``."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

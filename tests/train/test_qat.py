@@ -20,15 +20,7 @@ INTEGER_KERNELS = {"QLinearConv", "QLinearMatMul", "MatMulInteger", "MatMulInteg
                    "MatMulNBits", "DynamicQuantizeMatMul"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny graphs: one intra-op thread. On the shared 2-core machine two threads waiting on
-    each other made a 32×16 matmul take ~0.1 s (a kd test 22 s instead of 0.8 s)."""
-    torch = pytest.importorskip("torch")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def _quantized(model, config):
