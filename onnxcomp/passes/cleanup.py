@@ -35,7 +35,7 @@ from onnxcomp.model import Model
 from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
 
 
-def _widens_stored_weight(node: gs.Node) -> bool:
+def _would_store_weight_again(node: gs.Node) -> bool:
     """A node that would store a weight again, wider or twice, if folded: a Cast of a narrow
     stored weight to float (bf16/fp16 storage read as float32), or a Transpose of an int8
     constant (quantize stores a tied table once and reads it transposed). Folding either would
@@ -158,7 +158,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         count = len(graph.nodes)
         try:
             graph.fold_constants(size_threshold=config.fold_size_limit, recurse_subgraphs=False,
-                                 error_ok=True, should_exclude_node=_widens_stored_weight)
+                                 error_ok=True, should_exclude_node=_would_store_weight_again)
         except Exception as exc:  # noqa: BLE001 - folding is an optimization: never fatal
             applied.notes.append(f"constant folding skipped: {exc}")
         tidy(graph)
