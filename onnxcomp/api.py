@@ -29,7 +29,7 @@ from onnxcomp.pipeline import (
     check_requirements,
     plan_step,
 )
-from onnxcomp.recipe import apply_overrides, parse_recipe, with_cleanup
+from onnxcomp.recipe import apply_overrides, parse_recipe, recipe_target, with_cleanup
 from onnxcomp.report import Report
 
 DEFAULT_RECIPE = "quantize:int8"
@@ -97,7 +97,8 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
              calib=None, eval_data=None, min_cosine: float | None = None,
              validate: bool = True, show_progress: bool = True,
              overrides: list[str] | None = None,
-             target: str | targets.Target | None = None) -> CompressResult:
+             target: str | targets.Target | None = None,
+             speed_check: bool = False) -> CompressResult:
     """Compress ``model`` with ``recipe``; the input model object is left untouched.
 
     ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe. ``target``: the
@@ -109,13 +110,17 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     ``InvalidOutput`` (see the module docstring), with or without ``validate``.
     ``show_progress``: progress through the process's :mod:`onnxcomp.progress` (bars on a
     terminal, lines elsewhere; ``progress.configure`` sets it), else nothing; the passes get it
-    as ``ctx.progress``."""
+    as ``ctx.progress``. ``speed_check``: when the recipe is meant to make the model faster
+    (int8 quantization, prune, lowrank) and validation runs, time the input and the result
+    side by side on the target's runtime (1 thread, a short interleaved run on the held-out
+    data's first batch) and add a "not worth it" verdict when the result is slower
+    (:func:`never_slower`; the CLI's default, ``--no-speed-check`` turns it off)."""
     source_path = None if isinstance(model, Model) else model
     original = _as_model(model)
     # A broken input is the user's (exit 2), found before any work; the ORT load comes with
     # the data check below (a second session here would double the cost on big models).
     runtime.check_input(original, session=False)
-    chosen = targets.get(target)
+    chosen = targets.get(recipe_target(recipe, target))  # --target wins over the recipe's
     steps = target_steps(recipe, overrides, chosen)
     report = Report("compress")
     report.environment["target"] = chosen.name
@@ -159,6 +164,9 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         passed = bool(report.fidelity.get("passed", True))
         if min_cosine is None:
             below_floor = _below_floor(report, fidelity_floor(steps))
+        if speed_check and passed and not below_floor \
+                and any(record.modified for record in records):
+            never_slower(original, compressed, steps, chosen, eval_set, report, log)
     return CompressResult(compressed, report, passed, below_floor)
 
 
@@ -173,6 +181,64 @@ def _never_bigger(original: Model, compressed: Model, steps: list[Step], report:
     if after > before:
         report.verdicts.append(f"not worth it: the weights grew from {before} to {after} bytes "
                                f"({after / max(before, 1):.2f}x the input)")
+
+
+# Recipes meant to make the model faster, not only smaller: int4 (MatMulNBits) and fp16/bf16 are
+# size modes on a CPU (docs/quantize.md, docs/targets.md), so they are not held to float speed.
+_FAST_QUANTIZE_MODES = {"int8", "int8-dynamic"}
+# A result slower than its input by more than this p50 ratio gets the verdict: a short
+# interleaved run on a busy 2-core machine moved ratios of identical models by up to ~4 %.
+SLOWER_THAN_INPUT = 1.05
+SPEED_CHECK_RUNS, SPEED_CHECK_SECONDS = 10, 0.5
+
+
+def meant_faster(steps: list[Step]) -> bool:
+    return any(s.name in _DESTRUCTIVE
+               or (s.name == "quantize" and s.config.mode in _FAST_QUANTIZE_MODES)
+               for s in steps)
+
+
+def never_slower(original: Model, compressed: Model, steps: list[Step], target: targets.Target,
+                 data: calibration.Dataset, report: Report, log) -> None:
+    """Time ``original`` and ``compressed`` interleaved on ``target``'s runtime (1 thread, the
+    first batch of ``data``) when the recipe is meant to be faster; the timing goes into
+    ``report.bench`` and a result slower than its input by more than ``SLOWER_THAN_INPUT``
+    gets a "not worth it" verdict. Where it cannot time (weights left on disk, a target
+    without its device or runtime here) it says so in the notes instead."""
+    if not meant_faster(steps):
+        return
+    if original.lazy or compressed.lazy:
+        report.notes.append("speed not checked: the weights stay on disk (a large model); "
+                            "time it with onnxcomp bench")
+        return
+    if target.check == "structural":
+        report.notes.append(f"speed not checked: target {target.name} runs on its own device "
+                            "(time it there with onnxcomp bench --providers)")
+        return
+    if target.runtime == "openvino":
+        from onnxcomp import runtime_openvino
+
+        if not runtime_openvino.available():
+            report.notes.append("speed not checked: OpenVINO is not installed "
+                                "(pip install 'onnxcomp[openvino]')")
+            return
+    from onnxcomp.measure.bench import bench
+
+    log(f"speed check: input and result interleaved on {target.runtime}, 1 thread")
+    timing = bench([original, compressed], providers=["cpu"], threads=[1],
+                   runs=SPEED_CHECK_RUNS, warmup=2, data=data, names=["input", "result"],
+                   memory=False, min_seconds=SPEED_CHECK_SECONDS, progress=None,
+                   runtimes=(target.runtime,))
+    report.bench = timing.bench
+    rows = [r for r in timing.bench["results"] if r["model_index"] == 1]
+    if not rows:
+        return
+    ratio, before = rows[0]["latency_ratio"], timing.bench["results"][0]["p50_ms"]
+    if ratio > SLOWER_THAN_INPUT:
+        report.verdicts.append(
+            f"not worth it: the result is slower than its input on {target.name} "
+            f"({rows[0]['p50_ms']:.3g} ms against {before:.3g} ms p50 at 1 thread, "
+            f"{ratio:.2f}x; a short check: confirm with onnxcomp bench)")
 
 
 def _below_floor(report: Report, floor: float) -> bool:
@@ -298,7 +364,7 @@ def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,
     planned on the cleaned-up input model (later steps would see earlier results)."""
     original = _as_model(model)
     runtime.check_input(original, session=False)
-    steps = target_steps(recipe, overrides, targets.get(target))
+    steps = target_steps(recipe, overrides, targets.get(recipe_target(recipe, target)))
     data = calibration.resolve(calib, original) if calib is not None else None
     ctx = Context(calibration=data, teacher=original)
     for step in steps:

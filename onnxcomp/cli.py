@@ -136,7 +136,7 @@ def cmd_compress(args) -> int:
         raise UserError("compress needs MODEL and -o OUT (or --help-pass NAME)")
     if _is_parts(args.model):
         _check_outputs((args.report, "--report"), (args.html, "--html"))
-        if args.target != "ort-cpu":
+        if args.target not in (None, "ort-cpu"):
             raise UserError("--target applies to one ONNX model, not to a pipeline folder")
         from onnxcomp import cli_parts
 
@@ -145,8 +145,10 @@ def cmd_compress(args) -> int:
         raise UserError("--part applies to a pipeline folder (with parts.json)")
     _check_output_path(args.model, args.output)
     from onnxcomp import targets
+    from onnxcomp.recipe import recipe_target
 
-    mobile = targets.ort_paths(args.output) if targets.get(args.target).writes_ort else ()
+    chosen = targets.get(recipe_target(args.recipe, args.target))  # the flag wins
+    mobile = targets.ort_paths(args.output) if chosen.writes_ort else ()
     if not args.dry_run:
         _check_outputs((args.output, "-o"), (args.report, "--report"),
                        (args.html, "--html"), *((str(p), "--target ort-mobile") for p in mobile))
@@ -165,7 +167,8 @@ def cmd_compress(args) -> int:
         raise UserError("--min-cosine needs the fidelity check: drop --no-validate")
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
                           min_cosine=args.min_cosine, overrides=args.set,
-                          validate=not args.no_validate, target=args.target)
+                          validate=not args.no_validate, target=args.target,
+                          speed_check=not args.no_speed_check)
     if result.passed and not result.below_floor:
         path = result.model.save(args.output)
         result.report.models["candidate"]["path"] = str(path)
@@ -382,13 +385,17 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--no-validate", action="store_true",
                           help="skip the fidelity check (run `onnxcomp validate` later; keeps "
                           "the reference model out of memory for very large models)")
+    compress.add_argument("--no-speed-check", action="store_true",
+                          help="skip the short timing of input and result that warns when a "
+                               "recipe meant to be faster (int8, prune, lowrank) is slower")
     compress.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     compress.add_argument("--part", action="append", metavar="PART=RECIPE",
                           help="pipeline folders: this part's (or the decoder group's) recipe, "
                                "or PART=float (repeatable)")
-    compress.add_argument("--target", default="ort-cpu",
+    compress.add_argument("--target", default=None,
                           help="deployment target: ort-cpu (default), openvino, tensorrt, qnn, "
-                          "ort-mobile; its quantize defaults apply before --set")
+                          "ort-mobile (wins over a TOML recipe's target key); its quantize "
+                          "defaults apply before --set")
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=cmd_compress)
 
