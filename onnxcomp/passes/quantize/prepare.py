@@ -1,5 +1,6 @@
 """What the quantize plan does before matching: refuse quantized models, lift Constant-node
-weights, rewrite Gemm as MatMul for static int8, raise the opset; then find every site.
+weights, fold BatchNormalization into Convs and rewrite Gemm as MatMul for static int8
+(``fold.py``), raise the opset; then find every site.
 
 Preparing builds a new model (the input is never mutated): the plan carries it to ``apply``,
 which rewrites that model, so the sites found here are the ones rewritten.
@@ -32,6 +33,7 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import attention as quantize_attention
+from onnxcomp.passes.quantize import fold
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize.config import INTEGER_MODES, Config
 from onnxcomp.passes.quantize.match import QuantPlan, excluded, is_quantized_op, match
@@ -77,6 +79,12 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
             notes.append(f"tied lm_head: {', '.join(untied)} read through Transpose; the "
                          "transposed weight is made a constant so the lm_head quantizes and the "
                          "table becomes int8 rows (int8 modes then store one int8 matrix)")
+    if config.mode == "int8" and "Conv" in config.ops:
+        folded = fold.fold_batchnorms(graph)
+        if folded:
+            notes.append(f"folded {len(folded)} BatchNormalization nodes into the Conv before "
+                         "each (ONNX Runtime folds them in float models; behind a Conv's QDQ "
+                         "it cannot, and each ran as a float op between integer kernels)")
     if config.mode == "int8" and "Gemm" in config.ops:
         rewritten = _gemms_as_matmul(graph, config)
         if rewritten:

@@ -177,8 +177,9 @@ def test_recipe_values_reach_the_new_fields():
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("name,found", [
-    ("ppocr-rec", "equalize: 2 Conv chains (2 x Relu); skipped 36"),
-    ("ppocr-det", "equalize: 14 Conv chains (10 x Relu, 4 x none); skipped 48")])
+    # BatchNormalization is folded into its Conv first (fold.py), which opens one more chain
+    ("ppocr-rec", "equalize: 3 Conv chains (2 x Relu, 1 x none); skipped 35"),
+    ("ppocr-det", "equalize: 15 Conv chains (10 x Relu, 5 x none); skipped 47")])
 def test_ppocr_chains_are_counted_and_equalized_exactly(name, found):
     """The counts docs/quantize.md gives, and float-exactness on the real model."""
     from onnxcomp import zoo

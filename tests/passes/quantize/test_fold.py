@@ -1,0 +1,117 @@
+"""BatchNormalization folded into the Conv before it, ahead of static int8 (fold.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp import runtime
+from onnxcomp.graph import export_model, import_graph
+from onnxcomp.model import Model
+from onnxcomp.passes.quantize import Config
+from onnxcomp.passes.quantize import plan as quantize_plan
+from onnxcomp.passes.quantize.fold import fold_batchnorms
+from onnxcomp.pipeline import Context
+
+
+def _bn_net(shared_weight: bool = False, training: bool = False, conv_bias: bool = True,
+            seed: int = 0) -> Model:
+    """x -> Conv(W[, b]) -> BN -> Relu -> Conv(W2) -> BN2 -> y; optionally W also read by a
+    third Conv (a shared weight), or BN2 in training form."""
+    rng = np.random.default_rng(seed)
+    c = 6
+    arrays = {
+        "W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32),
+        "b": rng.standard_normal(c).astype(np.float32),
+        "W2": rng.standard_normal((c, c, 1, 1)).astype(np.float32),
+    }
+    for tag in ("1", "2"):
+        arrays[f"s{tag}"] = rng.uniform(0.5, 2, c).astype(np.float32)
+        arrays[f"B{tag}"] = rng.standard_normal(c).astype(np.float32)
+        arrays[f"m{tag}"] = rng.standard_normal(c).astype(np.float32)
+        arrays[f"v{tag}"] = rng.uniform(0.1, 3, c).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "b"] if conv_bias else ["x", "W"], ["c1"],
+                         pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("BatchNormalization", ["c1", "s1", "B1", "m1", "v1"], ["n1"],
+                         epsilon=1e-3, name="bn1"),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2"),
+        helper.make_node("BatchNormalization", ["c2", "s2", "B2", "m2", "v2"], ["y"],
+                         name="bn2", **({"training_mode": 1} if training else {})),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 8, 8])]
+    if shared_weight:
+        nodes.append(helper.make_node("Conv", ["x", "W"], ["z"], pads=[1, 1, 1, 1],
+                                      name="conv_shared"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 6, 8, 8]))
+    graph = helper.make_graph(
+        nodes, "bn_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        outputs, [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    opset = 15 if training else 13
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def _run(model: Model, x: np.ndarray) -> list[np.ndarray]:
+    return list(runtime.run_model(model, {"x": x}).values())
+
+
+def _folded(model: Model) -> tuple[Model, list[str]]:
+    graph = import_graph(model)
+    names = fold_batchnorms(graph)
+    return export_model(graph, like=model), names
+
+
+def test_folding_is_exact_in_onnx_runtime_and_removes_the_batchnorms():
+    model = _bn_net()
+    folded, names = _folded(model)
+    assert names == ["bn1", "bn2"]
+    assert [n.op_type for n in folded.proto.graph.node] == ["Conv", "Relu", "Conv"]
+    onnx.checker.check_model(folded.proto, full_check=True)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    (expected,), (actual,) = _run(model, x), _run(folded, x)
+    # float32 rounding of W*k and of the bias: a few ulps of values of order 10
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+    assert [o.name for o in folded.proto.graph.output] == ["y"]
+
+
+def test_a_conv_without_bias_gets_one():
+    model = _bn_net(conv_bias=False)
+    folded, names = _folded(model)
+    assert "bn1" in names
+    conv = folded.proto.graph.node[0]
+    assert len(conv.input) == 3
+    x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(_run(folded, x)[0], _run(model, x)[0], rtol=1e-5, atol=1e-4)
+
+
+def test_a_shared_weight_keeps_its_other_reader_exact():
+    model = _bn_net(shared_weight=True)
+    folded, names = _folded(model)
+    assert "bn1" in names
+    inits = {t.name: numpy_helper.to_array(t) for t in folded.proto.graph.initializer}
+    shared = next(n for n in folded.proto.graph.node if n.name == "conv_shared")
+    np.testing.assert_array_equal(inits[shared.input[1]],
+                                  numpy_helper.to_array(model.proto.graph.initializer[0]))
+    x = np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    for a, b in zip(_run(folded, x), _run(model, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_nothing_to_fold_changes_nothing():
+    model = _bn_net(training=True)  # bn2 in training form; bn1 still folds
+    _, names = _folded(model)
+    assert names == ["bn1"]
+    _, again = _folded(_folded(_bn_net())[0])  # idempotent: nothing left the second time
+    assert again == []
+
+
+def test_static_int8_folds_first_and_other_modes_do_not():
+    model = _bn_net()
+    planned = quantize_plan(model, Config(mode="int8"), Context())
+    assert any(note.startswith("folded 2 BatchNormalization") for note in planned.notes)
+    prepared = planned.payload.prepared
+    assert "BatchNormalization" not in {n.op_type for n in prepared.proto.graph.node}
+    dynamic = quantize_plan(model, Config(mode="int8-dynamic"), Context())
+    assert not any("BatchNormalization" in note for note in dynamic.notes)
