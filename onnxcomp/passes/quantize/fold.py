@@ -1,4 +1,5 @@
-"""Fold BatchNormalization into the Conv before it, ahead of int8 quantization.
+"""Exact float rewrites ahead of int8 quantization: BatchNormalization and constant affine steps
+folded into the Conv before them, HardSwish written as one op.
 
 ``BN(Conv(x, W, b)) = Conv(x, W', b')`` with, per output channel ``c``,
 ``k_c = scale_c / sqrt(var_c + eps)``, ``W'_c = k_c · W_c`` and ``b'_c = k_c · (b_c - mean_c) +
@@ -9,6 +10,14 @@ float op between two integer kernels, with layout transposes around it. Measured
 v2.0 direction classifier (paddle2onnx, 1 thread): its int8 result spent 0.69 of 5.5 ms per run
 in BatchNormalization and 0.64 ms in Transpose, and ran 1.75x slower than float. Folding first
 makes the weights that get quantized the ones that are computed (per-channel scales absorb ``k``).
+
+The same holds for a constant scale and shift after a Conv (PP-LCNet's "learnable affine"
+``Conv -> Mul(s) -> Add(a)``, scalars or per channel): ``W'_c = s_c · W_c``, ``b'_c = s_c · b_c
++ a_c``. And HardSwish exported as four ops, ``x · Clip(x + 3, 0, 6) / 6`` (paddle2onnx), becomes
+``HardSwish(x)`` (opset 14) or ``x · HardSigmoid(x; 1/6, 1/2)`` (earlier opsets): one or two
+float ops between integer kernels instead of four. Measured on PP-OCRv4 rec int8 (ONNX Runtime
+profile, 1 thread): its 28 affine steps and 28 HardSwish were 13.6 ms of 26 ms per line in
+Mul/Add/Div/Clip, the 38 QLinearConv 5.8 ms.
 
 Acts on ``Conv -> BatchNormalization`` where the Conv output feeds only that node and is not a
 graph output, every weight and statistic is a constant, and the BatchNormalization is in
@@ -77,3 +86,158 @@ def fold_batchnorms(graph: gs.Graph) -> list[str]:
     if folded:
         graph.cleanup()
     return folded
+
+
+def _per_channel(values: np.ndarray | None, channels: int, rank: int) -> np.ndarray | None:
+    """``values`` as one float per output channel when it broadcasts that way against an NC...
+    tensor of ``rank`` dims (a scalar, ``[C, 1, ..]`` or ``[1, C, 1, ..]``); else None."""
+    if values is None or values.dtype != np.float32:
+        return None
+    if values.size == 1 and values.ndim <= rank:
+        return np.full(channels, float(values.ravel()[0]), np.float32)
+    shape = tuple(values.shape)
+    trailing = (1,) * (rank - 2)
+    if shape in ((channels, *trailing), (1, channels, *trailing)):
+        return values.reshape(channels)
+    return None
+
+
+def _other_constant(node: gs.Node, tensor: gs.Tensor) -> np.ndarray | None:
+    if len(node.inputs) != 2:
+        return None
+    other = node.inputs[1] if node.inputs[0] is tensor else node.inputs[0]
+    return constant_array(other)
+
+
+def _only_reader(tensor: gs.Tensor, graph: gs.Graph, op: str) -> gs.Node | None:
+    readers = consumers(tensor)
+    if len(readers) != 1 or readers[0].op != op or tensor in graph.outputs:
+        return None
+    return readers[0]
+
+
+def fold_affine(graph: gs.Graph) -> list[str]:
+    """Fold ``Conv -> Mul(constant) [-> Add(constant)]`` (per channel or scalar) into the Conv
+    in place; returns the folded Mul/Add names."""
+    folded = []
+    for conv in [n for n in graph.nodes if n.op == "Conv"]:
+        weight = constant_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
+        if weight is None or weight.dtype != np.float32 or not conv.outputs:
+            continue
+        channels, rank = weight.shape[0], weight.ndim
+        mul = _only_reader(conv.outputs[0], graph, "Mul")
+        scale = None if mul is None else _per_channel(
+            _other_constant(mul, conv.outputs[0]), channels, rank)
+        if scale is None:
+            continue
+        bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
+        bias = np.zeros(channels, np.float32) if bias is None else bias.astype(np.float32)
+        new_weight = weight * scale.reshape(-1, *([1] * (rank - 1)))
+        new_bias = bias * scale
+        last, names = mul, [mul.name]
+        add = _only_reader(mul.outputs[0], graph, "Add")
+        shift = None if add is None else _per_channel(
+            _other_constant(add, mul.outputs[0]), channels, rank)
+        if shift is not None:
+            new_bias = new_bias + shift
+            last, names = add, [mul.name, add.name]
+        conv.inputs[1] = gs.Constant(unique_name(graph, f"{conv.name}.W_affine_folded"),
+                                     new_weight.astype(np.float32))
+        bias_constant = gs.Constant(unique_name(graph, f"{conv.name}.b_affine_folded"),
+                                    new_bias.astype(np.float32))
+        if len(conv.inputs) > 2:
+            conv.inputs[2] = bias_constant
+        else:
+            conv.inputs.append(bias_constant)
+        out = last.outputs[0]
+        for node in {id(mul): mul, id(last): last}.values():
+            node.outputs.clear()
+            node.inputs.clear()
+        conv.outputs[0] = out
+        folded.extend(names)
+    if folded:
+        graph.cleanup()
+    return folded
+
+
+def _is_scalar(values: np.ndarray | None, value: float) -> bool:
+    return (values is not None and values.size == 1
+            and abs(float(values.ravel()[0]) - value) <= 1e-6 * max(1.0, abs(value)))
+
+
+def _clip_bounds(clip: gs.Node) -> tuple[float, float] | None:
+    if len(clip.inputs) >= 3:
+        low, high = constant_array(clip.inputs[1]), constant_array(clip.inputs[2])
+        if low is None or high is None or low.size != 1 or high.size != 1:
+            return None
+        return float(low.ravel()[0]), float(high.ravel()[0])
+    if "min" in clip.attrs or "max" in clip.attrs:  # opset < 11
+        return float(clip.attrs.get("min", -np.inf)), float(clip.attrs.get("max", np.inf))
+    return None
+
+
+def _hardswish_input(last: gs.Node, graph: gs.Graph) -> tuple[gs.Tensor, list[gs.Node]] | None:
+    """``x`` when ``last`` ends ``x * Clip(x + 3, 0, 6) / 6`` (or ``* (1/6)``), with the
+    nodes of the pattern; every inner tensor read once."""
+    if last.op == "Div":
+        if not _is_scalar(constant_array(last.inputs[1]), 6.0):
+            return None
+        product = last.inputs[0]
+    elif last.op == "Mul":
+        sixth = [i for i, t in enumerate(last.inputs) if _is_scalar(constant_array(t), 1 / 6)]
+        if len(last.inputs) != 2 or not sixth:
+            return None
+        product = last.inputs[1 - sixth[0]]
+    else:
+        return None
+    mul = product.inputs[0] if product.inputs else None
+    if mul is None or mul.op != "Mul" or len(mul.inputs) != 2:
+        return None
+    if _only_reader(product, graph, last.op) is None:
+        return None
+    for x, clipped in (mul.inputs, mul.inputs[::-1]):
+        clip = clipped.inputs[0] if clipped.inputs else None
+        if clip is None or clip.op != "Clip" or _clip_bounds(clip) != (0.0, 6.0):
+            continue
+        if _only_reader(clipped, graph, "Mul") is None:
+            continue
+        shifted = clip.inputs[0]
+        add = shifted.inputs[0] if shifted.inputs else None
+        if (add is None or add.op != "Add" or len(add.inputs) != 2
+                or _only_reader(shifted, graph, "Clip") is None):
+            continue
+        if x in add.inputs and _is_scalar(_other_constant(add, x), 3.0):
+            return x, [add, clip, mul, last]
+    return None
+
+
+def fuse_hardswish(graph: gs.Graph, opset: int) -> int:
+    """Replace every ``x * Clip(x + 3, 0, 6) / 6`` by HardSwish(x) (opset >= 14) or
+    ``x * HardSigmoid(x; 1/6, 1/2)``; returns how many."""
+    count = 0
+    for last in [n for n in graph.nodes if n.op in ("Div", "Mul")]:
+        if not last.outputs or not last.inputs:
+            continue  # disconnected by an earlier match
+        found = _hardswish_input(last, graph)
+        if found is None:
+            continue
+        x, nodes = found
+        out = last.outputs[0]
+        for node in nodes:
+            node.outputs.clear()
+            node.inputs.clear()
+        base = nodes[-1].name or out.name
+        if opset >= 14:
+            graph.nodes.append(gs.Node("HardSwish", unique_name(graph, f"{base}.hardswish"),
+                                       inputs=[x], outputs=[out]))
+        else:
+            gate = gs.Variable(unique_name(graph, f"{out.name}.hardsigmoid"), np.float32)
+            graph.nodes.append(gs.Node("HardSigmoid", unique_name(graph, f"{base}.hardsigmoid"),
+                                       attrs={"alpha": 1.0 / 6.0, "beta": 0.5},
+                                       inputs=[x], outputs=[gate]))
+            graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{base}.hardswish"),
+                                       inputs=[x, gate], outputs=[out]))
+        count += 1
+    if count:
+        graph.cleanup().toposort()
+    return count

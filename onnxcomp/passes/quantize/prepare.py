@@ -85,6 +85,15 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
             notes.append(f"folded {len(folded)} BatchNormalization nodes into the Conv before "
                          "each (ONNX Runtime folds them in float models; behind a Conv's QDQ "
                          "it cannot, and each ran as a float op between integer kernels)")
+        affine = fold.fold_affine(graph)
+        if affine:
+            notes.append(f"folded {len(affine)} constant Mul/Add nodes after Convs into their "
+                         "weights and biases (exact; fewer float ops between integer kernels)")
+        hardswish = fold.fuse_hardswish(graph, model.opset())
+        if hardswish:
+            notes.append(f"wrote {hardswish} HardSwish patterns (x * Clip(x + 3, 0, 6) / 6) as "
+                         f"{'HardSwish' if model.opset() >= 14 else 'x * HardSigmoid(x)'} "
+                         "(exact up to rounding; fewer float ops between integer kernels)")
     if config.mode == "int8" and "Gemm" in config.ops:
         rewritten = _gemms_as_matmul(graph, config)
         if rewritten:

@@ -115,3 +115,68 @@ def test_static_int8_folds_first_and_other_modes_do_not():
     assert "BatchNormalization" not in {n.op_type for n in prepared.proto.graph.node}
     dynamic = quantize_plan(model, Config(mode="int8-dynamic"), Context())
     assert not any("BatchNormalization" in note for note in dynamic.notes)
+
+
+def _affine_hardswish_net(opset: int, divide: bool = True, extra_reader: bool = False) -> Model:
+    """x -> Conv -> Mul(scalar s) -> Add(per-channel a) -> x * Clip(x + 3, 0, 6) / 6 -> y
+    (paddle2onnx's learnable affine step and HardSwish); ``divide`` False writes ``* (1/6)``;
+    ``extra_reader`` makes the Clip output a graph output too (the pattern must then stay)."""
+    rng = np.random.default_rng(4)
+    c = 5
+    arrays = {"W": rng.standard_normal((c, 3, 3, 3)).astype(np.float32),
+              "b": rng.standard_normal(c).astype(np.float32),
+              "s": np.array([1.7], np.float32),
+              "a": rng.standard_normal((1, c, 1, 1)).astype(np.float32),
+              "three": np.array([3.0], np.float32), "zero": np.array(0.0, np.float32),
+              "six": np.array(6.0, np.float32),
+              "last": np.array([6.0] if divide else [1 / 6], np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("Mul", ["s", "c"], ["m"], name="affine_mul"),
+        helper.make_node("Add", ["m", "a"], ["h"], name="affine_add"),
+        helper.make_node("Add", ["h", "three"], ["t"], name="hs_add"),
+        helper.make_node("Clip", ["t", "zero", "six"], ["k"], name="hs_clip"),
+        helper.make_node("Mul", ["h", "k"], ["p"], name="hs_mul"),
+        helper.make_node("Div" if divide else "Mul", ["p", "last"], ["y"], name="hs_last"),
+    ]
+    shape = [2, c, 6, 6]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)]
+    if extra_reader:
+        outputs.append(helper.make_tensor_value_info("k", TensorProto.FLOAT, shape))
+    graph = helper.make_graph(
+        nodes, "affine_hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+        outputs, [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def _rewritten(model: Model) -> tuple[Model, list[str], int]:
+    from onnxcomp.passes.quantize.fold import fold_affine, fuse_hardswish
+
+    graph = import_graph(model)
+    affine = fold_affine(graph)
+    count = fuse_hardswish(graph, model.opset())
+    return export_model(graph, like=model), affine, count
+
+
+def test_affine_steps_fold_and_hardswish_becomes_one_or_two_ops_exactly():
+    x = np.random.default_rng(5).uniform(-4, 4, (2, 3, 6, 6)).astype(np.float32)
+    for opset, divide, ops in [(13, True, ["Conv", "HardSigmoid", "Mul"]),
+                               (13, False, ["Conv", "HardSigmoid", "Mul"]),
+                               (14, True, ["Conv", "HardSwish"])]:
+        model = _affine_hardswish_net(opset, divide)
+        rewritten, affine, count = _rewritten(model)
+        assert affine == ["affine_mul", "affine_add"] and count == 1
+        assert sorted(n.op_type for n in rewritten.proto.graph.node) == sorted(ops)
+        onnx.checker.check_model(rewritten.proto, full_check=True)
+        np.testing.assert_allclose(_run(rewritten, x)[0], _run(model, x)[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert _rewritten(rewritten)[1:] == ([], 0)  # idempotent
+
+
+def test_a_hardswish_whose_inner_tensor_is_read_elsewhere_is_left_alone():
+    model = _affine_hardswish_net(13, extra_reader=True)
+    rewritten, affine, count = _rewritten(model)
+    assert count == 0 and affine == ["affine_mul", "affine_add"]
+    x = np.random.default_rng(6).uniform(-4, 4, (2, 3, 6, 6)).astype(np.float32)
+    for a, b in zip(_run(rewritten, x), _run(model, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
