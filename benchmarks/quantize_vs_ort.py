@@ -4,8 +4,9 @@ For each model: the float model (Constant-node weights lifted, opset raised to 1
 preprocessed file is given to every quantizer), onnxcomp int8 (static QDQ) and int8-dynamic,
 ONNX Runtime's ``quantize_static`` (QDQ, per-channel, uint8 activations, int8 weights,
 op_types_to_quantize Conv/MatMul/Gemm, MinMax calibrator, the same calibration batches) and
-``quantize_dynamic``. For transformers (more MatMul/Gemm weight than Conv weight: minilm,
-clip-vit-b32, tiny-clip) also: onnxcomp int4 (MatMulNBits, block 32, symmetric) against ONNX
+``quantize_dynamic``, and NNCF's ``nncf.quantize`` (its defaults; ``ModelType.TRANSFORMER``
+for transformers; same file and batches; an error row where nncf is missing). For transformers
+(more MatMul/Gemm weight than Conv weight: minilm, clip-vit-b32, tiny-clip) also: onnxcomp int4 (MatMulNBits, block 32, symmetric) against ONNX
 Runtime's ``MatMulNBitsQuantizer`` (block 32, symmetric, same float model), and ONNX Runtime's
 recommended transformer flow: the ``fuse`` pass (``onnxruntime.transformers.optimizer``), then
 onnxcomp int8-dynamic and ``quantize_dynamic`` (per-tensor, its default, and per-channel) on the
@@ -151,6 +152,20 @@ def make_variants(name: str, float_path: Path, calib, folder: Path, transformer:
                op_types_to_quantize=["Conv", "MatMul", "Gemm"]))
     _timed(variants, errors, "ORT quantize_dynamic", folder / "ort_dynamic.onnx",
            lambda path: quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8))
+
+    def nncf_int8(path: Path) -> None:
+        # The stronger post-training anchor (issue #21): NNCF's own defaults for the model
+        # kind, on the same file and calibration batches; its output is timed in ONNX Runtime
+        # like every other variant (it is laid out for OpenVINO: docs/targets.md).
+        import nncf
+
+        extra = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+        batches = list(calib)
+        quantized = nncf.quantize(onnx.load(str(float_path)), nncf.Dataset(batches),
+                                  subset_size=len(batches), **extra)
+        onnx.save(quantized, str(path))
+
+    _timed(variants, errors, "NNCF int8", folder / "nncf_int8.onnx", nncf_int8)
     if not transformer:
         return variants, errors, extra
     # Not the default, but what a careful ORT user would set on a transformer: per-channel
