@@ -5,7 +5,14 @@ Runs first in every pipeline (so later passes see every weight as an initializer
 exporter did) and last (so every pass leaves a tidy graph). Constant folding evaluates only nodes
 whose inputs are all constants, through ONNX Runtime, and refuses to materialize tensors larger
 than ``fold_size_limit`` bytes (folding an Expand of a constant can otherwise blow up the file).
-Nothing in If/Loop bodies is folded; those are only tidied.
+Nothing in If/Loop bodies is folded but a Transpose of a constant weight nothing else reads (so
+that a body's MatMul sees its weight); bodies are otherwise only tidied.
+
+A Loop-carried value the body passes through unchanged (Paddle2ONNX carries a decoder's weights
+into its Loop so, and the body's MatMuls then read "activations") becomes an outer-scope read:
+the body reads the initial value directly and the carried slot goes, unless its final value is
+a graph output (then a dead pass-through keeps it); readers of the final value read the initial
+one, which it always equals (``subgraphs.inline_loop_invariants``; float-exact).
 
 Unnamed and duplicate-named nodes (legal ONNX, common in hand-built and some exported graphs) get
 a stable unique name, ``<op>_<first output>`` (``graph.name_nodes``), listed in the plan: every
@@ -33,6 +40,7 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
+from onnxcomp.subgraphs import fold_body_transposes, inline_loop_invariants
 
 
 def _would_store_weight_again(node: gs.Node) -> bool:
@@ -62,6 +70,8 @@ class Config:
                                     "(<op>_<output>), so that passes can address them")
     lift_constants: bool = option(True, "turn Constant-node weights into initializers")
     remove_identity: bool = option(True, "bypass Identity nodes (not those producing outputs)")
+    loop_invariants: bool = option(True, "Loop-carried values the body passes through "
+                                         "unchanged are read from the outer scope instead")
     fold_constants: bool = option(True, "evaluate nodes whose inputs are all constants")
     fold_size_limit: int = option(16 * 1024 * 1024,
                                   "largest folded tensor in bytes (an Expand can blow up)")
@@ -107,6 +117,11 @@ def _signature(graph: gs.Graph) -> tuple:
     return nodes, constants
 
 
+def _invariant_reason(value: str, removed: bool) -> str:
+    return (f"{value}: carried unchanged; slot removed" if removed else
+            f"{value}: carried unchanged; slot kept (its final value is a graph output)")
+
+
 def plan(model: Model, config: Config, ctx: Context) -> Plan:
     """What cleanup would do: counted on a scratch copy of the graph (cheap, no weights read)."""
     graph = import_graph(model)
@@ -122,6 +137,10 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     if config.remove_identity:
         for name in _remove_identities(graph):
             result.rows.append(PlanRow(name, "remove Identity"))
+    if config.loop_invariants:
+        for loop, value, removed in inline_loop_invariants(graph):
+            result.rows.append(PlanRow(loop, "read loop-invariant from outer scope",
+                                       _invariant_reason(value, removed)))
     if config.fold_constants:
         result.notes.append("constant subgraphs are folded (up to "
                             f"{config.fold_size_limit} bytes a tensor); dead nodes removed")
@@ -153,6 +172,18 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
             applied.notes.append(f"lifted {lifted} Constant nodes to initializers")
     if config.remove_identity:
         applied.touched.extend(_remove_identities(graph))
+    if config.loop_invariants:
+        inlined = inline_loop_invariants(graph)
+        if inlined:
+            applied.touched.extend(dict.fromkeys(loop for loop, _, _ in inlined))
+            applied.details["loop_invariants"] = [
+                {"loop": loop, "value": value, "slot_removed": removed}
+                for loop, value, removed in inlined]
+            applied.notes.append(
+                f"{len(inlined)} Loop-carried values passed through unchanged are read from "
+                f"the outer scope ({sum(r for _, _, r in inlined)} slots removed): "
+                + ", ".join(value for _, value, _ in inlined[:5])
+                + (" ..." if len(inlined) > 5 else ""))
     tidy(graph)
     if config.fold_constants:
         count = len(graph.nodes)
@@ -165,6 +196,10 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         folded = count - len(graph.nodes)
         if folded > 0:
             applied.notes.append(f"folded {folded} constant nodes")
+        in_bodies = fold_body_transposes(graph)
+        if in_bodies:
+            applied.notes.append(f"folded {len(in_bodies)} Transpose nodes of constant weights "
+                                 "inside If/Loop/Scan bodies")
     tidy(graph)
 
     applied.modified = _signature(graph) != before

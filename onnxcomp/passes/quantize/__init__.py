@@ -16,6 +16,9 @@ place (``rewrite.py``):
 - every mode (``embeddings``): Gather tables as int8 rows, one scale per row, dequantized after
   the gather (``gather.py``); int8-dynamic (``attention``): the fuse pass's
   com.microsoft.Attention -> QAttention (``attention.py``); other modes leave it float, noted.
+- every integer mode: LSTM/GRU/RNN ``W`` and ``R`` as int8 rows (``recurrent.py``): int8-dynamic
+  LSTMs as com.microsoft.DynamicQuantizeLSTM, the rest weight-only (int8 -> Cast -> Mul, which
+  ONNX Runtime folds at load: float compute; int4 keeps them at 8 bits).
 Before the rewrite, when asked: cross-layer equalization of Conv -> Relu-like -> Conv chains
 (``equalize.py``, an exact float rewrite, listed in the plan's notes), SmoothQuant
 (``smooth.py``), int8 GPTQ of MatMul/Gemm weights (``gptq.run_int8``), bias correction of each
@@ -27,9 +30,10 @@ layers most harmful on their own to float; int4 raises the most sensitive layer 
 
 Each quantized site is handed to later passes as a ``LayerChange`` with ``repair="bias"``: its
 weights are on the quantization grid, so distill may only correct the bias.
-Refuses models already quantized. Weights inside If/Loop/Scan bodies are quantized by the
-weight-only modes (int8-dynamic, int4), each in its own body; static int8 leaves them float
-(their activation ranges are not collected) and says so per node. A weight read by several
+Refuses models already quantized. Weights inside If/Loop/Scan bodies (nested ones too) are
+quantized in their own body by every integer mode; static int8 calibrates them on each body run
+alone on the values it got from the calibration data (``onnxcomp.subgraphs``), and keeps float,
+saying so per node, the sites of a body the data never ran (an If branch not taken). A weight read by several
 nodes is quantized once and shared (``rewrite.py``). An output whose weights came out larger
 than the input's says so in a loud note (``graph.size_note``).
 """
@@ -37,14 +41,24 @@ than the input's says so in a loud note (``graph.size_note``).
 from __future__ import annotations
 
 from onnxcomp import calibration
-from onnxcomp.graph import import_graph, size_note
+from onnxcomp.graph import import_graph, proto_scopes, size_note
 from onnxcomp.model import Model
 
 # Modules by name (not their functions): a package attribute named like a submodule would hide it.
-from onnxcomp.passes.quantize import bias, equalize, fidelity, gptq, half, prepare, rewrite, stats
+from onnxcomp.passes.quantize import (
+    bias,
+    equalize,
+    fidelity,
+    gptq,
+    half,
+    prepare,
+    recurrent,
+    rewrite,
+    stats,
+)
 from onnxcomp.passes.quantize.config import HALF_MODES, INTEGER_MODES, MODES, NAME, Config
 from onnxcomp.passes.quantize.gptq import Hessians
-from onnxcomp.passes.quantize.match import Site
+from onnxcomp.passes.quantize.match import Site, reached
 from onnxcomp.passes.quantize.prepare import Planned
 from onnxcomp.pipeline import (
     SKIP,
@@ -66,6 +80,8 @@ def _action(site: Site, config: Config) -> str:
         return "int8 table (Gather)"
     if site.op == "Attention":
         return f"QAttention ({'per-channel' if config.per_channel else 'per-tensor'})"
+    if site.op in recurrent.OPS:
+        return recurrent.action(site)
     if config.mode == "int8":
         if site.weight_input is None:
             action = "quantize int8 activation x activation"
@@ -93,6 +109,7 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     if config.mode in HALF_MODES:
         return half.plan(prepared, config, notes)
     sites = prepare.find_sites(prepared, config)
+    recurrent.extend(prepared, config, sites)  # LSTM/GRU/RNN W and R
     result = Plan(NAME, config, notes=notes + sites.notes, payload=Planned(prepared, sites))
     result.rows = [PlanRow(s.node, _action(s, config),
                            f"weight {s.weight_name}" if s.weight_name else "")
@@ -103,9 +120,33 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
         chains, refused = equalize.find_chains(graph, {s.node for s in sites.sites})
         result.notes.append(equalize.summary(chains, refused, {n.name: n for n in graph.nodes}))
     if not sites.sites:
-        result.notes.append(f"nothing to quantize ({config.mode}, op types "
-                            f"{', '.join(config.ops)})")
+        result.notes.append(_nothing_to_quantize(prepared, config))
     return result
+
+
+# Ops that carry a model's weights, for the "nothing to quantize" hint.
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm", *recurrent.OPS)
+
+
+def _nothing_to_quantize(prepared: Model, config: Config) -> str:
+    """The plan's note when no site was found: what the mode covers, what the model computes
+    with, and the mode that would take it (a conv net under int8-dynamic or int4)."""
+    counts: dict[str, int] = {}
+    for body, _ in proto_scopes(prepared.graph):
+        for node in body.node:
+            if node.op_type in _WEIGHTED_OPS:
+                counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    covered = config.ops + (() if config.op_types is not None else recurrent.OPS)
+    note = f"nothing to quantize: {config.mode} quantizes {'/'.join(covered)} weights only"
+    if not counts:
+        return note + "; this model has none of " + "/".join(_WEIGHTED_OPS)
+    compute = ", ".join(f"{op} ({n})" for op, n in sorted(counts.items(), key=lambda i: -i[1]))
+    note += f"; this model's compute is {compute}"
+    if set(counts) & set(covered):
+        return note + ": every such node was skipped (the skip rows say why)"
+    if config.mode != "int8" and set(counts) <= {"Conv", "ConvTranspose"}:
+        return note + ": use quantize:int8 (static, calibrated) or quantize:fp16"
+    return note
 
 
 def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
@@ -135,12 +176,15 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         if config.mode == "int8" and config.bias_correction == "all":
             # The input ranges first, so that their rounding and clipping is corrected too;
             # they are kept (the output ranges move by the small correction only).
-            collected = stats.statistics(prepared, quant_plan, config, ctx)
+            collected = stats.statistics(prepared, recurrent.calibrated(quant_plan), config,
+                                         ctx)
         prepared, left = bias.run(prepared, quant_plan.sites, config, ctx.calibration,
                                   applied.notes, ctx.progress, collected)
         applied.details["bias_correction_skipped"] = [{"node": n, "why": w} for n, w in left]
     if collected is None:
-        collected = stats.statistics(prepared, quant_plan, config, ctx)
+        collected = stats.statistics(prepared, recurrent.calibrated(quant_plan), config, ctx)
+    if config.mode == "int8":  # body sites no calibration data reached stay float, said so
+        quant_plan = reached(quant_plan, collected, import_graph(prepared))
     result = rewrite.rewrite(prepared, quant_plan, config, collected)
     if isinstance(collected, Hessians):
         collected = None  # read once, a segment at a time: nothing to keep
@@ -150,7 +194,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
                                          applied)
     else:
         applied.notes.append("no calibration data: per-layer SQNR not measured")
-    kept_float = {s.node for s in quant_plan.sites} - {s.node for s in final.sites}
+    kept_float = {s.node for s in planned.sites.sites} - {s.node for s in final.sites}
     applied.skipped = [(node, why) for node, why in final.skipped if node in kept_float]
     applied.details["plan"] = final.describe()
     if not final.sites:  # every site went back to float to meet min_cosine
@@ -170,8 +214,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
 # Reads weights through gs constants only: works on models whose weights stay on disk.
 PASS = PassSpec(NAME, Config, plan, apply,
                 Capabilities(lazy_weights=True, needs_calibration=Config.needs_calibration,
-                             notes="refuses models already quantized; static int8 leaves "
-                                   "weights inside If/Loop bodies float (int8-dynamic and int4 "
-                                   "quantize them)"),
+                             notes="refuses models already quantized; static int8 keeps "
+                                   "float the If branches / Loop bodies the calibration data "
+                                   "never ran"),
                 summary="int8 static QDQ (calibrated), int8 dynamic, int4 weight-only blocks; "
                         "Gather tables as int8 rows; mixed precision to a min_cosine")

@@ -68,7 +68,7 @@ def eligible(site: Site, config: Config) -> str | None:
     if site.op not in ("Conv", "MatMul", "Gemm"):
         return f"{site.op} site"
     if site.owner is not None:
-        return "inside an If/Loop/Scan body (not calibrated)"
+        return "inside an If/Loop/Scan body (its output is not measured there)"
     if site.weight_input != 1 or site.activation_inputs != (0,):
         return "not an activation x constant-weight layer"
     if config.gptq or (config.int8_gptq and site.op != "Conv"):

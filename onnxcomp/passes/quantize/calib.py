@@ -225,3 +225,61 @@ def collect(model: Model, names: Sequence[str], data: Dataset,
     per_segment = SEGMENT_TENSORS if model.lazy else None
     calibration.stream_activations(model, wanted, data, on_batch, progress, per_segment)
     return stats
+
+
+class Ranges(dict):
+    """Activation ranges by tensor name, and ``missing``: the tensors no calibration value
+    reached (inside a body the data never ran), with why."""
+
+    def __init__(self, values: dict[str, tuple[float, float]], missing: dict[str, str]):
+        super().__init__(values)
+        self.missing = missing
+
+
+def collect_scoped(model: Model, names: Sequence[str], data: Dataset
+                   ) -> tuple[dict[str, TensorStats], dict[str, str]]:
+    """``collect`` for tensors anywhere in the model: those of the main graph as ``collect``
+    does; those defined inside If/Loop/Scan bodies on each body run alone as a model of its own
+    (``onnxcomp.subgraphs``), fed what it got from ``data``, the same statistics. Returns the
+    statistics of the tensors that got values and, for the others, why not (the body never ran
+    on the data, or could not be run alone)."""
+    from onnxcomp import subgraphs
+
+    defined = subgraphs.scopes(model.graph)
+    top = [name for name in names if name not in defined]
+    stats = collect(model, top, data) if top else {}
+    missing: dict[str, str] = {}
+    inner: dict[tuple[str, ...], list[str]] = {}
+    for name in names:
+        keys = defined.get(name)
+        if keys is None:
+            continue
+        if len(keys) > 1:
+            missing[name] = "its name is defined in several bodies"
+        else:
+            inner.setdefault(keys[0], []).append(name)
+    if not inner:
+        return stats, missing
+    recorded = subgraphs.record(model, data, set(inner))
+    for key, wanted in inner.items():
+        feeds, built = recorded.feeds.get(key), recorded.models.get(key)
+        if not feeds or built is None:
+            why = recorded.missing.get(key, "no calibration values reached it")
+            missing.update({name: why for name in wanted})
+            continue
+        formal = {v.name for v in built.graph.input}
+        computed = [name for name in wanted if name not in formal]
+        try:
+            found = collect(built, computed, calibration.from_batches(
+                feeds, "/".join(key))) if computed else {}
+        except Exception as exc:  # noqa: BLE001 - its sites stay float, saying why
+            missing.update({name: f"its body could not be calibrated alone ({exc})"
+                            for name in wanted})
+            continue
+        for name in wanted:
+            if name in formal:  # a body input: its values are the feeds themselves
+                found[name] = TensorStats()
+                for feed in feeds:
+                    found[name].update(feed[name])
+        stats.update(found)
+    return stats, missing

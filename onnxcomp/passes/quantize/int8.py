@@ -75,14 +75,24 @@ def weight_axis(op: str, node_attrs: dict, weight_rank: int) -> int:
 class QdqWriter:
     """Adds Q/DQ pairs and quantized weights to a gs graph, one pair per tensor."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, taken: set[str] | None = None,
+                 made: dict | None = None):
         self.graph = graph
         self.tensors = graph.tensors()
         self.pairs: dict[str, gs.Variable] = {}
         self.weights: dict[tuple[str, int | None], gs.Variable] = {}
         self.bytes_saved = 0
+        # ScopedWriters: names unique across every scope, int8 constants shared between scopes.
+        self.taken = taken
+        self.made = made if made is not None else {}
 
     def _name(self, base: str) -> str:
+        if self.taken is not None:
+            name, i = base, 1
+            while name in self.taken:
+                name, i = f"{base}_{i}", i + 1
+            self.taken.add(name)
+            return name
         name = unique_name(self.graph, base)
         self.tensors[name] = None  # reserve
         return name
@@ -109,10 +119,14 @@ class QdqWriter:
         if key in self.weights:
             return self.weights[key]
         values = np.asarray(tensor.values, dtype=np.float32)
-        q, scale = symmetric_int8(values, axis)
-        quantized = gs.Constant(self._name(f"{tensor.name}_int8"), q)
-        s = gs.Constant(self._name(f"{tensor.name}_scale"), scale)
-        zp = gs.Constant(self._name(f"{tensor.name}_zero_point"), np.zeros_like(scale, np.int8))
+        made = (id(tensor), axis)  # sibling bodies may reuse a name for another weight
+        if made not in self.made:
+            q, scale = symmetric_int8(values, axis)
+            self.made[made] = (gs.Constant(self._name(f"{tensor.name}_int8"), q),
+                              gs.Constant(self._name(f"{tensor.name}_scale"), scale),
+                              gs.Constant(self._name(f"{tensor.name}_zero_point"),
+                                          np.zeros_like(scale, np.int8)))
+        quantized, s, zp = self.made[made]
         dequantized = gs.Variable(self._name(f"{tensor.name}_dequantized"), dtype=np.float32,
                                   shape=list(values.shape))
         attrs = {"axis": int(axis)} if axis is not None else {}
@@ -121,6 +135,35 @@ class QdqWriter:
                                         outputs=[dequantized]))
         self.weights[key] = dequantized
         return dequantized
+
+
+class ScopedWriters:
+    """One ``QdqWriter`` per graph (the main graph, each If/Loop/Scan body): a Q/DQ pair is
+    written in the graph of the node that reads it, since ONNX Runtime fuses DQ -> op -> Q only
+    within one graph; a weight read in several graphs is quantized once (one set of int8
+    constants, one DequantizeLinear per graph); new names are unique across all scopes (a body
+    may not shadow an outer name). Without body sites (``scoped`` false) it is the one plain
+    writer of the main graph."""
+
+    def __init__(self, graph: gs.Graph, scoped: bool):
+        self.graph = graph
+        self.taken: set[str] | None = None
+        if scoped:
+            self.taken = set()
+            stack = [graph]
+            while stack:
+                body = stack.pop()
+                self.taken.update(body.tensors())
+                for node in body.nodes:
+                    self.taken.add(node.name)
+                    stack.extend(v for v in node.attrs.values() if isinstance(v, gs.Graph))
+        self.made: dict = {}
+        self.writers: dict[int, QdqWriter] = {}
+
+    def of(self, holder: gs.Graph) -> QdqWriter:
+        if id(holder) not in self.writers:
+            self.writers[id(holder)] = QdqWriter(holder, self.taken, self.made)
+        return self.writers[id(holder)]
 
 
 def rewire_consumers(tensor: gs.Tensor, replacement: gs.Tensor, skip_ops=("QuantizeLinear",)

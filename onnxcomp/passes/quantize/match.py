@@ -45,9 +45,11 @@ class Site:
     # static: a tensor after the node to QDQ too (its output, or after a Relu/Clip), so that
     # ONNX Runtime finds DQ -> op -> Q and chains QLinear kernels; None: no output QDQ.
     output_qdq: str | None = None
-    # The top-level If/Loop/Scan whose body holds the node (None: the main graph). Such sites
-    # are weight-only (int8-dynamic, int4): nothing in a body is calibrated or measured.
+    # The top-level If/Loop/Scan whose body holds the node (None: the main graph). No per-layer
+    # SQNR, GPTQ statistics or bias correction there (body tensors are not model outputs).
     owner: str | None = None
+    # The body that holds the node, as a path (owner/attribute, nested ones appended).
+    scope: str | None = None
 
 
 @dataclass
@@ -172,16 +174,52 @@ def _match_node(node: gs.Node, mode: str, per_channel: bool, activation_matmuls:
             return "C is not a constant"
         axis = weight_axis("Gemm", node.attrs, weight.ndim) if per_channel else None
         return Site(node.name, node.op, (0,), 1, inputs[1].name, axis, node.outputs[0].name)
+    if node.op == "ConvTranspose":
+        if mode != "int8":
+            return f"ConvTranspose is quantized by static int8 only ({mode})"
+        if len(inputs) < 2 or _float_constant(inputs[1]) is None:
+            return "weight is not a constant float tensor"
+        if constant_array(inputs[0]) is not None:
+            return "input is a constant (fold it first)"
+        # The weight is [C_in, C_out / group, k...]: output channels on axis 1 (one group).
+        grouped = int(node.attrs.get("group", 1)) != 1
+        axis = 1 if per_channel and not grouped else None
+        return Site(node.name, node.op, (0,), 1, inputs[1].name, axis, node.outputs[0].name)
     return f"{node.op} is not a supported op type"
+
+
+def _scopes(graph: gs.Graph, prefix: str = "") -> tuple[dict[int, str], dict[str, int]]:
+    """The body path of every nested node (by id) and how many bodies define each name
+    (node outputs and formal inputs): more than one when sibling bodies reuse it."""
+    where: dict[int, str] = {}
+    defined: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for value_name, value in node.attrs.items():
+            if not isinstance(value, gs.Graph):
+                continue
+            label = f"{prefix}{node.name or f'#{index}:{node.op}'}/{value_name}"
+            names = {t.name for t in value.inputs}
+            names.update(t.name for n in value.nodes for t in n.outputs)
+            for name in names:
+                defined[name] = defined.get(name, 0) + 1
+            for inner in value.nodes:
+                where[id(inner)] = label
+            inner_where, inner_defined = _scopes(value, label + "/")
+            where.update(inner_where)
+            for name, count in inner_defined.items():
+                defined[name] = defined.get(name, 0) + count
+    return where, defined
 
 
 def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[str, ...],
           per_channel: bool, output_qdq: str = "none", activation_matmuls: bool = False
           ) -> QuantPlan:
-    """The Conv/MatMul/Gemm sites of ``graph`` for ``mode``, and why the others are skipped."""
+    """The Conv/MatMul/Gemm sites of ``graph`` (bodies included) for ``mode``, and why the
+    others are skipped."""
     result = QuantPlan(mode)
     seen = set()
     owners = {id(inner): owner for inner, owner in nested_nodes(graph)}
+    where, defined = _scopes(graph) if owners else ({}, {})
     for node, _ in graph_nodes(graph):
         if node.op not in op_types:
             continue
@@ -192,24 +230,54 @@ def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[
         seen.add(node.name)
         owner = owners.get(id(node))
         reason = excluded(node, exclude)
-        if reason is None and owner is not None and mode == "int8":
-            reason = (f"inside the {owner.op} body of {owner.name}: static int8 needs activation "
-                      "ranges there, which calibration does not collect (int8-dynamic and int4 "
-                      "quantize it)")
         site = reason or match_node(node, mode, per_channel, activation_matmuls)
+        if isinstance(site, Site) and owner is not None and mode == "int8":
+            reused = [node.inputs[i].name for i in site.activation_inputs
+                      if defined.get(node.inputs[i].name, 0) > 1]
+            if reused:
+                site = (f"its input {reused[0]} is a name sibling bodies reuse: its "
+                        "calibration would mix two tensors (kept float)")
         if isinstance(site, str):
             logger.debug("quantize: skip %s: %s", node.name, site)
             result.skipped.append((node.name, site))
             continue
         if owner is not None:
-            site = Site(**{**site.__dict__, "owner": owner.name})
+            site = Site(**{**site.__dict__, "owner": owner.name, "scope": where.get(id(node))})
         result.sites.append(site)
     if mode == "int8" and output_qdq != "none":
         _place_output_qdq(result, graph, output_qdq)
     nested = sum(1 for s in result.sites if s.owner is not None)
     if nested:
-        result.notes.append(f"{nested} sites inside If/Loop/Scan bodies are quantized weight-only "
-                            "(no per-layer SQNR there, no GPTQ statistics: round to nearest)")
+        how = ("calibrated inside their bodies" if mode == "int8" else "weight-only")
+        result.notes.append(f"{nested} sites inside If/Loop/Scan bodies ({how}; no per-layer "
+                            "SQNR there, no GPTQ statistics or bias correction: round to "
+                            "nearest)")
+    return result
+
+
+def reached(plan: QuantPlan, ranges: dict, graph: gs.Graph) -> QuantPlan:
+    """Static int8: the plan less the body sites whose calibrated tensors (inputs, output QDQ)
+    got no values, each skipped with why (``ranges.missing``: its branch never ran on the
+    calibration data, or the body could not be run alone)."""
+    missing: dict[str, str] = getattr(ranges, "missing", {})
+    nodes = {n.name: n for n, _ in graph_nodes(graph) if n.name}
+    dropped: dict[str, str] = {}
+    for site in plan.sites:
+        if site.owner is None or site.node not in nodes:
+            continue
+        node = nodes[site.node]
+        names = [node.inputs[i].name for i in site.activation_inputs]
+        names += [site.output_qdq] if site.output_qdq else []
+        absent = [name for name in names if name not in ranges]
+        if absent:
+            why = missing.get(absent[0], "no calibration value reached it")
+            dropped[site.node] = f"inside {site.scope or site.owner}: {why} (kept float)"
+    if not dropped:
+        return plan
+    kept = [s for s in plan.sites if s.node not in dropped]
+    result = QuantPlan(plan.mode, kept, plan.skipped + list(dropped.items()), list(plan.notes))
+    result.notes.append(f"{len(dropped)} body sites kept float: no calibration data reached "
+                        "their body")
     return result
 
 
@@ -220,11 +288,17 @@ _FOLDED_ACTIVATIONS = ("Relu", "Clip")
 _PASSTHROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", *_FOLDED_ACTIVATIONS)
 
 
-def _reaches(tensor: gs.Tensor, quantized: set[str], graph_outputs: set[str]) -> bool:
-    """Whether ``tensor`` flows, through single-consumer pass-through ops, into a quantized
-    input."""
+def _reaches(tensor: gs.Tensor, quantized: set[tuple[str, str]], graph_outputs: set[str]
+             ) -> bool:
+    """Whether ``tensor`` flows, through single-consumer pass-through ops, into quantized
+    inputs only (``quantized``: (node, tensor) pairs the plan quantizes). A tensor some other
+    node reads in float (a residual Add beside the next Conv) needs its own output QDQ, which
+    every reader then reads: ONNX Runtime fuses DQ -> Conv -> Q only when the Q is the Conv
+    output's one reader (measured on the PP-OCR v2.0 direction classifier: its projection
+    convs before a residual ran as float Conv behind a DequantizeLinear of their weight)."""
     for _ in range(8):
-        if tensor.name in quantized:
+        readers = [(node.name, tensor.name) for node in tensor.outputs]
+        if readers and all(read in quantized for read in readers):
             return True
         if (len(tensor.outputs) != 1 or tensor.outputs[0].op not in _PASSTHROUGH
                 or tensor.name in graph_outputs):
@@ -246,12 +320,16 @@ def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str) -> None:
     site's quantized input. Without a Q after it, ONNX Runtime turns an activation x activation
     MatMul into MatMulIntegerToFloat, not the QLinearMatMul its own quantizer gets (PP-OCRv4
     rec: the two measured within 1 % at 1 thread, QLinearMatMul 2 % faster at 2)."""
-    tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
-    quantized_inputs = {nodes[s.node].inputs[i].name for s in result.sites
+    holders = {n.name: body for n, body in graph_nodes(graph) if n.name}
+    nodes = {n.name: n for n, _ in graph_nodes(graph) if n.name}
+    quantized_inputs = {(s.node, nodes[s.node].inputs[i].name) for s in result.sites
                         for i in s.activation_inputs}
-    graph_outputs = {t.name for t in graph.outputs}
+    scoped: dict[int, tuple[dict, set[str]]] = {}  # per graph: its tensors and outputs
     for index, site in enumerate(result.sites):
+        holder = holders[site.node]
+        if id(holder) not in scoped:
+            scoped[id(holder)] = (holder.tensors(), {t.name for t in holder.outputs})
+        tensors, graph_outputs = scoped[id(holder)]
         tensor = tensors[site.output]
         if (which == "conv" and site.op != "Conv" and site.weight_input is not None
                 and not _feeds_bias_add(tensor)):
@@ -264,3 +342,4 @@ def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str) -> None:
         if tensor.name in graph_outputs or _reaches(tensor, quantized_inputs, graph_outputs):
             continue
         result.sites[index] = Site(**{**site.__dict__, "output_qdq": tensor.name})
+

@@ -69,6 +69,9 @@ def _opset_needed(config: Config) -> int:
 def prepare(model: Model, config: Config, notes: list[str]) -> Model:
     """Constant-node weights lifted to initializers, Gemm as MatMul for static int8, the opset
     raised where the output needs it; a new model, ``model`` unchanged."""
+    if config.min_opset is not None and model.opset() < config.min_opset:
+        # First, so the rewrites below write the newer ops (HardSwish from opset 14).
+        model = _upgrade(model, config.min_opset, "min_opset", notes)
     graph = import_graph(model)
     lifted = lift_constant_nodes(graph)
     if lifted:
@@ -101,23 +104,28 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
                          "DQ -> MatMul into integer kernels, not a float-output Gemm)")
     prepared = export_model(tidy(graph), like=model)
     needed = _opset_needed(config)
-    opset = prepared.opset()
-    if opset < needed:
-        try:
-            proto = version_converter.convert_version(prepared.proto, needed)
-            if prepared.lazy:
-                # The checker would look for the weights' files in the working directory; the
-                # graph's consistency is what the upgrade can break, and inference checks that.
-                onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-            else:
-                onnx.checker.check_model(proto)
-        except Exception as exc:  # noqa: BLE001 - the converter raises many types
-            raise UserError(f"could not upgrade the model from opset {opset} to {needed} "
-                            f"(needed by {config.mode}): {exc}") from None
-        notes.append(f"upgraded the opset from {opset} to {needed} (needed by {config.mode}"
-                     f"{' per-channel' if needed == 13 else ''})")
-        prepared = Model(proto, model.source, model.external_data)
+    if prepared.opset() < needed:
+        why = f"{config.mode}{' per-channel' if needed == 13 else ''}"
+        prepared = _upgrade(prepared, needed, why, notes)
     return prepared
+
+
+def _upgrade(model: Model, needed: int, why: str, notes: list[str]) -> Model:
+    """``model`` at opset ``needed`` (ONNX's version converter), or one UserError line."""
+    opset = model.opset()
+    try:
+        proto = version_converter.convert_version(model.proto, needed)
+        if model.lazy:
+            # The checker would look for the weights' files in the working directory; the
+            # graph's consistency is what the upgrade can break, and inference checks that.
+            onnx.shape_inference.infer_shapes(proto, strict_mode=True)
+        else:
+            onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        raise UserError(f"could not upgrade the model from opset {opset} to {needed} "
+                        f"(needed by {why}): {exc}") from None
+    notes.append(f"upgraded the opset from {opset} to {needed} (needed by {why})")
+    return Model(proto, model.source, model.external_data)
 
 
 def gemm_weight(node: gs.Node) -> LinearWeight | str:

@@ -40,6 +40,7 @@ from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize import gptq as quantize_gptq
 from onnxcomp.passes.quantize import int4 as quantize_int4
 from onnxcomp.passes.quantize import int8 as quantize_int8
+from onnxcomp.passes.quantize import recurrent as quantize_recurrent
 from onnxcomp.passes.quantize.config import Config
 from onnxcomp.passes.quantize.match import QuantPlan, Site
 from onnxcomp.passes.quantize.prepare import gemm_weight
@@ -55,15 +56,18 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
     nodes = {n.name: n for n, _ in graph_nodes(graph) if n.name}
     tables: dict = {}
     sites = []
-    for site in quant_plan.sites:  # Gather tables and fused Attention have their own rewrites
+    # Gather tables, fused Attention and LSTM/GRU/RNN layers have their own rewrites.
+    for site in quant_plan.sites:
         if site.op == "Gather":
             quantize_gather.rewrite(graph, nodes[site.node], tables)
         elif site.op == "Attention":
             quantize_attention.rewrite(graph, nodes[site.node], config.per_channel)
-        else:
+        elif site.op not in quantize_recurrent.OPS:
             sites.append(site)
+    quantize_recurrent.rewrite(nodes, holders, [s for s in quant_plan.sites
+                                                if s.op in quantize_recurrent.OPS])
     if config.mode == "int8":
-        _static(graph, nodes, sites, stats)
+        _static(graph, nodes, sites, stats, holders)
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy
@@ -127,20 +131,27 @@ def share_transposed_int8(graph: onnx.GraphProto) -> int:
     return len(dropped)
 
 
-def _static(graph: gs.Graph, nodes: dict[str, gs.Node], sites: list[Site], stats: dict) -> None:
-    writer = quantize_int8.QdqWriter(graph)
+def _static(graph: gs.Graph, nodes: dict[str, gs.Node], sites: list[Site], stats: dict,
+            holders: dict[str, gs.Graph] | None = None) -> None:
+    # Sites inside If/Loop/Scan bodies get their Q/DQ nodes in their own body.
+    holders = holders or {}
+    writers = quantize_int8.ScopedWriters(graph, any(s.owner for s in sites))
     for site in sites:
         node = nodes[site.node]
+        writer = writers.of(holders.get(site.node, graph))
         for i in site.activation_inputs:
             scale, zp = quantize_calib.quant_params(*stats[node.inputs[i].name])
             node.inputs[i] = writer.activation(node.inputs[i], scale, zp)
         if site.weight_input is not None:  # None: activation x activation MatMul
             node.inputs[site.weight_input] = writer.weight(node.inputs[site.weight_input],
                                                            site.axis)
-    tensors = graph.tensors()
+    tensors: dict[int, dict] = {}
     for site in sites:
         if site.output_qdq:
-            tensor = tensors[site.output_qdq]
+            writer = writers.of(holders.get(site.node, graph))
+            if id(writer.graph) not in tensors:
+                tensors[id(writer.graph)] = writer.graph.tensors()
+            tensor = tensors[id(writer.graph)][site.output_qdq]
             scale, zp = quantize_calib.quant_params(*stats[tensor.name])
             quantize_int8.rewire_consumers(tensor, writer.activation(tensor, scale, zp))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from onnxcomp.graph import export_model, import_graph, tidy
+from onnxcomp.graph import export_model, graph_nodes, import_graph, tidy
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import calib as quantize_calib
 from onnxcomp.passes.quantize import gptq as quantize_gptq
@@ -28,7 +28,7 @@ GPTQ_INPUTS_PER_SEGMENT = 4
 def activation_tensors(model: Model, quant_plan: QuantPlan) -> list[str]:
     """The tensors static int8 calibrates: planned activation inputs and output QDQ tensors."""
     graph = import_graph(model)
-    nodes = {n.name: n for n in graph.nodes}
+    nodes = {n.name: n for n, _ in graph_nodes(graph) if n.name}  # body sites too
     names = []
     for site in quant_plan.sites:
         node = nodes[site.node]
@@ -64,9 +64,12 @@ def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
             ) -> dict[str, tuple[float, float]]:
     names = activation_tensors(model, quant_plan)
     ctx.progress(f"quantize: calibrating {len(names)} tensors on {len(ctx.calibration)} batches")
-    stats = quantize_calib.collect(model, names, ctx.calibration)
-    return {name: quantize_calib.tensor_range(stats[name], config.calibration, config.percentile)
-            for name in names}
+    # Tensors inside If/Loop/Scan bodies are calibrated on each body run alone; those of a body
+    # the data never ran get no range (``match.reached`` keeps their sites float).
+    stats, missing = quantize_calib.collect_scoped(model, names, ctx.calibration)
+    return quantize_calib.Ranges({name: quantize_calib.tensor_range(
+        stats[name], config.calibration, config.percentile) for name in names if name in stats},
+        missing)
 
 
 def smooth(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context,

@@ -99,14 +99,17 @@ def test_nested_if_with_constant_weights_is_quantized_inside():
                            runtime.run_model(out, feeds)["y"]) > 0.98
 
 
-def test_static_int8_skips_body_weights_with_a_plain_reason():
+def test_static_int8_plans_body_weights_calibrated_inside_their_bodies():
+    """Static int8 reaches into the branches (tests/passes/quantize/test_bodies_int8.py checks
+    the calibration, the untaken branch's skip reason and the numerics)."""
     model = builders.if_graph()
     data = calibration.random_data(model, 2)
     plan = quantize.PASS.plan(model, quantize.Config(), Context(calibration=data))
     rows = {row.node: row for row in plan.rows}
-    assert rows["then_mm"].action == "skip"
-    assert "static int8 needs activation ranges" in rows["then_mm"].reason
+    assert rows["then_mm"].action.startswith("quantize int8")
+    assert rows["else_mm"].action.startswith("quantize int8")
     assert rows["pre"].action.startswith("quantize int8")
+    assert any("calibrated inside their bodies" in note for note in plan.notes)
 
 
 def test_unnamed_matmuls_are_all_quantized_after_cleanup():
