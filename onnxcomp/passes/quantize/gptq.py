@@ -238,8 +238,8 @@ def run_int8(model: Model, sites: list, data: calibration.Dataset, notes: list[s
         if site.op not in ("MatMul", "Gemm"):
             continue
         if site.owner is not None or node is None:
-            refused.append((site.node, "inside an If/Loop/Scan body (GPTQ statistics are not "
-                                       "collected there)"))
+            refused.append((site.node, ("inside an If/Loop/Scan body (GPTQ statistics are "
+                                        "not collected there)")))
         elif site.weight_input != 1 or isinstance(linear_weight(node), str):
             refused.append((site.node, "no constant [K, N] weight"))
         elif readers(node.inputs[1]) != 1:
