@@ -59,6 +59,9 @@ class Config:
                                           "its bias (needs calibration data): none | weights "
                                           "((W_q - W) E[x]) | all (static int8: also the "
                                           "inputs' rounding and clipping)")
+    fold: bool = option(True, "int8: first fold BatchNormalization and constant Mul/Add after "
+                              "Convs into them and write HardSwish as one or two ops (exact "
+                              "float rewrites: fewer float ops between integer kernels)")
     embeddings: bool = option(True, "Gather tables as int8 rows, one scale per row (every mode)")
     attention: bool = option(True, "int8-dynamic: fused com.microsoft.Attention -> QAttention")
     min_opset: int | None = option(None, "raise the model to at least this opset before "

@@ -82,7 +82,7 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
             notes.append(f"tied lm_head: {', '.join(untied)} read through Transpose; the "
                          "transposed weight is made a constant so the lm_head quantizes and the "
                          "table becomes int8 rows (int8 modes then store one int8 matrix)")
-    if config.mode == "int8" and "Conv" in config.ops:
+    if config.mode == "int8" and "Conv" in config.ops and config.fold:
         folded = fold.fold_batchnorms(graph)
         if folded:
             notes.append(f"folded {len(folded)} BatchNormalization nodes into the Conv before "

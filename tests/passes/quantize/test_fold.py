@@ -115,6 +115,8 @@ def test_static_int8_folds_first_and_other_modes_do_not():
     assert "BatchNormalization" not in {n.op_type for n in prepared.proto.graph.node}
     dynamic = quantize_plan(model, Config(mode="int8-dynamic"), Context())
     assert not any("BatchNormalization" in note for note in dynamic.notes)
+    kept = quantize_plan(model, Config(mode="int8", fold=False), Context())  # the ablation's off
+    assert "BatchNormalization" in {n.op_type for n in kept.payload.prepared.proto.graph.node}
 
 
 def _affine_hardswish_net(opset: int, divide: bool = True, extra_reader: bool = False) -> Model:
