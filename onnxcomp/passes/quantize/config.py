@@ -49,6 +49,11 @@ class Config:
                                      "per channel)")
     min_cosine: float | None = option(None, "model output cosine to meet: int8 keeps the most "
                                             "harmful layers float, int4 raises groups to 8 bits")
+    keep_float_by: str = option("harm", "int8: which layers return to float first (min_cosine): "
+                                        "harm (the most harmful alone) | latency (harm per "
+                                        "millisecond its int8 form saves, from ONNX Runtime's "
+                                        "profiler on this model; layers slower in int8 always "
+                                        "stay float)")
     smoothquant_alpha: float | None = option(None, "SmoothQuant migration strength in [0, 1] for "
                                                    "MatMuls after LayerNormalization (none: off)")
     # Off by default: the ablation (benchmarks/quantize_ablation.py) measures both.
@@ -93,6 +98,8 @@ class Config:
         if self.min_opset is not None and (isinstance(self.min_opset, bool)
                                            or not 10 <= self.min_opset <= 23):
             raise ValueError(f"min_opset must be in [10, 23], got {self.min_opset!r}")
+        if self.keep_float_by not in ("harm", "latency"):
+            raise ValueError(f"keep_float_by must be harm or latency, got {self.keep_float_by!r}")
         if self.output_qdq not in ("none", "conv", "conv-only", "all"):
             raise ValueError(f"output_qdq must be none, conv, conv-only or all, got "
                              f"{self.output_qdq!r}")
@@ -119,7 +126,7 @@ class Config:
         if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
-                     "activation_matmuls", "equalize"):
+                     "activation_matmuls", "equalize", "fold"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

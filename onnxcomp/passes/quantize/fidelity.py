@@ -5,7 +5,9 @@ With calibration data (scored on the held-out ``ctx.evaluation`` when given), af
   the one numeric comparison), reported in the record's details;
 - below ``min_cosine``, int8 modes return the layers most harmful *on their own* to float (each
   site scored by the output cosine with only it quantized, then the fewest from the top, doubling,
-  that meet the target); int4 MatMulNBits raises the most sensitive layer groups to 8 bits
+  that meet the target); with ``keep_float_by = "latency"`` the order is harm per millisecond
+  the layer's int8 form saves (``latency.py``: ONNX Runtime's profiler on this model), and
+  layers slower in int8 than float return to float first, whatever ``min_cosine``; int4 MatMulNBits raises the most sensitive layer groups to 8 bits
   (``mixed.search``). Either choice is fitted to the scoring data: when that is ``--eval``, the
   pass says so in ``ctx.tuned_on_evaluation``.
 """
@@ -16,6 +18,7 @@ import math
 
 from onnxcomp.measure import compare
 from onnxcomp.model import Model
+from onnxcomp.passes.quantize import latency as quantize_latency
 from onnxcomp.passes.quantize import mixed as quantize_mixed
 from onnxcomp.passes.quantize.config import NAME, Config
 from onnxcomp.passes.quantize.match import QuantPlan
@@ -34,6 +37,10 @@ def measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Confi
     """Per-layer SQNR; then, below ``min_cosine``, the mixed precision that meets it: the model
     and the sites finally quantized (int8 modes: fewer than planned)."""
     scoring = ctx.evaluation or ctx.calibration
+    savings = None
+    if config.keep_float_by == "latency" and config.mode == "int8":
+        result, quant_plan, savings = _drop_slower(prepared, result, quant_plan, config, stats,
+                                                   ctx, applied)
     ctx.progress(f"quantize: measuring per-layer SQNR on {scoring.name}")
     if ctx.evaluation is None and config.gptq:
         applied.notes.append("SQNR and output cosine measured on the calibration data GPTQ was "
@@ -55,7 +62,52 @@ def measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Confi
         return _mixed_bits(prepared, result, quant_plan, config, ctx, applied,
                            comparison.min_cosine), quant_plan
     return _keep_float(prepared, result, quant_plan, config, stats, ctx, applied,
-                       comparison.min_cosine)
+                       comparison.min_cosine, savings)
+
+
+def _fresh_stats(prepared: Model, quant_plan: QuantPlan, config: Config, stats, ctx: Context):
+    # GPTQ statistics are read once by rewrite (a segment at a time): every trial needs them anew.
+    return ((lambda: statistics(prepared, quant_plan, config, ctx)) if config.gptq
+            else (lambda: stats))
+
+
+def _drop_slower(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config, stats,
+                 ctx: Context, applied: Applied
+                 ) -> tuple[Model, QuantPlan, dict[str, float | None]]:
+    """``keep_float_by = "latency"``: profile float and int8 (``latency.py``); layers whose
+    int8 form is slower than float on this model return to float whatever ``min_cosine``."""
+    if prepared.lazy:
+        applied.notes.append("keep_float_by = latency: not measured (the weights stay on disk: "
+                             "the profiles would load the whole model)")
+        return result, quant_plan, {}
+    ctx.progress("quantize: profiling float and int8 per layer (ONNX Runtime, 1 thread)")
+    feeds = ctx.calibration.make_batch(0)
+    nodes = {n.name: n for n in prepared.graph.node}
+    inputs_of = {s.node: [nodes[s.node].input[i] for i in s.activation_inputs]
+                 for s in quant_plan.sites if s.node in nodes}
+    savings = quantize_latency.site_savings(
+        quantize_latency.profile_ms(prepared, feeds), quantize_latency.profile_ms(result, feeds),
+        quant_plan.sites, inputs_of, quantize_latency.float_names(prepared, quant_plan.sites))
+    applied.details["latency_saved_ms"] = [
+        {"node": n, "saved_ms": None if v is None else round(v, 4)} for n, v in savings.items()]
+    slower = {n for n, v in savings.items() if v is not None and v < 0}
+    unmeasured = sum(1 for v in savings.values() if v is None)
+    if unmeasured:
+        applied.notes.append(f"keep_float_by = latency: {unmeasured} layers not found in the "
+                             "profiles (kept in harm order)")
+    if not slower:
+        return result, quant_plan, savings
+    quant_plan = quant_plan.without(slower, "slower in int8 than float on this model (ONNX "
+                                    "Runtime profile, 1 thread)")
+    if quant_plan.sites:
+        result = rewrite(prepared, quant_plan, config,
+                         _fresh_stats(prepared, quant_plan, config, stats, ctx)())
+    else:
+        result = prepared
+    applied.notes.append(f"keep_float_by = latency: {len(slower)} layers slower in int8 than "
+                         f"float kept float ({', '.join(sorted(slower)[:5])}"
+                         f"{' ...' if len(slower) > 5 else ''})")
+    return result, quant_plan, savings
 
 
 def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config, fresh_stats,
@@ -74,18 +126,24 @@ def _isolated_sensitivity(prepared: Model, quant_plan: QuantPlan, config: Config
 
 
 def _keep_float(prepared: Model, result: Model, quant_plan: QuantPlan, config: Config, stats,
-                ctx: Context, applied: Applied, baseline: float) -> tuple[Model, QuantPlan]:
+                ctx: Context, applied: Applied, baseline: float,
+                savings: dict[str, float | None] | None = None) -> tuple[Model, QuantPlan]:
     """int8 modes below ``min_cosine``: the most harmful layers return to float."""
     scoring = ctx.evaluation or ctx.calibration
     # SQNR inside the quantized model carries the error of every layer upstream, so it ranks
     # deep layers worst whatever their own harm (on MiniLM it pointed at attention outputs when
     # the FFN down-projections were the culprits). Rank by each layer's effect alone instead.
     # GPTQ statistics are read once by rewrite (a segment at a time): every trial needs them anew.
-    fresh = ((lambda: statistics(prepared, quant_plan, config, ctx)) if config.gptq
-             else (lambda: stats))
+    fresh = _fresh_stats(prepared, quant_plan, config, stats, ctx)
     ranking = _isolated_sensitivity(prepared, quant_plan, config, fresh, ctx)
     applied.details["sensitivity"] = [{"node": n, "output_cosine_alone": round(c, 6)}
                                       for n, c in ranking]
+    if savings:  # latency-aware: harm per millisecond saved (the report shows the ranking)
+        ordered = quantize_latency.ranking(ranking, savings)
+        applied.details["harm_cost_ranking"] = [
+            {"node": n, "output_cosine_alone": round(c, 6),
+             "saved_ms": None if v is None else round(v, 4)} for n, c, v in ordered]
+        ranking = [(n, c) for n, c, _ in ordered]
     kept: list[str] = []
     cosine = baseline
     trial_plan, step = quant_plan, 1
