@@ -34,12 +34,16 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 Batch = dict[str, np.ndarray]
 
@@ -730,6 +734,27 @@ def with_outputs(model: Model, names: Sequence[str]) -> Model:
     return extended
 
 
+def session_with_outputs(model: Model, names: Sequence[str]) -> ort.InferenceSession:
+    """An ONNX Runtime session (CPU, optimizations off) of ``model`` that also returns the
+    named intermediate tensors: ``runtime.session(with_outputs(model, names))`` without the
+    copy, which holds every in-memory weight twice while the session is built (605 MB more for
+    CLIP ViT-B/32). The outputs are appended to the model's own graph and removed once ONNX
+    Runtime has the model; the model is left as it was, also when that fails."""
+    from onnxcomp import runtime
+
+    outputs, source = model.graph.output, model.source
+    kept = len(outputs)
+    present = {o.name for o in outputs}
+    for name in dict.fromkeys(names):
+        if name not in present:
+            outputs.append(onnx.ValueInfoProto(name=name))
+    try:
+        return runtime.session(model, optimize=False)
+    finally:
+        del outputs[kept:]
+        model.source = source  # a model over 2 GiB is saved for ONNX Runtime, which moves it
+
+
 def stream_activations(model: Model, names: Sequence[str], data: Dataset,
                        on_batch: Callable[[int, dict[str, np.ndarray]], None],
                        progress: Callable[[int, int], None] | None = None,
@@ -748,13 +773,22 @@ def stream_activations(model: Model, names: Sequence[str], data: Dataset,
         flow = segments.iterate(model, names, data, per_segment)
         total = len(segments.plan(model, names, per_segment))
         for done, (_, values) in enumerate(flow, start=1):
-            for i, batch in enumerate(values):
+            # Not enumerate(values): its cached (i, batch) tuple keeps a batch alive while the
+            # next one is computed, and so does the loop variable until deleted: two at once.
+            i = 0
+            for batch in values:
                 on_batch(i, batch)
+                del batch
+                i += 1  # noqa: SIM113  (see above)
             if progress:
                 progress(done, total)
         return
-    sess = runtime.session(with_outputs(model, names), optimize=False)
+    sess = session_with_outputs(model, names)
     for i, batch in enumerate(data):
         on_batch(i, runtime.run(sess, batch, list(names)))
         if progress:
             progress(i + 1, len(data))
+    # The activations were freed batch by batch into the C heap, which keeps them: hand them
+    # back, or the next step (the fidelity check's two sessions) starts on top of them.
+    del sess
+    runtime.release_free_memory()

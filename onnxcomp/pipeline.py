@@ -328,5 +328,8 @@ class Pipeline:
             records.append(record)
             ctx.records.append(record)
             done.append(step.name)
+            # Let go of this step's plan (its payload may hold a prepared copy of the model)
+            # and what it applied before the next step runs: else both live on through it.
             model = result
+            del plan, applied, result
         return model, records

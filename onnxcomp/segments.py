@@ -238,12 +238,18 @@ def iterate(model: Model, names: Sequence[str], batches: Iterable[dict[str, np.n
         del sub
 
         def values(sess=sess, wanted=wanted, segment=segment):
-            for i, batch in enumerate(carried):
+            for i in range(len(carried)):
+                batch = carried[i]
                 result = (runtime.run(sess, {n: batch[n] for n in segment.inputs}, wanted)
                           if wanted else {})
                 result.update({n: batch[n] for n in segment.inputs})
                 carried[i] = {name: result[name] for name in segment.outputs}
-                yield {name: result[name] for name in segment.names}
+                requested = {name: result[name] for name in segment.names}
+                # Nothing of this batch but what the caller gets is held past the yield (nor is
+                # that after it): else the next batch's run would start with two batches alive.
+                del result, batch
+                yield requested
+                del requested
 
         flow = values()
         yield segment, flow

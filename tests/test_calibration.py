@@ -289,3 +289,20 @@ def test_a_dynamic_channel_axis_takes_the_first_convs_channels(constant_nodes):
     shape = calibration.random_data(model, 1).make_batch(0)["x"].shape
     assert shape[:2] == (1, 3)
     runtime.run_model(model, calibration.random_data(model, 1).make_batch(0))
+
+
+def test_session_with_outputs_needs_no_copy_and_leaves_the_model_as_it_was():
+    model = builders.mlp()
+    before = model.proto.SerializeToString()
+    names = [n.output[0] for n in model.graph.node][:-1]
+    data = calibration.random_data(model, 2)
+    sess = calibration.session_with_outputs(model, names)
+    assert model.proto.SerializeToString() == before
+    whole = runtime.session(calibration.with_outputs(model, names), optimize=False)
+    for batch in data:
+        got, want = runtime.run(sess, batch, names), runtime.run(whole, batch, names)
+        for name in names:
+            np.testing.assert_array_equal(got[name], want[name])
+    with pytest.raises(UserError):  # ONNX Runtime refuses: the model is still put back
+        calibration.session_with_outputs(model, ["no such tensor"])
+    assert model.proto.SerializeToString() == before

@@ -56,3 +56,30 @@ def test_error_types_map_to_exit_codes():
     assert UserError("x").exit_code == 2 and OnnxcompError("x").exit_code == 2
     assert TargetMissed("x").exit_code == 1
     assert PassFailed("x").exit_code == 3 and InvalidOutput("x").exit_code == 3
+
+
+def test_a_steps_plan_and_result_are_let_go_before_the_next_step(mlp):
+    """What one step planned (a payload may hold a prepared copy of the model) is not kept
+    alive through the next step."""
+    import weakref
+
+    from onnxcomp.pipeline import Applied, Plan
+
+    class Payload:  # stands for a prepared copy of a large model
+        pass
+
+    refs: list[weakref.ref] = []
+    alive_at_next_plan: list[bool] = []
+
+    def plan(model, config, ctx):
+        alive_at_next_plan.append(any(ref() is not None for ref in refs))
+        payload = Payload()
+        refs.append(weakref.ref(payload))
+        return Plan("hold", config, payload=payload)
+
+    def apply(model, plan_, ctx):
+        return Applied(model.copy(), modified=True)
+
+    spec = cleanup.PASS.__class__(**{**cleanup.PASS.__dict__, "plan": plan, "apply": apply})
+    Pipeline([Step(spec, cleanup.Config())] * 3).run(mlp, Context())
+    assert alive_at_next_plan == [False, False, False]

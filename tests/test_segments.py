@@ -203,3 +203,32 @@ def test_if_subgraphs_stay_whole_and_their_inner_tensors_are_not_outer_reads():
     _check_segments_equal_whole(model, names, data, 1)
     part = segments.extract(model, ["x", "c"], ["b"], {"x": 1, "c": 9})
     assert [n.op_type for n in part.graph.node] == ["If"]
+
+
+@pytest.mark.parametrize("per_segment", [None, 4])
+def test_one_batch_of_activations_alive_at_a_time(tiny_llama, per_segment, monkeypatch):
+    """Streaming: when ONNX Runtime starts on a batch, the activations handed out for the
+    previous one are gone (but for boundary tensors a later segment still reads), whole or a
+    segment at a time; else the peak holds two batches."""
+    import weakref
+
+    from onnxcomp import runtime
+
+    names = [n.output[0] for n in tiny_llama.graph.node if n.op_type == "MatMul"]
+    carried = {n for s in segments.plan(tiny_llama, names, 4) for n in s.outputs}
+    data = prompts(PRESETS["tiny"], 3, length=12)
+    handed: list[weakref.ref] = []
+    runs = []
+    real_run = runtime.run
+
+    def run(sess, feeds, outputs=None):
+        runs.append(sum(ref() is not None for ref in handed))
+        return real_run(sess, feeds, outputs)
+
+    def on_batch(_: int, values: dict[str, np.ndarray]) -> None:
+        handed[:] = [weakref.ref(v) for n, v in values.items() if n not in carried]
+
+    monkeypatch.setattr(runtime, "run", run)
+    calibration.stream_activations(tiny_llama, names, data, on_batch, per_segment=per_segment)
+    assert len(runs) >= len(data) and handed
+    assert runs == [0] * len(runs), "a run started with the last batch's activations alive"
