@@ -24,6 +24,16 @@ runtime precision come from OpenVINO's compiled model (``runtime_openvino.precis
     python benchmarks/targets.py --models ppocr-rec
     python benchmarks/targets.py --models minilm --calib 32 --eval 32
 
+    python benchmarks/targets.py --models ppocr-det --threads 1,2 --keep /tmp/variants
+    .venv-ov/bin/python benchmarks/targets.py --models ppocr-det --threads 1,2 \
+        --ep /tmp/variants
+
+``--keep DIR`` saves the ONNX variants, the held-out ``eval`` batches (``.npz``) and the float
+model's outputs on them; ``--ep DIR`` (run in the environment with onnxruntime-openvino, which
+has neither OpenVINO's own API nor NNCF) times those files through ONNX Runtime's OpenVINO
+execution provider and its CPU provider, interleaved, measures their output cosine against
+float through the EP, and adds the result to the model's entry (``ep``).
+
 Each run replaces its models' entries in ``benchmarks/results/targets.json`` and rewrites the
 table in ``docs/targets.md`` between the markers.
 """
@@ -171,11 +181,14 @@ def fidelity(name: str, path: Path, float_path: Path, splits: dict, reference: d
     return result
 
 
-def run_model(name: str, calib_count: int, eval_count: int, runs: int, threads: list[int]
-              ) -> dict:
+def run_model(name: str, calib_count: int, eval_count: int, runs: int, threads: list[int],
+              keep: Path | None = None) -> dict:
     print(f"== {name}", flush=True)
     with tempfile.TemporaryDirectory(prefix="onnxcomp-targets-") as tmp:
         folder = Path(tmp)
+        if keep is not None:
+            folder = keep / name
+            folder.mkdir(parents=True, exist_ok=True)
         float_path = preprocess(name, folder)
         calib = zoo.dataset(name, "calib", calib_count)
         batches = [calib.make_batch(i) for i in range(len(calib))]
@@ -205,6 +218,8 @@ def run_model(name: str, calib_count: int, eval_count: int, runs: int, threads: 
                   for split in zoo.entry(name).splits if split != "calib"}
         reference = {split: outputs_in("onnxruntime", float_path, data)
                      for split, data in splits.items()}
+        if keep is not None:  # what --ep reads: the eval batches and float's outputs on them
+            save_eval(folder, name, splits["eval"], reference["eval"])
         variants = {}
         for label, path in {**paths, **ir}.items():
             compiled = runtime_openvino.compile_model(path, threads=1, precision="f32")
@@ -232,6 +247,137 @@ def run_model(name: str, calib_count: int, eval_count: int, runs: int, threads: 
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+# The openvino target's placement choices, each taken back out once (--ablation), against
+# float and NNCF on the same calibration batches: what each costs or buys in OpenVINO.
+ABLATIONS = {
+    "ppocr-det": [("openvino target", []),
+                  ("- bias correction", ["quantize.bias_correction=none"]),
+                  ("- ConvTranspose", ["quantize.op_types=Conv,MatMul,Gemm"]),
+                  ("- opset 14 (x * HardSigmoid(x))", ["quantize.min_opset=none"])],
+    "minilm": [("openvino target", []),
+               ("- smoothquant", ["quantize.smoothquant_alpha=none"]),
+               ("- bias correction", ["quantize.bias_correction=none"])],
+}
+ABLATION_RESULTS = ROOT / "benchmarks" / "results" / "targets_ablation.json"
+ABLATION_BEGIN, ABLATION_END = "<!-- targets-ablation:begin -->", "<!-- targets-ablation:end -->"
+
+
+def run_ablation(name: str, calib_count: int, eval_count: int, runs: int, threads: list[int]
+                 ) -> dict:
+    """float, NNCF int8 and the openvino target with each choice taken out: OpenVINO f32 p50
+    ratios (interleaved), executed int8 / f32 ops, output cosine against float (eval split)
+    in ONNX Runtime and in OpenVINO."""
+    from onnxcomp.measure.bench import _time_runners, percentiles
+
+    print(f"== ablation {name}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-ablation-") as tmp:
+        folder = Path(tmp)
+        float_path = preprocess(name, folder)
+        calib = zoo.dataset(name, "calib", calib_count)
+        paths = {"float": float_path, "NNCF int8": folder / "nncf.onnx"}
+        nncf_int8(name, float_path, [calib.make_batch(i) for i in range(len(calib))],
+                  paths["NNCF int8"])
+        for index, (label, overrides) in enumerate(ABLATIONS[name]):
+            paths[label] = folder / f"variant{index}.onnx"
+            onnxcomp_int8(float_path, calib, "openvino", paths[label], overrides)
+        data = zoo.dataset(name, "eval", eval_count)
+        reference = outputs_in("onnxruntime", float_path, data)
+        key = _output_key(name, reference[0])
+        variants = {}
+        for label, path in paths.items():
+            summary = runtime_openvino.precision_summary(
+                runtime_openvino.compile_model(path, threads=1, precision="f32"))
+            scores = {}
+            for run in ("onnxruntime", "openvino"):
+                cos = [float(np.dot(a[key].ravel(), b[key].ravel()) / (
+                    np.linalg.norm(a[key]) * np.linalg.norm(b[key]) + 1e-12))
+                    for a, b in zip(outputs_in(run, path, data), reference)]
+                scores[run] = [round(float(np.mean(cos)), 5), round(float(np.min(cos)), 5)]
+            variants[label] = {"ops": summary["by_precision"], "executed": summary["executed"],
+                               "cosine": scores, "ratio": {}}
+        feeds = data.make_batch(0)
+        for count in threads:
+            runners = [runtime_openvino.Runner(path, feeds, count, precision="f32")
+                       for path in paths.values()]
+            times = _time_runners(runners, runs, 5, 1.0)
+            base = percentiles(times[0])["p50_ms"]
+            for label, run_times in zip(paths, times):
+                variants[label]["ratio"][str(count)] = round(
+                    percentiles(run_times)["p50_ms"] / base, 3)
+    return {"model": name, "calib_batches": calib_count, "eval_batches": eval_count,
+            "runs": runs, "variants": variants, "loaded_machine": _load(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def ablation_table(result: dict) -> str:
+    threads = sorted({t for v in result["variants"].values() for t in v["ratio"]})
+    headers = ["variant"] + [f"OV f32 ratio {t} thr" for t in threads] + [
+        "executed ops (int8 / f32)", "cosine mean / min (ORT)", "cosine mean / min (OV)"]
+    rows = [[label] + [f"{v['ratio'].get(t, '')}" for t in threads]
+            + [f"{v['executed']} ({v['ops'].get('int8', 0)} / {v['ops'].get('f32', 0)})"]
+            + [" / ".join(f"{x:.4f}" for x in v["cosine"][run])
+               for run in ("onnxruntime", "openvino")]
+            for label, v in result["variants"].items()]
+    title = (f"{result['model']} ({result['runs']} interleaved rounds, "
+             f"{result['eval_batches']} eval batches, {result['loaded_machine']} at the end, "
+             f"{result['date']}):")
+    return "\n".join([title, "", markdown_table(headers, rows)])
+
+
+ONNX_VARIANTS = {"float": "float.onnx", "onnxcomp int8 ort-cpu": "ort_cpu.onnx",
+                 "onnxcomp int8 openvino": "openvino.onnx", "NNCF int8": "nncf.onnx"}
+
+
+def _output_key(name: str, outputs: dict) -> str:
+    return EMBEDDING.get(name) or next(iter(outputs))
+
+
+def save_eval(folder: Path, name: str, data, reference: list[dict]) -> None:
+    """The eval batches as ``eval/NNN.npz`` (a data source ``bench`` reads) and float's
+    outputs on them (``reference.npz``) for ``--ep``."""
+    (folder / "eval").mkdir(exist_ok=True)
+    for i in range(len(data)):
+        np.savez(folder / "eval" / f"{i:03d}.npz", **data.make_batch(i))
+    key = _output_key(name, reference[0])
+    np.savez(folder / "reference.npz", **{f"{i:03d}": out[key] for i, out in
+                                          enumerate(reference)})
+
+
+def run_ep(name: str, folder: Path, runs: int, threads: list[int]) -> dict:
+    """The kept ONNX variants through the OpenVINO EP and the CPU EP (one interleaved bench),
+    and each variant's output cosine against float through the EP (FP32)."""
+    import onnxruntime as ort
+
+    folder = folder / name
+    paths = {label: folder / file for label, file in ONNX_VARIANTS.items()}
+    timing = bench([str(path) for path in paths.values()], names=list(paths),
+                   providers=["openvino", "cpu"], threads=threads, runs=runs, warmup=5,
+                   data=str(folder / "eval"), memory=False, progress=None)
+    reference = np.load(folder / "reference.npz")
+    files = sorted((folder / "eval").glob("*.npz"))
+    fidelity = {}
+    for label, path in paths.items():
+        sess = runtime.session(str(path), provider="openvino", threads=1)
+        cos = []
+        for file, key in zip(files, sorted(reference.files)):
+            feeds = dict(np.load(file))
+            out = runtime.run(sess, {i.name: feeds[i.name] for i in sess.get_inputs()})
+            got, want = out[_output_key(name, out)].ravel(), reference[key].ravel()
+            cos.append(float(np.dot(got, want) / (np.linalg.norm(got) * np.linalg.norm(want)
+                                                  + 1e-12)))
+        fidelity[label] = {"cosine_mean": round(float(np.mean(cos)), 5),
+                           "cosine_min": round(float(np.min(cos)), 5)}
+        print(f"  EP {label}: {fidelity[label]}", flush=True)
+    rows = timing.bench["results"]
+    for row in rows:
+        row.pop("times_ms", None)
+    return {"timing": rows, "fidelity": fidelity, "eval_batches": len(files),
+            "environment": {**environment(), "onnxruntime_package": "onnxruntime-openvino",
+                            "providers": ort.get_available_providers(),
+                            "loaded_machine": _load()},
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def _nncf_version() -> str:
     import nncf
 
@@ -253,11 +399,14 @@ def table(result: dict) -> str:
     splits = list(next(iter(result["variants"].values()))["fidelity"]["openvino"])
     for split in splits:
         headers += [f"{split} (ORT)", f"{split} (OV)"]
+    two = any(r["threads"] == 2 for r in timing)
+    if two:
+        headers[6:6] = ["OV f32 ratio 2 thr", "ORT ratio 2 thr"]
     rows = []
     for label, variant in result["variants"].items():
-        def p50(run: str, key: str = "p50_ms", label: str = label) -> str:
+        def p50(run: str, key: str = "p50_ms", label: str = label, threads: int = 1) -> str:
             found = [r for r in timing if r["model"] == label and r["runtime"] == run
-                     and r["threads"] == 1]
+                     and r["threads"] == threads]
             return f"{found[0][key]:.3g}" if found else ""
         ops = variant["openvino_ops_f32_hint"]["by_precision"]
         row = [label, f"{variant['bytes'] / 1e6:.2f}", p50("onnxruntime"),
@@ -265,6 +414,9 @@ def table(result: dict) -> str:
                p50("openvino", "latency_ratio"), p50("openvino", "min_ms"),
                p50("openvino (default precision)"),
                f"{ops.get('int8', 0)} / {ops.get('f32', 0)}"]
+        if two:
+            row[6:6] = [p50("openvino", "latency_ratio", threads=2),
+                        p50("onnxruntime", "latency_ratio", threads=2)]
         for split in splits:
             for run in ("onnxruntime", "openvino"):
                 score = variant["fidelity"].get(run, {}).get(split)
@@ -291,17 +443,44 @@ def table(result: dict) -> str:
               "minilm": "sentence-embedding cosine mean / min vs float in ORT"}.get(
         name, f"output cosine vs float in ORT, then the zoo's task metrics ({score_names})")
     env = result["environment"]
+    ep = ep_table(result["ep"]) if "ep" in result else []
     return "\n".join([
         f"### {name}", "",
-        (f"Fidelity: {metric}. Ratios: p50 against float in the same runtime, 1 thread, "
-         f"interleaved. Machine: {env.get('cores', '?')} cores, shared and loaded "
+        (f"Fidelity: {metric}. Ratios: p50 against float in the same runtime, 1 thread "
+         f"(and 2 where shown), interleaved. Machine: {env.get('cores', '?')} cores, shared "
+         f"and loaded "
          f"({env['loaded_machine']} at the end of the run); onnxruntime "
          f"{env.get('onnxruntime', '?')}, OpenVINO {env['openvino']}, NNCF {env['nncf']}; "
          f"{result['date']}."), "",
         markdown_table(headers, rows), "",
         ("What OpenVINO's CPU plugin executed (compiled with INFERENCE_PRECISION_HINT=f32; "
          "`compiled.get_runtime_model()`, each op's layerType and runtimePrecision; "
-         "int8 = u8 or i8):"), "", ops_table])
+         "int8 = u8 or i8):"), "", ops_table, *ep])
+
+
+def ep_table(ep: dict) -> list[str]:
+    """The OpenVINO execution provider's rows: ratios against float through the same provider
+    and thread count, and output cosine against float through the EP."""
+    timing = ep["timing"]
+    threads = sorted({r["threads"] for r in timing})
+    headers = ["variant"] + [f"{p} {t} thr p50 ms / ratio" for p in ("OpenVINO EP", "CPU EP")
+                             for t in threads] + ["cosine mean / min (EP)"]
+    rows = []
+    for label, fid in ep["fidelity"].items():
+        row = [label]
+        for provider in ("OpenVINOExecutionProvider", "CPUExecutionProvider"):
+            for count in threads:
+                found = [r for r in timing if r["model"] == label and r["threads"] == count
+                         and r["provider"] == provider]
+                row.append(f"{found[0]['p50_ms']:.3g} / {found[0]['latency_ratio']:.3g}"
+                           if found else "")
+        row.append(f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}")
+        rows.append(row)
+    env = ep["environment"]
+    return ["", (f"Through ONNX Runtime's OpenVINO execution provider (onnxruntime-openvino "
+                 f"{env.get('onnxruntime', '?')}, its bundled OpenVINO; precision FP32; "
+                 f"{ep['eval_batches']} eval batches; {env['loaded_machine']} at the end; "
+                 f"{ep['date']}):"), "", markdown_table(headers, rows)]
 
 
 def write_doc(results: dict) -> None:
@@ -316,11 +495,29 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=64, help="held-out batches per split")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--threads", default="1")
+    parser.add_argument("--keep", type=Path, help="save the variants and eval data here")
+    parser.add_argument("--ep", type=Path, help="time the variants kept in this folder through "
+                        "the OpenVINO execution provider (the onnxruntime-openvino venv)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="the openvino target with each placement choice taken out")
     args = parser.parse_args()
     threads = [int(t) for t in args.threads.split(",")]
+    if args.ablation:
+        found = json.loads(ABLATION_RESULTS.read_text()) if ABLATION_RESULTS.exists() else {}
+        for name in args.models:
+            found[name] = run_ablation(name, args.calib, args.eval, args.runs, threads)
+            ABLATION_RESULTS.write_text(json.dumps(found, indent=2))
+            print(ablation_table(found[name]), flush=True)
+        write_between(DOC, ABLATION_BEGIN, ABLATION_END,
+                      "\n\n".join(ablation_table(found[n]) for n in found))
+        return
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name in args.models:
-        results[name] = run_model(name, args.calib, args.eval, args.runs, threads)
+        if args.ep is not None:
+            results[name]["ep"] = run_ep(name, args.ep, args.runs, threads)
+        else:
+            results[name] = run_model(name, args.calib, args.eval, args.runs, threads,
+                                      args.keep)
         RESULTS.write_text(json.dumps(results, indent=2))
         print(table(results[name]), flush=True)
     write_doc(results)

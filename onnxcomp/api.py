@@ -152,6 +152,7 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
                             "the --eval data: a fidelity check on the same data is optimistic "
                             "(validate on other held-out data)")
     _never_bigger(original, compressed, steps, report)
+    _nothing_done(records, report)
     below_floor = False
     if validate:
         from onnxcomp.measure.validate import validate as run_validation
@@ -171,6 +172,15 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
 
 
 _COMPRESSING = {"quantize", "prune", "lowrank"}
+
+
+def _nothing_done(records: list[PassRecord], report: Report) -> None:
+    """A compressing pass that found nothing to act on says so as a verdict (and so on stderr),
+    with its own hint (e.g. int8-dynamic on a conv net: use quantize:int8)."""
+    for record in records:
+        said = next((n for n in record.notes if n.startswith("nothing to ")), None)
+        if record.name in _COMPRESSING and not record.modified and said:
+            report.verdicts.append(f"nothing done: {record.name}: {said}")
 
 
 def _never_bigger(original: Model, compressed: Model, steps: list[Step], report: Report) -> None:
@@ -235,10 +245,13 @@ def never_slower(original: Model, compressed: Model, steps: list[Step], target: 
         return
     ratio, before = rows[0]["latency_ratio"], timing.bench["results"][0]["p50_ms"]
     if ratio > SLOWER_THAN_INPUT:
+        static = any(s.name == "quantize" and s.config.mode == "int8"
+                     and s.config.keep_float_by != "latency" for s in steps)
+        hint = "; --set quantize.keep_float_by=latency keeps slower layers float" if static else ""
         report.verdicts.append(
             f"not worth it: the result is slower than its input on {target.name} "
             f"({rows[0]['p50_ms']:.3g} ms against {before:.3g} ms p50 at 1 thread, "
-            f"{ratio:.2f}x; a short check: confirm with onnxcomp bench)")
+            f"{ratio:.2f}x; a short check: confirm with onnxcomp bench{hint})")
 
 
 def _below_floor(report: Report, floor: float) -> bool:
@@ -325,7 +338,8 @@ def target_steps(recipe, overrides: list[str] | None, target: targets.Target) ->
     """The recipe's steps with ``target``'s quantize defaults applied before ``overrides``
     (only where the recipe has a quantize step), and its modes checked."""
     steps = parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
-    implied = list(target.overrides) if any(s.name == "quantize" for s in steps) else []
+    modes = [s.config.mode for s in steps if s.name == "quantize"]
+    implied = targets.quantize_overrides(target, None, modes) if modes else []
     steps = apply_overrides(steps, [*implied, *(overrides or [])])
     targets.check_modes(target, [s.config.mode for s in steps if s.name == "quantize"])
     return steps

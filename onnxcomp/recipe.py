@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from onnxcomp import passes
+from onnxcomp import passes, targets
 from onnxcomp.errors import UserError
 from onnxcomp.pipeline import Step, config_help
 
@@ -168,12 +168,36 @@ def _steps_from_tables(tables, where: str) -> list[Step]:
 
 def _steps_from_toml(path: Path) -> list[Step]:
     document = _load_toml(path)
-    unknown = sorted(set(document) - {"pass"})
+    unknown = sorted(set(document) - {"pass", "target"})
     if unknown:
         hint = " (a [parts.NAME] recipe is for a pipeline folder)" if "parts" in unknown else ""
         raise UserError(f"recipe file {path}: unknown top-level key(s) {', '.join(unknown)}; "
                         f"expected [[pass]] tables{hint}")
+    _toml_target(document, path)
     return _steps_from_tables(document.get("pass", []), f"recipe file {path}")
+
+
+def _toml_target(document: dict, path: Path) -> str | None:
+    """The recipe file's top-level ``target = "NAME"``, checked against the known targets."""
+    name = document.get("target")
+    if name is None:
+        return None
+    if not isinstance(name, str) or name.strip().lower() not in targets.TARGETS:
+        raise UserError(f"recipe file {path}: unknown target {name!r}; known: "
+                        f"{', '.join(targets.TARGETS)}")
+    return name.strip().lower()
+
+
+def recipe_target(recipe: str | Path | list[Step] | None,
+                  flag: str | targets.Target | None = None) -> str | targets.Target | None:
+    """The deployment target for a run: ``flag`` (``--target``, ``api.compress(target=)``)
+    when given, else the TOML recipe's top-level ``target`` key, else None (the default)."""
+    if flag is not None or recipe is None or isinstance(recipe, list):
+        return flag
+    text = str(recipe).strip()
+    if not (text.endswith(".toml") or Path(text).is_file()) or not Path(text).is_file():
+        return None  # the short form (a missing file is parse_recipe's error)
+    return _toml_target(_load_toml(Path(text)), Path(text))
 
 
 def parts_recipe(path: str | Path) -> tuple[list[Step] | None, dict[str, list[Step] | str]]:

@@ -236,9 +236,14 @@ _skeleton = checks.skeleton  # the old name, still used by tests/test_runtime.py
 def _open_session(model: Model | str | os.PathLike, provider: str, threads: int | None,
                   optimize: bool, optimized_model_path: str | None) -> ort.InferenceSession:
     options = session_options(threads, optimize, optimized_model_path)
-    providers = [resolve_provider(provider)]
+    providers: list = [resolve_provider(provider)]
     if providers[0] != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
+    if providers[0] == "OpenVINOExecutionProvider":
+        # The OpenVINO EP takes its thread count and precision as provider options, not from
+        # the session options; FP32 as in `bench --runtime openvino:f32` (bf16 is lossy).
+        extra = {"num_of_threads": str(threads)} if threads else {}
+        providers[0] = (providers[0], {"device_type": "CPU", "precision": "FP32", **extra})
     if not isinstance(model, Model):
         return ort.InferenceSession(str(model), options, providers=providers)
     lazy = model.lazy

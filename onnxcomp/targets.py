@@ -43,6 +43,8 @@ class Target:
     provider: str  # ONNX Runtime provider short name (runtime.PROVIDERS) or the OpenVINO device
     modes: tuple[str, ...]  # quantize modes this target supports
     overrides: tuple[str, ...] = ()  # quantize.FIELD=VALUE, applied before the user's --set
+    # more overrides where the recipe quantizes in static int8 (placement: op types, opset)
+    int8_overrides: tuple[str, ...] = ()
     min_opset: int = 13  # per-channel DequantizeLinear needs opset 13
     quantized_ops: tuple[str, ...] = ("Conv", "MatMul", "Gemm")  # ops that get QDQ (int8)
     float_ops: str = "every other op (Add, normalizations, Softmax, pooling, ...)"
@@ -65,6 +67,8 @@ _TRT_DOC = ("https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-libr
             "quantized-types-explicit-quantization.html")
 _QNN_DOC = "https://onnxruntime.ai/docs/execution-providers/QNN-ExecutionProvider.html"
 _OV_DOC = "https://docs.openvino.ai/2026/openvino-workflow/model-optimization.html"
+_LPT_DOC = ("https://docs.openvino.ai/2026/api/c_cpp_api/"
+            "group__ov__transformation__common__api.html")
 
 # The QNN EP's "Supported ONNX operators" table (ai.onnx domain; onnxruntime-qnn docs).
 QNN_OPS = (
@@ -98,6 +102,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         "openvino", "OpenVINO, CPU plugin (its low-precision transformations)",
         runtime="openvino", provider="CPU",
         modes=("int8", "int8-dynamic", "int4", "fp16", "bf16"),
+        quantized_ops=("Conv", "ConvTranspose", "MatMul", "Gemm"), min_opset=14,
         float_ops="every other op, and attention's activation x activation MatMuls",
         # Measured (docs/targets.md): the CPU plugin runs Conv and MatMul in u8 from the QDQ on
         # their inputs alone; the extra output QDQ of ort-cpu is not fused into the kernel but
@@ -105,22 +110,41 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         # Eltwise ops, slower than float), and uint8 x uint8 activation MatMuls stay f32 behind
         # FakeQuantize nodes.
         overrides=("quantize.output_qdq=none", "quantize.activation_matmuls=false"),
+        # ConvTranspose runs as an int8 Deconvolution from the QDQ on its input and weight
+        # (PP-OCRv4 det: its two upsampling layers); opset 14 so that the quantize pass writes
+        # HardSwish as the HardSwish op, which OpenVINO fuses: at opset 13 it writes
+        # x * HardSigmoid(x), which the CPU plugin ran as 286 ops (69 f32 Reorders) against
+        # 190, twice float's latency (PP-OCRv4 det, docs/targets.md).
+        # Bias correction: OpenVINO's int8 kernels shift this layout's outputs by a mean error
+        # that ONNX Runtime's do not show as much; taking each layer's (W_q - W) E[x] out of its
+        # bias took PP-OCRv4 det's output cosine in OpenVINO from .950 to .996 (ONNX Runtime
+        # .992 -> .996) at the same speed (docs/targets.md).
+        # SmoothQuant: MiniLM's LayerNorm outputs also feed the residual Add, so their
+        # quantizers ran as 18 standalone f32 FakeQuantize ops; smoothing through a Mul (as
+        # NNCF does) lets OpenVINO fuse the Mul into them and raised the sentence cosine.
+        int8_overrides=("quantize.op_types=Conv,ConvTranspose,MatMul,Gemm",
+                        "quantize.min_opset=14", "quantize.bias_correction=weights",
+                        "quantize.smoothquant_alpha=0.5"),
         check="openvino",
         rules=(("QDQ (read as FakeQuantize) on the activation and weight inputs of Conv, "
-                "MatMul and Gemm: the CPU plugin runs them as u8 x i8 kernels"),
+                "ConvTranspose, MatMul and Gemm: the CPU plugin runs them as u8 x i8 kernels "
+                "(Convolution, Deconvolution, FullyConnected)"),
                ("no QDQ on outputs: a Q/DQ after an op is executed as Convert + Eltwise, not "
                 "fused"),
+               ("HardSwish as one op (opset 14): its x * HardSigmoid(x) form is not fused and "
+                "costs layout Reorders around every occurrence"),
                ("activation x activation MatMuls run int8 only with a signed (i8) second "
                 "input")),
-        missing=(("QDQ on the inputs of residual Add, MVN, pooling and ConvTranspose ops "
-                  "(NNCF quantizes them; the quantize pass places QDQ on Conv/MatMul/Gemm "
-                  "inputs only)"),
+        missing=(("QDQ on the inputs of residual Add, Multiply (squeeze-excitation), pooling, "
+                  "Resize and Concat: NNCF quantizes them; measured on PP-OCRv4 det it did not "
+                  "pay for onnxcomp's layout (0.47x against 0.43x float without them, "
+                  "docs/targets.md)"),
                  ("fidelity in OpenVINO itself: compress validates in ONNX Runtime, and on "
-                  "PP-OCRv4 det OpenVINO computes this layout less exactly (output cosine .948 "
-                  "against .992 in ONNX Runtime, docs/targets.md)"),
+                  "PP-OCRv4 det OpenVINO computes this layout less exactly (output map cosine "
+                  ".95 against .99 in ONNX Runtime, docs/targets.md)"),
                  ("signed int8 activations for the second input of attention MatMuls "
                   "(activation_dtype allows uint8 only), so they stay float")),
-        sources=(_OV_DOC,)),
+        sources=(_OV_DOC, _LPT_DOC)),
     Target(
         "tensorrt", "TensorRT explicit quantization (Q/DQ), via the TensorRT EP",
         runtime="onnxruntime", provider="tensorrt", modes=("int4", "fp16"),
@@ -196,9 +220,12 @@ def check_modes(target: Target, modes: list[str]) -> None:
         raise UserError(f"target {target.name!r} does not support quantize mode {mode!r}: {why}")
 
 
-def quantize_overrides(target: Target, user: list[str] | None) -> list[str]:
-    """The target's overrides first, then the user's (a later ``--set`` wins)."""
-    return [*target.overrides, *(user or [])]
+def quantize_overrides(target: Target, user: list[str] | None,
+                       modes: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The target's overrides first (with its ``int8_overrides`` when one of the recipe's
+    quantize ``modes`` is static int8), then the user's (a later ``--set`` wins)."""
+    implied = [*target.overrides, *(target.int8_overrides if "int8" in modes else ())]
+    return [*implied, *(user or [])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +356,8 @@ def describe(target: Target) -> list[str]:
     lines = [f"{target.name}: {target.summary}",
              f"  runs on: {target.runtime} ({target.provider}); modes: {', '.join(target.modes)}",
              f"  quantize overrides: {', '.join(target.overrides) or 'none (the defaults)'}",
+             *([f"  static int8 also: {', '.join(target.int8_overrides)}"]
+               if target.int8_overrides else []),
              f"  quantized: {', '.join(target.quantized_ops)}; float: {target.float_ops}"]
     lines += [f"  rule: {rule}" for rule in target.rules]
     lines += [f"  not implemented: {item}" for item in target.missing]

@@ -114,3 +114,16 @@ def test_the_cli_times_the_result_unless_told_not_to(tmp_path):
             assert all(r["p50_ms"] > 0 and r["runs"] >= 10 for r in bench["results"])
         else:
             assert bench is None
+
+
+def test_a_compressing_pass_that_found_nothing_is_a_verdict(tmp_path, capsys):
+    path = tmp_path / "conv.onnx"
+    builders.conv_net().save(path)
+    rc = main(["--quiet", "compress", str(path), "-o", str(tmp_path / "o.onnx"), "--recipe",
+               "quantize:int8-dynamic", "--calib", "random:2", "--report",
+               str(tmp_path / "r.json")])
+    assert rc == 0
+    verdicts = json.loads((tmp_path / "r.json").read_text())["verdicts"]
+    assert verdicts and verdicts[0].startswith("nothing done: quantize: nothing to quantize")
+    assert "use quantize:int8" in verdicts[0]
+    assert "nothing done" in capsys.readouterr().err

@@ -98,3 +98,19 @@ def test_help_pass_is_a_well_formed_table(name):
     rows = [line for line in describe_pass(name).splitlines() if line.startswith("|")]
     cells = {len(re.findall(r"(?<!\\)\|", row)) for row in rows}
     assert len(rows) > 2 and cells == {5}, name  # 4 columns: 5 unescaped bars on every row
+
+
+def test_toml_target_key(tmp_path):
+    from onnxcomp.recipe import recipe_target
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('target = "OpenVINO"\n[[pass]]\nname = "quantize"\nmode = "int8"\n')
+    assert [s.name for s in parse_recipe(recipe)] == ["quantize"]
+    assert recipe_target(recipe) == "openvino"
+    assert recipe_target(recipe, "ort-cpu") == "ort-cpu"  # the flag wins
+    assert recipe_target("quantize:int8") is None
+    recipe.write_text('target = "gpu"\n[[pass]]\nname = "quantize"\n')
+    for call in (lambda: parse_recipe(recipe), lambda: recipe_target(recipe)):
+        with pytest.raises(OnnxcompError, match="unknown target 'gpu'; known: ort-cpu") as err:
+            call()
+        assert "\n" not in str(err.value)

@@ -39,7 +39,8 @@ def test_every_target_is_consistent_data():
             assert mode not in target.modes and why
         # Each target's overrides are valid quantize options for each mode it supports.
         for mode in target.modes:
-            steps = apply_overrides(parse_recipe(f"quantize:{mode}"), list(target.overrides))
+            implied = targets.quantize_overrides(target, None, [mode])
+            steps = apply_overrides(parse_recipe(f"quantize:{mode}"), implied)
             assert steps[0].config.mode == mode
         assert targets.describe(target)[0].startswith(target.name)
 
@@ -64,11 +65,78 @@ def test_openvino_places_qdq_on_inputs_only():
     assert ov.report.environment["target"] == "openvino"
 
 
+def _upsampler(opset: int = 13) -> Model:
+    """Conv -> HardSwish written out (x * Clip(x + 3, 0, 6) / 6) -> ConvTranspose: the
+    PP-OCRv4 det pattern the openvino target's int8 placement is about."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((8, 4, 2, 2)).astype(np.float32), "wt"),
+             numpy_helper.from_array(np.float32(3), "three"),
+             numpy_helper.from_array(np.float32(0), "zero"),
+             numpy_helper.from_array(np.float32(6), "six")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "three"], ["a"], name="add"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["k"], name="clip"),
+             helper.make_node("Mul", ["c", "k"], ["m"], name="mul"),
+             helper.make_node("Div", ["m", "six"], ["h"], name="div"),
+             helper.make_node("ConvTranspose", ["h", "wt"], ["y"], name="up", strides=[2, 2])]
+    graph = helper.make_graph(nodes, "up", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def test_openvino_quantizes_conv_transpose_and_writes_hardswish_at_opset_14():
+    model = _upsampler()
+    ov = _compress(model, target="openvino")
+    ops = _ops(ov.model)
+    assert ov.model.opset() == 14 and ops.get("HardSwish") == 1 and "HardSigmoid" not in ops
+    (up,) = [n for n in ov.model.proto.graph.node if n.op_type == "ConvTranspose"]
+    producers = {o: n for n in ov.model.proto.graph.node for o in n.output}
+    assert [producers[name].op_type for name in up.input[:2]] == ["DequantizeLinear"] * 2
+    weight_dq = producers[up.input[1]]
+    assert helper.get_attribute_value(weight_dq.attribute[0]) == 1  # output channels: axis 1
+    assert ops["QuantizeLinear"] == 2  # the two inputs, no output QDQ
+    # ort-cpu leaves ConvTranspose float and the opset where the recipe needs it.
+    cpu = _compress(model)
+    cpu_nodes = cpu.model.proto.graph.node
+    cpu_producers = {o: n for n in cpu_nodes for o in n.output}
+    (cpu_up,) = [n for n in cpu_nodes if n.op_type == "ConvTranspose"]
+    assert cpu_up.input[1] not in cpu_producers and cpu.model.opset() == 13
+    # int8-dynamic and int4 do not take the int8 placement (no ConvInteger for Conv there).
+    dynamic = _compress(model, target="openvino", recipe="quantize:int8-dynamic").model
+    assert "ConvInteger" not in _ops(dynamic)
+
+
 def test_the_users_set_wins_over_the_target():
     model = builders.conv_net()
     cpu = _compress(model).model
-    back = _compress(model, target="openvino", overrides=["quantize.output_qdq=conv"]).model
+    back = _compress(model, target="openvino", overrides=[
+        "quantize.output_qdq=conv", "quantize.op_types=Conv,MatMul,Gemm",
+        "quantize.min_opset=none", "quantize.bias_correction=none",
+        "quantize.smoothquant_alpha=none"]).model
     assert cpu.proto.SerializeToString() == back.proto.SerializeToString()
+
+
+def test_a_toml_recipes_target_key_is_the_flag_and_the_flag_wins(tmp_path, capsys):
+    model = builders.conv_net()
+    recipe = tmp_path / "ov.toml"
+    recipe.write_text('target = "openvino"\n[[pass]]\nname = "quantize"\nmode = "int8"\n')
+    by_key = _compress(model, recipe=recipe)
+    assert by_key.report.environment["target"] == "openvino"
+    by_flag = _compress(model, target="openvino")
+    assert by_key.model.proto.SerializeToString() == by_flag.model.proto.SerializeToString()
+    flag_wins = _compress(model, recipe=recipe, target="ort-cpu").model
+    assert flag_wins.proto.SerializeToString() == _compress(model).model.proto.SerializeToString()
+    plan = api.dry_run(model, recipe, "random:4")[0]
+    assert not any("output QDQ" in row.action for row in plan.rows)
+    path = tmp_path / "m.onnx"
+    model.save(path)
+    recipe.write_text('target = "npu"\n[[pass]]\nname = "quantize"\n')
+    rc = main(["--quiet", "compress", str(path), "-o", str(tmp_path / "o.onnx"),
+               "--calib", "random:4", "--recipe", str(recipe)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "unknown target 'npu'" in err[0], err
 
 
 def test_a_recipe_without_quantize_takes_any_target():

@@ -6,8 +6,11 @@ channel ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` (``X = LN(x)`` on calibr
 ``W_j`` row j of every consumer's weight):
     ``Y = (n(x) * gamma / s + beta / s) @ (diag(s) W)``
 exactly in real arithmetic, so the rewrite is float-exact up to rounding (the tests check it in
-ONNX Runtime). Applied only when every consumer of the LN output is a MatMul with a constant
-2-D weight among the planned sites, and gamma/beta are constants of the normalized width.
+ONNX Runtime). Applied when the LN output's readers include MatMuls with a constant 2-D weight
+among the planned sites, and gamma/beta are constants of the normalized width. When every
+reader is such a MatMul, ``1/s`` is folded into gamma and beta; when others read it too (the
+residual Add of a post-LN transformer such as MiniLM), those MatMuls read ``LN(x) * (1/s)``
+through one new Mul instead (as NNCF does), and the other readers keep ``LN(x)``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ class SmoothSite:
     norm: str  # the LayerNormalization node
     output: str  # its output tensor (calibrated per channel)
     matmuls: tuple[str, ...]
+    shared: bool = False  # other ops read the output too: the MatMuls read it through a Mul
 
 
 def find_sites(graph: gs.Graph, quantized: set[str]) -> list[SmoothSite]:
@@ -41,15 +45,17 @@ def find_sites(graph: gs.Graph, quantized: set[str]) -> list[SmoothSite]:
         if gamma is None or gamma.ndim != 1:
             continue
         out = node.outputs[0]
-        consumers = list(out.outputs)
-        if not consumers or any(c.op != "MatMul" or c.name not in quantized
-                                or c.inputs[0] is not out for c in consumers):
+        consumers = [c for c in out.outputs if c.op == "MatMul" and c.name in quantized
+                     and c.inputs[0] is out and _fits(constant_array(c.inputs[1]), gamma.size)]
+        if not consumers:
             continue
-        weights = [constant_array(c.inputs[1]) for c in consumers]
-        if any(w is None or w.ndim != 2 or w.shape[0] != gamma.size for w in weights):
-            continue
-        sites.append(SmoothSite(node.name, out.name, tuple(c.name for c in consumers)))
+        shared = len(consumers) != len(out.outputs)
+        sites.append(SmoothSite(node.name, out.name, tuple(c.name for c in consumers), shared))
     return sites
+
+
+def _fits(weight: np.ndarray | None, width: int) -> bool:
+    return weight is not None and weight.ndim == 2 and weight.shape[0] == width
 
 
 def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: float
@@ -73,15 +79,30 @@ def apply(graph: gs.Graph, sites: list[SmoothSite], absmax: dict[str, np.ndarray
         matmuls = [nodes[name] for name in site.matmuls]
         weights = [np.asarray(constant_array(m.inputs[1]), np.float32) for m in matmuls]
         s = smoothing_scales(np.asarray(absmax[site.output], np.float64), weights, alpha)
-        gamma = np.asarray(constant_array(norm.inputs[1]), np.float32)
-        norm.inputs[1] = gs.Constant(unique_name(graph, f"{site.norm}_gamma_smoothed"),
-                                     (gamma / s).astype(np.float32))
-        if len(norm.inputs) > 2:
-            beta = constant_array(norm.inputs[2])
-            norm.inputs[2] = gs.Constant(unique_name(graph, f"{site.norm}_beta_smoothed"),
-                                         (np.asarray(beta, np.float32) / s).astype(np.float32))
+        if site.shared:  # others read LN(x) too: the MatMuls read LN(x) / s through a Mul
+            out = norm.outputs[0]
+            scaled = gs.Variable(unique_name(graph, f"{out.name}_smoothed"), np.float32,
+                                 out.shape)
+            inverse = gs.Constant(unique_name(graph, f"{site.norm}_inverse_scale"),
+                                  (1.0 / s).astype(np.float32))
+            graph.nodes.append(gs.Node("Mul", unique_name(graph, f"{site.norm}_smooth"),
+                                       inputs=[out, inverse], outputs=[scaled]))
+            for matmul in matmuls:
+                matmul.inputs[0] = scaled
+        else:
+            _fold_into_norm(graph, norm, site.norm, s)
         for matmul, weight in zip(matmuls, weights):
             matmul.inputs[1] = gs.Constant(unique_name(graph, f"{matmul.name}_W_smoothed"),
                                            (weight * s[:, None]).astype(np.float32))
         done.append(site.norm)
     return done
+
+
+def _fold_into_norm(graph: gs.Graph, norm: gs.Node, name: str, s: np.ndarray) -> None:
+    gamma = np.asarray(constant_array(norm.inputs[1]), np.float32)
+    norm.inputs[1] = gs.Constant(unique_name(graph, f"{name}_gamma_smoothed"),
+                                 (gamma / s).astype(np.float32))
+    if len(norm.inputs) > 2:
+        beta = constant_array(norm.inputs[2])
+        norm.inputs[2] = gs.Constant(unique_name(graph, f"{name}_beta_smoothed"),
+                                     (np.asarray(beta, np.float32) / s).astype(np.float32))

@@ -46,3 +46,30 @@ def test_no_layer_norm_is_noted():
     _, record = run(model, quantize.Config(smoothquant_alpha=0.5),
                     Context(calibration=data_for(model)))
     assert any("no MatMul reads a LayerNormalization" in note for note in record.notes)
+
+
+def test_a_layer_norm_output_others_read_is_smoothed_through_a_mul():
+    """Post-LN transformers (MiniLM): the residual Add reads LN(x) too, so 1/s cannot go into
+    gamma/beta; the MatMuls read LN(x) * (1/s) through one Mul, the Add still reads LN(x)."""
+    from onnx import TensorProto, helper
+
+    from onnxcomp.model import Model
+
+    base = matmul_model(ln=True).proto
+    graph = base.graph
+    graph.node.append(helper.make_node("Add", ["h", "x"], ["r"], name="residual"))
+    graph.output.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, 5, 72]))
+    model = Model(base)
+    gs_graph = import_graph(model)
+    sites = quantize_smooth.find_sites(gs_graph, {"mm1", "mm2"})
+    assert len(sites) == 1 and sites[0].shared
+    absmax = {sites[0].output: np.random.default_rng(4).random(72) * 10 + 0.1}
+    assert quantize_smooth.apply(gs_graph, sites, absmax, 0.5) == ["ln"]
+    smoothed = export_model(tidy(gs_graph), like=model)
+    ops = [n.op_type for n in smoothed.proto.graph.node]
+    assert ops.count("Mul") == 1
+    norm = next(n for n in smoothed.proto.graph.node if n.op_type == "LayerNormalization")
+    assert list(norm.input[1:]) == ["gamma", "beta"]  # untouched: the Add reads LN(x)
+    batch = next(iter(data_for(model)))
+    diff = runtime.max_abs_difference(model, smoothed, batch)
+    assert max(diff.values()) < 1e-4
