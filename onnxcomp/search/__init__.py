@@ -55,7 +55,7 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
            sampler: str = "tpe", threads: int = 1, provider: str = "cpu", runs: int = 30,
            min_seconds: float = 1.0, keep_models: bool = False,
            enqueue: list[str] | tuple[str, ...] = (), html: str | os.PathLike | None = None,
-           progress: Any = None) -> SearchResult:
+           progress: Any = None, repeats: int = 3, retime: int = 3) -> SearchResult:
     """Search recipes for ``model`` meeting ``constraints``, minimizing ``objectives``.
 
     ``calib``/``eval_data``: data sources as ``compress`` takes them (held-out ``eval_data`` is
@@ -69,6 +69,11 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
     timing trial. ``enqueue``: fixed recipes (``quantize:int8``) run as the first trials, so
     the search measures them side by side with what it finds (queued once, on the first start).
     ``html``: also write the HTML page (always written as ``out_dir/pareto.html``).
+    ``repeats``: interleaved latency measurements per trial (the ratio is their median).
+    ``retime``: with latency among the objectives, the ``retime`` fastest feasible trials and
+    every feasible fixed recipe are timed again side by side in one process at the end
+    (``repeats`` + 2 times), and the chosen model is the fastest on those figures
+    (``latency_retimed``; 0: no re-timing). A parameter set already measured is not run again.
     An ``out_dir`` holding an earlier search with the same settings resumes it.
     """
     from onnxcomp import calibration
@@ -85,6 +90,10 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
         raise UserError(f"trials must be a positive whole number, got {n_trials!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"threads must be a positive whole number, got {threads!r}")
+    for value, what in ((repeats, "repeats"), (retime, "retime")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (what == "repeats"):
+            raise UserError(f"{what} must be a whole number >= {int(what == 'repeats')}, "
+                            f"got {value!r}")
     if sampler not in study_mod.SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: use {' or '.join(study_mod.SAMPLERS)}")
     parsed = [goals.parse_constraint(c) for c in constraints]
@@ -131,7 +140,7 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
         f"{calib_set.name if calib_set else 'none'}",
         model_bytes=model_bytes, calib=Batches.of(calib_set) if calib_set else None,
         evaluation=Batches.of(eval_set), threads=threads, runs=runs,
-        min_seconds=min_seconds, provider=provider)
+        min_seconds=min_seconds, provider=provider, repeats=repeats)
     settings = study_mod.Settings(names, parsed, reference, n_trials, seed, sampler)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -165,14 +174,28 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
             say(f"search: trial {finished.number} ({count}/{n_trials}): {shown}"
                 f"{'' if finished.feasible else ' (misses a constraint)'}; {best_text}")
 
+        repeated = [0]
+
+        def on_repeat(finished: Finished) -> None:
+            repeated[0] += 1
+            say(f"search: trial {finished.number} repeats trial {finished.duplicate_of}'s "
+                f"parameters: its measured result told to the sampler, not run again "
+                f"({repeated[0]} repeat(s) this run)")
+
         pool = executors.make(executor, shared, workers, threads, ray_address, provider)
         say(f"search: {n_trials} trials on the {pool.name} executor, {pool.slots} at a time")
         try:
             with study_mod.sigterm_raises():
-                study_mod.run(study, derived, settings, pool, on_result)
+                study_mod.run(study, derived, settings, pool, on_result, on_repeat)
         finally:
             pool.close()
+        if study_mod.repeats_in_a_row(study) >= study_mod.MAX_REPEATS_IN_A_ROW:
+            notes.append(f"stopped at {study_mod.finished_count(study)} trials: the sampler "
+                         f"proposed only measured parameter sets "
+                         f"{study_mod.MAX_REPEATS_IN_A_ROW} times in a row")
+            say(f"search: {notes[-1]}")
         trials = study_mod.summaries(study, settings)
+        retimed = _retime(study, trials, names, retime, repeats + 2, out, shared, threads, say)
         for t in study.trials:
             if "recipe" in t.user_attrs:
                 recipes[t.number] = t.user_attrs["recipe"]
@@ -183,8 +206,35 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
             [c.metric for c in parsed], reference, recipes, derived.to_dict(), keep_models,
             [{"text": c.describe(), "bound": c.bound(reference),
               "reference": reference.get(c.metric)} for c in parsed],
-            Path(html) if html else None)
+            Path(html) if html else None, keep=set(retimed))
     return SearchResult(out, trials, front, chosen, summary, derived, notes)
+
+
+def _retime(study: Any, trials: list[Finished], names: tuple[str, ...], top: int,
+            repeats: int, out: Path, shared: Any, threads: int, say: Any) -> dict[int, dict]:
+    """Re-time the candidates of ``study.retime_candidates`` side by side (their figures go
+    into each trial's metrics as ``latency_retimed`` and into the study, so a search run
+    again with nothing new to do reuses them). Returns {trial number: figures}."""
+    from onnxcomp.search import executors, output
+    from onnxcomp.search import study as study_mod
+
+    candidates = study_mod.retime_candidates(trials, names, top)
+    paths = {t.number: str(output.trial_dir(out, t.number) / "model.onnx") for t in candidates}
+    paths = {n: p for n, p in paths.items() if os.path.isfile(p)}
+    stored = {int(k): v for k, v in (study.user_attrs.get("retimed") or {}).items()}
+    if paths and set(stored) != set(paths):
+        listed = ", ".join(str(n) for n in sorted(paths))
+        say(f"search: re-timing trials {listed} side by side with the float model")
+        stored = executors.retime_here(shared, paths, threads, repeats)
+        study.set_user_attr("retimed", {str(k): v for k, v in stored.items()})
+    for t in trials:
+        if t.number in stored:
+            t.metrics[study_mod.RETIMED] = stored[t.number]["latency"]
+    if stored:
+        shown = ", ".join(f"trial {n} {v['latency']:.3f}" for n, v in sorted(
+            stored.items(), key=lambda item: item[1]["latency"]))
+        say(f"search: re-timed latency: {shown}")
+    return stored
 
 
 def _recipe_of(study: Any, number: int) -> list[tuple[str, dict]]:

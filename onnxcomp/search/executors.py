@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 from onnxcomp.errors import UserError
-from onnxcomp.search.trial import Job, Shared, init_worker, run_trial
+from onnxcomp.search.trial import Job, Shared, init_worker, retime, run_trial
 
 
 class Executor(Protocol):
@@ -129,6 +129,22 @@ class RayExecutor:
     def close(self) -> None:
         if self._owns:
             self._ray.shutdown()
+
+
+def retime_here(shared: Shared, paths: dict[int, str], cpus_per_trial: int = 1,
+                repeats: int = 5) -> dict[int, dict[str, Any]]:
+    """``trial.retime`` in one fresh worker process on this machine, pinned to its own
+    ``cpus_per_trial`` cores like a trial (the candidates' files are here, whatever executor ran
+    the trials; for a GPU provider this machine needs the GPU)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    queue.put(available_cores()[:max(1, cpus_per_trial)])
+    with ProcessPoolExecutor(1, mp_context=context, initializer=init_worker,
+                             initargs=(shared, queue)) as pool:
+        return pool.submit(retime, shared, paths, repeats).result()
 
 
 def make(kind: str | None, shared: Shared, workers: int | None, cpus_per_trial: int,

@@ -15,7 +15,7 @@ from onnxcomp.report import markdown_table, write_json_atomic
 from onnxcomp.search.study import Finished
 from onnxcomp.search.trial import recipe_text
 
-METRIC_ORDER = ("latency", "size", "params", "cosine", "top1", "line_accuracy",
+METRIC_ORDER = ("latency", "latency_retimed", "size", "params", "cosine", "top1", "line_accuracy",
                 "char_accuracy")
 
 
@@ -45,13 +45,36 @@ def _columns(trials: list[Finished], objectives: tuple[str, ...],
     return [m for m in dict.fromkeys(wanted) if m in present]
 
 
+SHORT_FIELDS = {"quantize": "mode", "prune": "ratio", "lowrank": "energy"}
+
+
 def recipe_of(finished: Finished, recipes: dict[int, list]) -> str:
+    """The short form (``prune:0.1,quantize:int8``), each pass followed by the values that
+    differ from its defaults (``quantize:int8 (output_qdq=conv-only)``)."""
     parts = []
     for name, table in recipes.get(finished.number, []):
-        short = {"quantize": table.get("mode"), "prune": table.get("ratio"),
-                 "lowrank": table.get("energy")}.get(name)
-        parts.append(f"{name}:{short}" if short is not None else name)
+        short = table.get(SHORT_FIELDS.get(name, ""))
+        text = f"{name}:{short}" if short is not None else name
+        changed = _non_default(name, table)
+        parts.append(f"{text} ({', '.join(changed)})" if changed else text)
     return ",".join(parts) or "(float)"
+
+
+def _non_default(name: str, table: dict[str, Any]) -> list[str]:
+    from onnxcomp import passes
+
+    try:
+        defaults = passes.get(name).config_type()
+    except Exception:  # noqa: BLE001  an unknown pass or a config without defaults: plain
+        return []
+    shown = []
+    for key, value in table.items():
+        default = getattr(defaults, key, None)
+        if key == SHORT_FIELDS.get(name) or (list(default) if isinstance(default, tuple)
+                                             else default) == value:
+            continue
+        shown.append(f"{key}={','.join(map(str, value)) if isinstance(value, list) else value}")
+    return shown
 
 
 def front_table(front: list[Finished], objectives: tuple[str, ...], constraint_metrics: list[str],
@@ -67,13 +90,24 @@ def write_summary(out_dir: Path, trials: list[Finished], front: list[Finished],
                   constraints: list[str], constraint_metrics: list[str],
                   reference: dict[str, float], recipes: dict[int, list], space: dict,
                   keep_models: bool = False, constraint_rows: list[dict] | None = None,
-                  html: Path | None = None) -> str:
+                  html: Path | None = None, keep: set[int] | None = None) -> str:
+    """The front table and files (see the module docstring); ``keep``: trial numbers whose
+    models stay even off the front (the re-timed candidates)."""
     table = front_table(front, objectives, constraint_metrics, recipes, best)
     lines = [(f"# search: {len(trials)} trials, {sum(t.feasible for t in trials)} feasible, "
               f"{len(front)} on the Pareto front"),
              "", (f"objectives (ratios to the float model, lower is better): "
                   f"{', '.join(objectives)}"),
              f"constraints: {', '.join(constraints) or 'none'}", "", table, ""]
+    retimed = sorted((t for t in trials if "latency_retimed" in t.metrics),
+                     key=lambda t: t.metrics["latency_retimed"])
+    if retimed:
+        lines += ["re-timed side by side at the end (latency_retimed: the choice is made on it):",
+                  "", markdown_table(
+                      ["trial", "recipe", "fixed recipe", "latency (search)", "latency_retimed"],
+                      [[t.number, recipe_of(t, recipes), t.fixed_recipe or "",
+                        t.metrics.get("latency"), t.metrics["latency_retimed"]]
+                       for t in retimed]), ""]
     lines.append(f"chosen (*): trial {best.number}, {recipe_of(best, recipes)}" if best
                  else "no trial met every constraint")
     text = "\n".join(lines) + "\n"
@@ -93,7 +127,7 @@ def write_summary(out_dir: Path, trials: list[Finished], front: list[Finished],
             shutil.copyfile(trial_dir(out_dir, best.number) / "report.json",
                             out_dir / "best.json")
     if not keep_models:
-        on_front = {t.number for t in front}
+        on_front = {t.number for t in front} | set(keep or ())
         for finished in trials:
             if finished.number not in on_front:
                 (trial_dir(out_dir, finished.number) / "model.onnx").unlink(missing_ok=True)
@@ -162,9 +196,20 @@ def plot(path: Path, trials: list[Finished], front: list[Finished],
                         marker="o", edgecolors=["k" if t.feasible else "r" for t in done])
     if colour:
         figure.colorbar(points, label=colour)
+    retimed = [t for t in done if "latency_retimed" in t.metrics]
+    if retimed and axes[0] == "latency":  # the figures the choice was made on
+        ax.scatter([t.metrics["latency_retimed"] for t in retimed],
+                   [t.metrics[axes[1]] for t in retimed], marker="x", c="k",
+                   label="re-timed side by side")
     if front:
-        ax.plot([t.metrics[axes[0]] for t in front], [t.metrics[axes[1]] for t in front],
+        def at(t: Finished, axis: str) -> float:  # the front is on the re-timed figures
+            if axis == "latency" and "latency_retimed" in t.metrics:
+                return t.metrics["latency_retimed"]
+            return t.metrics[axis]
+
+        ax.plot([at(t, axes[0]) for t in front], [at(t, axes[1]) for t in front],
                 "k--", lw=1, label="Pareto front")
+    if front or (retimed and axes[0] == "latency"):
         ax.legend()
     ax.set_xlabel(f"{axes[0]} (ratio to float)")
     ax.set_ylabel(f"{axes[1]} (ratio to float)")

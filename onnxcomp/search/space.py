@@ -5,7 +5,8 @@ A dimension is a recipe choice named ``PASS.FIELD`` (a field of that pass's Conf
 quantization". Derivation (on the cleaned-up model, as a real run starts):
 
 - ``quantize.mode``: the modes whose plan has rows to act on (``int8`` only with calibration
-  data), plus ``none``; ``quantize.calibration`` (int8), ``quantize.exclude`` (nothing, the
+  data), plus ``none``; ``quantize.calibration`` and ``quantize.output_qdq`` (int8; the values
+  that differ on this model, ``output_qdq_choices``), ``quantize.exclude`` (nothing, the
   first and last quantized layers, or one op type at a time where the plan quantizes several)
   and ``quantize.min_cosine`` (mixed precision: off, 0.99, 0.999 and every cosine bound of the
   constraints; with calibration data);
@@ -224,6 +225,19 @@ def _op_types(model: Model) -> dict[str, str]:
     return {node.name: node.op_type for node in model.graph.node}
 
 
+def output_qdq_choices(op_types: set[str | None]) -> tuple[str, ...]:
+    """The ``quantize.output_qdq`` values that make different int8 models here (default
+    first): ``conv-only`` where Conv and weight MatMul/Gemm sites both exist (it drops the
+    MatMuls' output QDQ: ppocr-rec 0.716x vs 0.740x float in docs/quantize.md), ``none``
+    where there is no Conv (there it is what conv-only is). ``none`` with Convs is left out:
+    Conv outputs need their QDQ to run as QLinearConv (ppocr-rec 1.40x float); ``all`` is
+    left to TOML."""
+    matmuls = bool(op_types & {"MatMul", "Gemm"})
+    if "Conv" in op_types:
+        return ("conv", "conv-only") if matmuls else ("conv",)
+    return ("conv", "none") if matmuls else ("conv",)
+
+
 def derive(model: Model, calibration: bool, constraint_cosines: tuple[float, ...] = (),
            torch_available: bool | None = None) -> Space:
     """The space for ``model``: see the module docstring. ``calibration``: whether the search
@@ -251,6 +265,9 @@ def derive(model: Model, calibration: bool, constraint_cosines: tuple[float, ...
         dims.append(Dimension("quantize.mode", (NONE, *modes)))
         if "int8" in modes:
             dims.append(Dimension("quantize.calibration", CALIBRATIONS))
+            qdq = output_qdq_choices({op_of.get(n) for n in acting["int8"]})
+            if len(qdq) > 1:
+                dims.append(Dimension("quantize.output_qdq", qdq))
         nodes = acting[modes[0]]
         space.exclude_sets[NONE] = ()
         if len(nodes) > 2:

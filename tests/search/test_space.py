@@ -121,6 +121,9 @@ def test_a_fixed_recipe_is_a_point_of_the_space():
     assert params["quantize.mode"] == "int8" and params["prune.use"] is False
     assert params["quantize.calibration"] == "mse"  # the pass's default: the recipe as is
     assert space.recipe(params) == [("quantize", {"mode": "int8", "calibration": "mse",
+                                                  **({"output_qdq": "conv"}
+                                                     if "quantize.output_qdq" in params
+                                                     else {}),
                                                   **({"exclude": []} if "quantize.exclude"
                                                      in params else {}),
                                                   **({"min_cosine": None}
@@ -136,3 +139,15 @@ def test_a_fixed_recipe_is_a_point_of_the_space():
         space, {"dimensions": {"prune.ratio": {"low": 0.05, "high": 0.2}}})
     with pytest.raises(UserError, match="outside the search space"):
         narrowed.params_for("prune:0.3")
+
+
+def test_output_qdq_is_drawn_where_its_values_make_different_models():
+    mlp = space_mod.derive(builders.mlp(), calibration=True, torch_available=False)
+    assert mlp.get("quantize.output_qdq").choices == ("conv", "none")  # MatMuls only
+    assert space_mod.output_qdq_choices({"Conv", "MatMul"}) == ("conv", "conv-only")
+    assert space_mod.output_qdq_choices({"Conv"}) == ("conv",)  # conv-only is conv there
+    convs = space_mod.derive(builders.conv_net(), calibration=True, torch_available=False)
+    assert convs.get("quantize.output_qdq") is None
+    # drawn only with int8: the README's quantize:int8 is the default, conv
+    assert mlp.params_for("quantize:int8")["quantize.output_qdq"] == "conv"
+    assert "quantize.output_qdq" not in mlp.params_for("quantize:int8-dynamic")
