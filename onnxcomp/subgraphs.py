@@ -473,3 +473,94 @@ def fold_body_transposes(graph: gs.Graph) -> list[str]:
         node.outputs.clear()
         folded.append(node.name)
     return folded
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies typed from shape inference, walked at every depth, and their values streamed (used by
+# prune and lowrank inside bodies)
+
+
+def all_bodies(graph: onnx.GraphProto, prefix: Key = ()) -> list[Body]:
+    """Every body at every depth, each before the bodies nested in it."""
+    found = []
+    for body in bodies(graph, prefix):
+        found.append(body)
+        found.extend(all_bodies(body.graph, body.key))
+    return found
+
+
+def value_types(model: Model) -> dict[str, onnx.ValueInfoProto]:
+    """The type of every value shape inference finds (bodies included), by name; best effort:
+    empty where inference fails. Sibling bodies reusing a name: the first wins."""
+    try:
+        proto = onnx.shape_inference.infer_shapes(model.proto, data_prop=True)
+    except Exception as exc:  # noqa: BLE001 - untyped values only block what needs a shape
+        logger.debug("subgraphs: shape inference failed: %s", exc)
+        proto = model.proto
+    found: dict[str, onnx.ValueInfoProto] = {}
+
+    def collect(graph: onnx.GraphProto) -> None:
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            if value.type.HasField("tensor_type") and value.name not in found:
+                found[value.name] = value
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    collect(attr.g)
+
+    collect(proto.graph)
+    return found
+
+
+def typed_body_model(model: Model, body: Body, types: dict[str, onnx.ValueInfoProto]) -> Model:
+    """``body_model`` typed without data: each formal input as the body declares it (else as
+    ``types`` has it), each captured value as ``types`` has it (``value_types`` of the model
+    holding ``body``, or of the main model for nested bodies); untyped where neither knows."""
+    built = body_model(model, body, {})
+    declared = {v.name: v for v in body.graph.input}
+    for value in built.graph.input:
+        known = declared.get(value.name)
+        if known is None or not known.type.HasField("tensor_type"):
+            known = types.get(value.name)
+        if known is not None and known.type.HasField("tensor_type"):
+            value.CopyFrom(known)
+    return built
+
+
+def locate(model: Model, key: Key, types: dict[str, onnx.ValueInfoProto]
+           ) -> tuple[Model, Body] | None:
+    """The body at ``key`` and the model holding it: ``model`` itself for a top-level body,
+    else the typed body model of its enclosing body (so that ``body_model`` finds the values
+    the enclosing bodies define). ``body.graph`` is then a copy, not ``model``'s own graph
+    (``find_body`` gives that)."""
+    holder = model
+    for depth in range(0, len(key), 2):
+        found = next((b for b in bodies(holder.graph, key[:depth]) if b.key == key[:depth + 2]),
+                     None)
+        if found is None:
+            return None
+        if depth + 2 == len(key):
+            return holder, found
+        holder = typed_body_model(holder, found, types)
+    return None
+
+
+def body_activations(built: Model, feeds: list[Batch], names: list[str],
+                     on_batch) -> None:
+    """``calibration.stream_activations`` on a body model over its recorded feeds; a name that
+    is one of its inputs (formal or captured) is read from the feed itself, as ONNX Runtime
+    cannot return an input as an output."""
+    from onnxcomp import calibration
+
+    inputs = {v.name for v in built.graph.input}
+    direct = [n for n in names if n in inputs]
+    computed = [n for n in names if n not in inputs]
+    if computed:
+        def joined(index: int, values: dict[str, np.ndarray]) -> None:
+            on_batch(index, {**values, **{n: feeds[index][n] for n in direct}})
+
+        calibration.stream_activations(built, computed, calibration.from_batches(feeds),
+                                       joined)
+    else:
+        for index, feed in enumerate(feeds):
+            on_batch(index, {n: feed[n] for n in direct})

@@ -7,9 +7,10 @@ matrices) and ridge least squares is solved on the student as already repaired (
 OBC/GPTQ):  [W; b] = (XᵀX + λI)⁻¹ XᵀY,  λ = ridge · trace(XᵀX) / K.  ``repair = "refit"``:
 MatMul, Gemm, 1×1 Conv weights and bias (a k×k Conv: bias only); ``"bias"`` (quantize): the mean
 output error per channel goes into the bias (Conv, Gemm C, or the Add after a MatMul, also
-through Q/DQ). Gone layers, missing teacher tensors, other ops or shapes are skipped with the
-reason. A fit raising its own layer's error is undone; the whole repair is undone if the
-outputs' cosine to the teacher (lowest over outputs, calibration data) dropped.
+through Q/DQ). Gone layers, layers inside If/Loop/Scan bodies (not refitted: their tensors are
+not model outputs), missing teacher tensors, other ops or shapes are skipped with the reason.
+A fit raising its own layer's error is undone; the whole repair is undone if the outputs'
+cosine to the teacher (lowest over outputs, calibration data) dropped.
 """
 
 from __future__ import annotations
@@ -130,6 +131,21 @@ def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
     return compare(ctx.teacher, candidate, [], ctx.calibration, batches).min_cosine
 
 
+BODY_LAYER = ("inside an If/Loop/Scan body: not refitted (distill fits top-level layers only; "
+              "a body's tensors are not model outputs)")
+
+
+def _body_node_names(graph) -> set[str]:
+    """Names of the nodes inside If/Loop/Scan bodies, at any depth."""
+    found: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == attr.GRAPH:
+                found.update(n.name for n in attr.g.node if n.name)
+                found |= _body_node_names(attr.g)
+    return found
+
+
 def plan(model: Model, config: Config, ctx: Context) -> Plan:
     """The repairs in graph order, skips with the reason; payload: the ``LayerChange``s to
     re-fit."""
@@ -140,11 +156,15 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
                             "(put distill after prune/lowrank/quantize in the recipe)")
         return result
     nodes = {n.name: n for n in model.graph.node if n.name}
+    inside = _body_node_names(model.graph)
     order = {n.name: i for i, n in enumerate(model.graph.node)}
     wanted.sort(key=lambda s: order.get(s.node, len(order)))
     teacher_names = {o for n in (ctx.teacher.graph.node if ctx.teacher else []) for o in n.output}
     for site in wanted:
         node = nodes.get(site.node)
+        if node is None and site.node in inside:
+            result.rows.append(PlanRow(site.node, SKIP, BODY_LAYER))
+            continue
         if node is None:
             result.rows.append(PlanRow(site.node, SKIP, "node no longer in the graph"))
             continue

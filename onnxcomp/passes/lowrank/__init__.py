@@ -7,8 +7,9 @@ layer's relative output error on that data) and its rank chosen by the one rule 
 (``energy``, ``rank``, ``rank_ratio``, ``param_budget``). A site is factored only where
 ``r (K + N) <= (1 − min_saving) K N`` (and strictly below K N), so parameters and FLOPs drop;
 above the break-even rank it is skipped with the rank it would need. Layers inside If/Loop/Scan
-bodies are factored too, by their weights alone (their activations are not collected); a weight
-read in both branches is factored once. One plan row per layer:
+bodies are factored too, whitened by the values their body received on the calibration data
+(``bodies``: each body run alone); by their weights alone where the body never ran (the
+untaken branch), with that note. A weight read in both branches is factored once. One plan row per layer:
 "factor rank 64 of 384 (-42% params)".
 
 Apply (``factor``): the rewrite, and for each factored layer a ``LayerChange`` naming the
@@ -27,6 +28,7 @@ import numpy as np
 
 from onnxcomp.graph import graph_nodes, import_graph, size_note
 from onnxcomp.model import Model
+from onnxcomp.passes.lowrank.bodies import body_covariances
 from onnxcomp.passes.lowrank.config import DEFAULT_ENERGY, Config, needs_calibration
 from onnxcomp.passes.lowrank.factor import factor
 from onnxcomp.passes.lowrank.match import LayerPlan, Site, find_sites
@@ -61,10 +63,19 @@ def layer_plans(model: Model, config: Config, ctx: Context) -> list[LayerPlan]:
     whiten = ctx.calibration is not None and config.activation_aware is not False
     graph = import_graph(model)
     sites, skipped = find_sites(graph, config)
-    # Activations inside If/Loop/Scan bodies can't be fetched from the model: those layers are
-    # factored by their weights alone (plain SVD), as without data.
     outer = [site for site in sites if site.plan.owner is None]
+    inner = [site for site in sites if site.plan.owner is not None]
     covs = covariances(model, outer, ctx) if outer and ctx.calibration is not None else {}
+    if inner and whiten:
+        # Body tensors are not model outputs: each body runs alone on the values it received.
+        found, why = body_covariances(model, inner, ctx)
+        covs.update(found)
+        for site in inner:
+            site.plan.weights_only = why.get(site.plan.weight)
+    elif inner:
+        for site in inner:
+            site.plan.weights_only = "no calibration data" if ctx.calibration is None else \
+                "activation_aware is off"
     groups: dict[str, list[Site]] = {}
     for site in sites:
         groups.setdefault(site.plan.weight, []).append(site)
@@ -172,10 +183,7 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     result.rows = [PlanRow(p.node, _action(p)) if p.factored else PlanRow(p.node, SKIP, p.reason)
                    for p in layers]
     factored = [p for p in layers if p.factored]
-    inside = sum(1 for p in factored if p.owner is not None)
-    if inside:
-        result.notes.append(f"{inside} layer(s) inside If/Loop/Scan bodies factored by their "
-                            "weights alone (their activations are not collected)")
+    _body_notes(result, [p for p in layers if p.owner is not None])
     raised = [p.node for p in factored if p.raised_from]
     refused = [p.node for p in layers if p.reason and "max_layer_error" in p.reason]
     if raised or refused:
@@ -200,6 +208,24 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
         result.notes.append("nothing to factor" + (f": {'; '.join(reasons[:5])}" if reasons
                                                     else ": no MatMul/Gemm/Conv with a weight"))
     return result
+
+
+def _body_notes(result: Plan, inside: list[LayerPlan]) -> None:
+    """Which factored body layers were whitened by their body's recorded values, and why the
+    body layers that were not (factored or not) got their weights alone."""
+    aware = [p.node for p in inside if p.factored and p.activation_aware]
+    if aware:
+        result.notes.append(f"{len(aware)} layer(s) inside If/Loop/Scan bodies whitened by the "
+                            f"values their body received on the calibration data "
+                            f"({', '.join(aware[:3])}{' ...' if len(aware) > 3 else ''})")
+    plain: dict[str, list[str]] = {}
+    for p in inside:
+        if p.weights_only and not p.activation_aware:
+            plain.setdefault(p.weights_only, []).append(p.node)
+    for why, nodes in plain.items():
+        result.notes.append(f"{len(nodes)} layer(s) inside If/Loop/Scan bodies ranked by their "
+                            f"weights alone: {why} ({', '.join(nodes[:3])}"
+                            f"{' ...' if len(nodes) > 3 else ''})")
 
 
 def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:

@@ -48,6 +48,7 @@ class LayerPlan:
     shared_with: tuple[str, ...] = ()
     reason: str | None = None
     owner: str | None = None  # the top-level If/Loop/Scan whose body holds the node
+    weights_only: str | None = None  # a body layer: why no covariance whitens it
     # The rank the rule gave, when max_layer_error raised it (0: not raised), and that error.
     raised_from: int = 0
     rule_error: float | None = None
@@ -68,7 +69,7 @@ class LayerPlan:
     def summary(self) -> dict[str, Any]:
         keys = ("node", "op", "output", "weight", "K", "N", "rank", "max_rank", "kept_energy",
                 "rel_output_error", "rel_weight_error", "activation_aware", "calibration_rows",
-                "owner", "raised_from", "reason")
+                "owner", "weights_only", "raised_from", "reason")
         data = {key: getattr(self, key) for key in keys}
         data.update(shared_with=list(self.shared_with), params_before=self.params_before,
                     params_after=self.params_after)

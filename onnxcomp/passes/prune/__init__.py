@@ -6,8 +6,9 @@ Plan, then apply:
    residual Add/Mul, Concat/Split, depthwise convs, pooling, SE blocks; FFN neurons
    (``MatMul(+bias) → GELU → MatMul``); attention heads through ``Reshape → Transpose → MatMul →
    Softmax → MatMul → Transpose → Reshape``. Groups touching a graph input/output, a
-   LayerNorm-normalized axis, an If/Loop body, an op or reshape the analysis cannot follow are
-   kept, with the reason (a SKIP row). Each channel is scored (``importance``: weight norms, or
+   LayerNorm-normalized axis, an If/Loop/Scan boundary, an op or reshape the analysis cannot
+   follow are kept, with the reason (a SKIP row). Each If/Loop/Scan body is pruned as a graph of
+   its own, its boundary fixed (``bodies``; rows ``body <path>: group ...``). Each channel is scored (``importance``: weight norms, or
    Wanda-style activation × weight scores with calibration data) and the channels to drop are
    chosen (``select``): ``ratio`` of each group (``ranking="local"``, rounded down, at least
    ``min_channels`` kept, whole heads for head groups) or of all the groups of a scope ranked
@@ -34,7 +35,8 @@ import onnx_graphsurgeon as gs
 from onnxcomp.graph import size_note
 from onnxcomp.model import Model
 from onnxcomp.passes.prune import importance as imp
-from onnxcomp.passes.prune.analysis import analyze, analyze_model, prepare
+from onnxcomp.passes.prune.analysis import analyze_model, prepare
+from onnxcomp.passes.prune.bodies import analyze_top, apply_bodies, plan_bodies
 from onnxcomp.passes.prune.config import SCOPES, Config, needs_calibration
 from onnxcomp.passes.prune.cut import cut_graph, finish, sparse_targets, zero_out
 from onnxcomp.passes.prune.dims import Group
@@ -97,13 +99,16 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     """The groups, their scores and the channels to cut; one row per group. Pure: ``model`` is
     only read (activation importance runs it on the calibration data)."""
     graph = prepare(model)
-    groups = analyze(graph)
+    groups = analyze_top(graph, model)
     payload = PrunePlan(config, groups)
+    payload.bodies = plan_bodies(model, config, ctx)
     result = Plan(NAME, config, payload=payload)
-    if not any(g.prunable for g in groups):
+    everywhere = groups + [g for b in payload.bodies for g in b.plan.groups]
+    if not any(g.prunable for g in everywhere):
         result.notes.append("nothing to prune: no channel group the analysis can follow")
     for scope in SCOPES:
-        if getattr(config, scope) and not any(g.prunable and g.kind == scope for g in groups):
+        if getattr(config, scope) and not any(g.prunable and g.kind == scope
+                                              for g in everywhere):
             result.notes.append(f"{scope}: nothing to prune")
     prunable = [g for g in groups if g.prunable and config.ratio_for(g.kind) > 0]
     if prunable:
@@ -119,13 +124,35 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
             result.rows.append(PlanRow(g.label(), f"cut {removed} of {g.size} {_unit(g.kind)}"))
         else:
             result.rows.append(PlanRow(g.label(), SKIP, _kept_all(config, g)))
+    _body_rows(result, payload, config)
     if config.sparsity > 0:
         for node in sparse_targets(graph, config.sparsity):
             result.rows.append(PlanRow(node.name, f"zero {config.sparsity:.0%} of the weights "
                                                   "(sparsity)"))
-    elif not payload.removed and any(g.prunable for g in groups):
+    elif not payload.cuts() and any(g.prunable for g in everywhere):
         result.notes.append("ratio removes no channel")
     return result
+
+
+def _body_rows(result: Plan, payload: PrunePlan, config: Config) -> None:
+    """Rows for the groups inside If/Loop/Scan bodies, named ``body <path>: group ...``."""
+    for body in payload.bodies:
+        for g in body.plan.groups:
+            label = f"body {body.label}: {g.label()}"
+            removed = len(body.plan.removed.get(g.id, ()))
+            if not g.prunable:
+                result.rows.append(PlanRow(label, SKIP, g.reason or ""))
+            elif removed:
+                result.rows.append(PlanRow(label, f"cut {removed} of {g.size} {_unit(g.kind)}"))
+            else:
+                result.rows.append(PlanRow(label, SKIP, _kept_all(config, g)))
+        if body.note and (body.plan.removed or not body.plan.groups):
+            result.notes.append(body.note)
+        if body.shared:
+            names = sorted(body.shared)
+            result.notes.append(f"body {body.label}: {len(names)} weight(s) also read elsewhere "
+                                f"kept uncut ({names[0]} {body.shared[names[0]]}"
+                                f"{' ...' if len(names) > 1 else ''})")
 
 
 # --- apply ------------------------------------------------------------------------------------
@@ -183,18 +210,31 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     ``modified`` False, when the plan changes nothing."""
     payload: PrunePlan = plan_.payload
     config: Config = plan_.config
-    if not payload.removed and config.sparsity == 0:
+    if not payload.cuts() and config.sparsity == 0:
         return Applied(model, modified=False)
-    graph = prepare(model)
+    # Bodies first: the top-level cut renames unnamed nodes, which body keys are made of.
+    inner, body_touched, body_changes, body_details = apply_bodies(model, payload.bodies,
+                                                                   _hand_over)
+    graph = prepare(inner)
     changes, details = _hand_over(graph, payload)
-    touched = cut_graph(graph, payload)
+    changes += body_changes
+    touched = cut_graph(graph, payload) + body_touched
     if not touched:
         return Applied(model, modified=False)
-    result = finish(graph, model)
+    result = finish(graph, inner)
     onnx.checker.check_model(result.proto)
     removed = sum(len(v) for v in payload.removed.values())
     notes = [(f"{len(payload.removed)} groups pruned, {removed} channels/heads removed, "
-              f"importance {payload.importance}")]
+              f"importance {payload.importance}")] if payload.removed else []
+    if body_details:
+        bodies = sorted({d["body"] for d in body_details})
+        cut = sum(d["size"] - len(d["kept"]) for d in body_details)
+        used = sorted({b.plan.importance for b in payload.bodies if b.plan.removed})
+        notes.append(f"inside {len(bodies)} If/Loop/Scan bod{'y' if len(bodies) == 1 else 'ies'}"
+                     f": {len(body_details)} groups pruned, {cut} channels removed, importance "
+                     f"{'/'.join(used)}; their boundary kept; distill does not refit body "
+                     "layers")
+        details.extend(body_details)
     grew = size_note(model, result, NAME)
     if grew:
         notes.append(grew)

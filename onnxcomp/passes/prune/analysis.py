@@ -40,19 +40,20 @@ logger = logging.getLogger(__name__)
 class Analysis(Linker):
     """The graph walk: every node's rule applied; ``groups()`` gives the coupled groups."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, boundary: str = "graph input/output"):
         super().__init__(graph)
-        self._build()
+        self._build(boundary)
 
     # --- graph walk -----------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, boundary: str) -> None:
         for t in list(self.graph.inputs) + list(self.graph.outputs):
-            self.block_tensor(t, "graph input/output")
+            self.block_tensor(t, boundary)
         for node in self.graph.nodes:
             if not node.outputs:
                 continue
             if any(True for _ in node_subgraphs(node)):
-                # Channels seen inside an If/Loop/Scan body are not followed: keep them.
+                # Channels crossing into an If/Loop/Scan body are kept (the body is pruned
+                # on its own, its boundary fixed: ``bodies``).
                 self.block_node(node, "has a subgraph")
                 for sub_node in _body_nodes(node):
                     for t in list(sub_node.inputs) + list(sub_node.outputs):

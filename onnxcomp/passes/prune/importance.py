@@ -89,8 +89,10 @@ def consumer_inputs(graph_nodes: dict[str, gs.Node], group: Group) -> list[tuple
     return found
 
 
-def activation_means(model: Model, wanted: dict[str, int], data: Dataset) -> dict[str, np.ndarray]:
-    """Mean |x| per position along the given axis of each named tensor, over the data set."""
+def activation_means(model: Model, wanted: dict[str, int], data: Dataset | None,
+                     stream=None) -> dict[str, np.ndarray]:
+    """Mean |x| per position along the given axis of each named tensor, over the data set;
+    ``stream`` replaces ``calibration.stream_activations`` (a body's recorded feeds)."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = defaultdict(int)
 
@@ -102,7 +104,7 @@ def activation_means(model: Model, wanted: dict[str, int], data: Dataset) -> dic
             sums[name] = sums.get(name, 0) + flat.sum(1, dtype=np.float64)
             counts[name] += flat.shape[1]
 
-    calibration.stream_activations(model, sorted(wanted), data, on_batch)
+    (stream or calibration.stream_activations)(model, sorted(wanted), data, on_batch)
     return {name: sums[name] / max(counts[name], 1) for name in sums}
 
 
@@ -127,14 +129,14 @@ def resolve(importance: str, data: Dataset | None) -> str:
 
 
 def scores(graph_nodes: dict[str, gs.Node], groups: list[Group], mode: str, model: Model,
-           data: Dataset | None) -> dict[int, np.ndarray]:
+           data: Dataset | None, stream=None) -> dict[int, np.ndarray]:
     """One score per channel of every group (``mode`` as ``resolve`` gives it). A group no
     calibration activation reaches keeps its magnitude scores. ``activation`` needs ``data``
-    (the Pipeline refuses the configuration without it)."""
+    (the Pipeline refuses the configuration without it); ``stream`` as in ``activation_means``."""
     result = {g.id: magnitude(graph_nodes, g, "l1" if mode == "l1" else "l2") for g in groups}
     if mode == "activation":
         wanted = {name: axis for g in groups for _, name, axis in consumer_inputs(graph_nodes, g)}
-        means = activation_means(model, wanted, data) if wanted else {}
+        means = activation_means(model, wanted, data, stream) if wanted else {}
         for g in groups:
             aware = activation_aware(graph_nodes, g, means, "l2")
             if aware is not None:

@@ -21,6 +21,12 @@ class PrunePlan:
     groups: list[Group]
     removed: dict[int, list[int]] = field(default_factory=dict)
     importance: str = "l2"
+    # Each If/Loop/Scan body pruned as a graph of its own (``bodies.BodyPlan``), deepest last.
+    bodies: list = field(default_factory=list)
+
+    def cuts(self) -> bool:
+        """Whether any channel goes, here or in a body."""
+        return bool(self.removed) or any(b.plan.removed for b in self.bodies)
 
     def kept(self, group: Group) -> list[int]:
         gone = set(self.removed.get(group.id, ()))
