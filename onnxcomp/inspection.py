@@ -258,9 +258,10 @@ def inspect_model(model: Model | str | os.PathLike,
                         "(onnxcomp lifts them to initializers before compressing)")
     if in_subgraphs:
         warnings.append(f"{sum(in_subgraphs.values())} nodes live inside If/Loop/Scan bodies: "
-                        "int8-dynamic, int4 and lowrank act on their weights (weight-only: no "
-                        "calibration statistics inside bodies); static int8 and prune leave "
-                        "them float")
+                        "every quantize mode, prune and lowrank act inside them, calibrated on "
+                        "the values each body receives (a branch the calibration data never "
+                        "takes stays float for static int8); distill re-fits top-level layers "
+                        "only")
     if unknown:
         warnings.append(f"FLOPs unknown for {len(unknown)} nodes (shapes not inferable)")
     size = None
