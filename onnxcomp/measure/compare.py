@@ -104,6 +104,13 @@ class _Sums:
             self.cosine_sum[name] += float(cos.sum())
             self.samples[name] += cos.size
 
+    def result(self) -> Comparison:
+        result = Comparison()
+        result.sqnr = {n: sqnr_db(self.signal[n], self.noise[n]) for n in self.signal}
+        result.cosine = {n: self.cosine_sum[n] / self.samples[n] for n in self.outputs
+                         if self.samples[n]}
+        return result
+
 
 # Elements per float64 chunk in ``_energies``: 8 MiB each, whatever the tensor's size.
 _CHUNK = 1 << 20
@@ -121,13 +128,6 @@ def _energies(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, floa
         signal += float(r @ r)
         noise += float(d @ d)
     return signal, noise
-
-    def result(self) -> Comparison:
-        result = Comparison()
-        result.sqnr = {n: sqnr_db(self.signal[n], self.noise[n]) for n in self.signal}
-        result.cosine = {n: self.cosine_sum[n] / self.samples[n] for n in self.outputs
-                         if self.samples[n]}
-        return result
 
 
 def compare(reference: Model, candidate: Model, tensors: Sequence[str], data: Dataset,
