@@ -19,7 +19,10 @@ place (``rewrite.py``):
 - every integer mode: LSTM/GRU/RNN ``W`` and ``R`` as int8 rows (``recurrent.py``): int8-dynamic
   LSTMs as com.microsoft.DynamicQuantizeLSTM, the rest weight-only (int8 -> Cast -> Mul, which
   ONNX Runtime folds at load: float compute; int4 keeps them at 8 bits).
-Before the rewrite, when asked: cross-layer equalization of Conv -> Relu-like -> Conv chains
+Before the rewrite, for static int8 with per-channel weights (``depthwise_equalize``, on by
+default): each depthwise Conv's input channels brought to one range, the inverse in its weights
+(``depthwise.py``, an exact float rewrite measured on the calibration data). When asked:
+cross-layer equalization of Conv -> Relu-like -> Conv chains
 (``equalize.py``, an exact float rewrite, listed in the plan's notes), SmoothQuant
 (``smooth.py``), int8 GPTQ of MatMul/Gemm weights (``gptq.run_int8``), bias correction of each
 layer's error mean (``bias.py``).
@@ -47,6 +50,7 @@ from onnxcomp.model import Model
 # Modules by name (not their functions): a package attribute named like a submodule would hide it.
 from onnxcomp.passes.quantize import (
     bias,
+    depthwise,
     equalize,
     fidelity,
     gptq,
@@ -98,6 +102,12 @@ def _action(site: Site, config: Config) -> str:
     return f"int4{method} block {config.block_size}{symmetry} {form}"
 
 
+def _equalizes_depthwise(config: Config) -> bool:
+    """Depthwise input equalization is free only with per-channel weights, and only helps
+    where activations are quantized (static int8)."""
+    return config.mode == "int8" and config.per_channel and config.depthwise_equalize
+
+
 def plan(model: Model, config: Config, ctx: Context) -> Plan:
     """The sites ``config`` would quantize and the nodes it skips, with reasons; pure (the
     prepared copy of ``model`` travels in the payload for ``apply``)."""
@@ -119,6 +129,11 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
         graph = import_graph(prepared)
         chains, refused = equalize.find_chains(graph, {s.node for s in sites.sites})
         result.notes.append(equalize.summary(chains, refused, {n.name: n for n in graph.nodes}))
+    if _equalizes_depthwise(config):  # what apply will equalize (ranges from calibration data)
+        found, refused = depthwise.find_sites(import_graph(prepared),
+                                              {s.node for s in sites.sites})
+        if found or refused:
+            result.notes.append(depthwise.summary(found, refused))
     if not sites.sites:
         result.notes.append(_nothing_to_quantize(prepared, config))
     return result
@@ -165,6 +180,10 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     if config.equalize:
         # Its note is already the plan's (the chains found are the same).
         prepared = equalize.run(prepared, {s.node for s in quant_plan.sites}, [])
+    if _equalizes_depthwise(config) and ctx.calibration is not None:
+        # After equalization, which may rescale the same convs: each rewrite is exact.
+        prepared = depthwise.run(prepared, {s.node for s in quant_plan.sites}, ctx.calibration,
+                                 applied.notes)
     if config.smoothquant_alpha is not None:
         prepared = stats.smooth(prepared, quant_plan, config, ctx, applied.notes)
     if config.int8_gptq:  # weights onto the int8 grid, compensated; bias correction sees them

@@ -60,6 +60,10 @@ class Config:
     equalize: bool = option(False, "cross-layer equalization of Conv -> Relu/LeakyRelu/PRelu/"
                                    "none -> Conv chains before quantizing (an exact float "
                                    "rewrite)")
+    depthwise_equalize: bool = option(True, "int8 with per-channel weights: give each input "
+                                            "channel of a depthwise Conv the same range, the "
+                                            "inverse moved into its weights (an exact float "
+                                            "rewrite, measured on the calibration data)")
     bias_correction: str = option("none", "take each layer's quantization error mean out of "
                                           "its bias (needs calibration data): none | weights "
                                           "((W_q - W) E[x]) | all (static int8: also the "
@@ -126,7 +130,7 @@ class Config:
         if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
-                     "activation_matmuls", "equalize", "fold"):
+                     "activation_matmuls", "equalize", "fold", "depthwise_equalize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
