@@ -348,14 +348,22 @@ _SAVER = textwrap.dedent("""
 """)
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_during_save_leaves_nothing_behind(tmp_path, signum):
     marker = tmp_path / "paused"
     out = tmp_path / "out" / "m.onnx"
     env = dict(os.environ, ONNXCOMP_TEST_SAVE_PAUSE=str(marker),
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    # A user's shell delivers these signals; a test runner started with nohup or in the
+    # background of a script has SIGHUP / SIGINT ignored, which the child would inherit (and
+    # save rightly keeps an ignored signal ignored): start it as from a terminal.
     process = subprocess.Popen([sys.executable, "-c", _SAVER, str(out)], env=env,
-                               stderr=subprocess.PIPE)
+                               stderr=subprocess.PIPE, preexec_fn=_default_signals)
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.02)
