@@ -343,6 +343,17 @@ def _report_facts(report: dict) -> dict:
                              if cand.get("weight_bytes") and ref.get("weight_bytes") else None)}
 
 
+def _nothing_for_its_own_reasons(cell: dict) -> bool:
+    """The recipe's pass looked inside the bodies and found nothing it acts on, for the reasons
+    it gives at top level too (lowrank: k x k kernels, layers whose own error at the break-even
+    rank is over ``max_layer_error``): a no-op as on any model, not bodies left unseen. A reason
+    naming the control flow itself is not such a reason."""
+    said = [n for n in cell.get("notes", [])
+            if re.match(r"(quantize|prune|lowrank): nothing to", n)]
+    return bool(said) and not any(re.search(r"If|Loop|Scan|bod(y|ies)|subgraph", n)
+                                  for n in said)
+
+
 def classify(cell: dict, model: dict) -> list[str]:
     """The issue's "Done when" against one cell: the violations found (empty: none)."""
     out = []
@@ -367,7 +378,8 @@ def classify(cell: dict, model: dict) -> list[str]:
                    "quantizable layers outside control flow")
     if model["control_flow"] and compressing and model["body_layers"]:
         after = cell.get("body_layers")
-        if rc == 0 and after is not None and sorted(after) == model["body_layers"]:
+        if (rc == 0 and after is not None and sorted(after) == model["body_layers"]
+                and not _nothing_for_its_own_reasons(cell)):
             out.append(f"{'/'.join(model['control_flow'])} bodies not compressed")
         elif rc == 2:
             out.append(f"{'/'.join(model['control_flow'])} model refused (exit 2)")
