@@ -42,7 +42,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "quantize.md"
 RESULTS = ROOT / "benchmarks" / "results" / "quantize_ablation.json"
 BEGIN, END = "<!-- quantize_ablation:begin -->", "<!-- quantize_ablation:end -->"
-TECHNIQUES = {"plain": {}, "equalize": {"equalize": True},
+# "plain" is the defaults (depthwise input equalization on since 2026-12-06): its own row
+# takes it off.
+TECHNIQUES = {"plain": {}, "depthwise_equalize=false": {"depthwise_equalize": False},
+              "equalize": {"equalize": True},
               "bias_correction=weights": {"bias_correction": "weights"},
               "bias_correction=all": {"bias_correction": "all"},
               "equalize + bias_correction=weights": {"equalize": True,
@@ -137,7 +140,7 @@ def run_model(name: str, args, folder: Path) -> dict:
     variants = [*TECHNIQUES.items(), (f"plain, calibration[:{len(subset)}]", {})]
     for mode in MODES[name]:
         for technique, fields in variants:
-            if name == "minilm" and fields.get("equalize"):
+            if name == "minilm" and (fields.get("equalize") or "depthwise_equalize" in fields):
                 continue  # no Conv: nothing to equalize
             if mode != "int8" and fields.get("bias_correction") == "all":
                 continue  # the same as "weights" without static input quantizers
