@@ -509,7 +509,8 @@ def main() -> None:
             ABLATION_RESULTS.write_text(json.dumps(found, indent=2))
             print(ablation_table(found[name]), flush=True)
         write_between(DOC, ABLATION_BEGIN, ABLATION_END,
-                      "\n\n".join(ablation_table(found[n]) for n in found))
+                      "\n\n".join(ablation_table(found[n]) for n in found),
+                      heading="## The openvino target's choices, each taken out once")
         return
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     for name in args.models:
