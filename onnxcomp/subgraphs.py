@@ -32,7 +32,7 @@ it always equals).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -349,7 +349,7 @@ def record(model: Model, data: Iterable[Batch], wanted: set[Key] | None = None,
                 len(w) > len(body.key) and w[:len(body.key)] == body.key for w in wanted)):
             continue
         if not feeds:
-            for nested in _all_bodies(body.graph, body.key):
+            for nested in (b.key for b in all_bodies(body.graph, body.key)):
                 recorded.missing[nested] = f"its enclosing body {body.label} got no feeds"
             continue
         deeper = record(recorded.models[body.key], feeds, wanted, depth + 1, body.key)
@@ -357,12 +357,6 @@ def record(model: Model, data: Iterable[Batch], wanted: set[Key] | None = None,
         recorded.missing.update(deeper.missing)
         recorded.models.update(deeper.models)
     return recorded
-
-
-def _all_bodies(graph: onnx.GraphProto, prefix: Key) -> Iterator[Key]:
-    for body in bodies(graph, prefix):
-        yield body.key
-        yield from _all_bodies(body.graph, body.key)
 
 
 def find_body(model: Model, key: Key) -> Body | None:

@@ -20,7 +20,7 @@ from itertools import islice
 
 import numpy as np
 
-from onnxcomp import runtime
+from onnxcomp import runtime, subgraphs
 from onnxcomp.calibration import with_outputs
 from onnxcomp.errors import UserError
 from onnxcomp.measure.compare import compare
@@ -137,13 +137,7 @@ BODY_LAYER = ("inside an If/Loop/Scan body: not refitted (distill fits top-level
 
 def _body_node_names(graph) -> set[str]:
     """Names of the nodes inside If/Loop/Scan bodies, at any depth."""
-    found: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == attr.GRAPH:
-                found.update(n.name for n in attr.g.node if n.name)
-                found |= _body_node_names(attr.g)
-    return found
+    return {n.name for body in subgraphs.all_bodies(graph) for n in body.graph.node if n.name}
 
 
 def plan(model: Model, config: Config, ctx: Context) -> Plan:
