@@ -7,8 +7,9 @@ matrices) and ridge least squares is solved on the student as already repaired (
 OBC/GPTQ):  [W; b] = (XᵀX + λI)⁻¹ XᵀY,  λ = ridge · trace(XᵀX) / K.  ``repair = "refit"``:
 MatMul, Gemm, 1×1 Conv weights and bias (a k×k Conv: bias only); ``"bias"`` (quantize): the mean
 output error per channel goes into the bias (Conv, Gemm C, or the Add after a MatMul, also
-through Q/DQ). Gone layers, layers inside If/Loop/Scan bodies (not refitted: their tensors are
-not model outputs), missing teacher tensors, other ops or shapes are skipped with the reason.
+through Q/DQ). Layers inside If/Loop/Scan bodies are fitted the same way on the values their
+body received, paired run by run with the teacher's body (``bodies``). Gone layers, missing
+teacher tensors, other ops or shapes are skipped with the reason.
 A fit raising its own layer's error is undone; the whole repair is undone if the outputs'
 cosine to the teacher (lowest over outputs, calibration data) dropped.
 """
@@ -25,6 +26,7 @@ from onnxcomp.calibration import with_outputs
 from onnxcomp.errors import UserError
 from onnxcomp.measure.compare import compare
 from onnxcomp.model import Model
+from onnxcomp.passes.distill import bodies
 from onnxcomp.passes.distill.config import NAME, Config
 from onnxcomp.passes.distill.layer import Layer
 from onnxcomp.pipeline import SKIP, Applied, Context, LayerChange, Plan, PlanRow
@@ -60,30 +62,43 @@ def _rows(array: np.ndarray, channel_axis: int) -> np.ndarray:
 
 def _fit_site(student: Model, teacher_session, site: LayerChange, layer: Layer, ctx: Context,
               config: Config) -> dict | str:
-    """Stream X (student input) and Y (teacher output), then solve; edits student.proto.
-    Returns the fit's figures, or why it was skipped."""
+    """Stream X (student input) and Y (teacher output) over the calibration data, then solve;
+    edits the layer's tensors in ``student.proto``. Returns the fit's figures, or why it was
+    skipped."""
     x_name, y_name = layer.node.input[0], layer.node.output[0]
     student_session = runtime.session(with_outputs(student, [x_name, y_name]), optimize=False)
+
+    def triples():
+        for batch in islice(ctx.calibration, config.max_batches):
+            got = runtime.run(student_session, batch, [x_name, y_name])
+            want = runtime.run(teacher_session, batch, [site.teacher_output])
+            yield got[x_name], got[y_name], want[site.teacher_output]
+
+    return fit(triples(), site, layer, config)
+
+
+def fit(triples, site: LayerChange, layer: Layer, config: Config) -> dict | str:
+    """Accumulate ``(student input, student output, teacher output)`` arrays, one triple per
+    batch (or body run), and solve: ridge least squares of weights and bias (a re-fit) or the
+    mean error into the bias (a bias correction). Edits ``layer``'s tensors."""
     axis = 1 if layer.op == "Conv" else -1
     refit = site.repair == "refit" and layer.kn is not None
     intercept = layer.bias_name is not None
     xtx = xty = mean_error = None
     count, err, energy = 0, 0.0, 0.0
-    for batch in islice(ctx.calibration, config.max_batches):
-        got = runtime.run(student_session, batch, [x_name, y_name])
-        want = _teacher_view(runtime.run(teacher_session, batch, [site.teacher_output])
-                             [site.teacher_output], site, axis)
-        if want.shape != got[y_name].shape:
+    for x_value, y_value, teacher_value in triples:
+        want = _teacher_view(teacher_value, site, axis)
+        if want.shape != y_value.shape:
             return (f"teacher tensor {site.teacher_output} has shape {list(want.shape)}, "
-                    f"the student's {list(got[y_name].shape)}")
-        y_t, y_s = _rows(want, axis), _rows(got[y_name], axis)
+                    f"the student's {list(y_value.shape)}")
+        y_t, y_s = _rows(want, axis), _rows(y_value, axis)
         err += float(np.sum((y_t - y_s) ** 2))
         energy += float(np.sum(y_t ** 2))
         diff = (y_t - y_s).sum(axis=0)
         mean_error = diff if mean_error is None else mean_error + diff
         count += y_t.shape[0]
         if refit:
-            x = _rows(got[x_name], axis)
+            x = _rows(x_value, axis)
             if intercept:
                 x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
             xtx = x.T @ x if xtx is None else xtx + x.T @ x
@@ -131,18 +146,9 @@ def _output_cosine(candidate: Model, ctx: Context, config: Config) -> float:
     return compare(ctx.teacher, candidate, [], ctx.calibration, batches).min_cosine
 
 
-BODY_LAYER = ("inside an If/Loop/Scan body: not refitted (distill fits top-level layers only; "
-              "a body's tensors are not model outputs)")
-
-
-def _body_node_names(graph) -> set[str]:
-    """Names of the nodes inside If/Loop/Scan bodies, at any depth."""
-    return {n.name for body in subgraphs.all_bodies(graph) for n in body.graph.node if n.name}
-
-
 def plan(model: Model, config: Config, ctx: Context) -> Plan:
-    """The repairs in graph order, skips with the reason; payload: the ``LayerChange``s to
-    re-fit."""
+    """The repairs in graph order (a body's layers at their owner node's place), skips with
+    the reason; payload: ``(LayerChange, bodies.Where | None)`` pairs to re-fit."""
     result = Plan(NAME, config, payload=[])
     wanted = sites(ctx.changes())
     if not wanted:
@@ -150,23 +156,33 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
                             "(put distill after prune/lowrank/quantize in the recipe)")
         return result
     nodes = {n.name: n for n in model.graph.node if n.name}
-    inside = _body_node_names(model.graph)
-    order = {n.name: i for i, n in enumerate(model.graph.node)}
-    wanted.sort(key=lambda s: order.get(s.node, len(order)))
+    order = {subgraphs.node_key(n, i): i for i, n in enumerate(model.graph.node)}
     teacher_names = {o for n in (ctx.teacher.graph.node if ctx.teacher else []) for o in n.output}
+    located = []
     for site in wanted:
         node = nodes.get(site.node)
-        if node is None and site.node in inside:
-            result.rows.append(PlanRow(site.node, SKIP, BODY_LAYER))
+        if node is not None:
+            located.append(((order[site.node], 0), site, None))
             continue
-        if node is None:
-            result.rows.append(PlanRow(site.node, SKIP, "node no longer in the graph"))
+        where = bodies.locate(model, ctx.teacher, site) if ctx.teacher is not None else \
+            "node no longer in the graph"
+        place = len(order) if isinstance(where, str) else order.get(where.key[0], len(order))
+        located.append(((place, 1), site, where))
+    located.sort(key=lambda item: item[0])
+    for _, site, where in located:
+        if isinstance(where, str):
+            result.rows.append(PlanRow(site.node, SKIP, where))
             continue
-        if site.teacher_output not in teacher_names:
+        if where is None and site.teacher_output not in teacher_names:
             result.rows.append(PlanRow(site.node, SKIP,
                                        f"teacher has no tensor {site.teacher_output!r}"))
             continue
-        layer = Layer.open(model.proto, node, need_weight=site.repair == "refit")
+        need_weight = site.repair == "refit"
+        if where is None:
+            layer = Layer.open(model.proto, nodes[site.node], need_weight=need_weight)
+        else:
+            opened = bodies.body_layer(model, where.key, site.node, need_weight)
+            layer = opened if isinstance(opened, str) else opened[1]
         refusal = layer if isinstance(layer, str) else layer.refusal(site.repair, config)
         if refusal is not None:
             result.rows.append(PlanRow(site.node, SKIP, refusal))
@@ -174,40 +190,51 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
         kept = site.teacher_channels
         why = f"changed by {site.pass_name}" + (f"; {len(kept)} teacher channels kept" if kept
                                                   is not None else "")
+        if where is not None:
+            why += f"; inside body {'/'.join(where.key)}"
         result.rows.append(PlanRow(site.node, layer.action(site.repair, site.teacher_output),
                                    why))
-        result.payload.append(site)
+        result.payload.append((site, where))
     return result
 
 
 def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     """The fits, site by site on one copy of the model; then the output-cosine safeguard."""
     config: Config = plan_.config
-    repairs: list[LayerChange] = plan_.payload
+    repairs: list[tuple[LayerChange, bodies.Where | None]] = plan_.payload
     applied = Applied(model, modified=False)
     if not repairs:
         return applied
     if len(ctx.calibration) == 0:
         raise UserError("distill: the calibration data has no batches")
     student = model.copy()
-    teacher_session = runtime.session(
-        with_outputs(ctx.teacher, sorted({s.teacher_output for s in repairs})), optimize=False)
+    top = sorted({s.teacher_output for s, where in repairs if where is None})
+    teacher_session = runtime.session(with_outputs(ctx.teacher, top), optimize=False) \
+        if top else None
+    inside = [where for _, where in repairs if where is not None]
+    teacher_bodies = bodies.record_teacher(ctx.teacher, inside, ctx, config) if inside else None
     layers = []
-    for index, site in enumerate(repairs, start=1):
+    for index, (site, where) in enumerate(repairs, start=1):
         ctx.progress(f"  distill {index}/{len(repairs)}: {site.node}")
-        node = next(n for n in student.graph.node if n.name == site.node)
-        layer = Layer(student.proto, node)  # the plan checked that it is repairable
-        saved = layer.snapshot()
-        result = _fit_site(student, teacher_session, site, layer, ctx, config)
+        if where is not None:
+            result = bodies.fit_site(student, teacher_bodies, site, where, ctx, config, fit)
+        else:
+            node = next(n for n in student.graph.node if n.name == site.node)
+            layer = Layer(student.proto, node)  # the plan checked that it is repairable
+            saved = layer.snapshot()
+            result = _fit_site(student, teacher_session, site, layer, ctx, config)
+            if not isinstance(result, str) and \
+                    result["rel_error_after"] > result["rel_error_before"]:
+                # Worse on its own calibration data (an under-determined, regularized fit can
+                # be).
+                layer.restore(saved)
+                result.update(reverted=True, rel_error_after=result["rel_error_before"])
         if isinstance(result, str):
             applied.skipped.append((site.node, result))
             continue
-        before = result["rel_error_before"]
-        if result["rel_error_after"] > before:
-            # Worse on its own calibration data (an under-determined, regularized fit can be).
-            layer.restore(saved)
-            result.update(reverted=True, rel_error_after=before)
-        else:
+        if where is not None:
+            result["body"] = "/".join(where.key)
+        if not result.get("reverted"):
             applied.touched.append(site.node)
         if "warning" in result:
             applied.notes.append(f"{site.node}: {result['warning']}")

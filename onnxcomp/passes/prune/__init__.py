@@ -232,8 +232,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         used = sorted({b.plan.importance for b in payload.bodies if b.plan.removed})
         notes.append(f"inside {len(bodies)} If/Loop/Scan bod{'y' if len(bodies) == 1 else 'ies'}"
                      f": {len(body_details)} groups pruned, {cut} channels removed, importance "
-                     f"{'/'.join(used)}; their boundary kept; distill does not refit body "
-                     "layers")
+                     f"{'/'.join(used)}; their boundary kept")
         details.extend(body_details)
     grew = size_note(model, result, NAME)
     if grew:

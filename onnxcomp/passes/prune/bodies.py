@@ -16,7 +16,8 @@ formal inputs and outputs as declared, the body's own weights in the body, and a
 weight (read by this body alone) written back where it is defined, under its own name.
 
 Limits: ``sparsity`` stays top-level; ``global`` ranking ranks the groups of each body among
-themselves; distill does not refit body layers (their tensors are not model outputs).
+themselves. The body layers' ``LayerChange``s go to distill, which re-fits them on the values
+their body received (``passes/distill/bodies.py``).
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def apply_bodies(model: Model, plans: list[BodyPlan], hand_over
                  ) -> tuple[Model, list[str], list, list[dict]]:
     """The planned body cuts on a copy of ``model``: the new model, the touched nodes (as
     ``body/node``), the ``LayerChange``s ``hand_over(graph, plan)`` gives for each body (distill
-    reports them as not refitted) and the per-group details (with the body)."""
+    re-fits them) and the per-group details (with the body)."""
     todo = sorted((p for p in plans if p.plan.removed), key=lambda p: -len(p.key))
     if not todo:
         return model, [], [], []

@@ -246,7 +246,7 @@ def test_dry_run_lists_repairs_and_skips_in_graph_order_without_mutating():
         ("fc_bias", SKIP, "op Add is not re-fitted"),
         ("gone", SKIP, "node no longer in the graph"),
     ]
-    assert [s.node for s in plan.payload] == ["fc_b"]
+    assert [s.node for s, _ in plan.payload] == ["fc_b"]
     assert "1 to change, 3 skipped" in plan.table()
     # The Pipeline copies the plan's skips into the record.
     _, rec = _run(student, distill.Config(), ctx)

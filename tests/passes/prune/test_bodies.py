@@ -87,7 +87,7 @@ def test_cut_inside_both_branches_matches_the_hand_cut_reference():
         assert shapes[f"{branch}.b2"] == (pbg.C,)  # the boundary channels stay
     assert shapes["top.w"] == (pbg.C, pbg.C, 3)
     assert {o.name for o in result.graph.output} == {"y"}
-    assert any("distill does not refit body layers" in note for note in record.notes)
+    assert any("inside 2 If/Loop/Scan bodies" in note for note in record.notes)
     reference = _reference(model, _removed(record))
     for cond in (True, False):
         feeds = {"x": _x(3), "cond": np.array(cond)}
@@ -194,7 +194,7 @@ def test_models_without_bodies_plan_as_before():
     assert not any(row.node.startswith("body ") for row in plan.rows)
 
 
-def test_distill_after_prune_says_body_layers_are_not_refitted():
+def test_distill_after_prune_plans_the_body_layers_it_hands_over():
     from onnxcomp.passes import distill
 
     model = pbg.if_conv_chain()
@@ -205,9 +205,9 @@ def test_distill_after_prune_says_body_layers_are_not_refitted():
     assert {c.node for c in record.changes} == {"then_conv2", "else_conv2"}
     ctx = Context(calibration=data, teacher=model, records=[record])
     plan = distill.PASS.plan(pruned, distill.Config(), ctx)
-    assert {r.node for r in plan.rows} == {"then_conv2", "else_conv2"}
-    assert all(r.action == SKIP and "If/Loop/Scan body: not refitted" in r.reason
-               for r in plan.rows)
+    assert {(r.node, r.reason) for r in plan.rows} == {
+        ("then_conv2", "changed by prune; inside body if/then_branch"),
+        ("else_conv2", "changed by prune; inside body if/else_branch")}
 
 
 def test_nested_branch_is_cut_in_place():
