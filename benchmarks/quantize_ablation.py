@@ -2,8 +2,10 @@
 
 Techniques: cross-layer equalization (``equalize``), bias correction (``bias_correction``:
 ``weights``, and ``all`` which with static int8 also corrects the inputs' rounding and clipping)
-and GPTQ for int8 MatMul/Gemm weights (``int8_method = "gptq"``), alone and with equalization,
-against the plain pass (the defaults). Fidelity only, no timing:
+GPTQ for int8 MatMul/Gemm weights (``int8_method = "gptq"``), alone and with equalization, and
+SmoothQuant (``smoothquant_alpha``, MatMuls reading a LayerNormalization: MiniLM, PP-OCR rec's
+SVTR block), alone and with GPTQ, against the plain pass (the defaults); for MiniLM's static
+int8 also ``output_qdq = "conv-only"`` (no QDQ on MatMul outputs), alone and with SmoothQuant. Fidelity only, no timing:
 - ppocr-rec, static int8: line and character accuracy on the zoo evaluation lines and on the
   held-out ``hard`` split (other fonts, longer lines, blur, noise, low contrast), beside float;
 - ppocr-det, static int8: cosine of the probability map against float and the IoU of the text
@@ -51,7 +53,13 @@ TECHNIQUES = {"plain": {}, "depthwise_equalize=false": {"depthwise_equalize": Fa
               "equalize + bias_correction=weights": {"equalize": True,
                                                      "bias_correction": "weights"},
               "int8_method=gptq": {"int8_method": "gptq"},
-              "equalize + int8_method=gptq": {"equalize": True, "int8_method": "gptq"}}
+              "equalize + int8_method=gptq": {"equalize": True, "int8_method": "gptq"},
+              "smoothquant_alpha=0.5": {"smoothquant_alpha": 0.5},
+              "smoothquant_alpha=0.5 + int8_method=gptq": {"smoothquant_alpha": 0.5,
+                                                          "int8_method": "gptq"},
+              "output_qdq=conv-only": {"output_qdq": "conv-only"},
+              "output_qdq=conv-only + smoothquant_alpha=0.5": {"output_qdq": "conv-only",
+                                                              "smoothquant_alpha": 0.5}}
 MODES = {"ppocr-rec": ("int8",), "ppocr-det": ("int8",), "minilm": ("int8", "int8-dynamic")}
 
 
@@ -144,8 +152,10 @@ def run_model(name: str, args, folder: Path) -> dict:
                 continue  # no Conv: nothing to equalize
             if mode != "int8" and fields.get("bias_correction") == "all":
                 continue  # the same as "weights" without static input quantizers
-            if name == "ppocr-det" and "int8_method" in fields:
-                continue  # no MatMul/Gemm: int8 GPTQ leaves the convs to round-to-nearest
+            if name == "ppocr-det" and {"int8_method", "smoothquant_alpha"} & set(fields):
+                continue  # no MatMul/Gemm or LayerNormalization: nothing for these to act on
+            if "output_qdq" in fields and (name != "minilm" or mode != "int8"):
+                continue  # the transformer's static layout question (docs/quantize.md)
             config = quantize.Config(mode=mode, **fields)
             started = time.perf_counter()
             data = subset if technique.startswith("plain, ") else calib
@@ -155,7 +165,7 @@ def run_model(name: str, args, folder: Path) -> dict:
             path = folder / f"{name}-{mode}-{slug}.onnx"
             result.save(path)
             notes = [n for n in record.notes
-                     if n.startswith(("equalize", "bias correction", "int8 GPTQ"))]
+                     if n.startswith(("equalize", "bias correction", "int8 GPTQ", "smoothquant"))]
             if name == "ppocr-rec":
                 metrics = _rec_metrics(path, sets, reference)
             elif name == "ppocr-det":

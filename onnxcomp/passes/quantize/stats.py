@@ -4,7 +4,8 @@
   planned output QDQ tensor, streamed through the model once (``calib.collect``);
 - int4 with GPTQ: ``X^T X`` of every MatMul input, a few inputs a segment of the model at a
   time and read once (``gptq.Hessians``);
-- SmoothQuant (``smoothquant_alpha``): per-channel max |x| of LayerNormalization outputs, then
+- SmoothQuant (``smoothquant_alpha``, or int8-dynamic's default with calibration data):
+  per-channel max |x| of LayerNormalization outputs, then
   the scales migrated into gamma/beta and the MatMul weights (``smooth``), before the above.
 """
 
@@ -72,9 +73,15 @@ def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
         missing)
 
 
-def smooth(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context,
+def smoothable(model: Model, quant_plan: QuantPlan) -> bool:
+    """Whether a planned MatMul reads a LayerNormalization output (SmoothQuant would act)."""
+    return bool(quantize_smooth.find_sites(import_graph(model),
+                                           {s.node for s in quant_plan.sites}))
+
+
+def smooth(model: Model, quant_plan: QuantPlan, alpha: float, ctx: Context,
            notes: list[str]) -> Model:
-    """SmoothQuant on the LayerNormalization outputs that only planned MatMuls read; a new
+    """SmoothQuant at ``alpha`` on the LayerNormalization outputs planned MatMuls read; a new
     model (float-exact up to rounding), or ``model`` itself when there is none."""
     graph = import_graph(model)
     sites = quantize_smooth.find_sites(graph, {s.node for s in quant_plan.sites})
@@ -84,7 +91,7 @@ def smooth(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context,
     stats = quantize_calib.collect(model, [], ctx.calibration,
                                    channel_names=[s.output for s in sites])
     done = quantize_smooth.apply(graph, sites, {k: v.channel_absmax for k, v in stats.items()},
-                                 float(config.smoothquant_alpha))
-    notes.append(f"smoothquant (alpha {config.smoothquant_alpha}) on {len(done)} "
+                                 alpha)
+    notes.append(f"smoothquant (alpha {alpha}) on {len(done)} "
                  "LayerNormalization outputs")
     return export_model(tidy(graph), like=model)

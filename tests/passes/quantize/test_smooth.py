@@ -73,3 +73,50 @@ def test_a_layer_norm_output_others_read_is_smoothed_through_a_mul():
     batch = next(iter(data_for(model)))
     diff = runtime.max_abs_difference(model, smoothed, batch)
     assert max(diff.values()) < 1e-4
+
+
+def _outlier_ln_model():
+    """``matmul_model(ln=True)`` with three LayerNorm channels 40x the others (the few large
+    channels of a transformer's normalized activations)."""
+    from onnx import numpy_helper
+
+    model = matmul_model(ln=True)
+    for tensor in model.proto.graph.initializer:
+        if tensor.name == "gamma":
+            gamma = numpy_helper.to_array(tensor).copy()
+            gamma[:3] *= 40
+            tensor.CopyFrom(numpy_helper.from_array(gamma, "gamma"))
+    return model
+
+
+def _rel_error(reference, candidate, data) -> float:
+    from quantize_graphs import rel_l2
+
+    batch = next(iter(data))
+    want, got = (runtime.run_model(m, batch, optimize=True) for m in (reference, candidate))
+    return max(rel_l2(want[k], got[k]) for k in want)
+
+
+def test_int8_dynamic_smooths_by_default_with_calibration_data_and_is_more_faithful():
+    model = _outlier_ln_model()
+    data = data_for(model, count=8)
+    smoothed, record = run(model, quantize.Config(mode="int8-dynamic"), Context(calibration=data))
+    assert any(note.startswith("smoothquant (alpha 0.5) on 1 Layer") for note in record.notes)
+    plain, off = run(model, quantize.Config(mode="int8-dynamic", dynamic_smoothquant=False),
+                     Context(calibration=data))
+    assert not any("smoothquant" in note.lower() for note in off.notes)
+    held_out = data_for(model, count=1, scale=1.5)
+    assert _rel_error(model, smoothed, held_out) < 0.5 * _rel_error(model, plain, held_out)
+
+
+def test_int8_dynamic_without_calibration_says_smoothquant_was_not_applied():
+    model = _outlier_ln_model()
+    assert not quantize.PASS.capabilities.needs_calibration(quantize.Config(mode="int8-dynamic"))
+    _, record = run(model, quantize.Config(mode="int8-dynamic"), Context())
+    assert any("needs calibration data (--calib): not applied" in n for n in record.notes)
+    # Nothing for it to act on: no note either way.
+    _, plain = run(matmul_model(), quantize.Config(mode="int8-dynamic"), Context())
+    assert not any("smoothquant" in note.lower() for note in plain.notes)
+    _, with_data = run(matmul_model(), quantize.Config(mode="int8-dynamic"),
+                       Context(calibration=data_for(matmul_model())))
+    assert not any("smoothquant" in note.lower() for note in with_data.notes)
