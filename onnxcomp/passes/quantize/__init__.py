@@ -187,8 +187,10 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     alpha = config.smoothing(ctx.calibration is not None)
     # Asked for, it says when it found nothing; int8-dynamic's default stays quiet then.
     by_default = config.smoothquant_alpha is None
-    if alpha is not None and (not by_default or stats.smoothable(prepared, quant_plan)):
-        prepared = stats.smooth(prepared, quant_plan, alpha, ctx, applied.notes)
+    if alpha is not None and (not by_default or stats.smoothable(
+            prepared, quant_plan, config.smoothquant_inputs)):
+        prepared = stats.smooth(prepared, quant_plan, alpha, ctx, applied.notes,
+                                config.smoothquant_inputs)
     elif alpha is None and config.mode == "int8-dynamic" and config.dynamic_smoothquant and \
             stats.smoothable(prepared, quant_plan):
         applied.notes.append("int8-dynamic: SmoothQuant for the MatMuls reading a "

@@ -37,7 +37,8 @@ class Config:
     activation_dtype: str = option("uint8", "int8 activations: uint8 (the fast ONNX Runtime CPU "
                                             "path; the only choice)")
     output_qdq: str = option("conv", "int8: also QDQ the outputs of none | conv (Conv, and "
-                                     "MatMuls feeding a bias Add) | conv-only | all sites")
+                                     "MatMuls feeding a bias Add that ONNX Runtime would "
+                                     "otherwise fuse into a float Gemm) | conv-only | all sites")
     block_size: int = option(32, "int4: rows per block sharing a scale (16, 32, 64, 128, 256)")
     int4_format: str = option("matmulnbits", "int4: com.microsoft.MatMulNBits | qdq (opset 21)")
     int4_symmetric: bool = option(True, "int4: symmetric blocks (no zero points)")
@@ -58,6 +59,10 @@ class Config:
     smoothquant_alpha: float | None = option(None, "SmoothQuant migration strength in [0, 1] for "
                                                    "MatMuls after LayerNormalization (none: off, "
                                                    "but see dynamic_smoothquant)")
+    smoothquant_inputs: str = option("norm", "SmoothQuant on: norm (LayerNormalization outputs, "
+                                             "folded into gamma/beta where only MatMuls read "
+                                             "them) | all (also every other MatMul input, "
+                                             "through a Mul)")
     # int8-dynamic quantizes each activation with one scale per tensor at run time, so the few
     # large channels of a transformer's LayerNormalization output cost every other channel its
     # levels; MiniLM held-out sentence cosine 0.9938 -> 0.9966 (docs/quantize.md).
@@ -135,6 +140,9 @@ class Config:
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise ValueError(f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, "
                              f"got {self.bias_correction!r}")
+        if self.smoothquant_inputs not in ("norm", "all"):
+            raise ValueError(f"smoothquant_inputs must be norm or all, got "
+                             f"{self.smoothquant_inputs!r}")
         if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
             raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",

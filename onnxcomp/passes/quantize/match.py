@@ -212,10 +212,11 @@ def _scopes(graph: gs.Graph, prefix: str = "") -> tuple[dict[int, str], dict[str
 
 
 def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[str, ...],
-          per_channel: bool, output_qdq: str = "none", activation_matmuls: bool = False
-          ) -> QuantPlan:
+          per_channel: bool, output_qdq: str = "none", activation_matmuls: bool = False,
+          shapes: dict[str, list] | None = None) -> QuantPlan:
     """The Conv/MatMul/Gemm sites of ``graph`` (bodies included) for ``mode``, and why the
-    others are skipped."""
+    others are skipped. ``shapes``: inferred tensor shapes by name (``tensor_shapes``), for the
+    tensors ``graph`` does not type itself."""
     result = QuantPlan(mode)
     seen = set()
     owners = {id(inner): owner for inner, owner in nested_nodes(graph)}
@@ -245,7 +246,7 @@ def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[
             site = Site(**{**site.__dict__, "owner": owner.name, "scope": where.get(id(node))})
         result.sites.append(site)
     if mode == "int8" and output_qdq != "none":
-        _place_output_qdq(result, graph, output_qdq)
+        _place_output_qdq(result, graph, output_qdq, shapes or {})
     nested = sum(1 for s in result.sites if s.owner is not None)
     if nested:
         how = ("calibrated inside their bodies" if mode == "int8" else "weight-only")
@@ -314,8 +315,42 @@ def _feeds_bias_add(tensor: gs.Tensor) -> bool:
             and any(constant_array(t) is not None for t in tensor.outputs[0].inputs))
 
 
-def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str) -> None:
-    """Give each Conv site, each MatMul feeding a bias Add and each activation x activation
+def tensor_shapes(proto) -> dict[str, list]:
+    """Every tensor's shape shape inference finds, by name (a dimension: its size, its name,
+    or None); best effort: empty where inference fails (a shape then counts as unknown)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception as exc:  # noqa: BLE001 - unknown shapes keep the safe placement
+        logger.debug("quantize: shape inference failed: %s", exc)
+        return {}
+    found = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        kind = value.type.tensor_type
+        if kind.HasField("shape"):
+            found[value.name] = [d.dim_value if d.HasField("dim_value") else
+                                 (d.dim_param or None) for d in kind.shape.dim]
+    return found
+
+
+def _fused_into_float_gemm(node: gs.Node, shapes: dict[str, list]) -> bool:
+    """Whether ONNX Runtime's MatMul + Add fusion would make this MatMul and its bias Add a
+    float Gemm when no Q follows the MatMul: its input is 2-D, or N-D with every dimension but
+    the last static (the fusion reshapes around the Gemm then). A dynamic batch or sequence
+    dimension on an N-D input (transformers) keeps the MatMul an integer kernel
+    (MatMulIntegerToFloat) without the output QDQ; an unknown shape is taken as fusable.
+    Measured with ONNX Runtime 1.32; ``test_int8.py`` checks each case in its optimized graph."""
+    shape = node.inputs[0].shape or shapes.get(node.inputs[0].name)
+    if shape is None or len(shape) <= 2:
+        return True
+    return all(isinstance(dim, int) and dim >= 0 for dim in shape[:-1])
+
+
+def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str,
+                      shapes: dict[str, list]) -> None:
+    """Give each Conv site, each MatMul feeding a bias Add that ONNX Runtime would otherwise fuse
+    into a float Gemm (``_fused_into_float_gemm``) and each activation x activation
     MatMul (every site for ``all``) an output QDQ unless its output already reaches another
     site's quantized input. Without a Q after it, ONNX Runtime turns an activation x activation
     MatMul into MatMulIntegerToFloat, not the QLinearMatMul its own quantizer gets (PP-OCRv4
@@ -332,7 +367,10 @@ def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str) -> None:
         tensors, graph_outputs = scoped[id(holder)]
         tensor = tensors[site.output]
         if (which == "conv" and site.op != "Conv" and site.weight_input is not None
-                and not _feeds_bias_add(tensor)):
+                and not (_feeds_bias_add(tensor) and _fused_into_float_gemm(nodes[site.node], shapes))):
+            # The output QDQ of a MatMul costs fidelity (MiniLM's FFN outputs carry outliers
+            # one uint8 scale cannot hold: cosine 0.947 with it, 0.994 without); it is there
+            # only to keep ONNX Runtime from fusing the MatMul into a float Gemm.
             continue
         if which == "conv-only" and site.op != "Conv" and site.weight_input is not None:
             continue  # no output QDQ on MatMul -> bias Add (see docs/quantize.md: MiniLM)

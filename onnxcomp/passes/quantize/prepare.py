@@ -36,7 +36,13 @@ from onnxcomp.passes.quantize import attention as quantize_attention
 from onnxcomp.passes.quantize import fold
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize.config import INTEGER_MODES, Config
-from onnxcomp.passes.quantize.match import QuantPlan, excluded, is_quantized_op, match
+from onnxcomp.passes.quantize.match import (
+    QuantPlan,
+    excluded,
+    is_quantized_op,
+    match,
+    tensor_shapes,
+)
 
 
 @dataclass
@@ -206,8 +212,11 @@ def _gemms_as_matmul(graph: gs.Graph, config: Config) -> int:
 def find_sites(model: Model, config: Config) -> QuantPlan:
     """The sites of ``model`` (a prepared one) that ``config`` quantizes; pure."""
     graph = import_graph(model)
+    # Only the conv placement reads shapes (where ONNX Runtime would fuse a float Gemm).
+    shapes = tensor_shapes(model.proto) if config.mode == "int8" and \
+        config.output_qdq == "conv" else {}
     result = match(graph, config.mode, config.ops, config.exclude, config.per_channel,
-                   config.output_qdq, config.activation_matmuls)
+                   config.output_qdq, config.activation_matmuls, shapes)
     if config.embeddings:
         sites, skipped = quantize_gather.match(
             graph, config.exclude, frozenset(s.node for s in result.sites))

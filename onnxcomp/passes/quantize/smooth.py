@@ -11,6 +11,12 @@ among the planned sites, and gamma/beta are constants of the normalized width. W
 reader is such a MatMul, ``1/s`` is folded into gamma and beta; when others read it too (the
 residual Add of a post-LN transformer such as MiniLM), those MatMuls read ``LN(x) * (1/s)``
 through one new Mul instead (as NNCF does), and the other readers keep ``LN(x)``.
+
+``inputs = "all"`` also smooths every other activation a planned MatMul with a constant 2-D
+weight reads (a GELU output before an FFN down-projection, an attention context), through one
+Mul per tensor: ``X @ W = (X / s) @ (diag(s) W)``. The Mul costs an elementwise op on the
+MatMul's input; on MiniLM the FFN down-projections' inputs are where static int8 loses its
+fidelity (docs/quantize.md).
 """
 
 from __future__ import annotations
@@ -25,13 +31,51 @@ from onnxcomp.graph import constant_array, unique_name
 
 @dataclass(frozen=True)
 class SmoothSite:
-    norm: str  # the LayerNormalization node
+    norm: str  # the LayerNormalization node (or, for ``inputs = "all"``, the tensor's producer)
     output: str  # its output tensor (calibrated per channel)
     matmuls: tuple[str, ...]
-    shared: bool = False  # other ops read the output too: the MatMuls read it through a Mul
+    shared: bool = False  # the scale cannot go into the producer: the MatMuls read it via a Mul
+    from_norm: bool = True  # a LayerNormalization output (else any MatMul input, "all")
 
 
-def find_sites(graph: gs.Graph, quantized: set[str]) -> list[SmoothSite]:
+INPUTS = ("norm", "all")
+
+
+def find_sites(graph: gs.Graph, quantized: set[str], inputs: str = "norm") -> list[SmoothSite]:
+    """The tensors to smooth: LayerNormalization outputs planned MatMuls read, and for
+    ``inputs = "all"`` every other activation they read (through a Mul)."""
+    sites = _norm_sites(graph, quantized)
+    if inputs == "all":
+        sites += _other_sites(graph, quantized, {site.output for site in sites})
+    return sites
+
+
+def _other_sites(graph: gs.Graph, quantized: set[str], taken: set[str]) -> list[SmoothSite]:
+    by_tensor: dict[str, list[gs.Node]] = {}
+    tensors = {}
+    for node in graph.nodes:
+        if node.op != "MatMul" or node.name not in quantized or len(node.inputs) < 2:
+            continue
+        source = node.inputs[0]
+        if isinstance(source, gs.Constant) or source.name in taken:
+            continue
+        weight = constant_array(node.inputs[1])
+        if weight is None or weight.ndim != 2:
+            continue
+        by_tensor.setdefault(source.name, []).append(node)
+        tensors[source.name] = source
+    sites = []
+    for name, matmuls in by_tensor.items():
+        width = np.asarray(constant_array(matmuls[0].inputs[1])).shape[0]
+        if not all(_fits(constant_array(m.inputs[1]), width) for m in matmuls):
+            continue
+        producer = tensors[name].inputs[0].name if tensors[name].inputs else name
+        sites.append(SmoothSite(producer, name, tuple(m.name for m in matmuls), shared=True,
+                                from_norm=False))
+    return sites
+
+
+def _norm_sites(graph: gs.Graph, quantized: set[str]) -> list[SmoothSite]:
     sites = []
     for node in graph.nodes:
         if node.op != "LayerNormalization":
@@ -69,18 +113,18 @@ def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: f
 
 def apply(graph: gs.Graph, sites: list[SmoothSite], absmax: dict[str, np.ndarray],
           alpha: float) -> list[str]:
-    """Fold the scales in place; returns the LayerNormalization nodes smoothed."""
+    """Fold the scales in place; returns the nodes (or tensors) whose output was smoothed."""
     nodes = {n.name: n for n in graph.nodes}
+    tensors = graph.tensors()
     done = []
     for site in sites:
         if site.output not in absmax or absmax[site.output] is None:
             continue
-        norm = nodes[site.norm]
         matmuls = [nodes[name] for name in site.matmuls]
         weights = [np.asarray(constant_array(m.inputs[1]), np.float32) for m in matmuls]
         s = smoothing_scales(np.asarray(absmax[site.output], np.float64), weights, alpha)
         if site.shared:  # others read LN(x) too: the MatMuls read LN(x) / s through a Mul
-            out = norm.outputs[0]
+            out = tensors[site.output]
             scaled = gs.Variable(unique_name(graph, f"{out.name}_smoothed"), np.float32,
                                  out.shape)
             inverse = gs.Constant(unique_name(graph, f"{site.norm}_inverse_scale"),
@@ -90,7 +134,7 @@ def apply(graph: gs.Graph, sites: list[SmoothSite], absmax: dict[str, np.ndarray
             for matmul in matmuls:
                 matmul.inputs[0] = scaled
         else:
-            _fold_into_norm(graph, norm, site.norm, s)
+            _fold_into_norm(graph, nodes[site.norm], site.norm, s)
         for matmul, weight in zip(matmuls, weights):
             matmul.inputs[1] = gs.Constant(unique_name(graph, f"{matmul.name}_W_smoothed"),
                                            (weight * s[:, None]).astype(np.float32))

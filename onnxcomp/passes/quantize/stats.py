@@ -73,25 +73,29 @@ def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
         missing)
 
 
-def smoothable(model: Model, quant_plan: QuantPlan) -> bool:
-    """Whether a planned MatMul reads a LayerNormalization output (SmoothQuant would act)."""
+def smoothable(model: Model, quant_plan: QuantPlan, inputs: str = "norm") -> bool:
+    """Whether SmoothQuant would act: a planned MatMul reads a LayerNormalization output (or,
+    for ``inputs = "all"``, any activation)."""
     return bool(quantize_smooth.find_sites(import_graph(model),
-                                           {s.node for s in quant_plan.sites}))
+                                           {s.node for s in quant_plan.sites}, inputs))
 
 
 def smooth(model: Model, quant_plan: QuantPlan, alpha: float, ctx: Context,
-           notes: list[str]) -> Model:
-    """SmoothQuant at ``alpha`` on the LayerNormalization outputs planned MatMuls read; a new
-    model (float-exact up to rounding), or ``model`` itself when there is none."""
+           notes: list[str], inputs: str = "norm") -> Model:
+    """SmoothQuant at ``alpha`` on the tensors ``smooth.find_sites`` gives for ``inputs``; a
+    new model (float-exact up to rounding), or ``model`` itself when there is none."""
     graph = import_graph(model)
-    sites = quantize_smooth.find_sites(graph, {s.node for s in quant_plan.sites})
+    sites = quantize_smooth.find_sites(graph, {s.node for s in quant_plan.sites}, inputs)
     if not sites:
-        notes.append("smoothquant: no MatMul reads a LayerNormalization output")
+        notes.append("smoothquant: no MatMul reads a LayerNormalization output" if inputs ==
+                     "norm" else "smoothquant: no MatMul with a constant weight to smooth")
         return model
     stats = quantize_calib.collect(model, [], ctx.calibration,
                                    channel_names=[s.output for s in sites])
     done = quantize_smooth.apply(graph, sites, {k: v.channel_absmax for k, v in stats.items()},
                                  alpha)
-    notes.append(f"smoothquant (alpha {alpha}) on {len(done)} "
-                 "LayerNormalization outputs")
+    others = sum(1 for site in sites if not site.from_norm and site.norm in done)
+    notes.append(f"smoothquant (alpha {alpha}) on {len(done) - others} "
+                 "LayerNormalization outputs" + (f" and {others} other MatMul inputs (through "
+                                                  "a Mul)" if others else ""))
     return export_model(tidy(graph), like=model)

@@ -281,3 +281,38 @@ def test_conv_only_output_qdq_leaves_matmuls_feeding_a_bias_add_without_one():
         for name in want:
             a, b = want[name].ravel(), got[name].ravel()
             assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.98
+
+
+def _matmul_bias(shape) -> Model:
+    """x (``shape``, last dim 72) -> MatMul W[72, 24] -> Add b -> y."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+         helper.make_node("Add", ["m", "b"], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.standard_normal((72, 24)).astype(np.float32), "W"),
+         numpy_helper.from_array(rng.standard_normal(24).astype(np.float32), "b")])
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+@pytest.mark.parametrize("shape, needs_output_qdq", [
+    ([10, 72], True), (["n", 72], True), ([2, 5, 72], True), (["b", "s", 72], False),
+    ([1, "s", 72], False)])
+def test_a_matmul_bias_gets_an_output_qdq_only_where_ort_would_fuse_a_float_gemm(
+        tmp_path, shape, needs_output_qdq):
+    """2-D inputs and fully static N-D ones: without a Q after the MatMul ONNX Runtime fuses
+    MatMul + Add into a float Gemm, so the output QDQ stays; a dynamic batch or sequence
+    dimension keeps the integer kernel without it (and its fidelity cost: MiniLM)."""
+    from onnxcomp import calibration
+
+    model = _matmul_bias(shape)
+    data = calibration.random_data(model, 2, dims={"n": 10, "b": 2, "s": 5})
+    result, _ = run(model, quantize.Config(), Context(calibration=data))
+    quantizers = [n for n in result.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantizers) == (2 if needs_output_qdq else 1)
+    kernels = optimized_ops(result, tmp_path)
+    assert "Gemm" not in kernels and ({"QLinearMatMul", "MatMulIntegerToFloat"} & set(kernels))
+    # And what the rule predicts: without the output QDQ, ORT makes it a float Gemm there.
+    bare, _ = run(model, quantize.Config(output_qdq="conv-only"), Context(calibration=data))
+    assert ("Gemm" in optimized_ops(bare, tmp_path)) == needs_output_qdq

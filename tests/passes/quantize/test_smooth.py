@@ -120,3 +120,33 @@ def test_int8_dynamic_without_calibration_says_smoothquant_was_not_applied():
     _, with_data = run(matmul_model(), quantize.Config(mode="int8-dynamic"),
                        Context(calibration=data_for(matmul_model())))
     assert not any("smoothquant" in note.lower() for note in with_data.notes)
+
+
+def test_smoothing_every_matmul_input_goes_through_one_mul_and_is_exact_in_float():
+    """``smoothquant_inputs = "all"``: a MatMul input that is no LayerNormalization output (a
+    GELU output before an FFN down-projection) is smoothed through one Mul for all its
+    MatMul readers; float-exact."""
+    model = matmul_model()  # x -> MatMul W, x -> MatMul W2: no LayerNormalization
+    graph = import_graph(model)
+    assert quantize_smooth.find_sites(graph, {"mm1", "mm2"}) == []
+    (site,) = quantize_smooth.find_sites(graph, {"mm1", "mm2"}, "all")
+    assert site.output == "x" and set(site.matmuls) == {"mm1", "mm2"} and site.shared
+    absmax = {"x": np.random.default_rng(4).random(72) * 10 + 0.1}
+    quantize_smooth.apply(graph, [site], absmax, 0.5)
+    smoothed = export_model(tidy(graph), like=model)
+    assert [n.op_type for n in smoothed.proto.graph.node].count("Mul") == 1
+    batch = next(iter(data_for(model)))
+    assert max(runtime.max_abs_difference(model, smoothed, batch).values()) < 1e-4
+    _, record = run(model, quantize.Config(smoothquant_alpha=0.5, smoothquant_inputs="all"),
+                    Context(calibration=data_for(model)))
+    assert any(note.startswith("smoothquant (alpha 0.5) on 0 LayerNormalization outputs and 1 "
+                               "other MatMul inputs") for note in record.notes)
+
+
+def test_all_inputs_smooth_the_layer_norm_output_and_the_rest_once_each():
+    model = _outlier_ln_model()
+    _, record = run(model, quantize.Config(mode="int8-dynamic", smoothquant_inputs="all"),
+                    Context(calibration=data_for(model)))
+    # The LN output is the only MatMul input: folded into gamma/beta, nothing else to smooth.
+    assert any(note == "smoothquant (alpha 0.5) on 1 LayerNormalization outputs"
+               for note in record.notes)
