@@ -4,8 +4,10 @@ Techniques: cross-layer equalization (``equalize``), bias correction (``bias_cor
 ``weights``, and ``all`` which with static int8 also corrects the inputs' rounding and clipping)
 GPTQ for int8 MatMul/Gemm weights (``int8_method = "gptq"``), alone and with equalization, and
 SmoothQuant (``smoothquant_alpha``, MatMuls reading a LayerNormalization: MiniLM, PP-OCR rec's
-SVTR block), alone and with GPTQ, against the plain pass (the defaults); for MiniLM's static
-int8 also ``output_qdq = "conv-only"`` (no QDQ on MatMul outputs), alone and with SmoothQuant. Fidelity only, no timing:
+SVTR block) at 0.5 on LayerNormalization outputs, alone and with GPTQ, and with each tensor's
+alpha chosen on every MatMul input (``auto``, ``all``), against the plain pass (the defaults:
+int8-dynamic's include SmoothQuant auto on every MatMul input of a transformer, which its
+``dynamic_smoothquant=false`` row takes off). Fidelity only, no timing:
 - ppocr-rec, static int8: line and character accuracy on the zoo evaluation lines and on the
   held-out ``hard`` split (other fonts, longer lines, blur, noise, low contrast), beside float;
 - ppocr-det, static int8: cosine of the probability map against float and the IoU of the text
@@ -54,12 +56,12 @@ TECHNIQUES = {"plain": {}, "depthwise_equalize=false": {"depthwise_equalize": Fa
                                                      "bias_correction": "weights"},
               "int8_method=gptq": {"int8_method": "gptq"},
               "equalize + int8_method=gptq": {"equalize": True, "int8_method": "gptq"},
+              "dynamic_smoothquant=false": {"dynamic_smoothquant": False},
               "smoothquant_alpha=0.5": {"smoothquant_alpha": 0.5},
               "smoothquant_alpha=0.5 + int8_method=gptq": {"smoothquant_alpha": 0.5,
                                                           "int8_method": "gptq"},
-              "output_qdq=conv-only": {"output_qdq": "conv-only"},
-              "output_qdq=conv-only + smoothquant_alpha=0.5": {"output_qdq": "conv-only",
-                                                              "smoothquant_alpha": 0.5}}
+              "smoothquant_alpha=auto, inputs=all": {"smoothquant_alpha": "auto",
+                                                     "smoothquant_inputs": "all"}}
 MODES = {"ppocr-rec": ("int8",), "ppocr-det": ("int8",), "minilm": ("int8", "int8-dynamic")}
 
 
@@ -154,8 +156,10 @@ def run_model(name: str, args, folder: Path) -> dict:
                 continue  # the same as "weights" without static input quantizers
             if name == "ppocr-det" and {"int8_method", "smoothquant_alpha"} & set(fields):
                 continue  # no MatMul/Gemm or LayerNormalization: nothing for these to act on
-            if "output_qdq" in fields and (name != "minilm" or mode != "int8"):
-                continue  # the transformer's static layout question (docs/quantize.md)
+            if "dynamic_smoothquant" in fields and mode != "int8-dynamic":
+                continue  # int8-dynamic's default (with calibration data): its own row
+            if mode == "int8-dynamic" and fields.get("smoothquant_inputs") == "all":
+                continue  # that is int8-dynamic's default, its "plain" row
             config = quantize.Config(mode=mode, **fields)
             started = time.perf_counter()
             data = subset if technique.startswith("plain, ") else calib

@@ -21,7 +21,9 @@ DEFAULT_OP_TYPES = {"int8": ("Conv", "MatMul", "Gemm"), "int8-dynamic": ("MatMul
                     "int4": ("MatMul", "Gemm"), "fp16": ("*",), "bf16": ("*",)}
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 BIAS_CORRECTIONS = ("none", "weights", "all")
-DYNAMIC_SMOOTHQUANT_ALPHA = 0.5
+# int8-dynamic's default SmoothQuant: each tensor's alpha chosen on the calibration data, every
+# MatMul input (held-out MiniLM sentence cosine 0.9938 -> 0.9985; docs/quantize.md).
+DYNAMIC_SMOOTHQUANT = ("auto", "all")
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,10 @@ class Config:
                                         "millisecond its int8 form saves, from ONNX Runtime's "
                                         "profiler on this model; layers slower in int8 always "
                                         "stay float)")
-    smoothquant_alpha: float | None = option(None, "SmoothQuant migration strength in [0, 1] for "
-                                                   "MatMuls after LayerNormalization (none: off, "
-                                                   "but see dynamic_smoothquant)")
+    smoothquant_alpha: float | str | None = option(
+        None, "SmoothQuant migration strength in [0, 1], or auto (per tensor, the alpha with "
+              "the least quantized-MatMul error on the calibration data); none: off, but see "
+              "dynamic_smoothquant")
     smoothquant_inputs: str = option("norm", "SmoothQuant on: norm (LayerNormalization outputs, "
                                              "folded into gamma/beta where only MatMuls read "
                                              "them) | all (also every other MatMul input, "
@@ -67,8 +70,8 @@ class Config:
     # large channels of a transformer's LayerNormalization output cost every other channel its
     # levels; MiniLM held-out sentence cosine 0.9938 -> 0.9966 (docs/quantize.md).
     dynamic_smoothquant: bool = option(True, "int8-dynamic with calibration data and "
-                                             "smoothquant_alpha unset: SmoothQuant at alpha "
-                                             f"{DYNAMIC_SMOOTHQUANT_ALPHA}")
+                                             "smoothquant_alpha unset: SmoothQuant with alpha "
+                                             "auto on every MatMul input")
     # Off by default: the ablation (benchmarks/quantize_ablation.py) measures both.
     equalize: bool = option(False, "cross-layer equalization of Conv -> Relu/LeakyRelu/PRelu/"
                                    "none -> Conv chains before quantizing (an exact float "
@@ -143,8 +146,10 @@ class Config:
         if self.smoothquant_inputs not in ("norm", "all"):
             raise ValueError(f"smoothquant_inputs must be norm or all, got "
                              f"{self.smoothquant_inputs!r}")
-        if self.smoothquant_alpha is not None and not 0.0 <= float(self.smoothquant_alpha) <= 1.0:
-            raise ValueError(f"smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
+        alpha = self.smoothquant_alpha
+        if alpha is not None and alpha != "auto" and (isinstance(alpha, (str, bool)) or
+                                                      not 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"smoothquant_alpha must be in [0, 1] or auto, got {alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
                      "activation_matmuls", "equalize", "fold", "depthwise_equalize",
                      "dynamic_smoothquant"):
@@ -166,13 +171,15 @@ class Config:
     def gptq(self) -> bool:
         return self.mode == "int4" and self.int4_method == "gptq"
 
-    def smoothing(self, has_calibration: bool) -> float | None:
-        """The SmoothQuant alpha to apply: ``smoothquant_alpha`` when set, else int8-dynamic's
-        default when calibration data is there, else None (off)."""
+    def smoothing(self, has_calibration: bool) -> tuple[float | str, str] | None:
+        """The SmoothQuant to apply, ``(alpha, inputs)``: the ``smoothquant_*`` fields when
+        ``smoothquant_alpha`` is set, else int8-dynamic's default when calibration data is
+        there, else None (off)."""
         if self.smoothquant_alpha is not None:
-            return float(self.smoothquant_alpha)
+            alpha = self.smoothquant_alpha
+            return (alpha if alpha == "auto" else float(alpha)), self.smoothquant_inputs
         if self.mode == "int8-dynamic" and self.dynamic_smoothquant and has_calibration:
-            return DYNAMIC_SMOOTHQUANT_ALPHA
+            return DYNAMIC_SMOOTHQUANT
         return None
 
     @property

@@ -111,8 +111,57 @@ def smoothing_scales(act_absmax: np.ndarray, weights: list[np.ndarray], alpha: f
     return s.astype(np.float32)
 
 
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Rows of a MatMul input kept to choose its alpha (memory: at most this many values a site).
+SAMPLE_VALUES = 1 << 20
+
+
+def _fake_quant_rows(x: np.ndarray) -> np.ndarray:
+    """Per-tensor asymmetric uint8 round trip (the activation quantizer), on its own range."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.round(-lo / scale)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+def _fake_quant_columns(w: np.ndarray) -> np.ndarray:
+    """Symmetric int8 per output channel (column of a [K, N] weight)."""
+    scale = np.abs(w).max(axis=0) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    return np.clip(np.round(w / scale), -127, 127) * scale
+
+
+# A smoothing is kept only if it takes at least this share off the unsmoothed error (below,
+# the Mul it may cost is not worth it).
+MIN_GAIN = 0.05
+
+
+def choose_alpha(rows: np.ndarray, absmax: np.ndarray, weights: list[np.ndarray],
+                 grid: tuple[float, ...] = ALPHA_GRID
+                 ) -> tuple[float | None, dict[float | None, float]]:
+    """The alpha of ``grid`` whose smoothing gives the least error of ``rows @ W`` with both
+    sides quantized (activations per tensor, weights per output channel), every weight reading
+    the tensor stacked, or None when no alpha takes ``MIN_GAIN`` off the unsmoothed error; and
+    each candidate's relative error (None: unsmoothed). The sites differ (a LayerNorm output, a
+    GELU output before the FFN down-projection), so one alpha does not fit all."""
+    weight = np.concatenate([np.asarray(w, np.float64) for w in weights], axis=1)
+    x = np.asarray(rows, np.float64)
+    want = x @ weight
+    energy = float(np.sum(want ** 2)) or 1.0
+
+    def error(s: np.ndarray) -> float:
+        got = _fake_quant_rows(x / s) @ _fake_quant_columns(weight * s[:, None])
+        return float(np.sqrt(np.sum((want - got) ** 2) / energy))
+
+    errors: dict[float | None, float] = {None: error(np.ones(x.shape[1]))}
+    for alpha in grid:
+        errors[alpha] = error(smoothing_scales(absmax, weights, alpha).astype(np.float64))
+    best = min(grid, key=errors.get)
+    return (best if errors[best] <= (1 - MIN_GAIN) * errors[None] else None), errors
+
+
 def apply(graph: gs.Graph, sites: list[SmoothSite], absmax: dict[str, np.ndarray],
-          alpha: float) -> list[str]:
+          alpha: float | dict[str, float]) -> list[str]:
     """Fold the scales in place; returns the nodes (or tensors) whose output was smoothed."""
     nodes = {n.name: n for n in graph.nodes}
     tensors = graph.tensors()
@@ -122,7 +171,10 @@ def apply(graph: gs.Graph, sites: list[SmoothSite], absmax: dict[str, np.ndarray
             continue
         matmuls = [nodes[name] for name in site.matmuls]
         weights = [np.asarray(constant_array(m.inputs[1]), np.float32) for m in matmuls]
-        s = smoothing_scales(np.asarray(absmax[site.output], np.float64), weights, alpha)
+        chosen = alpha.get(site.output) if isinstance(alpha, dict) else alpha
+        if chosen is None:
+            continue
+        s = smoothing_scales(np.asarray(absmax[site.output], np.float64), weights, chosen)
         if site.shared:  # others read LN(x) too: the MatMuls read LN(x) / s through a Mul
             out = tensors[site.output]
             scaled = gs.Variable(unique_name(graph, f"{out.name}_smoothed"), np.float32,

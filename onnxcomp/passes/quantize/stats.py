@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from onnxcomp.graph import export_model, graph_nodes, import_graph, tidy
+import numpy as np
+
+from onnxcomp.graph import constant_array, export_model, graph_nodes, import_graph, tidy
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import calib as quantize_calib
 from onnxcomp.passes.quantize import gptq as quantize_gptq
@@ -80,10 +82,49 @@ def smoothable(model: Model, quant_plan: QuantPlan, inputs: str = "norm") -> boo
                                            {s.node for s in quant_plan.sites}, inputs))
 
 
-def smooth(model: Model, quant_plan: QuantPlan, alpha: float, ctx: Context,
-           notes: list[str], inputs: str = "norm") -> Model:
+def _auto_alphas(model: Model, graph, sites, absmax: dict[str, np.ndarray], ctx: Context
+                 ) -> dict[str, float]:
+    """Per smoothed tensor, the alpha with the least quantized-MatMul error on a sample of its
+    rows from the calibration data (``smooth.choose_alpha``)."""
+    from onnxcomp import calibration
+
+    nodes = {n.name: n for n in graph.nodes}
+    names = [site.output for site in sites if absmax.get(site.output) is not None]
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    counts = dict.fromkeys(names, 0)
+    rng = np.random.default_rng(0)
+
+    def on_batch(_index: int, values: dict[str, np.ndarray]) -> None:
+        for name in names:
+            rows = np.asarray(values[name], np.float32)
+            rows = rows.reshape(-1, rows.shape[-1])
+            budget = max(16, quantize_smooth.SAMPLE_VALUES // rows.shape[1]) - counts[name]
+            if budget <= 0:
+                continue
+            if rows.shape[0] > budget:
+                rows = rows[rng.choice(rows.shape[0], budget, replace=False)]
+            kept[name].append(rows)
+            counts[name] += rows.shape[0]
+
+    ctx.progress(f"quantize: choosing SmoothQuant alphas for {len(names)} tensors")
+    calibration.stream_activations(model, names, ctx.calibration, on_batch)
+    chosen = {}
+    for site in sites:
+        if site.output not in kept or not kept[site.output]:
+            continue
+        weights = [np.asarray(constant_array(nodes[m].inputs[1]), np.float32)
+                   for m in site.matmuls]
+        chosen[site.output], _ = quantize_smooth.choose_alpha(  # None: left as it is
+            np.concatenate(kept[site.output]), np.asarray(absmax[site.output], np.float64),
+            weights)
+    return chosen
+
+
+def smooth(model: Model, quant_plan: QuantPlan, alpha: float | str, ctx: Context,
+           notes: list[str], inputs: str = "norm", quiet: bool = False) -> Model:
     """SmoothQuant at ``alpha`` on the tensors ``smooth.find_sites`` gives for ``inputs``; a
-    new model (float-exact up to rounding), or ``model`` itself when there is none."""
+    new model (float-exact up to rounding), or ``model`` itself when there is none.
+    ``quiet``: no note when nothing was smoothed (a default, not something asked for)."""
     graph = import_graph(model)
     sites = quantize_smooth.find_sites(graph, {s.node for s in quant_plan.sites}, inputs)
     if not sites:
@@ -92,10 +133,23 @@ def smooth(model: Model, quant_plan: QuantPlan, alpha: float, ctx: Context,
         return model
     stats = quantize_calib.collect(model, [], ctx.calibration,
                                    channel_names=[s.output for s in sites])
-    done = quantize_smooth.apply(graph, sites, {k: v.channel_absmax for k, v in stats.items()},
-                                 alpha)
+    absmax = {k: v.channel_absmax for k, v in stats.items()}
+    chosen: float | dict[str, float] = alpha
+    if alpha == "auto":
+        chosen = _auto_alphas(model, graph, sites, absmax, ctx)
+        spread = sorted(a for a in chosen.values() if a is not None)
+        if not spread:
+            if not quiet:
+                notes.append("smoothquant (alpha auto): no tensor's quantized error drops by "
+                             f"{quantize_smooth.MIN_GAIN:.0%} with smoothing: none smoothed")
+            return model
+        label = (f"alpha auto: {spread[0]}-{spread[-1]}, median {spread[len(spread) // 2]}; "
+                 f"{len(chosen) - len(spread)} tensors left as they are, smoothing did not pay")
+    else:
+        label = f"alpha {alpha}"
+    done = quantize_smooth.apply(graph, sites, absmax, chosen)
     others = sum(1 for site in sites if not site.from_norm and site.norm in done)
-    notes.append(f"smoothquant (alpha {alpha}) on {len(done) - others} "
+    notes.append(f"smoothquant ({label}) on {len(done) - others} "
                  "LayerNormalization outputs" + (f" and {others} other MatMul inputs (through "
                                                   "a Mul)" if others else ""))
     return export_model(tidy(graph), like=model)

@@ -101,7 +101,8 @@ def test_int8_dynamic_smooths_by_default_with_calibration_data_and_is_more_faith
     model = _outlier_ln_model()
     data = data_for(model, count=8)
     smoothed, record = run(model, quantize.Config(mode="int8-dynamic"), Context(calibration=data))
-    assert any(note.startswith("smoothquant (alpha 0.5) on 1 Layer") for note in record.notes)
+    assert any(note.startswith("smoothquant (alpha auto: ") and "on 1 LayerNormalization" in
+               note for note in record.notes)
     plain, off = run(model, quantize.Config(mode="int8-dynamic", dynamic_smoothquant=False),
                      Context(calibration=data))
     assert not any("smoothquant" in note.lower() for note in off.notes)
@@ -145,8 +146,50 @@ def test_smoothing_every_matmul_input_goes_through_one_mul_and_is_exact_in_float
 
 def test_all_inputs_smooth_the_layer_norm_output_and_the_rest_once_each():
     model = _outlier_ln_model()
-    _, record = run(model, quantize.Config(mode="int8-dynamic", smoothquant_inputs="all"),
+    _, record = run(model, quantize.Config(mode="int8-dynamic", smoothquant_alpha=0.5,
+                                           smoothquant_inputs="all"),
                     Context(calibration=data_for(model)))
     # The LN output is the only MatMul input: folded into gamma/beta, nothing else to smooth.
     assert any(note == "smoothquant (alpha 0.5) on 1 LayerNormalization outputs"
                for note in record.notes)
+
+
+def test_auto_alpha_picks_the_grid_point_with_the_least_quantized_error():
+    rng = np.random.default_rng(7)
+    rows = rng.standard_normal((512, 64)).astype(np.float32)
+    rows[:, :3] *= 60  # a transformer's few large channels
+    weights = [rng.standard_normal((64, 32)).astype(np.float32) * 0.1]
+    absmax = np.abs(rows).max(axis=0).astype(np.float64)
+    alpha, errors = quantize_smooth.choose_alpha(rows, absmax, weights)
+    assert set(errors) == {None, *quantize_smooth.ALPHA_GRID}  # None: unsmoothed
+    assert errors[alpha] == min(errors.values())
+    # Unsmoothed (every scale 1), the outlier channels take the activation range.
+    x = rows.astype(np.float64)
+    plain = quantize_smooth._fake_quant_rows(x) @ quantize_smooth._fake_quant_columns(
+        weights[0].astype(np.float64))
+    want = x @ weights[0]
+    plain_error = float(np.linalg.norm(want - plain) / np.linalg.norm(want))
+    assert errors[alpha] < 0.5 * plain_error
+
+
+def test_auto_alpha_through_the_pass_says_what_it_chose_and_beats_no_smoothing():
+    model = _outlier_ln_model()
+    data = data_for(model, count=8)
+    auto, record = run(model, quantize.Config(mode="int8-dynamic", smoothquant_alpha="auto"),
+                       Context(calibration=data))
+    assert any(note.startswith("smoothquant (alpha auto: ") for note in record.notes)
+    plain, _ = run(model, quantize.Config(mode="int8-dynamic", dynamic_smoothquant=False),
+                   Context(calibration=data))
+    held_out = data_for(model, count=1, scale=1.5)
+    assert _rel_error(model, auto, held_out) < 0.5 * _rel_error(model, plain, held_out)
+    with pytest.raises(ValueError, match="auto"):
+        quantize.Config(smoothquant_alpha="sometimes")
+
+
+def test_auto_alpha_leaves_a_tensor_alone_when_smoothing_does_not_pay():
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((256, 16)).astype(np.float32)
+    weights = [np.ones((16, 8), np.float32)]  # every row alike: nothing to rebalance
+    absmax = np.ones(16)  # and every channel alike
+    alpha, errors = quantize_smooth.choose_alpha(rows, absmax, weights)
+    assert alpha is None and min(errors.values()) > (1 - quantize_smooth.MIN_GAIN) * errors[None]
