@@ -1,7 +1,7 @@
 """Quantization-aware training on the twin of a quantized graph: fake quantization with a
 straight-through estimator (STE), on the exact scales and zero points the graph already holds.
 
-    fake_quant(w) = (clamp(round(w / s + z), lo, hi) - z) · s       forward
+    fake_quant(w) = (clamp(round(w / s) + z, lo, hi) - z) · s       forward
     ∂fake_quant/∂w = 1 inside [lo, hi] (after rounding), 0 outside   backward (clipped STE)
 
 - Weight sites: a ``DequantizeLinear`` whose input is a constant integer initializer (int8, uint8,
@@ -46,21 +46,27 @@ _ONNX_RANGES = {TensorProto.INT8: (-128, 127), TensorProto.UINT8: (0, 255),
 
 
 def fake_quant(value: torch.Tensor, scale, zero, low: float, high: float) -> torch.Tensor:
-    """``(clamp(round(value / scale + zero), low, high) - zero) · scale`` with the STE.
+    """``(clamp(round(value / scale) + zero, low, high) - zero) · scale`` with the STE: ONNX's
+    QuantizeLinear (the zero point added after rounding half to even: before, an odd zero point
+    would move exact ties to the other integer) then DequantizeLinear.
 
     A zero scale (the quantize pass stores the subnormal scale of a dead channel as 0) gives 0
     and a zero gradient there, not 0/0 = NaN; clamping before the rounding (the same integers:
     the bounds are integers) keeps ``value / tiny scale = inf`` out of the STE's ``inf - inf``."""
-    return (ste_round(quant_grid(value, scale, zero, low, high)) - zero) * scale
+    return ste_round(quant_offset(value, scale, zero, low, high)) * scale
 
 
-def quant_grid(value: torch.Tensor, scale, zero, low: float, high: float) -> torch.Tensor:
-    """``clamp(value / scale + zero, low, high)``, a zero scale read as 1 (its channel is 0)."""
+def quant_offset(value: torch.Tensor, scale, zero, low: float, high: float) -> torch.Tensor:
+    """``clamp(value / scale, low - zero, high - zero)``: the integer's distance from the zero
+    point before rounding; a zero scale read as 1 (its channel is 0)."""
     if isinstance(scale, torch.Tensor):
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     elif scale == 0:
         scale = 1.0
-    return (value / scale + zero).clamp(low, high)
+    shifted = value / scale
+    if isinstance(zero, torch.Tensor):
+        return torch.clamp(shifted, min=low - zero, max=high - zero)
+    return shifted.clamp(low - zero, high - zero)
 
 
 def ste_round(value: torch.Tensor) -> torch.Tensor:
@@ -218,7 +224,8 @@ def _requantize_dq(twin: Twin, node: onnx.NodeProto, shadow: torch.Tensor, site:
                    ) -> np.ndarray:
     scale, zero = _dq_inputs(twin, node, shadow)
     with torch.no_grad():
-        q = torch.round(quant_grid(shadow.float(), scale.cpu(), zero.cpu(), site.low, site.high))
+        q = torch.round(quant_offset(shadow.float(), scale.cpu(), zero.cpu(), site.low,
+                                     site.high)) + zero.cpu()
         # A zero-scale channel reads 0 whatever its integers: keep the stored ones.
         stored = _value(twin, node.input[0]).cpu().to(q.dtype)
         q = torch.where(scale.cpu() == 0, stored, q)
@@ -235,7 +242,7 @@ def _quantize_ste(ctx, x: list, attrs: dict) -> torch.Tensor:
     low, high = _ONNX_RANGES[onnx_type]
     s = _expand_scale(ctx, scale, value, attrs).float()
     z = _expand_scale(ctx, zero, value, attrs).float() if zero is not None else 0.0
-    return ste_round(quant_grid(value.float(), s, z, low, high))
+    return ste_round(quant_offset(value.float(), s, z, low, high)) + z
 
 
 def _nbits_layout(twin: Twin, node: onnx.NodeProto):
@@ -280,8 +287,8 @@ def _requantize_nbits(twin: Twin, node: onnx.NodeProto, shadow: torch.Tensor,
     original = _unpack(to_tensor(packed).reshape(n, blocks, -1), bits).reshape(n, -1)
     with torch.no_grad():
         padded = torch.nn.functional.pad(shadow.float(), (0, blocks * block - k))
-        q = torch.round(quant_grid(padded.reshape(n, blocks, block), scale.cpu(),
-                                   offset.cpu(), 0, (1 << bits) - 1))
+        q = torch.round(quant_offset(padded.reshape(n, blocks, block), scale.cpu(),
+                                     offset.cpu(), 0, (1 << bits) - 1)) + offset.cpu()
         dead = (scale.cpu() == 0).expand(n, blocks, block).reshape(n, -1)
         q = q.reshape(n, -1).to(torch.int64)
     q[dead] = original.to(torch.int64)[dead]  # zero-scale blocks read 0: stored values kept

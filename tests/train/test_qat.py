@@ -162,3 +162,25 @@ def test_a_zero_scale_channel_trains_finite_and_keeps_its_integers():
     back = numpy_helper.to_array(_inits(state.write_back(student))[dq.input[0]])
     assert np.array_equal(back[0], stored[0])  # the dead channel's integers as stored
     assert not np.array_equal(back[1:], stored[1:])  # the others trained
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3, 128])
+def test_fake_quant_rounds_ties_like_onnx_quantize_linear(zero):
+    """ONNX adds the zero point after rounding half to even: with an odd zero point, rounding
+    ``x / s + z`` instead would move every exact tie to the other integer."""
+    from onnx import TensorProto, helper
+
+    from onnxcomp.model import Model
+
+    values = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5, 0.25, 7.0], np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [values.size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [values.size])],
+        [numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+         numpy_helper.from_array(np.array(zero, np.uint8), "z")])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    want = runtime.run_model(model, {"x": values})["y"]
+    got = qat.fake_quant(torch.from_numpy(values), 1.0, float(zero), 0, 255).numpy()
+    np.testing.assert_array_equal(got, want)
