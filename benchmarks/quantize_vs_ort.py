@@ -175,17 +175,17 @@ def make_variants(name: str, float_path: Path, calib, folder: Path, transformer:
            lambda path: quantize_dynamic(str(float_path), str(path), weight_type=QuantType.QInt8,
                                          per_channel=True))
 
-    # With calibration data int8-dynamic applies SmoothQuant by default; GPTQ on top; and the
-    # static layout that suits transformers (no QDQ on MatMul outputs) with SmoothQuant.
+    # With calibration data int8-dynamic applies SmoothQuant by default (transformers); GPTQ on
+    # top; and static int8 with SmoothQuant asked for (alpha per tensor, every MatMul input).
     _timed(variants, errors, "onnxcomp int8-dynamic, calibrated", folder / "onnxcomp_dyn_cal.onnx",
            _onnxcomp(float_path, quantize.Config(mode="int8-dynamic"), calib))
     _timed(variants, errors, "onnxcomp int8-dynamic, calibrated + gptq",
            folder / "onnxcomp_dyn_gptq.onnx",
            _onnxcomp(float_path, quantize.Config(mode="int8-dynamic", int8_method="gptq"), calib))
-    _timed(variants, errors, "onnxcomp int8 conv-only + smoothquant",
+    _timed(variants, errors, "onnxcomp int8 + smoothquant auto, all inputs",
            folder / "onnxcomp_int8_sq.onnx",
-           _onnxcomp(float_path, quantize.Config(output_qdq="conv-only", smoothquant_alpha=0.5),
-                     calib))
+           _onnxcomp(float_path, quantize.Config(smoothquant_alpha="auto",
+                                                 smoothquant_inputs="all"), calib))
     _timed(variants, errors, "onnxcomp int4", folder / "onnxcomp_int4.onnx",
            _onnxcomp(float_path, quantize.Config(mode="int4", block_size=32)))
 
