@@ -26,6 +26,11 @@ class Config:
     seed: int = option(0, "kd: seed of the data order and of torch")
     checkpoint_dir: str | None = option(None, "kd: checkpoint folder (resumed from if it fits)")
     device: str = option("cpu", "kd: cpu | cuda")
+    # On a CTC output the default 16-batch minimum cosine is coarse and three evaluations
+    # without a gain stopped ppocr-rec QAT at 90 of 300 steps (docs/distill.md).
+    eval_every: int = option(0, "kd: steps between evaluations (0: ten a run)")
+    eval_batches: int = option(16, "kd: evaluation batches scored each time (held-out data)")
+    patience: int = option(3, "kd: evaluations without a gain before the run stops")
 
     def __post_init__(self) -> None:
         losses = ("auto", "kl", "cosine", "contrastive", "mse")
@@ -37,7 +42,10 @@ class Config:
                 (self.temperature > 0, "temperature", "> 0"),
                 (self.loss in losses, "loss", " | ".join(losses)),
                 (self.max_minutes is None or self.max_minutes > 0, "max_minutes", "positive"),
-                (self.device in ("cpu", "cuda"), "device", "cpu or cuda")):
+                (self.device in ("cpu", "cuda"), "device", "cpu or cuda"),
+                (self.eval_every >= 0, "eval_every", ">= 0"),
+                (self.eval_batches > 0, "eval_batches", "positive"),
+                (self.patience > 0, "patience", "positive")):
             if not ok:
                 raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)!r}")
 

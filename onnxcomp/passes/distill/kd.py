@@ -39,7 +39,8 @@ def options(config: Config):
                       temperature=config.temperature, loss=config.loss,
                       hint_tensors=tuple(config.hint_tensors), max_minutes=config.max_minutes,
                       seed=config.seed, checkpoint_dir=config.checkpoint_dir,
-                      device=config.device)
+                      device=config.device, eval_every=config.eval_every,
+                      eval_batches=config.eval_batches, patience=config.patience)
 
 
 def _stored(model: Model) -> dict[str, onnx.TensorProto]:

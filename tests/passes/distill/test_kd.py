@@ -14,7 +14,6 @@ from onnxcomp.passes import distill
 from onnxcomp.pipeline import Context, LayerChange, PassRecord, Pipeline, Step
 from onnxcomp.recipe import parse_recipe
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
@@ -100,3 +99,16 @@ def test_kd_after_refit_trains_on_from_the_refit_result():
         assert figures["cosine_after"] > figures["cosine_before"]
     else:  # no gain on the held-out data: the refit result is kept as it was
         assert out.proto.SerializeToString() == refit_only.proto.SerializeToString()
+
+
+def test_the_evaluation_schedule_is_set_from_the_recipe():
+    """eval_every / eval_batches / patience reach the training loop (``--set distill.patience=6``)."""
+    from onnxcomp.passes.distill import kd as distill_kd
+    from onnxcomp.recipe import config_from_table
+
+    config = config_from_table("distill", {"method": "kd", "eval_every": "25",
+                                           "eval_batches": "64", "patience": "6"})
+    options = distill_kd.options(config)
+    assert (options.eval_every, options.eval_batches, options.patience) == (25, 64, 6)
+    with pytest.raises(ValueError, match="patience"):
+        distill.Config(patience=0)
