@@ -95,7 +95,7 @@ def _auto_alphas(model: Model, graph, sites, absmax: dict[str, np.ndarray], ctx:
     rng = np.random.default_rng(0)
 
     def on_batch(_index: int, values: dict[str, np.ndarray]) -> None:
-        for name in names:
+        for name in (n for n in values if n in kept):  # a segment's names only, when lazy
             rows = np.asarray(values[name], np.float32)
             rows = rows.reshape(-1, rows.shape[-1])
             budget = max(16, quantize_smooth.SAMPLE_VALUES // rows.shape[1]) - counts[name]
@@ -107,7 +107,10 @@ def _auto_alphas(model: Model, graph, sites, absmax: dict[str, np.ndarray], ctx:
             counts[name] += rows.shape[0]
 
     ctx.progress(f"quantize: choosing SmoothQuant alphas for {len(names)} tensors")
-    calibration.stream_activations(model, names, ctx.calibration, on_batch)
+    # A large (lazily loaded) model runs a segment at a time, as the range calibration does.
+    per_segment = quantize_calib.SEGMENT_TENSORS if model.lazy else None
+    calibration.stream_activations(model, names, ctx.calibration, on_batch,
+                                   per_segment=per_segment)
     chosen = {}
     for site in sites:
         if site.output not in kept or not kept[site.output]:

@@ -193,3 +193,39 @@ def test_auto_alpha_leaves_a_tensor_alone_when_smoothing_does_not_pay():
     absmax = np.ones(16)  # and every channel alike
     alpha, errors = quantize_smooth.choose_alpha(rows, absmax, weights)
     assert alpha is None and min(errors.values()) > (1 - quantize_smooth.MIN_GAIN) * errors[None]
+
+
+def test_auto_alpha_on_a_model_whose_weights_stay_on_disk_matches_the_eager_run(tmp_path,
+                                                                               monkeypatch):
+    """A model whose weights stay on disk streams its rows a segment at a time; the alphas
+    come out the same as when the whole model is in memory."""
+    import onnx
+
+    from onnxcomp import api
+
+    eager = _outlier_ln_model()
+    path = tmp_path / "ln.onnx"
+    on_disk = onnx.ModelProto()
+    on_disk.CopyFrom(eager.proto)  # onnx.save moves the weights of the proto it is given out
+    onnx.save(on_disk, str(path), save_as_external_data=True, location="ln.onnx.data",
+              size_threshold=0)
+    data = data_for(eager, count=4)
+    from onnxcomp import calibration
+
+    streamed, stream = [], calibration.stream_activations
+
+    def spy(model, names, data, on_batch, progress=None, per_segment=None):
+        if "_auto_alphas" in on_batch.__qualname__:  # the rows the alphas are chosen on
+            streamed.append(per_segment)
+        return stream(model, names, data, on_batch, progress, per_segment)
+
+    monkeypatch.setattr(calibration, "stream_activations", spy)
+    sets = ["quantize.smoothquant_alpha=auto", "quantize.smoothquant_inputs=all"]
+    notes = []
+    for model in (path, eager):
+        result = api.compress(model, recipe="quantize:int8-dynamic", calib=data, overrides=sets,
+                              validate=False, show_progress=False)
+        notes.append([n for record in result.report.passes for n in record.notes
+                      if n.startswith("smoothquant")])
+    assert result.model is not None and notes[0] and notes[0] == notes[1]
+    assert len(streamed) == 2 and streamed[0] is not None and streamed[1] is None
