@@ -38,9 +38,6 @@ class SmoothSite:
     from_norm: bool = True  # a LayerNormalization output (else any MatMul input, "all")
 
 
-INPUTS = ("norm", "all")
-
-
 def find_sites(graph: gs.Graph, quantized: set[str], inputs: str = "norm") -> list[SmoothSite]:
     """The tensors to smooth: LayerNormalization outputs planned MatMuls read, and for
     ``inputs = "all"`` every other activation they read (through a Mul)."""
