@@ -124,7 +124,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         # NNCF does) lets OpenVINO fuse the Mul into them and raised the sentence cosine.
         int8_overrides=("quantize.op_types=Conv,ConvTranspose,MatMul,Gemm",
                         "quantize.min_opset=14", "quantize.bias_correction=weights",
-                        "quantize.smoothquant_alpha=0.5"),
+                        "quantize.smoothquant_alpha=0.5", "quantize.conv_adds=false"),
         check="openvino",
         rules=(("QDQ (read as FakeQuantize) on the activation and weight inputs of Conv, "
                 "ConvTranspose, MatMul and Gemm: the CPU plugin runs them as u8 x i8 kernels "
@@ -160,7 +160,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                "no Q/DQ on biases: TensorRT quantizes the bias itself",
                "weight-only int4: DequantizeLinear with block_size (opset 21) before MatMul"),
         missing=(("int8: symmetric int8 activations are not implemented (activation_dtype "
-                  "allows uint8 only), nor QDQ on residual Add inputs"),
+                  "allows uint8 only; the QDQ on residual Add inputs is, as quantize.conv_adds)"),
                  "not measured: no GPU on this machine"),
         refused=(("int8", ("TensorRT's explicit quantization needs symmetric int8 "
                           "activations, and the quantize pass writes uint8 activations only "

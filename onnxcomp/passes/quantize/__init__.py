@@ -88,7 +88,8 @@ def _action(site: Site, config: Config) -> str:
         return recurrent.action(site)
     if config.mode == "int8":
         if site.weight_input is None:
-            action = "quantize int8 activation x activation"
+            action = ("quantize int8 activation x activation" if site.op == "MatMul"
+                      else "quantize int8 activation inputs")
         else:
             action = f"quantize int8 {'per-channel' if site.axis is not None else 'per-tensor'}"
         return action + (" + output QDQ" if site.output_qdq else "")

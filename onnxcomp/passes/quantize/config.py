@@ -85,13 +85,17 @@ class Config:
                                           "((W_q - W) E[x]) | all (static int8: also the "
                                           "inputs' rounding and clipping)")
     fold: bool = option(True, "int8: first fold BatchNormalization and constant Mul/Add after "
-                              "Convs into them and write HardSwish as one or two ops (exact "
-                              "float rewrites: fewer float ops between integer kernels)")
+                              "Convs (and before pointwise Convs) into them and write HardSwish "
+                              "as one op, raising the opset to 14 for it (exact float rewrites: "
+                              "fewer float ops between integer kernels)")
     embeddings: bool = option(True, "Gather tables as int8 rows, one scale per row (every mode)")
     attention: bool = option(True, "int8-dynamic: fused com.microsoft.Attention -> QAttention")
     min_opset: int | None = option(None, "raise the model to at least this opset before "
                                          "quantizing (openvino: 14, so HardSwish is written as "
                                          "the one op OpenVINO fuses)")
+    conv_adds: bool = option(True, "int8: QDQ on the Adds of two feature maps one of which a "
+                                   "Conv writes (residual, squeeze-excitation, feature-pyramid "
+                                   "Adds), so ONNX Runtime runs QLinearAdd")
     # Off by default: not faster on PP-OCR rec, slower on MiniLM at 128 tokens.
     activation_matmuls: bool = option(False, "int8: QDQ on both inputs of activation x "
                                              "activation MatMuls too (-> QLinearMatMul)")
@@ -152,7 +156,7 @@ class Config:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] or auto, got {alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
                      "activation_matmuls", "equalize", "fold", "depthwise_equalize",
-                     "dynamic_smoothquant"):
+                     "dynamic_smoothquant", "conv_adds"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

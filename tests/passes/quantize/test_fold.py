@@ -182,3 +182,77 @@ def test_a_hardswish_whose_inner_tensor_is_read_elsewhere_is_left_alone():
     x = np.random.default_rng(6).uniform(-4, 4, (2, 3, 6, 6)).astype(np.float32)
     for a, b in zip(_run(rewritten, x), _run(model, x)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _forward_affine_net(kernel: int = 1, pads: int = 0, group: int = 1,
+                        add_only: bool = False, extra_reader: bool = False) -> Model:
+    """x -> Relu -> Mul(scalar s) -> Add(per-channel a) -> Conv(kernel, pads, group) -> y: the
+    affine step after an activation, ahead of the next Conv (PP-LCNet's). ``add_only`` drops the
+    Mul; ``extra_reader`` makes the Add output a graph output too."""
+    rng = np.random.default_rng(7)
+    c = 4
+    arrays = {"W": rng.standard_normal((6, c // group, kernel, kernel)).astype(np.float32),
+              "b": rng.standard_normal(6).astype(np.float32),
+              "s": np.array([1.7], np.float32),
+              "a": rng.standard_normal((1, c, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu")]
+    if add_only:
+        nodes.append(helper.make_node("Add", ["a", "r"], ["h"], name="affine_add"))
+    else:
+        nodes += [helper.make_node("Mul", ["r", "s"], ["m"], name="affine_mul"),
+                  helper.make_node("Add", ["m", "a"], ["h"], name="affine_add")]
+    nodes.append(helper.make_node("Conv", ["h", "W", "b"], ["y"], pads=[pads] * 4, group=group,
+                                  name="conv"))
+    size = 6 + 2 * pads - kernel + 1
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, size, size])]
+    if extra_reader:
+        outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, c, 6, 6]))
+    graph = helper.make_graph(
+        nodes, "forward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 6, 6])],
+        outputs, [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
+
+
+def _forward(model: Model) -> tuple[Model, list[str]]:
+    from onnxcomp.passes.quantize.fold import fold_affine_forward
+
+    graph = import_graph(model)
+    names = fold_affine_forward(graph)
+    return export_model(graph, like=model), names
+
+
+def test_an_affine_step_before_a_pointwise_conv_folds_into_it_exactly():
+    x = np.random.default_rng(8).uniform(-3, 3, (2, 4, 6, 6)).astype(np.float32)
+    for add_only, folded in [(False, ["affine_mul", "affine_add"]), (True, ["affine_add"])]:
+        model = _forward_affine_net(add_only=add_only)
+        rewritten, names = _forward(model)
+        assert names == folded
+        assert sorted(n.op_type for n in rewritten.proto.graph.node) == ["Conv", "Relu"]
+        onnx.checker.check_model(rewritten.proto, full_check=True)
+        np.testing.assert_allclose(_run(rewritten, x)[0], _run(model, x)[0],
+                                   rtol=1e-5, atol=1e-5)
+        assert _forward(rewritten)[1] == []  # idempotent
+
+
+def test_a_padded_grouped_or_shared_step_stays_before_its_conv():
+    # A padded border would read the shift where the original read 0; a grouped Conv reads
+    # each channel in its own group; a step read elsewhere must keep its value.
+    for kwargs in ({"kernel": 3, "pads": 1}, {"group": 2}, {"extra_reader": True}):
+        model = _forward_affine_net(**kwargs)
+        rewritten, names = _forward(model)
+        assert names == [], kwargs
+        assert rewritten.proto.graph.node[1].op_type == "Mul"
+
+
+def test_static_int8_raises_the_opset_for_one_hardswish_op_and_folds_forwards():
+    model = _affine_hardswish_net(13)
+    planned = quantize_plan(model, Config(mode="int8"), Context())
+    assert any("upgraded the opset from 13 to 14 (needed by HardSwish written as one op)" in n
+               for n in planned.notes)
+    ops = {n.op_type for n in planned.payload.prepared.proto.graph.node}
+    assert "HardSwish" in ops and "HardSigmoid" not in ops
+    unfolded = quantize_plan(model, Config(mode="int8", fold=False), Context())
+    assert unfolded.payload.prepared.opset() == 13
+    pointwise = quantize_plan(_forward_affine_net(), Config(mode="int8"), Context())
+    assert any(n.startswith("folded 2 constant Mul/Add nodes before pointwise Convs")
+               for n in pointwise.notes)
