@@ -8,7 +8,9 @@ place (``rewrite.py``):
 - ``int8``: uint8 per-tensor activations (calibrated: minmax, percentile, entropy, mse) and int8
   symmetric per-channel weights as QuantizeLinear/DequantizeLinear pairs on the inputs of the
   planned nodes (and on Conv outputs, ``output_qdq="conv"``), the form ONNX Runtime fuses into
-  QLinearConv / QLinearMatMul / MatMulIntegerToFloat. Needs calibration data.
+  QLinearConv / QLinearMatMul / MatMulIntegerToFloat; a conv net's feature-map Adds,
+  squeeze-excitation Muls and Concats too (``conv_adds``: QLinearAdd / QLinearMul /
+  QLinearConcat; ``placement.py``, which also places the output pairs). Needs calibration data.
 - ``int8-dynamic``: int8 weights, activations quantized at run time (DynamicQuantizeLinear +
   MatMulInteger, fused by ONNX Runtime into DynamicQuantizeMatMul). MatMul/Gemm by default.
 - ``int4``: blockwise 4-bit MatMul weights, as com.microsoft.MatMulNBits or opset-21 QDQ; with

@@ -213,12 +213,10 @@ def _scopes(graph: gs.Graph, prefix: str = "") -> tuple[dict[int, str], dict[str
 
 
 def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[str, ...],
-          per_channel: bool, output_qdq: str = "none", activation_matmuls: bool = False,
-          shapes: dict[str, list] | None = None, conv_adds: bool = False) -> QuantPlan:
+          per_channel: bool, activation_matmuls: bool = False) -> QuantPlan:
     """The Conv/MatMul/Gemm sites of ``graph`` (bodies included) for ``mode``, and why the
-    others are skipped; with ``conv_adds`` (static int8) also the feature-map Adds
-    ``_add_sites`` finds. ``shapes``: inferred tensor shapes by name (``tensor_shapes``), for
-    the tensors ``graph`` does not type itself."""
+    others are skipped. Static int8's feature-map sites and output QDQ pairs are placed after
+    this by ``placement``."""
     result = QuantPlan(mode)
     seen = set()
     owners = {id(inner): owner for inner, owner in nested_nodes(graph)}
@@ -247,10 +245,6 @@ def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[
         if owner is not None:
             site = Site(**{**site.__dict__, "owner": owner.name, "scope": where.get(id(node))})
         result.sites.append(site)
-    if mode == "int8" and conv_adds:
-        _add_sites(graph, result, exclude)
-    if mode == "int8" and output_qdq != "none":
-        _place_output_qdq(result, graph, output_qdq, shapes or {})
     nested = sum(1 for s in result.sites if s.owner is not None)
     if nested:
         how = ("calibrated inside their bodies" if mode == "int8" else "weight-only")
@@ -258,43 +252,6 @@ def match(graph: gs.Graph, mode: str, op_types: tuple[str, ...], exclude: tuple[
                             "SQNR there, no GPTQ statistics or bias correction: round to "
                             "nearest)")
     return result
-
-
-def _add_sites(graph: gs.Graph, result: QuantPlan, exclude: tuple[str, ...]) -> None:
-    """Add the top-level Adds of two float activations where one input comes straight from a
-    Conv/ConvTranspose site (after a Relu/Clip ONNX Runtime folds into it) or from another such
-    Add: residual, squeeze-excitation and feature-pyramid Adds of a conv net. Both inputs and
-    the output get QDQ pairs, so ONNX Runtime runs QLinearAdd on uint8 instead of two
-    DequantizeLinear, a float Add and a QuantizeLinear (PP-OCRv4 det, 11 Adds: 0.715x -> 0.662x
-    float latency at 1 thread, text-mask IoU .9724 -> .9722). A transformer's residual Adds
-    read MatMul and LayerNormalization outputs, never a Conv's: they stay float (quantizing
-    the residual stream is what ruins transformers, DESIGN.md)."""
-    sources = {s.node for s in result.sites if s.op in ("Conv", "ConvTranspose")
-               and s.owner is None}
-    taken = {s.node for s in result.sites}
-
-    def source(tensor: gs.Tensor) -> gs.Node | None:
-        node = tensor.inputs[0] if tensor.inputs else None
-        while node is not None and node.op in _FOLDED_ACTIVATIONS and node.inputs:
-            node = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
-        return node
-
-    for node in graph.nodes:
-        if (node.op != "Add" or len(node.inputs) != 2 or not node.name or node.name in taken
-                or any(constant_array(t) is not None for t in node.inputs)
-                or any(t.dtype not in (None, np.float32) for t in node.inputs)):
-            continue
-        if not any((found := source(t)) is not None and found.name in sources
-                   for t in node.inputs):
-            continue
-        reason = excluded(node, exclude)
-        if reason:
-            result.skipped.append((node.name, reason))
-            continue
-        result.sites.append(Site(node.name, "Add", (0, 1), None, None, None,
-                                 node.outputs[0].name))
-        sources.add(node.name)
-        taken.add(node.name)
 
 
 def reached(plan: QuantPlan, ranges: dict, graph: gs.Graph) -> QuantPlan:
@@ -321,104 +278,3 @@ def reached(plan: QuantPlan, ranges: dict, graph: gs.Graph) -> QuantPlan:
     result.notes.append(f"{len(dropped)} body sites kept float: no calibration data reached "
                         "their body")
     return result
-
-
-# Ops ONNX Runtime folds into the quantized kernel before an output Q (Relu/Clip with matching
-# ranges are dropped), so the output QDQ goes after them.
-_FOLDED_ACTIVATIONS = ("Relu", "Clip")
-# Ops ONNX Runtime moves a Q across (value-preserving data movement).
-_PASSTHROUGH = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", *_FOLDED_ACTIVATIONS)
-
-
-def _reaches(tensor: gs.Tensor, quantized: set[tuple[str, str]], graph_outputs: set[str]
-             ) -> bool:
-    """Whether ``tensor`` flows, through single-consumer pass-through ops, into quantized
-    inputs only (``quantized``: (node, tensor) pairs the plan quantizes). A tensor some other
-    node reads in float (a residual Add beside the next Conv) needs its own output QDQ, which
-    every reader then reads: ONNX Runtime fuses DQ -> Conv -> Q only when the Q is the Conv
-    output's one reader (measured on the PP-OCR v2.0 direction classifier: its projection
-    convs before a residual ran as float Conv behind a DequantizeLinear of their weight)."""
-    for _ in range(8):
-        readers = [(node.name, tensor.name) for node in tensor.outputs]
-        if readers and all(read in quantized for read in readers):
-            return True
-        if (len(tensor.outputs) != 1 or tensor.outputs[0].op not in _PASSTHROUGH
-                or tensor.name in graph_outputs):
-            return False
-        tensor = tensor.outputs[0].outputs[0]
-    return False
-
-
-def _feeds_bias_add(tensor: gs.Tensor) -> bool:
-    """MatMul -> Add(constant): ONNX Runtime fuses the pair into a float Gemm before its QDQ
-    fusions run, unless a Q follows the MatMul (then QLinearMatMul -> DQ -> Add)."""
-    return (len(tensor.outputs) == 1 and tensor.outputs[0].op == "Add"
-            and any(constant_array(t) is not None for t in tensor.outputs[0].inputs))
-
-
-def tensor_shapes(proto) -> dict[str, list]:
-    """Every tensor's shape shape inference finds, by name (a dimension: its size, its name,
-    or None); best effort: empty where inference fails (a shape then counts as unknown)."""
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception as exc:  # noqa: BLE001 - unknown shapes keep the safe placement
-        logger.debug("quantize: shape inference failed: %s", exc)
-        return {}
-    found = {}
-    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
-        kind = value.type.tensor_type
-        if kind.HasField("shape"):
-            found[value.name] = [d.dim_value if d.HasField("dim_value") else
-                                 (d.dim_param or None) for d in kind.shape.dim]
-    return found
-
-
-def _fused_into_float_gemm(node: gs.Node, shapes: dict[str, list]) -> bool:
-    """Whether ONNX Runtime's MatMul + Add fusion would make this MatMul and its bias Add a
-    float Gemm when no Q follows the MatMul: its input is 2-D, or N-D with every dimension but
-    the last static (the fusion reshapes around the Gemm then). A dynamic batch or sequence
-    dimension on an N-D input (transformers) keeps the MatMul an integer kernel
-    (MatMulIntegerToFloat) without the output QDQ; an unknown shape is taken as fusable.
-    Measured with ONNX Runtime 1.32; ``test_int8.py`` checks each case in its optimized graph."""
-    shape = node.inputs[0].shape or shapes.get(node.inputs[0].name)
-    if shape is None or len(shape) <= 2:
-        return True
-    return all(isinstance(dim, int) and dim >= 0 for dim in shape[:-1])
-
-
-def _place_output_qdq(result: QuantPlan, graph: gs.Graph, which: str,
-                      shapes: dict[str, list]) -> None:
-    """Give each Conv site, each MatMul feeding a bias Add that ONNX Runtime would otherwise fuse
-    into a float Gemm (``_fused_into_float_gemm``) and each activation x activation
-    MatMul (every site for ``all``) an output QDQ unless its output already reaches another
-    site's quantized input. Without a Q after it, ONNX Runtime turns an activation x activation
-    MatMul into MatMulIntegerToFloat, not the QLinearMatMul its own quantizer gets (PP-OCRv4
-    rec: the two measured within 1 % at 1 thread, QLinearMatMul 2 % faster at 2)."""
-    holders = {n.name: body for n, body in graph_nodes(graph) if n.name}
-    nodes = {n.name: n for n, _ in graph_nodes(graph) if n.name}
-    quantized_inputs = {(s.node, nodes[s.node].inputs[i].name) for s in result.sites
-                        for i in s.activation_inputs}
-    scoped: dict[int, tuple[dict, set[str]]] = {}  # per graph: its tensors and outputs
-    for index, site in enumerate(result.sites):
-        holder = holders[site.node]
-        if id(holder) not in scoped:
-            scoped[id(holder)] = (holder.tensors(), {t.name for t in holder.outputs})
-        tensors, graph_outputs = scoped[id(holder)]
-        tensor = tensors[site.output]
-        if (which == "conv" and site.op != "Conv" and site.weight_input is not None
-                and not (_feeds_bias_add(tensor) and _fused_into_float_gemm(nodes[site.node], shapes))):
-            # The output QDQ of a MatMul costs fidelity (MiniLM's FFN outputs carry outliers
-            # one uint8 scale cannot hold: cosine 0.947 with it, 0.994 without); it is there
-            # only to keep ONNX Runtime from fusing the MatMul into a float Gemm.
-            continue
-        if which == "conv-only" and site.op != "Conv" and site.weight_input is not None:
-            continue  # no output QDQ on MatMul -> bias Add (see docs/quantize.md: MiniLM)
-        while (len(tensor.outputs) == 1 and tensor.outputs[0].op in _FOLDED_ACTIVATIONS
-               and tensor.name not in graph_outputs):
-            tensor = tensor.outputs[0].outputs[0]
-        if tensor.name in graph_outputs or _reaches(tensor, quantized_inputs, graph_outputs):
-            continue
-        result.sites[index] = Site(**{**site.__dict__, "output_qdq": tensor.name})
-

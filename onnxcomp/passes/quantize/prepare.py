@@ -33,7 +33,7 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import attention as quantize_attention
-from onnxcomp.passes.quantize import fold
+from onnxcomp.passes.quantize import fold, placement
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize.config import INTEGER_MODES, Config
 from onnxcomp.passes.quantize.match import (
@@ -41,7 +41,6 @@ from onnxcomp.passes.quantize.match import (
     excluded,
     is_quantized_op,
     match,
-    tensor_shapes,
 )
 
 
@@ -231,10 +230,14 @@ def find_sites(model: Model, config: Config) -> QuantPlan:
     """The sites of ``model`` (a prepared one) that ``config`` quantizes; pure."""
     graph = import_graph(model)
     # Only the conv placement reads shapes (where ONNX Runtime would fuse a float Gemm).
-    shapes = tensor_shapes(model.proto) if config.mode == "int8" and \
+    shapes = placement.tensor_shapes(model.proto) if config.mode == "int8" and \
         config.output_qdq == "conv" else {}
     result = match(graph, config.mode, config.ops, config.exclude, config.per_channel,
-                   config.output_qdq, config.activation_matmuls, shapes, config.conv_adds)
+                   config.activation_matmuls)
+    if config.mode == "int8" and config.conv_adds:
+        placement.feature_map_sites(graph, result, config.exclude)
+    if config.mode == "int8" and config.output_qdq != "none":
+        placement.output_qdq(result, graph, config.output_qdq, shapes)
     if config.embeddings:
         sites, skipped = quantize_gather.match(
             graph, config.exclude, frozenset(s.node for s in result.sites))

@@ -19,6 +19,7 @@ from onnxcomp.graph import constant_array, export_model, graph_nodes, import_gra
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import calib as quantize_calib
 from onnxcomp.passes.quantize import gptq as quantize_gptq
+from onnxcomp.passes.quantize import placement
 from onnxcomp.passes.quantize import smooth as quantize_smooth
 from onnxcomp.passes.quantize.config import Config
 from onnxcomp.passes.quantize.match import QuantPlan
@@ -70,9 +71,11 @@ def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
     # Tensors inside If/Loop/Scan bodies are calibrated on each body run alone; those of a body
     # the data never ran get no range (``match.reached`` keeps their sites float).
     stats, missing = quantize_calib.collect_scoped(model, names, ctx.calibration)
-    return quantize_calib.Ranges({name: quantize_calib.tensor_range(
-        stats[name], config.calibration, config.percentile) for name in names if name in stats},
-        missing)
+    ranges = {name: quantize_calib.tensor_range(stats[name], config.calibration,
+                                                config.percentile)
+              for name in names if name in stats}
+    placement.shared_ranges(model.proto.graph, ranges)
+    return quantize_calib.Ranges(ranges, missing)
 
 
 def smoothable(model: Model, quant_plan: QuantPlan, inputs: str = "norm") -> bool:

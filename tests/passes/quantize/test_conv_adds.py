@@ -1,9 +1,12 @@
-"""Feature-map Adds after Convs quantized so ONNX Runtime runs QLinearAdd (``conv_adds``)."""
+"""Feature-map sites of static int8 (``conv_adds``, ``placement.py``): Adds, squeeze-excitation
+Muls and Concats after Convs quantized so that ONNX Runtime runs QLinearAdd / QLinearMul /
+QLinearConcat, and nearest Resizes between them on uint8."""
 
 from __future__ import annotations
 
 import builders
 import numpy as np
+import onnx
 from quantize_graphs import attention_block, data_for, optimized_ops
 
 from onnxcomp import calibration, runtime
@@ -33,28 +36,82 @@ def _squeeze_excite_net() -> Model:
                    [builders.tensor("y", [1, 4, 12, 12])], 13, "se_net")
 
 
-def test_a_residual_add_after_convs_becomes_qlinearadd(tmp_path):
+def test_a_squeeze_excitation_residual_runs_as_qlinearmul_and_qlinearadd(tmp_path):
     model = _squeeze_excite_net()
     data = data_for(model, 8)
     result, record = run(model, quantize.Config(), Context(calibration=data))
-    assert "res" in record.touched
+    assert {"res", "excite"} <= set(record.touched)
     assert "  Add res (activation inputs)" in record.details["plan"]
+    assert "  Mul excite (activation inputs)" in record.details["plan"]
     kernels = optimized_ops(result, tmp_path)
     assert kernels.count("QLinearAdd") == 1 and "Add" not in kernels
+    assert kernels.count("QLinearMul") == 1 and "Mul" not in kernels
     batch = next(iter(data))
     reference = runtime.run_model(model, batch)["y"]
     assert _cosine(reference, runtime.run_model(result, batch)["y"]) > 0.995
-    # Off: the Mul's output has no QDQ, so the Add stays a float Add.
+    # Off: the Mul and the Add stay float ops between DequantizeLinear and QuantizeLinear.
     off, off_record = run(model, quantize.Config(conv_adds=False), Context(calibration=data))
-    assert "res" not in off_record.touched
+    assert not {"res", "excite"} & set(off_record.touched)
     off_kernels = optimized_ops(off, tmp_path)
-    assert "QLinearAdd" not in off_kernels and "Add" in off_kernels
+    assert not {"QLinearAdd", "QLinearMul"} & set(off_kernels)
+    assert {"Add", "Mul"} <= set(off_kernels)
+
+
+def _pyramid_net() -> Model:
+    """x[1,3,16,16] -> Conv+Relu = a -> Conv stride 2 + Relu = b -> Resize x2 (nearest) ->
+    Concat(a, up) -> Conv -> y: a feature-pyramid merge."""
+    b = builders.GraphBuilder(seed=5)
+    fine = b.node("Relu", [b.conv("x", 3, 6, 3, "conv1")], "relu1")
+    coarse = b.node("Relu", [b.node("Conv", [fine, b.weight("down.w", (6, 6, 3, 3), 0.3)],
+                                    "down", strides=[2, 2], pads=[1] * 4)], "relu2")
+    scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
+    up = b.node("Resize", [coarse, "", scales], "up", mode="nearest")
+    merged = b.node("Concat", [fine, up], "merge", axis=1)
+    b.node("Conv", [merged, b.weight("head.w", (4, 12, 3, 3), 0.3)], "head", outputs=["y"],
+           pads=[1] * 4)
+    return b.model([builders.tensor("x", [1, 3, 16, 16])],
+                   [builders.tensor("y", [1, 4, 16, 16])], 13, "pyramid")
+
+
+def test_a_pyramid_concat_runs_as_qlinearconcat_and_its_resize_on_uint8(tmp_path):
+    model = _pyramid_net()
+    data = data_for(model, 8)
+    result, record = run(model, quantize.Config(), Context(calibration=data))
+    assert "merge" in record.touched
+    # The nearest Resize's output takes its input's range: the same scale and zero point on
+    # both sides, so ONNX Runtime drops the pair and resizes the uint8 tensor.
+    nodes = {n.op_type: n for n in result.proto.graph.node}
+    producers = {o: n for n in result.proto.graph.node for o in n.output}
+    consumers = {i: n for n in result.proto.graph.node for i in n.input}
+    resize = nodes["Resize"]
+    before = producers[resize.input[0]]
+    after = consumers[resize.output[0]]
+    assert (before.op_type, after.op_type) == ("DequantizeLinear", "QuantizeLinear")
+    assert before.input[1:] == after.input[1:] or all(
+        np.array_equal(_initializer(result, a), _initializer(result, b))
+        for a, b in zip(before.input[1:], after.input[1:]))
+    kernels = optimized_ops(result, tmp_path)
+    assert kernels.count("QLinearConcat") == 1 and "Concat" not in kernels
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph  # what optimized_ops wrote
+    made_by = {o: n.op_type for n in optimized.node for o in n.output}
+    (resized,) = [n for n in optimized.node if n.op_type == "Resize"]
+    assert made_by[resized.input[0]] != "DequantizeLinear"  # uint8 in, uint8 out
+    batch = next(iter(data))
+    reference = runtime.run_model(model, batch)["y"]
+    assert _cosine(reference, runtime.run_model(result, batch)["y"]) > 0.995
+
+
+def _initializer(model: Model, name: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    return next(numpy_helper.to_array(t) for t in model.proto.graph.initializer
+                if t.name == name)
 
 
 def test_an_excluded_add_stays_float_with_the_reason():
     model = builders.conv_net()
-    result, record = run(model, quantize.Config(exclude=("res",)),
-                         Context(calibration=data_for(model)))
+    _, record = run(model, quantize.Config(exclude=("res",)),
+                    Context(calibration=data_for(model)))
     assert "res" not in record.touched
     assert dict(record.skipped)["res"] == "excluded by 'res'"
 
