@@ -170,9 +170,19 @@ def histogram_mse(counts: np.ndarray, centers: np.ndarray, low: float, high: flo
 
 
 MSE_GRID = np.linspace(0.05, 1.0, 96)
+# The widest clip whose error is within this fraction of the least is taken. The error curve is
+# flat near its minimum, so its argmin moved by +-10 % of the range with any small change to the
+# histogram (an exact rewrite of the tensor, another calibration draw), and a range clipped too
+# far cost the layer's output more than the finer step gained (PP-OCRv4 det: 1.1 dB SQNR on one
+# pointwise Conv). Measured with 2 %: det map cosine .9848 -> .9896 and text-mask IoU .9601 ->
+# .9697 (64 pages), MiniLM static int8 with SmoothQuant auto 0.9975 -> 0.9978 (nearest-neighbour
+# agreement .938 -> .953), PP-OCRv4 rec within its noise (hard-line step cosine .9758 -> .9769).
+MSE_TOLERANCE = 0.02
 
 
 def mse_range(stats: TensorStats) -> tuple[float, float]:
+    """The clip of ``[min, max]`` (scaled by one factor of ``MSE_GRID``) with the least squared
+    quantization error over the histogram, widened to the widest within ``MSE_TOLERANCE``."""
     low, high = _clip_zero(stats.minimum, stats.maximum)
     if stats.counts.sum() == 0:
         return low, high
@@ -180,8 +190,9 @@ def mse_range(stats: TensorStats) -> tuple[float, float]:
     centers = (edges[:-1] + edges[1:]) / 2
     used = stats.counts > 0
     counts, centers = stats.counts[used].astype(np.float64), centers[used]
-    errors = [histogram_mse(counts, centers, c * low, c * high) for c in MSE_GRID]
-    best = float(MSE_GRID[int(np.argmin(errors))])
+    errors = np.array([histogram_mse(counts, centers, c * low, c * high) for c in MSE_GRID])
+    within = np.nonzero(errors <= errors.min() * (1.0 + MSE_TOLERANCE))[0]
+    best = float(MSE_GRID[within.max()])
     return best * low, best * high
 
 

@@ -106,6 +106,28 @@ def test_mse_range_minimizes_error_on_the_data():
     assert raw_mse(low, high) < raw_mse(values.min(), values.max())
 
 
+def test_mse_range_takes_the_widest_clip_near_the_least_error():
+    # A flat error minimum: the argmin alone moves with any small change to the histogram;
+    # the widest clip within MSE_TOLERANCE of it is taken, never a narrower one.
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.laplace(size=20000), rng.uniform(-12, 12, 40)])
+    stats = _stats([values.astype(np.float32)])
+    low, high = quantize_calib.mse_range(stats)
+    edges = stats.edges()
+    centers = (edges[:-1] + edges[1:]) / 2
+    used = stats.counts > 0
+    lo, hi = quantize_calib._clip_zero(stats.minimum, stats.maximum)
+    errors = np.array([quantize_calib.histogram_mse(stats.counts[used], centers[used], c * lo,
+                                                    c * hi) for c in quantize_calib.MSE_GRID])
+    argmin = float(quantize_calib.MSE_GRID[int(np.argmin(errors))])
+    chosen = high / hi
+    assert chosen >= argmin
+    assert errors[int(np.argmin(np.abs(quantize_calib.MSE_GRID - chosen)))] <= \
+        errors.min() * (1 + quantize_calib.MSE_TOLERANCE) + 1e-12
+    wider = quantize_calib.MSE_GRID > chosen + 1e-9
+    assert np.all(errors[wider] > errors.min() * (1 + quantize_calib.MSE_TOLERANCE))
+
+
 @pytest.mark.parametrize("method", quantize_calib.METHODS)
 def test_every_calibration_method_runs(method):
     model = conv_mlp()
