@@ -65,11 +65,10 @@ def _feeds_bias_add(tensor: gs.Tensor) -> bool:
             and any(constant_array(t) is not None for t in tensor.outputs[0].inputs))
 
 
-def tensor_shapes(proto) -> dict[str, list]:
-    """Every tensor's shape shape inference finds, by name (a dimension: its size, its name,
-    or None); best effort: empty where inference fails (a shape then counts as unknown)."""
-    import onnx
-
+def tensor_shapes(proto: onnx.ModelProto) -> dict[str, list]:
+    """Every tensor's shape that shape inference finds, by name (a dimension: its size, its
+    name, or None); best effort: empty where inference fails (a shape then counts as
+    unknown)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception as exc:  # noqa: BLE001 - unknown shapes keep the safe placement
