@@ -61,6 +61,20 @@ def _foldable(bn: gs.Node, graph: gs.Graph) -> tuple[gs.Node, list[np.ndarray]] 
     return conv, values
 
 
+def _replace_weights(graph: gs.Graph, conv: gs.Node, weight: np.ndarray, bias: np.ndarray,
+                     tag: str) -> None:
+    """Give ``conv`` a new constant weight and bias, named after the rewrite (``tag``); the old
+    ones stay for any other reader."""
+    conv.inputs[1] = gs.Constant(unique_name(graph, f"{conv.name}.W_{tag}"),
+                                 weight.astype(np.float32))
+    bias_constant = gs.Constant(unique_name(graph, f"{conv.name}.b_{tag}"),
+                                bias.astype(np.float32))
+    if len(conv.inputs) > 2:
+        conv.inputs[2] = bias_constant
+    else:
+        conv.inputs.append(bias_constant)
+
+
 def fold_batchnorms(graph: gs.Graph) -> list[str]:
     """Fold every foldable ``Conv -> BatchNormalization`` of ``graph`` (top level) in place;
     returns the folded BatchNormalization names."""
@@ -78,12 +92,7 @@ def fold_batchnorms(graph: gs.Graph) -> list[str]:
         k = (scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon))
         new_weight = (weight * k.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
         new_bias = (k * (bias.astype(np.float64) - mean) + shift).astype(np.float32)
-        conv.inputs[1] = gs.Constant(unique_name(graph, f"{conv.name}.W_bn_folded"), new_weight)
-        bias_constant = gs.Constant(unique_name(graph, f"{conv.name}.b_bn_folded"), new_bias)
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = bias_constant
-        else:
-            conv.inputs.append(bias_constant)
+        _replace_weights(graph, conv, new_weight, new_bias, "bn_folded")
         # The Conv now writes the BatchNormalization's output tensor; the BN is disconnected.
         out = bn.outputs[0]
         bn.outputs.clear()
@@ -148,14 +157,7 @@ def fold_affine(graph: gs.Graph) -> list[str]:
         if shift is not None:
             new_bias = new_bias + shift
             last, names = add, [mul.name, add.name]
-        conv.inputs[1] = gs.Constant(unique_name(graph, f"{conv.name}.W_affine_folded"),
-                                     new_weight.astype(np.float32))
-        bias_constant = gs.Constant(unique_name(graph, f"{conv.name}.b_affine_folded"),
-                                    new_bias.astype(np.float32))
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = bias_constant
-        else:
-            conv.inputs.append(bias_constant)
+        _replace_weights(graph, conv, new_weight, new_bias, "affine_folded")
         out = last.outputs[0]
         for node in {id(mul): mul, id(last): last}.values():
             node.outputs.clear()
@@ -216,14 +218,7 @@ def fold_affine_forward(graph: gs.Graph) -> list[str]:
         if shift is not None:
             bias = bias + matrix @ shift.astype(np.float64)
         new_weight = weight * scale.reshape(1, channels, *([1] * (rank - 2)))
-        conv.inputs[1] = gs.Constant(unique_name(graph, f"{conv.name}.W_input_affine_folded"),
-                                     new_weight.astype(np.float32))
-        bias_constant = gs.Constant(unique_name(graph, f"{conv.name}.b_input_affine_folded"),
-                                    bias.astype(np.float32))
-        if len(conv.inputs) > 2:
-            conv.inputs[2] = bias_constant
-        else:
-            conv.inputs.append(bias_constant)
+        _replace_weights(graph, conv, new_weight, bias, "input_affine_folded")
         steps = [n for n in (mul, add) if n is not None]
         conv.inputs[0] = source
         for node in steps:
