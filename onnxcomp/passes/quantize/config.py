@@ -93,9 +93,10 @@ class Config:
     min_opset: int | None = option(None, "raise the model to at least this opset before "
                                          "quantizing (openvino: 14, so HardSwish is written as "
                                          "the one op OpenVINO fuses)")
-    conv_adds: bool = option(True, "int8: QDQ on the Adds of two feature maps one of which a "
-                                   "Conv writes (residual, squeeze-excitation, feature-pyramid "
-                                   "Adds), so ONNX Runtime runs QLinearAdd")
+    conv_adds: bool = option(True, "int8: QDQ on a conv net's feature-map Adds (residual, "
+                                   "pyramid), squeeze-excitation Muls and Concats, and nearest "
+                                   "Resizes between them sharing one range, so ONNX Runtime "
+                                   "runs QLinearAdd / QLinearMul / QLinearConcat and uint8 Resize")
     # Off by default: not faster on PP-OCR rec, slower on MiniLM at 128 tokens.
     activation_matmuls: bool = option(False, "int8: QDQ on both inputs of activation x "
                                              "activation MatMuls too (-> QLinearMatMul)")
