@@ -6,8 +6,9 @@ GPTQ for int8 MatMul/Gemm weights (``int8_method = "gptq"``), alone and with equ
 SmoothQuant (``smoothquant_alpha``, MatMuls reading a LayerNormalization: MiniLM, PP-OCR rec's
 SVTR block) at 0.5 on LayerNormalization outputs, alone and with GPTQ, and with each tensor's
 alpha chosen on every MatMul input (``auto``, ``all``), against the plain pass (the defaults:
-int8-dynamic's include SmoothQuant auto on every MatMul input of a transformer, which its
-``dynamic_smoothquant=false`` row takes off). Fidelity only, no timing:
+both int8 modes include SmoothQuant auto on every MatMul input of a transformer, which the
+``dynamic_smoothquant=false`` / ``static_smoothquant=false`` rows take off). Fidelity only, no
+timing:
 - ppocr-rec, static int8: line and character accuracy on the zoo evaluation lines and on the
   held-out ``hard`` split (other fonts, longer lines, blur, noise, low contrast), beside float;
 - ppocr-det, static int8: cosine of the probability map against float and the IoU of the text
@@ -57,6 +58,7 @@ TECHNIQUES = {"plain": {}, "depthwise_equalize=false": {"depthwise_equalize": Fa
               "int8_method=gptq": {"int8_method": "gptq"},
               "equalize + int8_method=gptq": {"equalize": True, "int8_method": "gptq"},
               "dynamic_smoothquant=false": {"dynamic_smoothquant": False},
+              "static_smoothquant=false": {"static_smoothquant": False},
               "smoothquant_alpha=0.5": {"smoothquant_alpha": 0.5},
               "smoothquant_alpha=0.5 + int8_method=gptq": {"smoothquant_alpha": 0.5,
                                                           "int8_method": "gptq"},
@@ -158,6 +160,11 @@ def run_model(name: str, args, folder: Path) -> dict:
                 continue  # no MatMul/Gemm or LayerNormalization: nothing for these to act on
             if "dynamic_smoothquant" in fields and mode != "int8-dynamic":
                 continue  # int8-dynamic's default (with calibration data): its own row
+            if "static_smoothquant" in fields and (mode != "int8" or name != "minilm"):
+                continue  # static int8's default acts on transformers only: MiniLM's row
+            if mode == "int8" and fields.get("smoothquant_inputs") == "all" \
+                    and name == "minilm":
+                continue  # that is static int8's default on a transformer, its "plain" row
             if mode == "int8-dynamic" and fields.get("smoothquant_inputs") == "all":
                 continue  # that is int8-dynamic's default, its "plain" row
             config = quantize.Config(mode=mode, **fields)

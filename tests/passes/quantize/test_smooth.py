@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builders
 import numpy as np
 import pytest
 from quantize_graphs import data_for, matmul_model
@@ -108,6 +109,21 @@ def test_int8_dynamic_smooths_by_default_with_calibration_data_and_is_more_faith
     assert not any("smoothquant" in note.lower() for note in off.notes)
     held_out = data_for(model, count=1, scale=1.5)
     assert _rel_error(model, smoothed, held_out) < 0.5 * _rel_error(model, plain, held_out)
+
+
+def test_static_int8_smooths_transformers_by_default_and_is_more_faithful():
+    model = _outlier_ln_model()
+    data = data_for(model, count=8)
+    smoothed, record = run(model, quantize.Config(), Context(calibration=data))
+    assert any(note.startswith("smoothquant (alpha auto: ") for note in record.notes)
+    plain, off = run(model, quantize.Config(static_smoothquant=False), Context(calibration=data))
+    assert not any("smoothquant" in note.lower() for note in off.notes)
+    held_out = data_for(model, count=1, scale=1.5)
+    assert _rel_error(model, smoothed, held_out) < _rel_error(model, plain, held_out)
+    # No LayerNormalization-fed MatMul (a conv net, a plain MLP): nothing done, nothing said.
+    _, conv = run(builders.conv_net(), quantize.Config(),
+                  Context(calibration=data_for(builders.conv_net())))
+    assert not any("smoothquant" in note.lower() for note in conv.notes)
 
 
 def test_int8_dynamic_without_calibration_says_smoothquant_was_not_applied():
