@@ -200,18 +200,23 @@ def fold_affine_forward(graph: gs.Graph) -> list[str]:
             if (before is not None and before.op == "Mul" and _variable(before) is not None
                     and _only_reader(before.outputs[0], graph, "Add") is not None):
                 mul = before
-        shift = None if add is None else _per_channel(
-            _other_constant(add, mul.outputs[0] if mul is not None else _variable(add)),
-            channels, rank)
-        scale = None if mul is None else _per_channel(
-            _other_constant(mul, _variable(mul)), channels, rank)
-        if (add is not None and shift is None) or (mul is not None and scale is None):
+        source = _variable(mul if mul is not None else add)
+        add_constant = None if add is None else _other_constant(
+            add, mul.outputs[0] if mul is not None else source)
+        mul_constant = None if mul is None else _other_constant(mul, source)
+        shift = None if add is None else _per_channel(add_constant, channels, rank)
+        scale = None if mul is None else _per_channel(mul_constant, channels, rank)
+        if source is None or (add is not None and shift is None) or \
+                (mul is not None and scale is None):
+            continue
+        if any(c is not None and c.size > 1 for c in (add_constant, mul_constant)) and not (
+                source.shape is not None and len(source.shape) == rank
+                and source.shape[1] == channels):
+            # A per-channel constant could broadcast a narrower input up to the Conv's
+            # channels; folded, the Conv would read the narrower tensor. Only a known width.
             continue
         if scale is None:
             scale = np.ones(channels, np.float32)
-        source = _variable(mul if mul is not None else add)
-        if source is None:
-            continue
         bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
         bias = np.zeros(weight.shape[0], np.float64) if bias is None else bias.astype(np.float64)
         matrix = weight.reshape(weight.shape[0], channels).astype(np.float64)

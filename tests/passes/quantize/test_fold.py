@@ -209,7 +209,9 @@ def _forward_affine_net(kernel: int = 1, pads: int = 0, group: int = 1,
         outputs.append(helper.make_tensor_value_info("h", TensorProto.FLOAT, [2, c, 6, 6]))
     graph = helper.make_graph(
         nodes, "forward", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, c, 6, 6])],
-        outputs, [numpy_helper.from_array(v, k) for k, v in arrays.items()])
+        outputs, [numpy_helper.from_array(v, k) for k, v in arrays.items()],
+        # the per-channel shift folds only into a Conv whose input width is known
+        value_info=[helper.make_tensor_value_info("r", TensorProto.FLOAT, [2, c, 6, 6])])
     return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]))
 
 
@@ -234,13 +236,16 @@ def test_an_affine_step_before_a_pointwise_conv_folds_into_it_exactly():
         assert _forward(rewritten)[1] == []  # idempotent
 
 
-def test_a_padded_grouped_or_shared_step_stays_before_its_conv():
+def test_a_padded_grouped_shared_or_widening_step_stays_before_its_conv():
     # A padded border would read the shift where the original read 0; a grouped Conv reads
-    # each channel in its own group; a step read elsewhere must keep its value.
-    for kwargs in ({"kernel": 3, "pads": 1}, {"group": 2}, {"extra_reader": True}):
-        model = _forward_affine_net(**kwargs)
+    # each channel in its own group; a step read elsewhere must keep its value; a per-channel
+    # constant on an input of unknown width might broadcast it wider than it is.
+    unknown = _forward_affine_net()
+    del unknown.proto.graph.value_info[:]
+    for model in [_forward_affine_net(kernel=3, pads=1), _forward_affine_net(group=2),
+                  _forward_affine_net(extra_reader=True), unknown]:
         rewritten, names = _forward(model)
-        assert names == [], kwargs
+        assert names == []
         assert rewritten.proto.graph.node[1].op_type == "Mul"
 
 
