@@ -188,7 +188,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         prepared = depthwise.run(prepared, {s.node for s in quant_plan.sites}, ctx.calibration,
                                  applied.notes)
     smoothing = config.smoothing(ctx.calibration is not None)
-    # Asked for, it says when it found nothing. int8-dynamic's default acts on transformers (a
+    # Asked for, it says when it found nothing. The int8 modes' default acts on transformers (a
     # planned MatMul reads a LayerNormalization), where it was measured, and stays quiet else.
     by_default = config.smoothquant_alpha is None
     if smoothing is not None and (not by_default or stats.smoothable(

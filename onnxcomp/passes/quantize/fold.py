@@ -105,7 +105,7 @@ def fold_batchnorms(graph: gs.Graph) -> list[str]:
 
 
 def _per_channel(values: np.ndarray | None, channels: int, rank: int) -> np.ndarray | None:
-    """``values`` as one float per output channel when it broadcasts that way against an NC...
+    """``values`` as one float per channel (axis 1) when it broadcasts that way against an NC...
     tensor of ``rank`` dims (a scalar, ``[C, 1, ..]`` or ``[1, C, 1, ..]``); else None."""
     if values is None or values.dtype != np.float32:
         return None
