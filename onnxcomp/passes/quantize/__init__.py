@@ -216,6 +216,11 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.details["bias_correction_skipped"] = [{"node": n, "why": w} for n, w in left]
     if collected is None:
         collected = stats.statistics(prepared, recurrent.calibrated(quant_plan), config, ctx)
+    saturated = getattr(collected, "saturated", None)
+    if saturated:
+        applied.notes.append(f"calibrated {len(saturated)} tensors that only saturating ops "
+                             f"read (HardSwish, HardSigmoid, Relu, Clip) as clipped at their "
+                             f"bounds, ranges chosen by the readers' output error")
     if config.mode == "int8":  # body sites no calibration data reached stay float, said so
         quant_plan = reached(quant_plan, collected, import_graph(prepared))
     result = rewrite.rewrite(prepared, quant_plan, config, collected)

@@ -79,6 +79,28 @@ class TensorStats:
     def edges(self) -> np.ndarray:
         return np.linspace(-self.bound, self.bound, self.bins + 1)
 
+    def clamped(self, low: float, high: float) -> TensorStats:
+        """These statistics for ``clip(x, low, high)``: the counts of the bins below ``low``
+        (above ``high``) move into the bin that holds it; min and max are clipped."""
+        minimum, maximum = max(self.minimum, low), min(self.maximum, high)
+        if minimum > maximum:  # every value on one side: all of them become that bound
+            minimum = maximum = low if self.maximum < low else high
+        counts = self.counts.copy()
+        if counts.size:
+            edges = self.edges()
+            last = counts.size - 1
+            for bound, side in ((low, "below"), (high, "above")):
+                if not np.isfinite(bound):
+                    continue
+                at = int(np.clip(np.searchsorted(edges, bound, side="right") - 1, 0, last))
+                if side == "below":
+                    counts[at] += counts[:at].sum()
+                    counts[:at] = 0
+                else:
+                    counts[at] += counts[at + 1:].sum()
+                    counts[at + 1:] = 0
+        return TensorStats(self.bins, minimum, maximum, self.bound, counts, self.channel_absmax)
+
 
 def _clip_zero(low: float, high: float) -> tuple[float, float]:
     return min(low, 0.0), max(high, 0.0)
@@ -162,10 +184,15 @@ def quant_params(low: float, high: float, qmin: int = 0, qmax: int = 255
     return float(scale), zero_point
 
 
-def histogram_mse(counts: np.ndarray, centers: np.ndarray, low: float, high: float) -> float:
+def histogram_mse(counts: np.ndarray, centers: np.ndarray, low: float, high: float,
+                  reader: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
+    """The squared quantization error over the histogram; with ``reader``, the error of the
+    tensor's reader's output (``reader(dequantized) - reader(x)``)."""
     scale, zero_point = quant_params(low, high)
     q = np.clip(np.round(centers / scale) + zero_point, 0, 255)
-    error = (q - zero_point) * scale - centers
+    dequantized = (q - zero_point) * scale
+    error = (reader(dequantized) - reader(centers) if reader is not None
+             else dequantized - centers)
     return float(np.sum(counts * error * error))
 
 
@@ -180,9 +207,12 @@ MSE_GRID = np.linspace(0.05, 1.0, 96)
 MSE_TOLERANCE = 0.02
 
 
-def mse_range(stats: TensorStats) -> tuple[float, float]:
+def mse_range(stats: TensorStats, fixed: tuple[bool, bool] = (False, False),
+              reader: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[float, float]:
     """The clip of ``[min, max]`` (scaled by one factor of ``MSE_GRID``) with the least squared
-    quantization error over the histogram, widened to the widest within ``MSE_TOLERANCE``."""
+    quantization error over the histogram, widened to the widest within ``MSE_TOLERANCE``.
+    ``fixed``: whether the low / high end stays where it is (a bound the tensor's readers
+    saturate at, ``TensorStats.clamped``: the values piled up there must stay exact)."""
     low, high = _clip_zero(stats.minimum, stats.maximum)
     if stats.counts.sum() == 0:
         return low, high
@@ -190,13 +220,18 @@ def mse_range(stats: TensorStats) -> tuple[float, float]:
     centers = (edges[:-1] + edges[1:]) / 2
     used = stats.counts > 0
     counts, centers = stats.counts[used].astype(np.float64), centers[used]
-    errors = np.array([histogram_mse(counts, centers, c * low, c * high) for c in MSE_GRID])
+    lows = np.full(MSE_GRID.size, low) if fixed[0] else MSE_GRID * low
+    highs = np.full(MSE_GRID.size, high) if fixed[1] else MSE_GRID * high
+    errors = np.array([histogram_mse(counts, centers, a, b, reader)
+                       for a, b in zip(lows, highs)])
     within = np.nonzero(errors <= errors.min() * (1.0 + MSE_TOLERANCE))[0]
-    best = float(MSE_GRID[within.max()])
-    return best * low, best * high
+    best = int(within.max())
+    return float(lows[best]), float(highs[best])
 
 
-def tensor_range(stats: TensorStats, method: str, percentile: float = 99.99
+def tensor_range(stats: TensorStats, method: str, percentile: float = 99.99,
+                 fixed: tuple[bool, bool] = (False, False),
+                 reader: Callable[[np.ndarray], np.ndarray] | None = None
                  ) -> tuple[float, float]:
     if method == "minmax":
         return _clip_zero(stats.minimum, stats.maximum) if np.isfinite(stats.minimum) else (0, 0)
@@ -207,7 +242,7 @@ def tensor_range(stats: TensorStats, method: str, percentile: float = 99.99
     if method == "entropy":
         return entropy_range(stats)
     if method == "mse":
-        return mse_range(stats)
+        return mse_range(stats, fixed, reader)
     raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -239,12 +274,15 @@ def collect(model: Model, names: Sequence[str], data: Dataset,
 
 
 class Ranges(dict):
-    """Activation ranges by tensor name, and ``missing``: the tensors no calibration value
-    reached (inside a body the data never ran), with why."""
+    """Activation ranges by tensor name, ``missing``: the tensors no calibration value reached
+    (inside a body the data never ran), with why, and ``saturated``: those calibrated as clipped
+    where all their readers saturate (``placement.saturation_bounds``)."""
 
-    def __init__(self, values: dict[str, tuple[float, float]], missing: dict[str, str]):
+    def __init__(self, values: dict[str, tuple[float, float]], missing: dict[str, str],
+                 saturated: Sequence[str] = ()):
         super().__init__(values)
         self.missing = missing
+        self.saturated = list(saturated)  # calibrated as clipped where their readers saturate
 
 
 def collect_scoped(model: Model, names: Sequence[str], data: Dataset

@@ -104,6 +104,10 @@ class Config:
                                    "pyramid), squeeze-excitation Muls and Concats, and nearest "
                                    "Resizes between them sharing one range, so ONNX Runtime "
                                    "runs QLinearAdd / QLinearMul / QLinearConcat and uint8 Resize")
+    saturation_ranges: bool = option(True, "int8: a tensor only saturating ops read (HardSwish "
+                                           "below -3, HardSigmoid, Relu, Clip) is calibrated "
+                                           "as clipped at their bounds (exact: the readers' "
+                                           "outputs are the same past them)")
     # Off by default: not faster on PP-OCR rec, slower on MiniLM at 128 tokens.
     activation_matmuls: bool = option(False, "int8: QDQ on both inputs of activation x "
                                              "activation MatMuls too (-> QLinearMatMul)")

@@ -71,11 +71,25 @@ def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
     # Tensors inside If/Loop/Scan bodies are calibrated on each body run alone; those of a body
     # the data never ran get no range (``match.reached`` keeps their sites float).
     stats, missing = quantize_calib.collect_scoped(model, names, ctx.calibration)
-    ranges = {name: quantize_calib.tensor_range(stats[name], config.calibration,
-                                                config.percentile)
+    # A tensor only saturating ops read (HardSwish below -3, ...) is calibrated as clipped at
+    # their bound, which stays put (the values piled up there must stay exact), and its range is
+    # chosen by the error of what the readers compute.
+    saturated = (placement.saturation_bounds(model.proto.graph, names)
+                 if config.saturation_ranges else {})
+    fixed = {}
+    for name, bound in list(saturated.items()):
+        if name not in stats or not np.isfinite(stats[name].minimum):
+            del saturated[name]
+            continue
+        stats[name] = stats[name].clamped(bound.low, bound.high)
+        fixed[name] = (stats[name].minimum == bound.low, stats[name].maximum == bound.high)
+    ranges = {name: quantize_calib.tensor_range(
+                  stats[name], config.calibration, config.percentile,
+                  fixed.get(name, (False, False)),
+                  saturated[name].function if name in saturated else None)
               for name in names if name in stats}
     placement.shared_ranges(model.proto.graph, ranges)
-    return quantize_calib.Ranges(ranges, missing)
+    return quantize_calib.Ranges(ranges, missing, sorted(saturated))
 
 
 def smoothable(model: Model, quant_plan: QuantPlan, inputs: str = "norm") -> bool:

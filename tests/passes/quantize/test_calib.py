@@ -152,3 +152,43 @@ def test_histogram_survives_activations_near_the_float32_limit():
     stats.update(np.array([1.0, 3e38, -3e38], np.float32))
     stats.update(np.array([3.3e38], np.float32))
     assert stats.counts.sum() == 4 and np.isfinite(stats.bound)
+
+
+def test_clamped_statistics_pile_the_values_past_a_bound_onto_it():
+    rng = np.random.default_rng(0)
+    values = rng.normal(0.0, 3.0, 20000).astype(np.float32)
+    stats = quantize_calib.TensorStats()
+    stats.update(values)
+    clamped = stats.clamped(-3.0, np.inf)
+    assert clamped.minimum == -3.0 and clamped.maximum == stats.maximum
+    assert clamped.counts.sum() == stats.counts.sum()
+    edges = clamped.edges()
+    # Nothing left below the bin that holds -3; that bin holds every value below it.
+    at = int(np.searchsorted(edges, -3.0, side="right") - 1)
+    assert clamped.counts[:at].sum() == 0
+    assert clamped.counts[at] >= np.sum(values < edges[at])
+    assert stats.minimum < -3.0  # the original is not changed
+
+
+def test_mse_range_keeps_a_fixed_end_and_weighs_the_readers_error():
+    rng = np.random.default_rng(1)
+    stats = quantize_calib.TensorStats()
+    stats.update(np.concatenate([rng.normal(-8.0, 2.0, 5000), rng.exponential(1.0, 20000)]))
+    clamped = stats.clamped(-3.0, np.inf)
+    low, high = quantize_calib.mse_range(clamped, (True, False))
+    assert low == -3.0 and high <= clamped.maximum
+    # Chosen by HardSwish's output error, the range is no worse by that error than the one
+    # chosen by the tensor's own (up to the widening tolerance).
+    def hardswish(x):
+        return x * np.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+    by_reader = quantize_calib.mse_range(clamped, (True, False), hardswish)
+    assert by_reader[0] == -3.0
+    edges = clamped.edges()
+    centers, counts = (edges[:-1] + edges[1:]) / 2, clamped.counts.astype(np.float64)
+
+    def reader_error(bounds):
+        return quantize_calib.histogram_mse(counts, centers, *bounds, hardswish)
+
+    assert reader_error(by_reader) <= reader_error((low, high)) * (
+        1 + quantize_calib.MSE_TOLERANCE)

@@ -132,3 +132,73 @@ def test_an_add_fed_by_a_resize_of_a_conv_output_is_quantized_too():
     assert "skip" in record.touched
     reference = runtime.run_model(model, {"x": x})["y"]
     assert _cosine(reference, runtime.run_model(result, {"x": x})["y"]) > 0.99
+
+
+# --- saturation ranges ---------------------------------------------------------------------------
+
+def _hardswish_net(bias: float = -6.0) -> Model:
+    """x -> Conv (a negative bias: a long tail below -3) -> HardSwish -> Conv -> y, opset 14."""
+    b = builders.GraphBuilder(seed=5)
+    conv = b.node("Conv", ["x", b.weight("c1.w", (8, 3, 3, 3), 1.0),
+                           b.const("c1.b", np.full(8, bias, np.float32))], "c1",
+                  kernel_shape=[3, 3], pads=[1] * 4)
+    act = b.node("HardSwish", [conv], "hs")
+    b.node("Conv", [act, b.weight("c2.w", (4, 8, 1, 1), 0.3)], "c2", outputs=["y"])
+    return b.model([builders.tensor("x", [1, 3, 10, 10])],
+                   [builders.tensor("y", [1, 4, 10, 10])], 14, "hardswish_net")
+
+
+def _output_range(result: Model, tensor: str) -> tuple[float, float]:
+    scale = float(_initializer(result, f"{tensor}_scale"))
+    zero_point = int(_initializer(result, f"{tensor}_zero_point"))
+    return -zero_point * scale, (255 - zero_point) * scale
+
+
+def test_a_tensor_only_hardswish_reads_is_calibrated_from_minus_three_and_is_more_faithful():
+    model = _hardswish_net()
+    data = data_for(model, 8)
+    on, record = run(model, quantize.Config(), Context(calibration=data))
+    off, _ = run(model, quantize.Config(saturation_ranges=False), Context(calibration=data))
+    assert any("1 tensors that only saturating ops read" in n for n in record.notes)
+    low_on, high_on = _output_range(on, "c1")
+    low_off, _ = _output_range(off, "c1")
+    assert low_off < -6.0  # the tail the plain MSE range spends levels on
+    assert -3.05 <= low_on <= -2.95  # the bound stays (within one step), nothing below it
+    errors = {}
+    for label, result in (("on", on), ("off", off)):
+        errors[label] = np.mean([np.mean((runtime.run_model(model, batch)["y"]
+                                          - runtime.run_model(result, batch)["y"]) ** 2)
+                                 for batch in data])
+    assert errors["on"] < 0.7 * errors["off"], errors
+
+
+def test_saturation_bounds_need_every_reader_to_saturate():
+    from onnxcomp.passes.quantize import placement
+
+    b = builders.GraphBuilder(seed=1)
+    b.node("HardSwish", ["a"], "hs1", outputs=["a1"])
+    b.node("HardSwish", ["a"], "hs2", outputs=["a2"])
+    b.node("HardSwish", ["m"], "hs3", outputs=["m1"])
+    b.node("Add", ["m", "m1"], "mix", outputs=["m2"])
+    b.node("HardSigmoid", ["g"], "gate", outputs=["g1"], alpha=0.25, beta=0.5)
+    b.node("Clip", ["c", b.const("lo", np.float32(-1)), b.const("hi", np.float32(2))], "clip",
+           outputs=["c1"])
+    b.node("Relu", ["r"], "relu", outputs=["r1"])
+    b.node("Clip", ["c", b.const("lo2", np.float32(0))], "clip2", outputs=["c2"])
+    b.node("Clip", ["d", "m2"], "clip3", outputs=["d1"])  # a bound computed at run time
+    b.node("Relu", ["o"], "relu_o", outputs=["o1"])
+    names = ["a", "m", "g", "c", "r", "d", "o"]
+    inputs = [builders.tensor(n, [2, 3]) for n in names]
+    outputs = [builders.tensor(n, [2, 3]) for n in ("a1", "a2", "m2", "g1", "c1", "c2", "r1",
+                                                     "d1", "o1", "o")]
+    graph = b.model(inputs, outputs, 14).proto.graph
+    found = placement.saturation_bounds(graph, names)
+    assert set(found) == {"a", "g", "c", "r"}  # m: an Add reads it; d: its Clip's bound is
+    assert (found["a"].low, found["a"].high) == (-3.0, np.inf)  # not constant; o: an output
+    assert (found["g"].low, found["g"].high) == (-2.0, 2.0)
+    assert (found["c"].low, found["c"].high) == (-1.0, np.inf)  # [-1, 2] and [0, inf)
+    assert found["c"].function is None  # two Clips with other bounds: no one function
+    assert (found["r"].low, found["r"].high) == (0.0, np.inf)
+    x = np.linspace(-5, 5, 11)
+    np.testing.assert_allclose(found["a"].function(x), x * np.clip(x + 3, 0, 6) / 6)
+    np.testing.assert_allclose(found["g"].function(x), np.clip(0.25 * x + 0.5, 0, 1))
