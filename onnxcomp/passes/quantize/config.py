@@ -168,7 +168,8 @@ class Config:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] or auto, got {alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
                      "activation_matmuls", "equalize", "fold", "depthwise_equalize",
-                     "dynamic_smoothquant", "static_smoothquant", "conv_adds"):
+                     "dynamic_smoothquant", "static_smoothquant", "conv_adds",
+                     "saturation_ranges"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -160,7 +160,7 @@ def test_a_tensor_only_hardswish_reads_is_calibrated_from_minus_three_and_is_mor
     on, record = run(model, quantize.Config(), Context(calibration=data))
     off, _ = run(model, quantize.Config(saturation_ranges=False), Context(calibration=data))
     assert any("1 tensors that only saturating ops read" in n for n in record.notes)
-    low_on, high_on = _output_range(on, "c1")
+    low_on, _ = _output_range(on, "c1")
     low_off, _ = _output_range(off, "c1")
     assert low_off < -6.0  # the tail the plain MSE range spends levels on
     assert -3.05 <= low_on <= -2.95  # the bound stays (within one step), nothing below it
@@ -202,3 +202,10 @@ def test_saturation_bounds_need_every_reader_to_saturate():
     x = np.linspace(-5, 5, 11)
     np.testing.assert_allclose(found["a"].function(x), x * np.clip(x + 3, 0, 6) / 6)
     np.testing.assert_allclose(found["g"].function(x), np.clip(0.25 * x + 0.5, 0, 1))
+
+
+def test_saturation_ranges_is_a_boolean():
+    import pytest
+
+    with pytest.raises(ValueError, match="saturation_ranges must be true or false"):
+        quantize.Config(saturation_ranges="yes")
