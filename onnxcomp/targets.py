@@ -124,7 +124,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         # NNCF does) lets OpenVINO fuse the Mul into them and raised the sentence cosine.
         int8_overrides=("quantize.op_types=Conv,ConvTranspose,MatMul,Gemm",
                         "quantize.min_opset=14", "quantize.bias_correction=weights",
-                        "quantize.smoothquant_alpha=0.5", "quantize.conv_adds=false"),
+                        "quantize.smoothquant_alpha=0.5", "quantize.conv_adds=false",
+                        "quantize.integer_hardswish=false"),
         check="openvino",
         rules=(("QDQ (read as FakeQuantize) on the activation and weight inputs of Conv, "
                 "ConvTranspose, MatMul and Gemm: the CPU plugin runs them as u8 x i8 kernels "
@@ -170,7 +171,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target(
         "qnn", "Qualcomm QNN EP, HTP (NPU) backend",
         runtime="onnxruntime", provider="qnn", modes=("int8", "fp16"),
-        overrides=("quantize.output_qdq=all", "quantize.activation_matmuls=true"),
+        # HTP has a quantized HardSwish of its own: ort-cpu's QLinearAdd + QLinearMul form of
+        # it would only add ops.
+        overrides=("quantize.output_qdq=all", "quantize.activation_matmuls=true",
+                   "quantize.integer_hardswish=false"),
         activation_dtypes=("uint8", "uint16"), weight_dtypes=("uint8", "int8"),
         float_ops="none should (HTP runs a fully quantized graph); the pass leaves every op "
                   "but Conv/MatMul/Gemm float: see missing",

@@ -10,7 +10,10 @@ place (``rewrite.py``):
   planned nodes (and on Conv outputs, ``output_qdq="conv"``), the form ONNX Runtime fuses into
   QLinearConv / QLinearMatMul / MatMulIntegerToFloat; a conv net's feature-map Adds,
   squeeze-excitation Muls and Concats too (``conv_adds``: QLinearAdd / QLinearMul /
-  QLinearConcat; ``placement.py``, which also places the output pairs). Needs calibration data.
+  QLinearConcat; ``placement.py``, which also places the output pairs); a tensor only
+  saturating ops read (HardSwish below -3, ...) calibrated as clipped there
+  (``saturation_ranges``); a HardSwish between two pairs as QLinearAdd + QLinearMul
+  (``integer_hardswish``, ``hardswish.py``). Needs calibration data.
 - ``int8-dynamic``: int8 weights, activations quantized at run time (DynamicQuantizeLinear +
   MatMulInteger, fused by ONNX Runtime into DynamicQuantizeMatMul). MatMul/Gemm by default.
 - ``int4``: blockwise 4-bit MatMul weights, as com.microsoft.MatMulNBits or opset-21 QDQ; with
@@ -57,6 +60,7 @@ from onnxcomp.passes.quantize import (
     fidelity,
     gptq,
     half,
+    hardswish,
     prepare,
     recurrent,
     rewrite,
@@ -235,6 +239,10 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     kept_float = {s.node for s in planned.sites.sites} - {s.node for s in final.sites}
     applied.skipped = [(node, why) for node, why in final.skipped if node in kept_float]
     applied.details["plan"] = final.describe()
+    integer = hardswish.count(result.proto.graph)
+    if integer:
+        applied.notes.append(f"{integer} HardSwish run on uint8 as QLinearAdd + QLinearMul "
+                             f"(x * clip(x/6 + 1/2, 0, 1); integer_hardswish)")
     if not final.sites:  # every site went back to float to meet min_cosine
         return applied
     applied.model, applied.modified = result, True

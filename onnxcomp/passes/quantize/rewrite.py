@@ -38,6 +38,7 @@ from onnxcomp.passes.quantize import attention as quantize_attention
 from onnxcomp.passes.quantize import calib as quantize_calib
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize import gptq as quantize_gptq
+from onnxcomp.passes.quantize import hardswish as quantize_hardswish
 from onnxcomp.passes.quantize import int4 as quantize_int4
 from onnxcomp.passes.quantize import int8 as quantize_int8
 from onnxcomp.passes.quantize import recurrent as quantize_recurrent
@@ -68,6 +69,8 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
                                                 if s.op in quantize_recurrent.OPS])
     if config.mode == "int8":
         _static(graph, nodes, sites, stats, holders)
+        if config.integer_hardswish:
+            quantize_hardswish.rewrite(graph)
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy
