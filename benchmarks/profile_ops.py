@@ -38,7 +38,8 @@ from onnxcomp.report import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "quantize.md"
-VARIANTS = {"int8 (fold = false)": {"fold": "false"}, "int8": {}}
+VARIANTS = {"int8 (fold = false)": {"fold": "false"},
+            "int8 (integer_hardswish = false)": {"integer_hardswish": "false"}, "int8": {}}
 
 
 def profile(path: Path, feeds: dict, threads: int, runs: int, folder: Path

@@ -1,6 +1,8 @@
 """Each pre-quantization technique of the quantize pass on and off, same models and data, one run.
 
-Techniques: cross-layer equalization (``equalize``), bias correction (``bias_correction``:
+Techniques: depthwise input equalization, saturation ranges (a tensor only HardSwish/HardSigmoid/
+Relu/Clip read, calibrated clipped at their bounds) and HardSwish on uint8 (``integer_hardswish``),
+each taken off on its own row (they are defaults); cross-layer equalization (``equalize``), bias correction (``bias_correction``:
 ``weights``, and ``all`` which with static int8 also corrects the inputs' rounding and clipping)
 GPTQ for int8 MatMul/Gemm weights (``int8_method = "gptq"``), alone and with equalization, and
 SmoothQuant (``smoothquant_alpha``, MatMuls reading a LayerNormalization: MiniLM, PP-OCR rec's
@@ -50,6 +52,8 @@ BEGIN, END = "<!-- quantize_ablation:begin -->", "<!-- quantize_ablation:end -->
 # "plain" is the defaults (depthwise input equalization on since 2026-12-06): its own row
 # takes it off.
 TECHNIQUES = {"plain": {}, "depthwise_equalize=false": {"depthwise_equalize": False},
+              "saturation_ranges=false": {"saturation_ranges": False},
+              "integer_hardswish=false": {"integer_hardswish": False},
               "equalize": {"equalize": True},
               "bias_correction=weights": {"bias_correction": "weights"},
               "bias_correction=all": {"bias_correction": "all"},
@@ -152,8 +156,9 @@ def run_model(name: str, args, folder: Path) -> dict:
     variants = [*TECHNIQUES.items(), (f"plain, calibration[:{len(subset)}]", {})]
     for mode in MODES[name]:
         for technique, fields in variants:
-            if name == "minilm" and (fields.get("equalize") or "depthwise_equalize" in fields):
-                continue  # no Conv: nothing to equalize
+            if name == "minilm" and (fields.get("equalize") or "depthwise_equalize" in fields
+                                     or {"saturation_ranges", "integer_hardswish"} & set(fields)):
+                continue  # no Conv, no HardSwish: nothing to equalize or saturate
             if mode != "int8" and fields.get("bias_correction") == "all":
                 continue  # the same as "weights" without static input quantizers
             if name == "ppocr-det" and {"int8_method", "smoothquant_alpha"} & set(fields):
