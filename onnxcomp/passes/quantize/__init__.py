@@ -29,7 +29,7 @@ default): each depthwise Conv's input channels brought to one range, the inverse
 (``depthwise.py``, an exact float rewrite measured on the calibration data). When asked:
 cross-layer equalization of Conv -> Relu-like -> Conv chains
 (``equalize.py``, an exact float rewrite, listed in the plan's notes), SmoothQuant
-(``smooth.py``), int8 GPTQ of MatMul/Gemm weights (``gptq.run_int8``), bias correction of each
+(``smooth.py``), int8 GPTQ of MatMul/Gemm and pointwise Conv weights (``gptq.run_int8``), bias correction of each
 layer's error mean (``bias.py``).
 Then, with calibration data (scored on the held-out ``ctx.evaluation`` when given): per-layer
 SQNR, and with ``min_cosine`` automatic mixed precision (``fidelity.py``): int8 modes return the
@@ -205,7 +205,9 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
                              "not applied; with it transformers are more faithful (MiniLM "
                              "held-out sentence cosine 0.9938 -> 0.9985)")
     if config.int8_gptq:  # weights onto the int8 grid, compensated; bias correction sees them
-        prepared, left = gptq.run_int8(prepared, quant_plan.sites, ctx.calibration,
+        # Pointwise Convs too in static int8 (per-channel int8 weights there, like its grid).
+        gptq_sites = [s for s in quant_plan.sites if s.op != "Conv" or config.mode == "int8"]
+        prepared, left = gptq.run_int8(prepared, gptq_sites, ctx.calibration,
                                        applied.notes, ctx.progress)
         applied.details["int8_gptq_skipped"] = [{"node": n, "why": w} for n, w in left]
     collected = None

@@ -49,7 +49,8 @@ class Config:
                                     "(no clipping)")
     int4_method: str = option("rtn", "int4: rtn (round to nearest) | gptq (error compensation "
                                      "from calibration data)")
-    int8_method: str = option("rtn", "int8 / int8-dynamic MatMul/Gemm weights: rtn (round to "
+    int8_method: str = option("rtn", "int8 / int8-dynamic MatMul/Gemm weights (and static "
+                                     "int8's pointwise Convs): rtn (round to "
                                      "nearest) | gptq (error compensation on calibration data, "
                                      "per channel)")
     min_cosine: float | None = option(None, "model output cosine to meet: int8 keeps the most "

@@ -62,7 +62,7 @@ def test_pass_layer_error_never_exceeds_rtn_in_onnx_runtime(mode):
             for key in err:
                 out = runtime.run(sessions[key], batch)
                 err[key] += sum(float(np.sum((out[y] - ref[y]) ** 2)) for y in ("y", "y2"))
-        assert err["g"] < err["r"], err
+        assert err["g"] < err["r"], (err, record.notes)
     # the stored int8 levels are what quantize_int8 computed
     weight = numpy_helper.to_array(model.graph.initializer[0])
     x = np.concatenate([b["x"].reshape(-1, 72) for b in calib]).astype(np.float64)
@@ -81,3 +81,47 @@ def test_config_checks_and_calibration_need():
     assert quantize.PASS.capabilities.needs_calibration(
         quantize.Config(mode="int8-dynamic", int8_method="gptq")) == "int8-dynamic with GPTQ"
     assert not quantize.Config(mode="int4", int8_method="gptq").int8_gptq
+
+
+def _pointwise_net():
+    import builders
+
+    b = builders.GraphBuilder(seed=11)
+    b.node("Conv", ["x", b.weight("p1.w", (8, 16, 1, 1), 0.25), b.weight("p1.b", (8,), 0.1)],
+           "p1", outputs=["y"])
+    b.node("Conv", ["x", b.weight("dw.w", (16, 1, 3, 3), 0.3)], "spatial", outputs=["z"],
+           kernel_shape=[3, 3], pads=[1] * 4, group=16)
+    return b.model([builders.tensor("x", [2, 16, 6, 6])],
+                   [builders.tensor("y", [2, 8, 6, 6]), builders.tensor("z", [2, 16, 6, 6])],
+                   13, "pointwise_net")
+
+
+def test_static_int8_gptq_compensates_pointwise_convs():
+    """A 1x1 Conv is a MatMul over its input's pixels: the pass stores GPTQ's levels for it,
+    computed from the pixels' statistics, whose error on the calibration pixels is below
+    round-to-nearest's; a depthwise Conv is left to round-to-nearest, saying why."""
+    from onnxcomp import calibration
+
+    model = _pointwise_net()
+    x = correlated(8, 72, 16, seed=5)
+    calib = calibration.from_batches([{"x": np.ascontiguousarray(
+        xi.reshape(2, 6, 6, 16).transpose(0, 3, 1, 2))} for xi in x])
+    gptq, record = quantize.PASS.run(model, quantize.Config(int8_method="gptq"),
+                                     Context(calibration=calib))
+    assert any(n.startswith("int8 GPTQ: 1 layers (1 pointwise Convs)") for n in record.notes)
+    skipped = record.details["int8_gptq_skipped"]
+    assert [s["node"] for s in skipped] == ["spatial"] and "1x1" in skipped[0]["why"]
+    weight = numpy_helper.to_array(next(i for i in model.graph.initializer
+                                        if i.name == "p1.w"))[:, :, 0, 0].T  # [C_in, C_out]
+    pixels = np.concatenate([b["x"].transpose(0, 2, 3, 1).reshape(-1, 16)
+                             for b in calib]).astype(np.float64)
+    want, keep = quantize_gptq.quantize_int8(weight, pixels.T @ pixels, pixels.shape[0])
+    assert keep.sum() > 0
+    stored = [numpy_helper.to_array(i) for i in gptq.graph.initializer
+              if numpy_helper.to_array(i).dtype == np.int8
+              and numpy_helper.to_array(i).shape == (8, 16, 1, 1)]
+    q_want, _ = quantize_int8.symmetric_int8(np.ascontiguousarray(want.T), 0)
+    assert len(stored) == 1 and np.array_equal(stored[0][:, :, 0, 0], q_want)
+    errors = _column_errors(weight, want, pixels)
+    assert np.all(errors <= _column_errors(weight, _rtn(weight), pixels) * (1 + 1e-9))
+    assert errors.sum() < _column_errors(weight, _rtn(weight), pixels).sum()
