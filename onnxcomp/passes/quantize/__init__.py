@@ -207,8 +207,9 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     if config.int8_gptq:  # weights onto the int8 grid, compensated; bias correction sees them
         # Pointwise Convs too in static int8 (per-channel int8 weights there, like its grid).
         gptq_sites = [s for s in quant_plan.sites if s.op != "Conv" or config.mode == "int8"]
+        seen = (config.calibration, config.percentile) if config.mode == "int8" else None
         prepared, left = gptq.run_int8(prepared, gptq_sites, ctx.calibration,
-                                       applied.notes, ctx.progress)
+                                       applied.notes, ctx.progress, seen)
         applied.details["int8_gptq_skipped"] = [{"node": n, "why": w} for n, w in left]
     collected = None
     if config.bias_correction != "none":  # last: it corrects the weights as they are stored
