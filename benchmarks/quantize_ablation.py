@@ -161,8 +161,8 @@ def run_model(name: str, args, folder: Path) -> dict:
                 continue  # no Conv, no HardSwish: nothing to equalize or saturate
             if mode != "int8" and fields.get("bias_correction") == "all":
                 continue  # the same as "weights" without static input quantizers
-            if name == "ppocr-det" and {"int8_method", "smoothquant_alpha"} & set(fields):
-                continue  # no MatMul/Gemm or LayerNormalization: nothing for these to act on
+            if name == "ppocr-det" and "smoothquant_alpha" in fields:
+                continue  # no LayerNormalization or MatMul: nothing for SmoothQuant to act on
             if "dynamic_smoothquant" in fields and mode != "int8-dynamic":
                 continue  # int8-dynamic's default (with calibration data): its own row
             if "static_smoothquant" in fields and (mode != "int8" or name != "minilm"):
