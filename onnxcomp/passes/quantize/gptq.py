@@ -228,12 +228,12 @@ def quantize_int8(weight: np.ndarray, hessian: np.ndarray, rows: int, damp: floa
     mean diagonal) with ``X~^T X~``, and each column is kept only where it beats round-to-nearest
     of ``W`` on that error. Only from ``SEEN_ROWS_PER_INPUT`` calibration rows per input on (a
     conv's pixels; rarely a transformer's tokens); from fewer, the float-input fit above."""
-    if quantized is not None and rows >= SEEN_ROWS_PER_INPUT * np.shape(weight)[0]:
-        return _quantize_int8_seen(weight, hessian, damp, quantized)
     w0 = np.asarray(weight, np.float64)
-    k, n = w0.shape
+    k = w0.shape[0]
     if hessian.shape != (k, k):
         raise ValueError(f"hessian of shape {hessian.shape} for a weight with {k} rows")
+    if quantized is not None and rows >= SEEN_ROWS_PER_INPUT * k:
+        return _quantize_int8_seen(weight, hessian, damp, quantized)
     levels_rtn, scale = symmetric_int8(weight.astype(np.float32), 1)
     s = scale.astype(np.float64)
     rtn = levels_rtn.astype(np.float64) * s
@@ -242,18 +242,7 @@ def quantize_int8(weight: np.ndarray, hessian: np.ndarray, rows: int, damp: floa
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices(k)] += damp * float(np.mean(np.diag(h)))
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T
-    w = w0.copy()
-    levels = np.zeros((k, n), np.float64)
-    for start in range(0, k, BLOCK):
-        end = min(start + BLOCK, k)
-        errors = np.zeros((end - start, n))
-        for row in range(start, end):
-            levels[row] = np.clip(np.rint(w[row] / s), -INT8_MAX, INT8_MAX)
-            error = (w[row] - levels[row] * s) / upper[row, row]
-            w[row + 1:end] -= np.outer(upper[row, row + 1:end], error)
-            errors[row - start] = error
-        w[end:] -= upper[start:end, end:].T @ errors
+    levels = _int8_levels(w0, h, s)
     compensated = levels * s
     raw = np.asarray(hessian, np.float64)
 
@@ -264,6 +253,26 @@ def quantize_int8(weight: np.ndarray, hessian: np.ndarray, rows: int, damp: floa
     keep = (np.abs(levels).max(axis=0) == INT8_MAX) & (
         column_error(compensated) <= column_error(rtn))
     return np.where(keep[None, :], compensated, rtn).astype(np.float32), keep
+
+
+def _int8_levels(weight: np.ndarray, h: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The GPTQ loop on the per-column int8 grid ``s``: ``weight [K, N]`` row by row, each row's
+    rounding error spread over the rows after it through ``h`` (damped, invertible); the
+    integer levels."""
+    k = weight.shape[0]
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    w = weight.copy()
+    levels = np.zeros_like(w)
+    for start in range(0, k, BLOCK):
+        end = min(start + BLOCK, k)
+        errors = np.zeros((end - start, w.shape[1]))
+        for row in range(start, end):
+            levels[row] = np.clip(np.rint(w[row] / s), -INT8_MAX, INT8_MAX)
+            error = (w[row] - levels[row] * s) / upper[row, row]
+            w[row + 1:end] -= np.outer(upper[row, row + 1:end], error)
+            errors[row - start] = error
+        w[end:] -= upper[start:end, end:].T @ errors
+    return levels
 
 
 def _quantize_int8_seen(weight: np.ndarray, hessian: np.ndarray, damp: float,
@@ -285,18 +294,7 @@ def _quantize_int8_seen(weight: np.ndarray, hessian: np.ndarray, damp: float,
     rtn = levels_rtn.astype(np.float64) * scale_rtn.astype(np.float64)
     _, scale = symmetric_int8(target.astype(np.float32), 1)
     s = scale.astype(np.float64)
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T
-    w = target.copy()
-    levels = np.zeros_like(w)
-    for start in range(0, k, BLOCK):
-        end = min(start + BLOCK, k)
-        errors = np.zeros((end - start, w.shape[1]))
-        for row in range(start, end):
-            levels[row] = np.clip(np.rint(w[row] / s), -INT8_MAX, INT8_MAX)
-            error = (w[row] - levels[row] * s) / upper[row, row]
-            w[row + 1:end] -= np.outer(upper[row, row + 1:end], error)
-            errors[row - start] = error
-        w[end:] -= upper[start:end, end:].T @ errors
+    levels = _int8_levels(target, h, s)
     compensated = levels * s
     raw = np.asarray(hessian, np.float64)
 
