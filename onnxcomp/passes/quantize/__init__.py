@@ -29,8 +29,8 @@ default): each depthwise Conv's input channels brought to one range, the inverse
 (``depthwise.py``, an exact float rewrite measured on the calibration data). When asked:
 cross-layer equalization of Conv -> Relu-like -> Conv chains
 (``equalize.py``, an exact float rewrite, listed in the plan's notes), SmoothQuant
-(``smooth.py``), int8 GPTQ of MatMul/Gemm and pointwise Conv weights (``gptq.run_int8``), bias correction of each
-layer's error mean (``bias.py``).
+(``smooth.py``), int8 GPTQ of MatMul/Gemm and pointwise Conv weights (``gptq.run_int8``),
+bias correction of each layer's error mean (``bias.py``).
 Then, with calibration data (scored on the held-out ``ctx.evaluation`` when given): per-layer
 SQNR, and with ``min_cosine`` automatic mixed precision (``fidelity.py``): int8 modes return the
 layers most harmful on their own to float; int4 raises the most sensitive layer groups to 8 bits
