@@ -17,8 +17,8 @@ or opset-21 QDQ alike.
 
 int8 (``int8_method = "gptq"``, static and dynamic, MatMul/Gemm, and static int8's pointwise
 Convs: a 1x1, one-group, stride-1, unpadded Conv is a MatMul of ``W[:, :, 0, 0]^T`` over its
-input's pixels, ``X`` being the NCHW input with the channels as features): the same loop on the symmetric
-per-channel int8 grid (``quantize_int8``), applied as a float rewrite before the rewrite
+input's pixels, ``X`` being the NCHW input with the channels as features): the same loop on the
+symmetric per-channel int8 grid (``quantize_int8``), applied as a float rewrite before the rewrite
 (``run_int8``): the weights it leaves are on that grid, which the rewrite's round-to-nearest
 reproduces exactly. Each output column keeps the compensated values only where they do no worse
 than round-to-nearest on the calibration rows (``X^T X``, unshrunk): never worse, by
@@ -86,7 +86,8 @@ class Hessians:
                  quantizers: dict | None = None):
         self._flow = segments.iterate(model, names, data, per_segment)
         # Static int8: a layer reads its input through a fixed quantizer. For those names also
-        # X~^T X~ and X~^T X (X~ = quantizer(X)), in ``quantized`` once read.
+        # X~^T X~ and X~^T X (X~ = quantizer(X)), put in ``quantized`` by each ``get`` (the
+        # caller pops them, so that one segment's matrices are held at a time).
         self._quantizers = dict(quantizers or {})
         self.quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._pending: dict[str, list[np.ndarray]] = {}
@@ -390,16 +391,18 @@ def run_int8(model: Model, sites: list, data: calibration.Dataset, notes: list[s
     for node, name in zip(chosen, names):
         if node.op == "Conv":
             conv = np.asarray(constant_array(node.inputs[1]), np.float32)
-            hessian = hessians.get(name)
+            hessian = hessians.get(name)  # first: it reads the segment that holds ``quantized``
             weight, keep = quantize_int8(np.ascontiguousarray(conv[:, :, 0, 0].T), hessian,
-                                         hessians.rows[name], quantized=hessians.quantized.get(name))
+                                         hessians.rows[name], quantized=hessians.quantized.pop(
+                                             name, None))
             set_constant(graph, node, 1, np.ascontiguousarray(weight.T)[:, :, None, None]
                          .astype(conv.dtype), "gptq")
         else:
             linear = linear_weight(node)
             hessian = hessians.get(name)
             weight, keep = quantize_int8(np.asarray(linear.matrix, np.float32), hessian,
-                                         hessians.rows[name], quantized=hessians.quantized.get(name))
+                                         hessians.rows[name], quantized=hessians.quantized.pop(
+                                             name, None))
             stored = weight / np.float32(linear.alpha)
             set_constant(graph, node, 1, np.ascontiguousarray(stored.T if linear.transposed
                                                               else stored), "gptq")
