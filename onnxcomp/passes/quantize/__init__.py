@@ -29,7 +29,7 @@ default): each depthwise Conv's input channels brought to one range, the inverse
 (``depthwise.py``, an exact float rewrite measured on the calibration data). When asked:
 cross-layer equalization of Conv -> Relu-like -> Conv chains
 (``equalize.py``, an exact float rewrite, listed in the plan's notes), SmoothQuant
-(``smooth.py``), int8 GPTQ of MatMul/Gemm and pointwise Conv weights (``gptq.run_int8``),
+(``smooth.py``), int8 GPTQ of MatMul/Gemm and pointwise Conv weights (``gptq_int8.run_int8``),
 bias correction of each layer's error mean (``bias.py``).
 Then, with calibration data (scored on the held-out ``ctx.evaluation`` when given): per-layer
 SQNR, and with ``min_cosine`` automatic mixed precision (``fidelity.py``): int8 modes return the
@@ -59,6 +59,7 @@ from onnxcomp.passes.quantize import (
     equalize,
     fidelity,
     gptq,
+    gptq_int8,
     half,
     hardswish,
     prepare,
@@ -208,7 +209,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         # Pointwise Convs too in static int8 (per-channel int8 weights there, like its grid).
         gptq_sites = [s for s in quant_plan.sites if s.op != "Conv" or config.mode == "int8"]
         seen = (config.calibration, config.percentile) if config.mode == "int8" else None
-        prepared, left = gptq.run_int8(prepared, gptq_sites, ctx.calibration,
+        prepared, left = gptq_int8.run_int8(prepared, gptq_sites, ctx.calibration,
                                        applied.notes, ctx.progress, seen)
         applied.details["int8_gptq_skipped"] = [{"node": n, "why": w} for n, w in left]
     collected = None

@@ -51,7 +51,7 @@ def test_gptq_model_runs_exactly_and_beats_rtn_in_onnx_runtime():
     rtn, _ = run(model, quantize.Config(mode="int4"), Context())
     weight = numpy_helper.to_array(model.graph.initializer[0])
     h = sum(b["x"].reshape(-1, 72).astype(np.float64).T @ b["x"].reshape(-1, 72) for b in calib)
-    quantize_gptq._shrink(h, sum(b["x"].reshape(-1, 72).shape[0] for b in calib))
+    quantize_gptq.shrink_hessian(h, sum(b["x"].reshape(-1, 72).shape[0] for b in calib))
     want_blocks = quantize_gptq.quantize(weight, h, 32, True)
     sess_f = runtime.session(model, optimize=False)
     sess_g = runtime.session(result, optimize=False)

@@ -10,7 +10,7 @@ from quantize_graphs import correlated, correlated_batches, matmul_model
 
 from onnxcomp import runtime
 from onnxcomp.passes import quantize
-from onnxcomp.passes.quantize import gptq as quantize_gptq
+from onnxcomp.passes.quantize import gptq_int8 as quantize_gptq
 from onnxcomp.passes.quantize import int8 as quantize_int8
 from onnxcomp.pipeline import Context
 
