@@ -58,7 +58,6 @@ from onnxcomp.passes.quantize import (
     depthwise,
     equalize,
     fidelity,
-    gptq,
     gptq_int8,
     half,
     hardswish,
