@@ -192,3 +192,17 @@ def test_mse_range_keeps_a_fixed_end_and_weighs_the_readers_error():
 
     assert reader_error(by_reader) <= reader_error((low, high)) * (
         1 + quantize_calib.MSE_TOLERANCE)
+
+
+def test_outputs_far_from_float_get_a_loud_note():
+    """A range that clips nearly everything (percentile 51) wrecks the outputs: the record says
+    so, with the cosine; the default range does not."""
+    model = conv_mlp()
+    data = data_for(model, 8)
+    _, record = quantize.PASS.run(model, quantize.Config(calibration="percentile",
+                                                         percentile=51.0),
+                                  Context(calibration=data))
+    loud = [n for n in record.notes if n.startswith("WARNING: the quantized outputs are far")]
+    assert loud and "calibration = percentile" in loud[0]
+    _, plain = quantize.PASS.run(model, quantize.Config(), Context(calibration=data))
+    assert not any("far from float" in n for n in plain.notes)
