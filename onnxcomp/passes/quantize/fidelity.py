@@ -60,8 +60,8 @@ def measure(prepared: Model, result: Model, quant_plan: QuantPlan, config: Confi
         applied.notes.append(
             f"WARNING: the quantized outputs are far from float's on {scoring.name} (output "
             f"cosine {comparison.min_cosine:.3f}): the ranges or the mode do not suit this model "
-            f"(calibration = {config.calibration}; mse, the default, clips least aggressively), "
-            f"or set min_cosine to return the most harmful layers to float")
+            f"(calibration = {config.calibration}; the default is mse), or set min_cosine to "
+            f"return the most harmful layers to float")
     if config.min_cosine is None or comparison.min_cosine >= config.min_cosine:
         return result, quant_plan
     if ctx.evaluation is not None:
