@@ -152,15 +152,12 @@ def _quantize_int8_seen(weight: np.ndarray, hessian: np.ndarray, damp: float,
 
 
 def _fake_quantizer(low: float, high: float):
-    """uint8 round and clip to ``[low, high]``, dequantized: what a static QDQ pair passes on."""
+    """What a static uint8 QDQ pair over ``[low, high]`` passes on (``bias.fake_quantize``)."""
+    from onnxcomp.passes.quantize.bias import fake_quantize
     from onnxcomp.passes.quantize.calib import quant_params
 
     scale, zero_point = quant_params(low, high)
-
-    def seen(rows: np.ndarray) -> np.ndarray:
-        return (np.clip(np.rint(rows / scale) + zero_point, 0, 255) - zero_point) * scale
-
-    return seen
+    return lambda rows: fake_quantize(rows, scale, zero_point)
 
 
 def _pointwise(node) -> str | None:
