@@ -207,6 +207,9 @@ def requeue_interrupted(study: Any) -> int:
     return len(stale)
 
 
+# ``pending``: a SIGTERM arrived and has not been raised yet. It stays set until raised, so a
+# raise that Python swallowed (the handler ran inside a weakref callback or ``__del__``, where
+# exceptions are only printed) is raised again at the next check.
 _DEFER = {"depth": 0, "pending": False}
 
 
@@ -219,10 +222,9 @@ def sigterm_raises():
         return
 
     def handler(signum, frame):
-        if _DEFER["depth"]:
-            _DEFER["pending"] = True
-            return
-        raise Interrupted("terminated")
+        _DEFER["pending"] = True
+        if not _DEFER["depth"]:
+            raise Interrupted("terminated")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
@@ -240,10 +242,15 @@ def _bookkeeping():
         yield
     finally:
         _DEFER["depth"] -= 1
-    if not _DEFER["depth"] and _DEFER["pending"]:
+    if not _DEFER["depth"]:
+        raise_if_terminated()
+
+
+def raise_if_terminated() -> None:
+    """Raise ``Interrupted`` for a SIGTERM that arrived and has not been raised yet."""
+    if _DEFER["pending"]:
         _DEFER["pending"] = False
         raise Interrupted("terminated")
-
 
 def _cut_off(study: Any, trial: Any) -> None:
     """A trial the interruption cut off: failed without an error (not counted) and its
@@ -303,8 +310,11 @@ def run(study: Any, space: Space, settings: Settings, executor: Any,
             if batch:
                 for index, result in executor.run([job for _, job in batch]):
                     results[index] = result
+                    raise_if_terminated()
         except (KeyboardInterrupt, Interrupted):
             from optuna.trial import TrialState
+
+            _DEFER["pending"] = False  # this one is being raised
 
             with _bookkeeping():
                 told = {batch[i][0].number for i in results}
