@@ -155,11 +155,9 @@ def test_a_sigterm_during_bookkeeping_is_raised_when_it_ends():
     import os
     import signal
 
-    with study.sigterm_raises():
-        with pytest.raises(study.Interrupted):
-            with study._bookkeeping():
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):
-                    pass
-                finished = True
+    with study.sigterm_raises(), pytest.raises(study.Interrupted), study._bookkeeping():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+        finished = True
     assert finished
