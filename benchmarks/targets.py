@@ -253,9 +253,21 @@ ABLATIONS = {
     "ppocr-det": [("openvino target", []),
                   ("- bias correction", ["quantize.bias_correction=none"]),
                   ("- ConvTranspose", ["quantize.op_types=Conv,MatMul,Gemm"]),
-                  ("- opset 14 (x * HardSigmoid(x))", ["quantize.min_opset=none"])],
+                  ("- opset 14 (x * HardSigmoid(x))", ["quantize.min_opset=none"]),
+                  # feature maps: uint8 like ort-cpu's, then no feature-map QDQ at all
+                  ("- signed feature maps", ["quantize.signed_feature_maps=false"]),
+                  ("- feature-map QDQ", ["quantize.signed_feature_maps=false",
+                                         "quantize.conv_adds=false"])],
+    "ppocr-rec": [("openvino target", []),
+                  ("- bias correction", ["quantize.bias_correction=none"]),
+                  ("- feature-map QDQ", ["quantize.signed_feature_maps=false",
+                                         "quantize.conv_adds=false"])],
     "minilm": [("openvino target", []),
-               ("- smoothquant", ["quantize.smoothquant_alpha=none"]),
+               # alpha unset: static int8's default on transformers, alpha auto per tensor on
+               # every MatMul input (smoothing Muls where no LayerNorm can take the scales)
+               ("smoothquant auto, every MatMul input", ["quantize.smoothquant_alpha=none"]),
+               ("- smoothquant", ["quantize.smoothquant_alpha=none",
+                                  "quantize.static_smoothquant=false"]),
                ("- bias correction", ["quantize.bias_correction=none"])],
 }
 ABLATION_RESULTS = ROOT / "benchmarks" / "results" / "targets_ablation.json"

@@ -124,25 +124,27 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         # NNCF does) lets OpenVINO fuse the Mul into them and raised the sentence cosine.
         int8_overrides=("quantize.op_types=Conv,ConvTranspose,MatMul,Gemm",
                         "quantize.min_opset=14", "quantize.bias_correction=weights",
-                        "quantize.smoothquant_alpha=0.5", "quantize.conv_adds=false",
+                        "quantize.smoothquant_alpha=0.5", "quantize.conv_adds=true",
+                        "quantize.signed_feature_maps=true",
                         "quantize.integer_hardswish=false"),
         check="openvino",
         rules=(("QDQ (read as FakeQuantize) on the activation and weight inputs of Conv, "
                 "ConvTranspose, MatMul and Gemm: the CPU plugin runs them as u8 x i8 kernels "
                 "(Convolution, Deconvolution, FullyConnected)"),
-               ("no QDQ on outputs: a Q/DQ after an op is executed as Convert + Eltwise, not "
-                "fused"),
+               ("no QDQ on Conv and MatMul outputs for their own sake: a Q/DQ after an op is "
+                "executed as Convert + Eltwise, not fused"),
+               ("a conv net's feature maps between a Conv and the Add / Multiply / pooling / "
+                "Resize / Concat after it: one QDQ pair, every reader (pooling too) reading it, "
+                "symmetric int8 where the range is signed: folded into the Conv as int8 "
+                "output, and those ops run in i8 (quantize.conv_adds, "
+                "quantize.signed_feature_maps)"),
                ("HardSwish as one op (opset 14): its x * HardSigmoid(x) form is not fused and "
                 "costs layout Reorders around every occurrence"),
                ("activation x activation MatMuls run int8 only with a signed (i8) second "
                 "input")),
-        missing=(("QDQ on the inputs of residual Add, Multiply (squeeze-excitation), pooling, "
-                  "Resize and Concat: NNCF quantizes them; measured on PP-OCRv4 det it did not "
-                  "pay for onnxcomp's layout (0.47x against 0.43x float without them, "
-                  "docs/targets.md)"),
-                 ("fidelity in OpenVINO itself: compress validates in ONNX Runtime, and on "
-                  "PP-OCRv4 det OpenVINO computes this layout less exactly (output map cosine "
-                  ".95 against .99 in ONNX Runtime, docs/targets.md)"),
+        missing=(("fidelity in OpenVINO itself: compress validates in ONNX Runtime and only "
+                  "compiles the result in OpenVINO (benchmarks/targets.py compares outputs in "
+                  "both, docs/targets.md)"),
                  ("signed int8 activations for the second input of attention MatMuls "
                   "(activation_dtype allows uint8 only), so they stay float")),
         sources=(_OV_DOC, _LPT_DOC)),

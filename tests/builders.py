@@ -182,6 +182,17 @@ def attention_block(seq: int = 6, dim: int = 16, heads: int = 2, ffn: int = 32,
     return b.model([tensor("x", [1, seq, dim])], [tensor("y", [1, seq, dim])], 17, "attention")
 
 
+def conv_hardswish_net(seed: int = 1) -> Model:
+    """x[1,3,12,12] -> Conv3x3 -> HardSwish -> Conv3x3 -> y[1,4,12,12] (opset 14): where
+    ONNX Runtime's layout quantizes a Conv output for the Conv's own sake (QLinearConv)."""
+    b = GraphBuilder(seed)
+    act = b.node("HardSwish", [b.conv("x", 3, 8, 3, "c1")], "act")
+    b.node("Conv", [act, b.weight("c2.w", (4, 8, 3, 3), 0.3)], "c2", outputs=["y"],
+           pads=[1] * 4)
+    return b.model([tensor("x", [1, 3, 12, 12])], [tensor("y", [1, 4, 12, 12])], 14,
+                   "conv_hardswish_net")
+
+
 def gemm_layers(seed: int = 0, sizes: Sequence[int] = (16, 32, 24, 8),
                 constant_nodes: bool = False) -> Model:
     """x[B,sizes[0]] -> Gemm(transB=1) -> Relu -> Gemm(transB=0, alpha 0.5, beta 2) -> Relu

@@ -40,10 +40,10 @@ def test_outputs_match_onnx_runtime_in_f32():
 @needs_openvino
 def test_the_openvino_layout_runs_in_int8_without_glue():
     """What the openvino target rests on, on a tiny graph: with QDQ on Conv inputs only every
-    Convolution runs in u8 and no Convert is executed; ort-cpu's extra output QDQ costs extra
-    executed ops (here Reorders and quantize subgraphs; on PP-OCRv4 rec, Converts and
+    Convolution runs in u8 and no Convert is executed; ort-cpu's extra output QDQ (the Conv
+    output before its HardSwish) costs an extra executed op (on PP-OCRv4 rec, Converts and
     Eltwise ops: docs/targets.md)."""
-    model = builders.conv_net()
+    model = builders.conv_hardswish_net()
     layouts = {}
     for target in ("ort-cpu", "openvino"):
         # The layouts alone: the openvino target's bias correction gives the bias-less Conv a
@@ -58,10 +58,7 @@ def test_the_openvino_layout_runs_in_int8_without_glue():
     assert ov["compute"] == {"Convolution int8": convs}
     assert not any(kind.startswith("Convert") for kind in ov["glue"])
     assert cpu["compute"] == {"Convolution int8": convs}
-    # Since the quantize pass folds BatchNormalization into the Conv first, both layouts
-    # execute 15 ops on this tiny graph; ort-cpu's output QDQ still runs as extra glue.
-    assert ov["executed"] <= cpu["executed"]
-    assert sum(ov["glue"].values()) < sum(cpu["glue"].values())
+    assert ov["executed"] < cpu["executed"]
 
 
 @needs_openvino

@@ -52,17 +52,29 @@ def test_ort_cpu_is_todays_default_byte_for_byte():
     assert default.proto.SerializeToString() == explicit.proto.SerializeToString()
 
 
-def test_openvino_places_qdq_on_inputs_only():
-    model = builders.conv_net()
+def _conv_output_pairs(model: Model) -> int:
+    """QuantizeLinear nodes reading a Conv's output."""
+    graph = model.proto.graph
+    convs = {o for n in graph.node if n.op_type == "Conv" for o in n.output}
+    return sum(1 for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in convs)
+
+
+def test_openvino_places_no_output_qdq_for_its_own_sake():
+    model = builders.conv_hardswish_net()
     cpu = _compress(model, target="ort-cpu")
     ov = _compress(model, target="openvino")
-    convs = _ops(model)["Conv"]
-    # ort-cpu: a weight DQ per Conv, an input QDQ and (on conv outputs) an output QDQ.
-    assert _ops(ov.model)["QuantizeLinear"] < _ops(cpu.model)["QuantizeLinear"]
+    # ort-cpu quantizes the Conv output before its activation (QLinearConv's output); openvino
+    # does not (its CPU plugin executes such a pair as Convert + Eltwise).
+    assert _conv_output_pairs(cpu.model) == 1
+    assert _conv_output_pairs(ov.model) == 0
     plan = api.dry_run(model, "quantize:int8", "random:4", target="openvino")[0]
-    actions = [row.action for row in plan.rows if row.action != "skip"]
-    assert len(actions) == convs and not any("output QDQ" in a for a in actions)
+    assert not any("output QDQ" in row.action for row in plan.rows)
     assert ov.report.environment["target"] == "openvino"
+    # On a conv net's feature maps (the residual Add, the Concat) both targets place QDQ.
+    net = builders.conv_net()
+    for target in ("ort-cpu", "openvino"):
+        rows = api.dry_run(net, "quantize:int8", "random:4", target=target)[0].rows
+        assert sum("activation inputs" in row.action for row in rows) == 2
 
 
 def _upsampler(opset: int = 13) -> Model:
@@ -114,7 +126,8 @@ def test_the_users_set_wins_over_the_target():
     back = _compress(model, target="openvino", overrides=[
         "quantize.output_qdq=conv", "quantize.op_types=Conv,MatMul,Gemm",
         "quantize.min_opset=none", "quantize.bias_correction=none",
-        "quantize.smoothquant_alpha=none", "quantize.conv_adds=true"]).model
+        "quantize.smoothquant_alpha=none", "quantize.conv_adds=true",
+        "quantize.signed_feature_maps=false"]).model
     assert cpu.proto.SerializeToString() == back.proto.SerializeToString()
 
 

@@ -64,6 +64,7 @@ from onnxcomp.passes.quantize import (
     prepare,
     recurrent,
     rewrite,
+    signed,
     stats,
 )
 from onnxcomp.passes.quantize.config import HALF_MODES, INTEGER_MODES, MODES, NAME, Config
@@ -246,6 +247,10 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     if integer:
         applied.notes.append(f"{integer} HardSwish run on uint8 as QLinearAdd + QLinearMul "
                              f"(x * clip(x/6 + 1/2, 0, 1); integer_hardswish)")
+    signed_pairs = signed.count(result.proto.graph)
+    if signed_pairs:
+        applied.notes.append(f"{signed_pairs} feature-map QDQ pairs in symmetric int8, pooling "
+                             f"reading the pairs (signed_feature_maps, for OpenVINO)")
     if not final.sites:  # every site went back to float to meet min_cosine
         return applied
     applied.model, applied.modified = result, True

@@ -113,6 +113,12 @@ class Config:
                                            "QuantizeLinear becomes QLinearAdd + QLinearMul "
                                            "(x * clip(x/6 + 1/2, 0, 1) on uint8) instead of "
                                            "four float passes")
+    # Off by default (ONNX Runtime's feature-map kernels take uint8); the openvino target's.
+    signed_feature_maps: bool = option(False, "int8: pooling readers of a quantized tensor read "
+                                              "its DequantizeLinear, and QDQ pairs no Conv/"
+                                              "MatMul reads take symmetric int8 where their "
+                                              "range is signed (what OpenVINO folds into the "
+                                              "producing Conv)")
     # Off by default: not faster on PP-OCR rec, slower on MiniLM at 128 tokens.
     activation_matmuls: bool = option(False, "int8: QDQ on both inputs of activation x "
                                              "activation MatMuls too (-> QLinearMatMul)")

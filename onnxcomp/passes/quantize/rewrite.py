@@ -42,6 +42,7 @@ from onnxcomp.passes.quantize import hardswish as quantize_hardswish
 from onnxcomp.passes.quantize import int4 as quantize_int4
 from onnxcomp.passes.quantize import int8 as quantize_int8
 from onnxcomp.passes.quantize import recurrent as quantize_recurrent
+from onnxcomp.passes.quantize import signed as quantize_signed
 from onnxcomp.passes.quantize.config import Config
 from onnxcomp.passes.quantize.match import QuantPlan, Site
 from onnxcomp.passes.quantize.prepare import gemm_weight
@@ -71,6 +72,8 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
         _static(graph, nodes, sites, stats, holders)
         if config.integer_hardswish:
             quantize_hardswish.rewrite(graph)
+        if config.signed_feature_maps:
+            quantize_signed.rewrite(graph)
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy

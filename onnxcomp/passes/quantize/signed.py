@@ -1,0 +1,102 @@
+"""Feature maps in signed int8 for OpenVINO: the QDQ pairs between a Conv and the elementwise
+ops after it, laid out the way OpenVINO's CPU plugin fuses them.
+
+OpenVINO's low-precision transformations fold a FakeQuantize into the Conv that produces its
+input (the Conv then writes int8, a quarter of the bytes) only when that FakeQuantize is the
+Conv output's one reader, and run Add / Multiply / ReduceMean / Interpolate in i8 when their
+inputs come through FakeQuantize. A conv net's feature-map QDQ pairs (``conv_adds``: residual
+and pyramid Adds, squeeze-excitation Muls, Concats, Resizes) leave two things in the way:
+- a squeeze-excitation block reads the Conv output twice, through the QDQ pair (the gating Mul)
+  and directly (GlobalAveragePool): two readers, so no fold. Here every pooling reader of a
+  quantized tensor reads the pair's DequantizeLinear instead (the mean of the values the Mul
+  multiplies; one pair per tensor).
+- a Conv output before its activation is signed: as uint8 with a zero point OpenVINO executed
+  the pair as a standalone f32 FakeQuantize. Pairs that no Conv, ConvTranspose, MatMul or Gemm
+  reads and whose range crosses zero become symmetric int8 (zero point 0, scale ``max(-low,
+  high) / 127``), which OpenVINO folds. Pairs a Conv reads stay uint8: their zero point is
+  what the u8 x i8 kernels take, and signed inputs there measured no faster.
+Measured on PP-OCRv4 det, ``--target openvino`` (docs/targets.md): 20 Convs wrote f32 before, 11
+after; 0.509x -> 0.472x OpenVINO float latency at 1 thread (NNCF's IR 0.459x), output map
+cosine in OpenVINO .9953 -> .9946. ONNX Runtime's CPU kernels want uint8 feature maps
+(QLinearAdd and friends), so the ``ort-cpu`` target leaves this off.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxcomp.graph import unique_name
+
+_POOLING = ("GlobalAveragePool", "ReduceMean")
+_INTEGER_READERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+def _scalar(tensor: gs.Tensor) -> np.ndarray | None:
+    if isinstance(tensor, gs.Constant) and np.asarray(tensor.values).size == 1:
+        return np.asarray(tensor.values)
+    return None
+
+
+def _activation_pairs(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
+    """(QuantizeLinear, its DequantizeLinears) of every activation pair with a scalar uint8
+    zero point: what the static rewrite wrote for feature maps."""
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "QuantizeLinear" or isinstance(node.inputs[0], gs.Constant):
+            continue
+        if len(node.inputs) < 3 or _scalar(node.inputs[1]) is None:
+            continue
+        zero_point = _scalar(node.inputs[2])
+        if zero_point is None or zero_point.dtype != np.uint8:
+            continue
+        readers = list(node.outputs[0].outputs)
+        if readers and all(r.op == "DequantizeLinear" for r in readers):
+            pairs.append((node, readers))
+    return pairs
+
+
+def rewrite(graph: gs.Graph) -> dict[str, int]:
+    """Pooling readers onto the pairs' DequantizeLinear, then signed pairs no integer kernel
+    reads to symmetric int8. Returns the counts ``{"pooling": n, "signed": m}``."""
+    counts = {"pooling": 0, "signed": 0}
+    for quantize, dequantizes in _activation_pairs(graph):
+        source, decoded = quantize.inputs[0], dequantizes[0].outputs[0]
+        for reader in list(source.outputs):
+            if reader.op in _POOLING:
+                for index, tensor in enumerate(reader.inputs):
+                    if tensor is source:
+                        reader.inputs[index] = decoded
+                counts["pooling"] += 1
+    for quantize, dequantizes in _activation_pairs(graph):
+        readers = [r for dq in dequantizes for r in dq.outputs[0].outputs]
+        if not readers or all(r.op in _INTEGER_READERS for r in readers):
+            continue
+        scale = float(_scalar(quantize.inputs[1]))
+        zero_point = int(_scalar(quantize.inputs[2]))
+        low, high = -zero_point * scale, (255 - zero_point) * scale
+        if low >= 0:
+            continue
+        name = quantize.outputs[0].name
+        new_scale = gs.Constant(unique_name(graph, f"{name}_signed_scale"),
+                                np.asarray(max(-low, high) / 127, np.float32))
+        new_zero = gs.Constant(unique_name(graph, f"{name}_signed_zero_point"),
+                               np.asarray(0, np.int8))
+        for node in [quantize, *dequantizes]:
+            node.inputs[1], node.inputs[2] = new_scale, new_zero
+        quantize.outputs[0].dtype = np.int8
+        counts["signed"] += 1
+    return counts
+
+
+def count(graph) -> int:
+    """Activation QuantizeLinear nodes with a scalar int8 zero point in an ONNX graph proto."""
+    constants = {t.name: t for t in graph.initializer}
+    found = 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in constants or len(node.input) < 3:
+            continue
+        zero_point = constants.get(node.input[2])
+        if zero_point is not None and zero_point.data_type == 3 and not zero_point.dims:  # INT8
+            found += 1
+    return found

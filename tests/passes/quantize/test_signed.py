@@ -1,0 +1,116 @@
+"""Feature maps in signed int8 for OpenVINO (``signed_feature_maps``, ``signed.py``): pooling
+reads the QDQ pair, pairs no Conv reads take symmetric int8 where their range is signed, and
+OpenVINO folds them into the producing Conv as int8 output."""
+
+from __future__ import annotations
+
+import builders
+import numpy as np
+import pytest
+from onnx import numpy_helper
+from quantize_graphs import data_for
+
+from onnxcomp import runtime, runtime_openvino
+from onnxcomp.model import Model
+from onnxcomp.passes import quantize
+from onnxcomp.pipeline import Context
+
+run = quantize.PASS.run
+
+
+def _signed_squeeze_excite_net() -> Model:
+    """x -> Conv = c (no activation: signed) -> Add(c, c * HardSigmoid(Conv1x1(
+    GlobalAveragePool(c)))) -> Conv -> y: PP-LCNet's squeeze-excitation residual, whose Conv
+    output three ops read."""
+    b = builders.GraphBuilder(seed=7)
+    c = b.conv("x", 3, 8, 3, "conv1")
+    gate = b.node("HardSigmoid", [b.conv(b.node("GlobalAveragePool", [c], "pool"), 8, 8, 1,
+                                          "se")], "gate")
+    mixed = b.node("Add", [c, b.node("Mul", [c, gate], "excite")], "res")
+    b.node("Conv", [mixed, b.weight("head.w", (4, 8, 3, 3), 0.3)], "head", outputs=["y"],
+           pads=[1] * 4)
+    return b.model([builders.tensor("x", [1, 3, 12, 12])],
+                   [builders.tensor("y", [1, 4, 12, 12])], 13, "signed_se_net")
+
+
+def _quantizer_of(model: Model, tensor: str):
+    """(scale, zero point) of the QuantizeLinear reading ``tensor``."""
+    constants = {t.name: numpy_helper.to_array(t) for t in model.proto.graph.initializer}
+    node = next(n for n in model.proto.graph.node
+                if n.op_type == "QuantizeLinear" and n.input[0] == tensor)
+    return float(constants[node.input[1]]), constants[node.input[2]]
+
+
+def _producer(model: Model, tensor: str) -> str:
+    return next(n.op_type for n in model.proto.graph.node if tensor in n.output)
+
+
+def _conv_output(model: Model) -> str:
+    return next(n.output[0] for n in model.proto.graph.node if n.name == "conv1")
+
+
+def test_signed_pairs_and_pooling_on_the_pair():
+    model = _signed_squeeze_excite_net()
+    data = data_for(model, 8)
+    # The openvino target's layout: no QDQ on Conv outputs for their own sake.
+    off, _ = run(model, quantize.Config(output_qdq="none"), Context(calibration=data))
+    on, record = run(model, quantize.Config(output_qdq="none", signed_feature_maps=True),
+                     Context(calibration=data))
+    conv_out = _conv_output(on)
+    # Off: uint8 with a zero point, and the pooling reads the Conv output itself.
+    scale, zero_point = _quantizer_of(off, conv_out)
+    assert zero_point.dtype == np.uint8 and 0 < int(zero_point) < 255
+    pool = next(n for n in off.proto.graph.node if n.op_type == "GlobalAveragePool")
+    assert pool.input[0] == conv_out
+    # On: the same range as symmetric int8, every reader through the pair.
+    signed_scale, signed_zero = _quantizer_of(on, conv_out)
+    low, high = -int(zero_point) * scale, (255 - int(zero_point)) * scale
+    assert signed_zero.dtype == np.int8 and int(signed_zero) == 0
+    assert signed_scale == pytest.approx(max(-low, high) / 127, rel=1e-6)
+    pool = next(n for n in on.proto.graph.node if n.op_type == "GlobalAveragePool")
+    assert _producer(on, pool.input[0]) == "DequantizeLinear"
+    readers = [n for n in on.proto.graph.node if conv_out in n.input]
+    assert [n.op_type for n in readers] == ["QuantizeLinear"]
+    # A pair only a Conv reads (the head's input) keeps uint8: the u8 x i8 kernels take it.
+    head = next(n for n in on.proto.graph.node if n.name == "head")
+    head_q = next(n for n in on.proto.graph.node if n.op_type == "DequantizeLinear"
+                  and n.output[0] == head.input[0])
+    constants = {t.name: numpy_helper.to_array(t) for t in on.proto.graph.initializer}
+    assert constants[head_q.input[2]].dtype == np.uint8
+    assert any("signed_feature_maps" in note for note in record.notes)
+    # Numerically in ONNX Runtime: as faithful as the uint8 layout.
+    for batch in list(data)[:3]:
+        reference = runtime.run_model(model, batch)["y"].ravel()
+        for result in (off, on):
+            out = runtime.run_model(result, batch)["y"].ravel()
+            assert np.dot(out, reference) / (np.linalg.norm(out) * np.linalg.norm(reference)) \
+                > 0.99
+
+
+def test_off_by_default_and_on_for_the_openvino_target():
+    from onnxcomp import targets
+
+    assert quantize.Config().signed_feature_maps is False
+    assert "quantize.signed_feature_maps=true" in targets.TARGETS["openvino"].int8_overrides
+    assert not any("signed_feature_maps" in o for o in targets.TARGETS["ort-cpu"].int8_overrides)
+
+
+@pytest.mark.skipif(not runtime_openvino.available(),
+                    reason="openvino is not installed (pip install 'onnxcomp[openvino]')")
+def test_openvino_folds_the_signed_pair_into_the_conv():
+    """What the option is for, read from OpenVINO's compiled model: with the uint8 pair and the
+    pooling reading the Conv output, no Convolution writes int8; with signed feature maps the
+    Conv before the squeeze-excitation writes i8."""
+    model = _signed_squeeze_excite_net()
+    data = data_for(model, 8)
+    written = {}
+    for signed in (False, True):
+        result, _ = run(model, quantize.Config(signed_feature_maps=signed, output_qdq="none"),
+                        Context(calibration=data))
+        compiled = runtime_openvino.compile_model(result, threads=1, precision="f32")
+        written[signed] = [
+            str(op.get_rt_info()["outputPrecisions"].astype(str))
+            for op in compiled.get_runtime_model().get_ops()
+            if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"]
+    assert "i8" not in written[False]
+    assert "i8" in written[True]
