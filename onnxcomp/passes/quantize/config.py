@@ -180,7 +180,7 @@ class Config:
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
                      "activation_matmuls", "equalize", "fold", "depthwise_equalize",
                      "dynamic_smoothquant", "static_smoothquant", "conv_adds",
-                     "saturation_ranges", "integer_hardswish"):
+                     "saturation_ranges", "integer_hardswish", "signed_feature_maps"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

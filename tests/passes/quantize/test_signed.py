@@ -91,6 +91,8 @@ def test_off_by_default_and_on_for_the_openvino_target():
     from onnxcomp import targets
 
     assert quantize.Config().signed_feature_maps is False
+    with pytest.raises(ValueError, match="signed_feature_maps must be true or false"):
+        quantize.Config(signed_feature_maps="yes")
     assert "quantize.signed_feature_maps=true" in targets.TARGETS["openvino"].int8_overrides
     assert not any("signed_feature_maps" in o for o in targets.TARGETS["ort-cpu"].int8_overrides)
 
