@@ -250,7 +250,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     signed_pairs = signed.count(result.proto.graph)
     if signed_pairs:
         applied.notes.append(f"{signed_pairs} feature-map QDQ pairs in symmetric int8, pooling "
-                             f"reading the pairs (signed_feature_maps, for OpenVINO)")
+                             f"and nearest Resizes reading the pairs (signed_feature_maps, "
+                             f"for OpenVINO)")
     if not final.sites:  # every site went back to float to meet min_cosine
         return applied
     applied.model, applied.modified = result, True

@@ -114,8 +114,10 @@ class Config:
                                            "(x * clip(x/6 + 1/2, 0, 1) on uint8) instead of "
                                            "four float passes")
     # Off by default (ONNX Runtime's feature-map kernels take uint8); the openvino target's.
-    signed_feature_maps: bool = option(False, "int8: pooling readers of a quantized tensor read "
-                                              "its DequantizeLinear, and QDQ pairs no Conv/"
+    signed_feature_maps: bool = option(False, "int8: pooling and nearest-Resize readers of a "
+                                              "quantized tensor read its DequantizeLinear "
+                                              "(a Resize gets a copy of its output's pair), "
+                                              "and QDQ pairs no Conv/"
                                               "MatMul reads take symmetric int8 where their "
                                               "range is signed (what OpenVINO folds into the "
                                               "producing Conv)")

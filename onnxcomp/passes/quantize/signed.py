@@ -5,20 +5,25 @@ OpenVINO's low-precision transformations fold a FakeQuantize into the Conv that 
 input (the Conv then writes int8, a quarter of the bytes) only when that FakeQuantize is the
 Conv output's one reader, and run Add / Multiply / ReduceMean / Interpolate in i8 when their
 inputs come through FakeQuantize. A conv net's feature-map QDQ pairs (``conv_adds``: residual
-and pyramid Adds, squeeze-excitation Muls, Concats, Resizes) leave two things in the way:
+and pyramid Adds, squeeze-excitation Muls, Concats, Resizes) leave three things in the way:
 - a squeeze-excitation block reads the Conv output twice, through the QDQ pair (the gating Mul)
   and directly (GlobalAveragePool): two readers, so no fold. Here every pooling reader of a
   quantized tensor reads the pair's DequantizeLinear instead (the mean of the values the Mul
   multiplies; one pair per tensor).
+- a feature-pyramid level's sum reaches the next level through a nearest Resize, which read
+  it as float (the pair was after the Resize): the Interpolate ran f32 and the Add wrote f32.
+  The Resize now reads a pair: the one already on its input, or a copy of the pair after it
+  (exact: nearest resizing copies values, so both sides share one grid).
 - a Conv output before its activation is signed: as uint8 with a zero point OpenVINO executed
   the pair as a standalone f32 FakeQuantize. Pairs that no Conv, ConvTranspose, MatMul or Gemm
   reads and whose range crosses zero become symmetric int8 (zero point 0, scale ``max(-low,
   high) / 127``), which OpenVINO folds. Pairs a Conv reads stay uint8: their zero point is
   what the u8 x i8 kernels take, and signed inputs there measured no faster.
 Measured on PP-OCRv4 det, ``--target openvino`` (docs/targets.md): 20 Convs wrote f32 before, 11
-after; 0.509x -> 0.472x OpenVINO float latency at 1 thread (NNCF's IR 0.459x), output map
-cosine in OpenVINO .9953 -> .9946. ONNX Runtime's CPU kernels want uint8 feature maps
-(QLinearAdd and friends), so the ``ort-cpu`` target leaves this off.
+after, and the six Interpolates run in 8 bits; one interleaved run: 0.509x -> 0.472x OpenVINO
+float latency at 1 thread without the Resize pairs, 0.468x with them (NNCF's IR 0.476x in that
+run), output map cosine in OpenVINO .9953 -> .9946. ONNX Runtime's CPU kernels want uint8
+feature maps (QLinearAdd and friends), so the ``ort-cpu`` target leaves this off.
 """
 
 from __future__ import annotations
@@ -56,18 +61,54 @@ def _activation_pairs(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
     return pairs
 
 
+def _nearest_resize(node: gs.Node) -> bool:
+    return node.op == "Resize" and node.attrs.get("mode", "nearest") == "nearest"
+
+
+def _pair_before_resizes(graph: gs.Graph) -> int:
+    """A nearest Resize whose input carries no pair but whose output's one reader is a pair's
+    QuantizeLinear gets a copy of that pair on its input: exact (nearest resizing copies
+    values, so quantizing before or after it is the same), and OpenVINO then runs the
+    Interpolate in i8 and folds the pair into the op that wrote its input."""
+    added = 0
+    for node in list(graph.nodes):
+        if not _nearest_resize(node) or len(node.outputs[0].outputs) != 1:
+            continue
+        source, after = node.inputs[0], node.outputs[0].outputs[0]
+        if after.op != "QuantizeLinear" or len(after.inputs) < 3:
+            continue
+        if any(r.op == "QuantizeLinear" for r in source.outputs):
+            continue  # a pair is there: the loop in ``rewrite`` points the Resize at it
+        name = source.name
+        quantized = gs.Variable(unique_name(graph, f"{name}_resize_quantized"),
+                                dtype=after.outputs[0].dtype)
+        decoded = gs.Variable(unique_name(graph, f"{name}_resize_dequantized"),
+                              dtype=np.float32)
+        params = list(after.inputs[1:3])
+        graph.nodes.append(gs.Node("QuantizeLinear", unique_name(graph, f"{name}_resize_Q"),
+                                   inputs=[source, *params], outputs=[quantized]))
+        graph.nodes.append(gs.Node("DequantizeLinear", unique_name(graph, f"{name}_resize_DQ"),
+                                   inputs=[quantized, *params], outputs=[decoded]))
+        node.inputs[0] = decoded
+        added += 1
+    if added:
+        graph.toposort()
+    return added
+
+
 def rewrite(graph: gs.Graph) -> dict[str, int]:
-    """Pooling readers onto the pairs' DequantizeLinear, then signed pairs no integer kernel
-    reads to symmetric int8. Returns the counts ``{"pooling": n, "signed": m}``."""
-    counts = {"pooling": 0, "signed": 0}
+    """Pairs before nearest Resizes, pooling and Resize readers onto the pairs'
+    DequantizeLinear, then signed pairs no integer kernel reads to symmetric int8. Returns the
+    counts ``{"resize_pairs": k, "rewired": n, "signed": m}``."""
+    counts = {"resize_pairs": _pair_before_resizes(graph), "rewired": 0, "signed": 0}
     for quantize, dequantizes in _activation_pairs(graph):
         source, decoded = quantize.inputs[0], dequantizes[0].outputs[0]
         for reader in list(source.outputs):
-            if reader.op in _POOLING:
+            if reader.op in _POOLING or _nearest_resize(reader):
                 for index, tensor in enumerate(reader.inputs):
                     if tensor is source:
                         reader.inputs[index] = decoded
-                counts["pooling"] += 1
+                counts["rewired"] += 1
     for quantize, dequantizes in _activation_pairs(graph):
         readers = [r for dq in dequantizes for r in dq.outputs[0].outputs]
         if not readers or all(r.op in _INTEGER_READERS for r in readers):

@@ -116,3 +116,56 @@ def test_openvino_folds_the_signed_pair_into_the_conv():
             if str(op.get_rt_info()["layerType"].astype(str)) == "Convolution"]
     assert "i8" not in written[False]
     assert "i8" in written[True]
+
+
+def _pyramid_sum_net() -> Model:
+    """x -> Conv = a -> Conv stride 2 = d; Add(d, Conv1x1(d)) = s -> nearest Resize x2 -> Add
+    with a -> Conv -> y: a feature-pyramid level whose sum only the Resize reads."""
+    b = builders.GraphBuilder(seed=11)
+    fine = b.conv("x", 3, 6, 3, "c1")
+    down = b.node("Conv", [fine, b.weight("down.w", (6, 6, 3, 3), 0.3)], "down",
+                  strides=[2, 2], pads=[1] * 4)
+    total = b.node("Add", [down, b.conv(down, 6, 6, 1, "side")], "sum")
+    scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
+    up = b.node("Resize", [total, "", scales], "up", mode="nearest")
+    merged = b.node("Add", [fine, up], "merge")
+    b.node("Conv", [merged, b.weight("head.w", (4, 6, 3, 3), 0.3)], "head", outputs=["y"],
+           pads=[1] * 4)
+    return b.model([builders.tensor("x", [1, 3, 16, 16])],
+                   [builders.tensor("y", [1, 4, 16, 16])], 13, "pyramid_sum")
+
+
+def test_a_nearest_resize_reads_a_copy_of_its_output_pair():
+    model = _pyramid_sum_net()
+    data = data_for(model, 8)
+    layout = {"output_qdq": "none"}
+    off, _ = run(model, quantize.Config(**layout), Context(calibration=data))
+    on, _ = run(model, quantize.Config(**layout, signed_feature_maps=True),
+                Context(calibration=data))
+    graph = on.proto.graph
+    resize = next(n for n in graph.node if n.op_type == "Resize")
+    producer = {o: n for n in graph.node for o in n.output}
+    # Off: the Resize reads the Add's float output; on: a pair whose parameters are those of
+    # the pair after the Resize (nearest resizing copies values: the same grid on both sides).
+    off_resize = next(n for n in off.proto.graph.node if n.op_type == "Resize")
+    assert next(n for n in off.proto.graph.node if off_resize.input[0] in n.output).op_type \
+        == "Add"
+    before = producer[resize.input[0]]
+    assert before.op_type == "DequantizeLinear"
+    after = next(n for n in graph.node
+                 if n.op_type == "QuantizeLinear" and n.input[0] == resize.output[0])
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for mine, theirs in zip(before.input[1:3], after.input[1:3]):
+        assert constants[mine] == constants[theirs]
+        assert constants[mine].dtype == constants[theirs].dtype
+    for batch in list(data)[:3]:
+        reference = runtime.run_model(model, batch)["y"].ravel()
+        out = runtime.run_model(on, batch)["y"].ravel()
+        assert np.dot(out, reference) / (np.linalg.norm(out) * np.linalg.norm(reference)) > 0.99
+    if runtime_openvino.available():  # what it is for: OpenVINO resizes in 8 bits
+        precisions = {
+            str(op.get_rt_info()["runtimePrecision"].astype(str))
+            for op in runtime_openvino.compile_model(on, threads=1, precision="f32")
+            .get_runtime_model().get_ops()
+            if str(op.get_rt_info()["layerType"].astype(str)) == "Interpolate"}
+        assert precisions and precisions <= {"i8", "u8"}, precisions
