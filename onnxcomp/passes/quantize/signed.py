@@ -69,7 +69,9 @@ def _pair_before_resizes(graph: gs.Graph) -> int:
     """A nearest Resize whose input carries no pair but whose output's one reader is a pair's
     QuantizeLinear gets a copy of that pair on its input: exact (nearest resizing copies
     values, so quantizing before or after it is the same), and OpenVINO then runs the
-    Interpolate in i8 and folds the pair into the op that wrote its input."""
+    Interpolate in i8 and folds the pair into the op that wrote its input. (Where only Convs
+    read the pair after the Resize, it stays uint8 while the copy, read by the Resize, may turn
+    signed in ``rewrite``: then the two grids differ by one more rounding, within a step.)"""
     added = 0
     for node in list(graph.nodes):
         if not _nearest_resize(node) or len(node.outputs[0].outputs) != 1:
