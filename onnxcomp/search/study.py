@@ -252,6 +252,7 @@ def raise_if_terminated() -> None:
         _DEFER["pending"] = False
         raise Interrupted("terminated")
 
+
 def _cut_off(study: Any, trial: Any) -> None:
     """A trial the interruption cut off: failed without an error (not counted) and its
     parameters queued to run first on resume."""
