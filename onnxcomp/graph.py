@@ -216,6 +216,13 @@ def consumers(tensor: gs.Tensor) -> list[gs.Node]:
     return list(tensor.outputs)
 
 
+def scalar_constant(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a one-element initializer (a QDQ pair's scale or zero point), else None."""
+    if isinstance(tensor, gs.Constant) and np.asarray(tensor.values).size == 1:
+        return np.asarray(tensor.values)
+    return None
+
+
 def constant_array(tensor: gs.Tensor) -> np.ndarray | None:
     """The tensor's value if it is a constant (initializer, Constant node, or Identity of one)."""
     seen = 0

@@ -29,13 +29,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import unique_name
-
-
-def _scalar(tensor: gs.Tensor) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant) and np.asarray(tensor.values).size == 1:
-        return np.asarray(tensor.values)
-    return None
+from onnxcomp.graph import scalar_constant, unique_name
 
 
 def _pattern(node: gs.Node) -> tuple[gs.Node, gs.Node] | None:
@@ -50,10 +44,12 @@ def _pattern(node: gs.Node) -> tuple[gs.Node, gs.Node] | None:
         return None
     if len(dequantize.inputs) < 3 or len(quantize.inputs) < 3:
         return None
-    scale, zero_point = _scalar(dequantize.inputs[1]), _scalar(dequantize.inputs[2])
+    scale = scalar_constant(dequantize.inputs[1])
+    zero_point = scalar_constant(dequantize.inputs[2])
     if scale is None or zero_point is None or zero_point.dtype != np.uint8:
         return None
-    if _scalar(quantize.inputs[2]) is None or _scalar(quantize.inputs[2]).dtype != np.uint8:
+    output_zero_point = scalar_constant(quantize.inputs[2])
+    if output_zero_point is None or output_zero_point.dtype != np.uint8:
         return None
     return dequantize, quantize
 

@@ -31,16 +31,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxcomp.graph import unique_name
+from onnxcomp.graph import scalar_constant, unique_name
 
 _POOLING = ("GlobalAveragePool", "ReduceMean")
 _INTEGER_READERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
-
-
-def _scalar(tensor: gs.Tensor) -> np.ndarray | None:
-    if isinstance(tensor, gs.Constant) and np.asarray(tensor.values).size == 1:
-        return np.asarray(tensor.values)
-    return None
 
 
 def _activation_pairs(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
@@ -50,9 +44,9 @@ def _activation_pairs(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
     for node in graph.nodes:
         if node.op != "QuantizeLinear" or isinstance(node.inputs[0], gs.Constant):
             continue
-        if len(node.inputs) < 3 or _scalar(node.inputs[1]) is None:
+        if len(node.inputs) < 3 or scalar_constant(node.inputs[1]) is None:
             continue
-        zero_point = _scalar(node.inputs[2])
+        zero_point = scalar_constant(node.inputs[2])
         if zero_point is None or zero_point.dtype != np.uint8:
             continue
         readers = list(node.outputs[0].outputs)
@@ -115,8 +109,8 @@ def rewrite(graph: gs.Graph) -> dict[str, int]:
         readers = [r for dq in dequantizes for r in dq.outputs[0].outputs]
         if not readers or all(r.op in _INTEGER_READERS for r in readers):
             continue
-        scale = float(_scalar(quantize.inputs[1]))
-        zero_point = int(_scalar(quantize.inputs[2]))
+        scale = float(scalar_constant(quantize.inputs[1]))
+        zero_point = int(scalar_constant(quantize.inputs[2]))
         low, high = -zero_point * scale, (255 - zero_point) * scale
         if low >= 0:
             continue
