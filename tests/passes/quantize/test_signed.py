@@ -169,3 +169,59 @@ def test_a_nearest_resize_reads_a_copy_of_its_output_pair():
             .get_runtime_model().get_ops()
             if str(op.get_rt_info()["layerType"].astype(str)) == "Interpolate"}
         assert precisions and precisions <= {"i8", "u8"}, precisions
+
+
+def _sum_into_concat_net() -> Model:
+    """x -> Conv = a -> Conv = b; Add(a, b) = s and Conv(x) = u go only into Concat(s, u) ->
+    Conv -> y: a feature pyramid's finest level, computed only to be concatenated."""
+    b = builders.GraphBuilder(seed=5)
+    first = b.conv("x", 3, 6, 3, "c1")
+    total = b.node("Add", [first, b.conv(first, 6, 6, 3, "c2")], "sum")
+    joined = b.node("Concat", [total, b.conv("x", 3, 6, 3, "side")], "cat", axis=1)
+    b.node("Conv", [joined, b.weight("head.w", (4, 12, 3, 3), 0.3)], "head", outputs=["y"],
+           pads=[1] * 4)
+    return b.model([builders.tensor("x", [1, 3, 12, 12])],
+                   [builders.tensor("y", [1, 4, 12, 12])], 13, "sum_into_concat")
+
+
+def test_a_concat_reads_what_only_it_reads_unrounded(monkeypatch):
+    """A pair whose one reader is a quantized Concat is taken out (OpenVINO moves the Concat's
+    FakeQuantize onto each input: two requantizations in a row otherwise); the Concat's own
+    pair rounds once; ONNX Runtime's output stays as faithful."""
+    from onnxcomp.passes.quantize import signed
+
+    model = _sum_into_concat_net()
+    data = data_for(model, 8)
+    config = quantize.Config(output_qdq="none", signed_feature_maps=True)
+    on, _ = run(model, config, Context(calibration=data))
+    with monkeypatch.context() as patch:  # the same layout with the pairs left in
+        patch.setattr(signed, "_drop_pairs_before_concats", lambda graph: 0)
+        kept, _ = run(model, config, Context(calibration=data))
+    producer = {o: n.op_type for n in kept.proto.graph.node for o in n.output}
+    concat = next(n for n in kept.proto.graph.node if n.op_type == "Concat")
+    assert [producer[t] for t in concat.input] == ["DequantizeLinear"] * 2
+    producer = {o: n.op_type for n in on.proto.graph.node for o in n.output}
+    concat = next(n for n in on.proto.graph.node if n.op_type == "Concat")
+    assert [producer[t] for t in concat.input] == ["Add", "Conv"]
+    assert [n.op_type for n in on.proto.graph.node if concat.output[0] in n.input] \
+        == ["QuantizeLinear"]
+    for batch in list(data)[:3]:
+        reference = runtime.run_model(model, batch)["y"].ravel()
+        errors = [np.abs(runtime.run_model(result, batch)["y"].ravel() - reference).max()
+                  for result in (kept, on)]
+        assert errors[1] <= errors[0] * 1.5
+        out = runtime.run_model(on, batch)["y"].ravel()
+        assert np.dot(out, reference) / (np.linalg.norm(out) * np.linalg.norm(reference)) > 0.99
+    if runtime_openvino.available():  # what it is for: one requantization per executed op
+        fused = {}
+        for label, result in (("kept", kept), ("on", on)):
+            compiled = runtime_openvino.compile_model(result, threads=1, precision="f32")
+            fused[label] = {
+                names[0]: [n for n in names if "_Q" in n]
+                for op in compiled.get_runtime_model().get_ordered_ops()
+                if (names := str(op.get_rt_info()["originalLayersNames"].astype(str))
+                    .split(","))[0] in ("sum", "side/WithoutBiases")}
+        # With the pairs kept, OpenVINO fuses the Add's own quantizer and the Concat's copy of
+        # its quantizer into the Add: two in a row; without, only the Concat's.
+        assert len(fused["kept"]["sum"]) == 2, fused
+        assert all(len(quantizers) == 1 for quantizers in fused["on"].values()), fused
