@@ -142,6 +142,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                 "symmetric int8 where the range is signed: folded into the Conv as int8 "
                 "output, and those ops run in i8 (quantize.conv_adds, "
                 "quantize.signed_feature_maps)"),
+               ("a tensor only a quantized Concat reads has no pair of its own: OpenVINO moves "
+                "the Concat's FakeQuantize onto each input, and a second one there is a second "
+                "requantization"),
                ("HardSwish as one op (opset 14): its x * HardSigmoid(x) form is not fused and "
                 "costs layout Reorders around every occurrence"),
                ("activation x activation MatMuls run int8 only with a signed (i8) second "
