@@ -5,7 +5,7 @@ OpenVINO's low-precision transformations fold a FakeQuantize into the Conv that 
 input (the Conv then writes int8, a quarter of the bytes) only when that FakeQuantize is the
 Conv output's one reader, and run Add / Multiply / ReduceMean / Interpolate in i8 when their
 inputs come through FakeQuantize. A conv net's feature-map QDQ pairs (``conv_adds``: residual
-and pyramid Adds, squeeze-excitation Muls, Concats, Resizes) leave three things in the way:
+and pyramid Adds, squeeze-excitation Muls, Concats, Resizes) leave four things in the way:
 - a squeeze-excitation block reads the Conv output twice, through the QDQ pair (the gating Mul)
   and directly (GlobalAveragePool): two readers, so no fold. Here every pooling reader of a
   quantized tensor reads the pair's DequantizeLinear instead (the mean of the values the Mul
@@ -28,7 +28,8 @@ and pyramid Adds, squeeze-excitation Muls, Concats, Resizes) leave three things 
 Measured on PP-OCRv4 det, ``--target openvino`` (docs/targets.md): 20 Convs wrote f32 before, 11
 after, and the six Interpolates run in 8 bits; one interleaved run: 0.509x -> 0.472x OpenVINO
 float latency at 1 thread without the Resize pairs, 0.468x with them (NNCF's IR 0.476x in that
-run), output map cosine in OpenVINO .9953 -> .9946. ONNX Runtime's CPU kernels want uint8
+run), output map cosine in OpenVINO .9953 -> .9946; the Concat rule then 0.453x -> 0.447x at 1
+thread and 0.489x -> 0.486x at 2 (200 rounds, NNCF's IR 0.440x / 0.476x). ONNX Runtime's CPU kernels want uint8
 feature maps (QLinearAdd and friends), so the ``ort-cpu`` target leaves this off.
 """
 
