@@ -29,8 +29,9 @@ Measured on PP-OCRv4 det, ``--target openvino`` (docs/targets.md): 20 Convs wrot
 after, and the six Interpolates run in 8 bits; one interleaved run: 0.509x -> 0.472x OpenVINO
 float latency at 1 thread without the Resize pairs, 0.468x with them (NNCF's IR 0.476x in that
 run), output map cosine in OpenVINO .9953 -> .9946; the Concat rule then 0.453x -> 0.447x at 1
-thread and 0.489x -> 0.486x at 2 (200 rounds, NNCF's IR 0.440x / 0.476x). ONNX Runtime's CPU kernels want uint8
-feature maps (QLinearAdd and friends), so the ``ort-cpu`` target leaves this off.
+thread and 0.489x -> 0.486x at 2 (200 rounds, NNCF's IR 0.440x / 0.476x). ONNX Runtime's CPU
+kernels want uint8 feature maps (QLinearAdd and friends), so the ``ort-cpu`` target leaves this
+off.
 """
 
 from __future__ import annotations
