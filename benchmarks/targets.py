@@ -104,23 +104,32 @@ def nncf_int8_ir(name: str, float_path: Path, batches: list[dict], out: Path) ->
     return time.perf_counter() - started
 
 
-def openvino_timing(paths: dict[str, Path], feeds: dict, threads: list[int], runs: int
-                    ) -> list[dict]:
+def openvino_timing(paths: dict[str, Path], feeds: dict, threads: list[int], runs: int,
+                    sessions: int = 1) -> list[dict]:
     """Every variant (IR included) in OpenVINO at f32 and at the plugin's default precision,
-    all interleaved in one loop per thread count (``bench``'s method)."""
+    all interleaved in one loop per thread count (``bench``'s method). With ``sessions`` > 1
+    the loop is repeated on freshly compiled models, ``runs / sessions`` rounds each, and the
+    percentiles are taken over all rounds: one compiled copy of a file can run 1-3 % off
+    another (docs/bench_stability.md), and more rounds on the same copy do not average that."""
     from onnxcomp.measure.bench import _time_runners, percentiles
 
     rows = []
+    engines = [(label, precision) for precision in ("f32", None) for label in paths]
     for count in threads:
-        engines = [(label, precision) for precision in ("f32", None) for label in paths]
-        runners = [runtime_openvino.Runner(paths[label], feeds, count, precision=precision)
-                   for label, precision in engines]
-        times = _time_runners(runners, runs, 5, 1.0)
+        times: list[list[float]] = [[] for _ in engines]
+        for _ in range(sessions):
+            runners = [runtime_openvino.Runner(paths[label], feeds, count, precision=precision)
+                       for label, precision in engines]
+            for pooled, run_times in zip(times, _time_runners(
+                    runners, -(-runs // sessions), 5, 1.0 / sessions)):
+                pooled.extend(run_times)
+            del runners
         base: dict = {}
         for (label, precision), run_times in zip(engines, times):
             stats = percentiles(run_times)
             base.setdefault(precision, stats["p50_ms"])
             rows.append({"model": label, "threads": count, "runs": len(run_times),
+                         "sessions": sessions,
                          "runtime": "openvino" if precision else "openvino (default precision)",
                          "provider": "OpenVINO CPU", **stats,
                          "latency_ratio": stats["p50_ms"] / base[precision]})
@@ -182,7 +191,7 @@ def fidelity(name: str, path: Path, float_path: Path, splits: dict, reference: d
 
 
 def run_model(name: str, calib_count: int, eval_count: int, runs: int, threads: list[int],
-              keep: Path | None = None) -> dict:
+              keep: Path | None = None, sessions: int = 1) -> dict:
     print(f"== {name}", flush=True)
     with tempfile.TemporaryDirectory(prefix="onnxcomp-targets-") as tmp:
         folder = Path(tmp)
@@ -235,9 +244,10 @@ def run_model(name: str, calib_count: int, eval_count: int, runs: int, threads: 
         labels = list(paths)
         timing = bench([str(paths[k]) for k in labels], names=labels, threads=threads,
                        runs=runs, warmup=5, data=splits["eval"].take(1),
-                       memory=False, progress=None, runtimes=("onnxruntime",))
+                       memory=False, progress=None, runtimes=("onnxruntime",),
+                       spinning=False)  # idle sessions' spinning threads would take the cores
         rows = timing.bench["results"] + openvino_timing(
-            {**paths, **ir}, splits["eval"].make_batch(0), threads, runs)
+            {**paths, **ir}, splits["eval"].make_batch(0), threads, runs, sessions)
     for row in rows:
         row.pop("times_ms", None)
     return {"model": name, "calib_batches": calib_count, "eval_batches": eval_count,
@@ -364,7 +374,8 @@ def run_ep(name: str, folder: Path, runs: int, threads: list[int]) -> dict:
     paths = {label: folder / file for label, file in ONNX_VARIANTS.items()}
     timing = bench([str(path) for path in paths.values()], names=list(paths),
                    providers=["openvino", "cpu"], threads=threads, runs=runs, warmup=5,
-                   data=str(folder / "eval"), memory=False, progress=None)
+                   data=str(folder / "eval"), memory=False, progress=None,
+                   spinning=False)
     reference = np.load(folder / "reference.npz")
     files = sorted((folder / "eval").glob("*.npz"))
     fidelity = {}
@@ -506,6 +517,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=32, help="calibration batches")
     parser.add_argument("--eval", type=int, default=64, help="held-out batches per split")
     parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--sessions", type=int, default=3,
+                        help="fresh OpenVINO compilations the rounds are split over")
     parser.add_argument("--threads", default="1")
     parser.add_argument("--keep", type=Path, help="save the variants and eval data here")
     parser.add_argument("--ep", type=Path, help="time the variants kept in this folder through "
@@ -530,7 +543,7 @@ def main() -> None:
             results[name]["ep"] = run_ep(name, args.ep, args.runs, threads)
         else:
             results[name] = run_model(name, args.calib, args.eval, args.runs, threads,
-                                      args.keep)
+                                      args.keep, args.sessions)
         RESULTS.write_text(json.dumps(results, indent=2))
         print(table(results[name]), flush=True)
     write_doc(results)

@@ -236,14 +236,7 @@ _skeleton = checks.skeleton  # the old name, still used by tests/test_runtime.py
 def _open_session(model: Model | str | os.PathLike, provider: str, threads: int | None,
                   optimize: bool, optimized_model_path: str | None) -> ort.InferenceSession:
     options = session_options(threads, optimize, optimized_model_path)
-    providers: list = [resolve_provider(provider)]
-    if providers[0] != "CPUExecutionProvider":
-        providers.append("CPUExecutionProvider")
-    if providers[0] == "OpenVINOExecutionProvider":
-        # The OpenVINO EP takes its thread count and precision as provider options, not from
-        # the session options; FP32 as in `bench --runtime openvino:f32` (bf16 is lossy).
-        extra = {"num_of_threads": str(threads)} if threads else {}
-        providers[0] = (providers[0], {"device_type": "CPU", "precision": "FP32", **extra})
+    providers = execution_providers(provider, threads)
     if not isinstance(model, Model):
         return ort.InferenceSession(str(model), options, providers=providers)
     lazy = model.lazy
@@ -259,6 +252,20 @@ def _open_session(model: Model | str | os.PathLike, provider: str, threads: int 
             model.save(path, external_data=True)
             return ort.InferenceSession(str(path), options, providers=providers)
     return ort.InferenceSession(model.proto.SerializeToString(), options, providers=providers)
+
+
+def execution_providers(provider: str, threads: int | None) -> list:
+    """The ``providers`` argument of an ONNX Runtime session for ``provider``: with the CPU as
+    fallback, and the provider options a provider needs to honour ``threads``."""
+    providers: list = [resolve_provider(provider)]
+    if providers[0] != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    if providers[0] == "OpenVINOExecutionProvider":
+        # The OpenVINO EP takes its thread count and precision as provider options, not from
+        # the session options; FP32 as in `bench --runtime openvino:f32` (bf16 is lossy).
+        extra = {"num_of_threads": str(threads)} if threads else {}
+        providers[0] = (providers[0], {"device_type": "CPU", "precision": "FP32", **extra})
+    return providers
 
 
 def _first_line(exc: Exception) -> str:

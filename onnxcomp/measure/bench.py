@@ -2,9 +2,10 @@
 
 How the timings are taken, so that two models can be compared fairly on a noisy machine:
 - one ONNX Runtime session per model (default graph optimizations) for each provider x threads;
-- warm-up runs, then timed runs *interleaved* in one process: round r runs every model once, the
-  order reversed every other round (A B, B A, ...), so machine noise and clock changes hit all
-  models alike; at least ``runs`` rounds, and more until the rounds span ``min_seconds`` (1 s by
+- warm-up runs, then timed runs *interleaved* in one process: round r runs every model once, in
+  a seeded random order that never times a model straight after itself, so machine noise, clock
+  changes and cache state hit all models alike (a fixed or palindromic order favoured the model
+  that closed a round, measured in docs/bench_stability.md); at least ``runs`` rounds, and more until the rounds span ``min_seconds`` (1 s by
   default): 30 runs of a 0.2 ms model last 6 ms, short enough for one burst of another
   process to move the median;
 - p50/p90/p99 over the timed runs (``numpy.percentile``, linear interpolation), throughput =
@@ -47,7 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +173,9 @@ def _session_without_spinning(path: str, provider: str, threads: int | None):
     options = runtime.session_options(threads)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider"
-                              else [])
+    # the provider options too (the OpenVINO EP's thread count and precision): without them
+    # the EP ran on every core at its default precision under a "1 thread" label
+    providers = runtime.execution_providers(provider, threads)
     try:
         return ort.InferenceSession(path, options, providers=providers)
     except Exception as exc:
@@ -466,7 +468,7 @@ def bench(models: Sequence[Model | str | os.PathLike], providers: Sequence[str] 
     report.bench = {"batch": infos[0]["batch"], "runs": runs, "warmup": int(warmup),
                     "min_seconds": float(min_seconds), "spinning": bool(spinning),
                     "data": "random" if data is None else str(getattr(data, "name", data)),
-                    "order": "interleaved, reversed every other round",
+                    "order": "interleaved, seeded random order per round",
                     "models": infos, "results": results, "memory": memory_rows}
     return report
 
@@ -493,21 +495,26 @@ def _time_interleaved(paths: list[Path], provider: str, threads: int,
 
 def _time_runners(runners: list, runs: int, warmup: int, min_seconds: float = 0.0,
                   max_rounds: int = 1_000_000, task: Task | None = None) -> list[list[float]]:
-    """Warm-up, then interleaved timed rounds (order reversed every other round) of runners
-    (ONNX Runtime or OpenVINO): each runner's run times in seconds."""
+    """Warm-up, then interleaved timed rounds of runners (ONNX Runtime or OpenVINO): each
+    runner's run times in seconds.
+
+    Each round runs every runner once in a seeded random order, never the same runner twice in
+    a row across rounds. A fixed or palindromic order is biased: a model that runs right after
+    a bigger one finds the caches cold, the one that closes a round and opens the next finds
+    them warm (measured 1-2 % between copies of one file, docs/bench_stability.md)."""
     for runner in runners:
         runner.first_run()
-    order = list(range(len(runners)))
     for _ in range(warmup):
-        for i in order:
-            runners[i]()
+        for runner in runners:
+            runner()
     times: list[list[float]] = [[] for _ in runners]
+    orders = _round_orders(len(runners))
     clock = time.perf_counter
     started = clock()
     r = 0
     shown = started
     while r < runs or (clock() - started < min_seconds and r < max_rounds):
-        for i in (order if r % 2 == 0 else order[::-1]):
+        for i in next(orders):
             start = clock()
             runners[i]()
             times[i].append(clock() - start)
@@ -519,6 +526,19 @@ def _time_runners(runners: list, runs: int, warmup: int, min_seconds: float = 0.
     if task is not None:
         task.set(r, r)
     return times
+
+
+def _round_orders(count: int, seed: int = 0) -> Iterator[list[int]]:
+    """Endless seeded random orders of ``count`` runners; a round never opens with the runner
+    that closed the one before, so no runner is timed straight after itself."""
+    rng = np.random.default_rng(seed)
+    last = -1
+    while True:
+        order = [int(i) for i in rng.permutation(count)]
+        if count > 1 and order[0] == last:
+            order[0], order[1] = order[1], order[0]
+        last = order[-1]
+        yield order
 
 
 def _rounds_expected(done: int, runs: int, elapsed: float, min_seconds: float,

@@ -268,3 +268,49 @@ def test_models_with_the_same_inputs_are_timed_on_the_same_feeds():
     feeds = _shared_feeds([a, b, other], None, 1, None)
     assert feeds[0] is feeds[1]
     assert set(feeds[2]) == {i.name for i in other.graph.input}
+
+
+def test_round_orders_are_seeded_balanced_and_never_repeat_a_runner():
+    from itertools import islice, pairwise
+
+    from onnxcomp.measure.bench import _round_orders
+
+    rounds = list(islice(_round_orders(4), 2000))
+    assert rounds[:50] == list(islice(_round_orders(4), 50))  # seeded: reruns time alike
+    assert all(sorted(order) == [0, 1, 2, 3] for order in rounds)
+    sequence = [i for order in rounds for i in order]
+    assert all(a != b for a, b in pairwise(sequence))
+    # every runner follows each other runner about equally often: no seat is favoured
+    follows = np.zeros((4, 4))
+    for before, after in pairwise(sequence):
+        follows[after, before] += 1
+    off_diagonal = follows[~np.eye(4, dtype=bool)]
+    assert off_diagonal.min() > 0.85 * off_diagonal.mean()
+    # the first runner (the float reference) is not always the one a round opens with
+    assert 0.15 < np.mean([order[0] == 0 for order in rounds]) < 0.35
+    assert list(islice(_round_orders(1), 3)) == [[0], [0], [0]]
+
+
+def test_sessions_without_spinning_keep_the_providers_options(monkeypatch):
+    """--no-spinning builds its own session options: the OpenVINO EP must still get its thread
+    count and FP32 (it ran on every core at its default precision before)."""
+    import onnxruntime as ort
+
+    from onnxcomp.measure import bench as bench_module
+
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["OpenVINOExecutionProvider", "CPUExecutionProvider"])
+    seen = {}
+
+    class Session:
+        def __init__(self, path, options, providers):
+            seen.update(options=options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    bench_module._session_without_spinning("m.onnx", "OpenVINOExecutionProvider", 1)
+    assert seen["providers"] == [
+        ("OpenVINOExecutionProvider",
+         {"device_type": "CPU", "precision": "FP32", "num_of_threads": "1"}),
+        "CPUExecutionProvider"]
+    assert seen["options"].intra_op_num_threads == 1
+    assert seen["options"].get_session_config_entry("session.intra_op.allow_spinning") == "0"
