@@ -14,10 +14,10 @@ fresh sets of sessions per order and thread count, since one compiled copy of a 
     python benchmarks/timing_order.py [--rounds 60] [--sessions 6]
 
 ONNX Runtime times PP-OCRv4 rec (float and ``quantize:int8``) on one 48x320 line, intra-op
-spinning off (as ``quantize_vs_ort.py``: with it on, a session's worker threads spin on after its
-run and take the cores from the next one, and 2-thread seats differed by up to 60 %); OpenVINO, where
-installed, times PP-OCRv4 det (float and ``quantize:int8 --target openvino``) on one 640x640
-image. Results: benchmarks/results/timing_order.json and the table in docs/bench_stability.md.
+spinning off (as ``quantize_vs_ort.py``: with it on, a session's worker threads spin on after
+its run and take the cores from the next one, and 2-thread seats differed by up to 60 %);
+OpenVINO, where installed, times PP-OCRv4 det (float and ``quantize:int8 --target openvino``)
+on one 640x640 image. Results: benchmarks/results/timing_order.json and the table in docs/bench_stability.md.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ How the timings are taken, so that two models can be compared fairly on a noisy 
 - warm-up runs, then timed runs *interleaved* in one process: round r runs every model once, in
   a seeded random order that never times a model straight after itself, so machine noise, clock
   changes and cache state hit all models alike (a fixed or palindromic order favoured the model
-  that closed a round, measured in docs/bench_stability.md); at least ``runs`` rounds, and more until the rounds span ``min_seconds`` (1 s by
-  default): 30 runs of a 0.2 ms model last 6 ms, short enough for one burst of another
-  process to move the median;
+  that closed a round, measured in docs/bench_stability.md); at least ``runs`` rounds, and more
+  until the rounds span ``min_seconds`` (1 s by default): 30 runs of a 0.2 ms model last 6 ms,
+  short enough for one burst of another process to move the median;
 - p50/p90/p99 over the timed runs (``numpy.percentile``, linear interpolation), throughput =
   batch / p50, and ratios against the first model (p50 ratio and file size ratio);
 - the timings themselves, for the HTML report's distributions: ``times_ms`` (ms, 4 decimals, at
