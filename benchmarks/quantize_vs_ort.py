@@ -5,7 +5,9 @@ preprocessed file is given to every quantizer), onnxcomp int8 (static QDQ) and i
 ONNX Runtime's ``quantize_static`` (QDQ, per-channel, uint8 activations, int8 weights,
 op_types_to_quantize Conv/MatMul/Gemm, MinMax calibrator, the same calibration batches) and
 ``quantize_dynamic``, and NNCF's ``nncf.quantize`` (its defaults; ``ModelType.TRANSFORMER``
-for transformers; same file and batches; an error row where nncf is missing). For transformers
+for transformers; same file and batches; an error row where nncf is missing). For conv nets also
+onnxcomp int8 with latency-aware mixed precision (``min_cosine = 0.996``, ``keep_float_by =
+"latency"``; issue #21), and for ppocr-det the text-mask IoU against float. For transformers
 (more MatMul/Gemm weight than Conv weight: minilm, clip-vit-b32, tiny-clip) also: onnxcomp int4 (MatMulNBits, block 32, symmetric) against ONNX
 Runtime's ``MatMulNBitsQuantizer`` (block 32, symmetric, same float model), and ONNX Runtime's
 recommended transformer flow: the ``fuse`` pass (``onnxruntime.transformers.optimizer``), then
@@ -45,6 +47,7 @@ import onnxruntime as ort
 from doc_tables import write_between
 
 from onnxcomp import calibration, runtime
+from onnxcomp.measure.bench import _round_orders
 from onnxcomp.model import load
 from onnxcomp.passes import cleanup, fuse, quantize
 from onnxcomp.pipeline import Context
@@ -167,6 +170,13 @@ def make_variants(name: str, float_path: Path, calib, folder: Path, transformer:
 
     _timed(variants, errors, "NNCF int8", folder / "nncf_int8.onnx", nncf_int8)
     if not transformer:
+        # Latency-aware mixed precision (issue #21): layers slower in int8 than float stay
+        # float, then the least harmful per millisecond saved until the calibration cosine
+        # reaches 0.996
+        _timed(variants, errors, "onnxcomp int8, min_cosine 0.996 by latency",
+               folder / "onnxcomp_int8_latency.onnx",
+               _onnxcomp(float_path, quantize.Config(min_cosine=0.996, keep_float_by="latency"),
+                         calib))
         return variants, errors, extra
     # Not the default, but what a careful ORT user would set on a transformer: per-channel
     # weights (the default per-tensor weights cost MiniLM most of its fidelity)
@@ -276,11 +286,14 @@ def latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], threads: int, 
     for sess in sessions.values():  # warm-up
         for _ in range(3):
             sess.run(None, feeds)
+    # bench's seeded random order per round: a fixed order times each variant after the same
+    # neighbour every round (docs/bench_stability.md)
+    names, orders = list(sessions), _round_orders(len(sessions))
     for _ in range(runs):
-        for name, sess in sessions.items():
+        for index in next(orders):
             started = time.perf_counter()
-            sess.run(None, feeds)
-            times[name].append(time.perf_counter() - started)
+            sessions[names[index]].run(None, feeds)
+            times[names[index]].append(time.perf_counter() - started)
     return {name: float(np.median(values) * 1000) for name, values in times.items()}
 
 
@@ -378,6 +391,9 @@ def run_model(name: str, args, workdir: Path) -> dict:
         rows[k]["fidelity"] = _fidelity_summary(float_path, path, evaluation)
         if local_metric is not None and "error" not in rows[k]["fidelity"]:
             rows[k]["fidelity"].update(_task(path, evaluation, local_metric))
+    if name == "ppocr-det":  # issue #21's det bar is the text-mask IoU against float
+        for k, iou in _mask_ious(paths, evaluation).items():
+            rows[k]["fidelity"]["mask_iou"] = iou
     for k, message in errors.items():
         rows[k] = {"error": message}
     return {"model": name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -388,6 +404,26 @@ def run_model(name: str, args, workdir: Path) -> dict:
             "loadavg_1_5_15": {"before_timing": [round(x, 2) for x in load_before],
                                "after_timing": [round(x, 2) for x in load_after]},
             **extra, "variants": rows}
+
+
+def _mask_ious(paths: dict[str, Path], data) -> dict[str, float]:
+    """PP-OCR det: mean IoU of each variant's text mask (probability map above the DB
+    threshold) with float's on the evaluation pages. One session per variant; only float's
+    masks are kept."""
+    from onnxcomp.zoo import ppocr
+
+    def masks(path: Path):
+        sess = runtime.session(path)
+        for index in range(len(data)):
+            yield sess.run(None, data.make_batch(index))[0] > ppocr.DET_THRESHOLD
+
+    reference = list(masks(paths["float"]))
+    ious = {}
+    for k, path in paths.items():
+        per_page = [float((a & b).sum() / max((a | b).sum(), 1))
+                    for a, b in zip(reference, masks(path))]
+        ious[k] = round(float(np.mean(per_page)), 4)
+    return ious
 
 
 def _fidelity_summary(reference: Path, candidate: Path, data) -> dict:
