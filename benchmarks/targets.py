@@ -31,10 +31,11 @@ runtime precision come from OpenVINO's compiled model (``runtime_openvino.precis
 ``--sessions N`` (default 3) splits the OpenVINO rounds over N fresh compilations of every
 variant; ONNX Runtime is timed with intra-op spinning off (an idle session's spinning threads
 take the cores from the one being timed). ``--keep DIR`` saves the ONNX variants, the held-out
-``eval`` batches (``.npz``) and the float model's outputs on them; ``--ep DIR`` (run in the environment with onnxruntime-openvino, which
-has neither OpenVINO's own API nor NNCF) times those files through ONNX Runtime's OpenVINO
-execution provider and its CPU provider, interleaved, measures their output cosine against
-float through the EP, and adds the result to the model's entry (``ep``).
+``eval`` batches (``.npz``) and the float model's outputs on them; ``--ep DIR`` (run in the
+environment with onnxruntime-openvino, which has neither OpenVINO's own API nor NNCF) times
+those files through ONNX Runtime's OpenVINO execution provider and its CPU provider,
+interleaved, measures their output cosine against float through the EP, and adds the result to
+the model's entry (``ep``).
 
 Each run replaces its models' entries in ``benchmarks/results/targets.json`` and rewrites the
 table in ``docs/targets.md`` between the markers.
