@@ -47,7 +47,7 @@ import onnxruntime as ort
 from doc_tables import write_between
 
 from onnxcomp import calibration, runtime
-from onnxcomp.measure.bench import _round_orders
+from onnxcomp.measure.bench import _Runner, _time_runners
 from onnxcomp.model import load
 from onnxcomp.passes import cleanup, fuse, quantize
 from onnxcomp.pipeline import Context
@@ -270,31 +270,18 @@ def wait_for_quiet(max_load: float, max_wait: float) -> float:
 
 def latency(paths: dict[str, Path], feeds: dict[str, np.ndarray], threads: int, runs: int
             ) -> dict[str, float]:
-    """p50 milliseconds per variant, runs interleaved across the variants' sessions.
+    """p50 milliseconds per variant, runs interleaved across the variants' sessions in
+    ``bench``'s seeded random order per round (a fixed order times each variant after the same
+    neighbour every round: docs/bench_stability.md).
 
     Intra-op spinning is off: with it on, each idle session's spinning worker threads took the
     cores from the one being timed (MiniLM, 2 threads: 12.4 ms with four sessions interleaved
     vs 3.0 ms alone; spinning off: 4.3-4.8 ms either way), so interleaved 2-thread timings
     measured the interference, not the model."""
-    sessions = {}
-    for name, path in paths.items():
-        options = runtime.session_options(threads)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[name] = ort.InferenceSession(str(path), options,
-                                              providers=["CPUExecutionProvider"])
-    times = {name: [] for name in sessions}
-    for sess in sessions.values():  # warm-up
-        for _ in range(3):
-            sess.run(None, feeds)
-    # bench's seeded random order per round: a fixed order times each variant after the same
-    # neighbour every round (docs/bench_stability.md)
-    names, orders = list(sessions), _round_orders(len(sessions))
-    for _ in range(runs):
-        for index in next(orders):
-            started = time.perf_counter()
-            sessions[names[index]].run(None, feeds)
-            times[names[index]].append(time.perf_counter() - started)
-    return {name: float(np.median(values) * 1000) for name, values in times.items()}
+    runners = [_Runner(str(path), "CPUExecutionProvider", threads, feeds, spinning=False)
+               for path in paths.values()]
+    times = _time_runners(runners, runs, 3)
+    return {name: float(np.median(values) * 1000) for name, values in zip(paths, times)}
 
 
 def _local_ppocr(model_path: str, split: str, count: int):

@@ -27,7 +27,6 @@ import datetime
 import json
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import numpy as np
 from doc_tables import write_between
 
 from onnxcomp import api, zoo
-from onnxcomp.measure.bench import _round_orders, _Runner, percentiles
+from onnxcomp.measure.bench import _round_orders, _Runner, _time_runners, percentiles
 from onnxcomp.report import environment, markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,18 +54,7 @@ def palindrome(count: int) -> Iterator[list[int]]:
 def time_seats(make_runners: Callable[[], list], orders: Iterator[list[int]], rounds: int
                ) -> list[float]:
     """p50 (ms) of each runner over ``rounds`` interleaved rounds in the given orders."""
-    runners = make_runners()
-    for runner in runners:
-        runner.first_run()
-    for _ in range(5):
-        for runner in runners:
-            runner()
-    times: list[list[float]] = [[] for _ in runners]
-    for _ in range(rounds):
-        for i in next(orders):
-            start = time.perf_counter()
-            runners[i]()
-            times[i].append(time.perf_counter() - start)
+    times = _time_runners(make_runners(), rounds, 5, orders=orders)
     return [percentiles(t)["p50_ms"] for t in times]
 
 

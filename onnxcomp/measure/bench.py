@@ -494,21 +494,23 @@ def _time_interleaved(paths: list[Path], provider: str, threads: int,
 
 
 def _time_runners(runners: list, runs: int, warmup: int, min_seconds: float = 0.0,
-                  max_rounds: int = 1_000_000, task: Task | None = None) -> list[list[float]]:
+                  max_rounds: int = 1_000_000, task: Task | None = None,
+                  orders: Iterator[list[int]] | None = None) -> list[list[float]]:
     """Warm-up, then interleaved timed rounds of runners (ONNX Runtime or OpenVINO): each
     runner's run times in seconds.
 
     Each round runs every runner once in a seeded random order, never the same runner twice in
     a row across rounds. A fixed or palindromic order is biased: a model that runs right after
     a bigger one finds the caches cold, the one that closes a round and opens the next finds
-    them warm (measured 1-2 % between copies of one file, docs/bench_stability.md)."""
+    them warm (measured 1-2 % between copies of one file, docs/bench_stability.md). ``orders``
+    replaces that order (benchmarks/timing_order.py times the old one against it)."""
     for runner in runners:
         runner.first_run()
     for _ in range(warmup):
         for runner in runners:
             runner()
     times: list[list[float]] = [[] for _ in runners]
-    orders = _round_orders(len(runners))
+    orders = orders if orders is not None else _round_orders(len(runners))
     clock = time.perf_counter
     started = clock()
     r = 0

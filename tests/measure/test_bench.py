@@ -314,3 +314,23 @@ def test_sessions_without_spinning_keep_the_providers_options(monkeypatch):
         "CPUExecutionProvider"]
     assert seen["options"].intra_op_num_threads == 1
     assert seen["options"].get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_time_runners_follows_the_orders_it_is_given():
+    from onnxcomp.measure.bench import _time_runners
+
+    calls = []
+
+    class Runner:
+        def __init__(self, index):
+            self.index = index
+
+        def first_run(self):
+            pass
+
+        def __call__(self):
+            calls.append(self.index)
+
+    runners = [Runner(i) for i in range(3)]
+    times = _time_runners(runners, 2, 0, orders=iter([[2, 0, 1], [1, 2, 0]]))
+    assert calls == [2, 0, 1, 1, 2, 0] and [len(t) for t in times] == [2, 2, 2]
