@@ -49,7 +49,7 @@ from doc_tables import write_between
 from onnxcomp import calibration, runtime
 from onnxcomp.measure.bench import _Runner, _time_runners
 from onnxcomp.model import load
-from onnxcomp.passes import cleanup, fuse, quantize
+from onnxcomp.passes import cleanup, fuse, lower, quantize
 from onnxcomp.pipeline import Context
 from onnxcomp.report import environment, markdown_table
 
@@ -130,9 +130,14 @@ def _timed(variants: dict, errors: dict, name: str, path: Path, make) -> None:
     variants[name] = (path, time.perf_counter() - started)
 
 
-def _onnxcomp(source: Path, config: quantize.Config, calib=None):
+def _onnxcomp(source: Path, config: quantize.Config, calib=None, lowered: bool = True):
+    """What ``compress --recipe quantize:...`` writes for the ort-cpu target: quantize, then
+    the ``lower`` step it appends after static int8 (nothing to do in the other modes);
+    ``lowered=False``: the QDQ graph alone."""
     def make(path: Path) -> None:
         result, _ = quantize.PASS.run(load(source), config, Context(calibration=calib))
+        if lowered:
+            result, _ = lower.PASS.run(result, lower.Config(), Context())
         result.save(path)
     return make
 
@@ -146,6 +151,15 @@ def make_variants(name: str, float_path: Path, calib, folder: Path, transformer:
     extra: dict = {}
     _timed(variants, errors, "onnxcomp int8", folder / "onnxcomp_int8.onnx",
            _onnxcomp(float_path, quantize.Config(), calib))
+    # The same QDQ graph without the `lower` step: what folding the bias Adds into
+    # MatMulIntegerToFloat is worth (bit-identical outputs)
+    _timed(variants, errors, "onnxcomp int8, QDQ only (no lower)",
+           folder / "onnxcomp_int8_qdq.onnx",
+           _onnxcomp(float_path, quantize.Config(), calib, lowered=False))
+    qdq_only, lowered = (variants.get(f"onnxcomp int8{tail}")
+                         for tail in (", QDQ only (no lower)", ""))
+    if qdq_only and lowered and qdq_only[0].read_bytes() == lowered[0].read_bytes():
+        del variants["onnxcomp int8, QDQ only (no lower)"]  # nothing lowered (a conv net)
     _timed(variants, errors, "onnxcomp int8-dynamic", folder / "onnxcomp_dyn.onnx",
            _onnxcomp(float_path, quantize.Config(mode="int8-dynamic")))
     _timed(variants, errors, "ORT quantize_static", folder / "ort_static.onnx",

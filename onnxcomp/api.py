@@ -19,6 +19,7 @@ from pathlib import Path
 from onnxcomp import calibration, progress, report_data, runtime, targets
 from onnxcomp.errors import InvalidOutput, UserError
 from onnxcomp.model import Model, load
+from onnxcomp.passes import lower
 from onnxcomp.pipeline import (
     Applied,
     Context,
@@ -340,6 +341,11 @@ def target_steps(recipe, overrides: list[str] | None, target: targets.Target) ->
     steps = parse_recipe(recipe if recipe is not None else DEFAULT_RECIPE)
     modes = [s.config.mode for s in steps if s.name == "quantize"]
     implied = targets.quantize_overrides(target, None, modes) if modes else []
+    if any(s.name == lower.NAME for s in steps) and not target.lowers:
+        raise lower.refuse_for(target.name, target.runtime)
+    if target.lowers and "int8" in modes and all(s.name != lower.NAME for s in steps):
+        # Last, after distill too: QAT trains the QDQ graph, which lowering then rewrites.
+        steps.append(Step(lower.PASS, lower.PASS.default_config()))
     steps = apply_overrides(steps, [*implied, *(overrides or [])])
     targets.check_modes(target, [s.config.mode for s in steps if s.name == "quantize"])
     return steps

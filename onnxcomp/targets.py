@@ -9,7 +9,9 @@ compile it; TensorRT and QNN: structural checks of their documented rules, repor
 ONNX Runtime Mobile: ``write_ort`` writes the ``.ort`` file and the reduced-operator config
 beside the saved model and checks it loads and matches).
 
-``ort-cpu`` is exactly today's defaults: its overrides are empty, so its figures do not move.
+``ort-cpu`` is the quantize pass's defaults (its overrides are empty); it also appends the
+``lower`` step after static int8 (``lowers``: MatMul + bias Add as ONNX Runtime's
+MatMulIntegerToFloat), which the other targets refuse because their runtimes cannot run it.
 The others are written from their runtimes' documentation and, for ``openvino``, from what its
 CPU plugin was measured to run in int8 (``docs/targets.md``). What the quantize pass cannot do
 yet for a target is said in ``missing``, not papered over: e.g. TensorRT's explicit
@@ -60,6 +62,8 @@ class Target:
     refused: tuple[tuple[str, str], ...] = ()
     supported_ops: tuple[str, ...] | None = None  # None: any op the runtime has
     writes_ort: bool = False  # also write the .ort file (ONNX Runtime Mobile)
+    # Append the ``lower`` step (ONNX Runtime CPU contrib ops) after a static int8 quantize.
+    lowers: bool = False
     sources: tuple[str, ...] = ()
 
 
@@ -92,12 +96,15 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target(
         "ort-cpu", "ONNX Runtime, CPU execution provider (the default: today's placement)",
         runtime="onnxruntime", provider="cpu",
-        modes=("int8", "int8-dynamic", "int4", "fp16", "bf16"),
+        modes=("int8", "int8-dynamic", "int4", "fp16", "bf16"), lowers=True,
         rules=(("uint8 per-tensor activations, int8 symmetric per-channel weights: the QDQ "
                 "pairs ONNX Runtime fuses into QLinearConv / QLinearMatMul / "
                 "MatMulIntegerToFloat"),
                ("Conv outputs (and MatMuls feeding a bias Add) get an output QDQ so QLinear "
-                "kernels chain"))),
+                "kernels chain"),
+               ("after static int8, the 'lower' step writes a MatMul without an output QDQ and "
+                "its bias Add as one MatMulIntegerToFloat (com.microsoft), which ONNX Runtime "
+                "does not fuse from QDQ itself"))),
     Target(
         "openvino", "OpenVINO, CPU plugin (its low-precision transformations)",
         runtime="openvino", provider="CPU",

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from onnxcomp.errors import UserError
-from onnxcomp.passes import cleanup, distill, fuse, lowrank, prune, quantize
+from onnxcomp.passes import cleanup, distill, fuse, lower, lowrank, prune, quantize
 from onnxcomp.pipeline import PassSpec
 
 PASSES: dict[str, PassSpec] = {
@@ -16,6 +16,7 @@ PASSES: dict[str, PassSpec] = {
         lowrank.PASS,
         distill.PASS,
         fuse.PASS,
+        lower.PASS,
     )
 }
 

@@ -19,6 +19,7 @@ is reproducible). For a long run that draws fresh graphs each time (skipped othe
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,8 +149,9 @@ class Case:
     tolerance: Callable[[Run, list, list], None] | None = None
     # run -> None; runs the pass again on its output and asserts what it promises
     again: Callable[[Run], None] | None = None
-    # passes run first, in the same context (distill repairs what prune changed)
-    before: tuple[tuple[str, str | None], ...] = ()
+    # passes run first, in the same context (distill repairs what prune changed): (name,
+    # short form) or (name, short form, {field: value})
+    before: tuple[tuple, ...] = ()
 
     def config(self):
         spec = PASSES[self.pass_name]
@@ -184,6 +186,13 @@ def relative_error_at_most(bound: float) -> Callable[[Run, list, list], None]:
                             outputs(run.model, run.calibration))
         assert error <= bound, f"relative L2 error {error:.4f} > {bound}"
     return check
+
+
+def same_as_its_input(run: Run, teacher: list, student: list) -> None:
+    # lower rewrites a static-int8 MatMul + bias Add as one MatMulIntegerToFloat: the same
+    # integer arithmetic, so the outputs are its input's up to float rounding (the QDQ graph
+    # runs unoptimized here: dequantized float MatMuls, another accumulation order).
+    assert max_relative_error(outputs(run.extra["input"], run.evaluation), student) <= 1e-4
 
 
 def fewer_parameters(run: Run, teacher: list, student: list) -> None:
@@ -287,11 +296,16 @@ def _cases() -> list[Case]:
         Case("prune", "prune", "0.3", tolerance=fewer_parameters),
         # min_params=0: the drawn weights (at most 32x32) are all below the default floor of 1024.
         Case("lowrank", "lowrank", None, {"min_params": 0}, tolerance=fewer_parameters),
+        # The drawn chains are 2-D ([batch, width]), where quantize gives a MatMul + bias Add
+        # an output QDQ (ONNX Runtime would make a float Gemm of it); without it every such
+        # layer is a lowering site, as in a transformer's 3-D MatMuls.
+        Case("lower-after-int8", "lower", None, tolerance=same_as_its_input,
+             before=(("quantize", "int8", {"output_qdq": "none"}),)),
         Case("distill-after-prune", "distill", None, tolerance=distill_no_worse,
              again=distill_settles, before=(("prune", "0.3"),)),
     ]
     promises = {"cleanup": nothing_more, "quantize": refuses_quantized, "lowrank": nothing_more,
-                "prune": prunes_what_is_left}
+                "prune": prunes_what_is_left, "lower": nothing_more}
     return [case if case.again else Case(**{**vars(case),
                                             "again": promises[case.pass_name](case)})
             for case in cases]
@@ -306,8 +320,10 @@ def run_case(case: Case, spec: ChainSpec) -> Run:
     evaluation = calibration.random_data(teacher, EVALUATION_BATCHES, seed=2, batch=BATCH)
     ctx = Context(calibration=calib, teacher=teacher)
     model = teacher
-    for name, short in case.before:
-        model, _ = PASSES[name].run(model, PASSES[name].config_type.from_short(short), ctx)
+    for name, short, *overrides in case.before:
+        config = PASSES[name].config_type.from_short(short)
+        config = dataclasses.replace(config, **overrides[0]) if overrides else config
+        model, _ = PASSES[name].run(model, config, ctx)
     student_input = model
     original = serialized(student_input)
     result, record = PASSES[case.pass_name].run(student_input, case.config(), ctx)
