@@ -9,7 +9,8 @@ quantization". Derivation (on the cleaned-up model, as a real run starts):
   that differ on this model, ``output_qdq_choices``), ``quantize.exclude`` (nothing, the
   first and last quantized layers, or one op type at a time where the plan quantizes several)
   and ``quantize.min_cosine`` (mixed precision: off, 0.99, 0.999 and every cosine bound of the
-  constraints; with calibration data);
+  constraints; with calibration data), ``quantize.keep_float_by`` (int8: ``harm`` or
+  ``latency``, which also keeps the layers slower in int8 than float in float);
 - ``prune.use``/``ratio``/``ranking``: only where prune's plan has groups to cut;
 - ``lowrank.use``/``energy``: only where lowrank's plan has layers it would factor;
 - ``distill.use``: with calibration data (refit; add ``kd`` in TOML where torch is there);
@@ -49,7 +50,8 @@ LOWRANK_ENERGIES = (0.9, 0.95, 0.99, 0.999, 0.9999)
 # quantize fields that only mean something in some modes (sampled only then)
 MODE_FIELDS = {"calibration": ("int8",), "percentile": ("int8",), "output_qdq": ("int8",),
                "activation_matmuls": ("int8",), "smoothquant_alpha": ("int8",),
-               "min_cosine": ("int8", "int4"), "block_size": ("int4",),
+               "min_cosine": ("int8", "int4"), "keep_float_by": ("int8",),
+               "block_size": ("int4",),
                "int4_format": ("int4",), "int4_symmetric": ("int4",), "int4_scale": ("int4",),
                "int4_method": ("int4",), "attention": ("int8-dynamic",)}
 NONE = "none"
@@ -281,6 +283,10 @@ def derive(model: Model, calibration: bool, constraint_cosines: tuple[float, ...
         if calibration and ("int8" in modes or "int4" in modes):
             cosines = sorted({*MIN_COSINES, *(float(c) for c in constraint_cosines)})
             dims.append(Dimension("quantize.min_cosine", (None, *cosines)))
+        if calibration and "int8" in modes:
+            # which layers go back to float: by harm, or by harm per millisecond saved with the
+            # layers slower in int8 always float (PP-OCRv4 det: faster and more faithful)
+            dims.append(Dimension("quantize.keep_float_by", ("harm", "latency")))
     else:
         space.notes.append("quantize left out: no mode quantizes anything here")
 

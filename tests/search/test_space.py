@@ -27,6 +27,9 @@ def test_mlp_dimensions_follow_the_plans():
     assert not any(d.startswith("fuse.") for d in dims)
     assert any("lowrank left out" in note for note in space.notes)
     assert "int8" in space.get("quantize.mode").choices
+    assert space.get("quantize.keep_float_by").choices == ("harm", "latency")
+    dynamic = space.sample(Fixed({"quantize.mode": "int8-dynamic"}))
+    assert "quantize.keep_float_by" not in dynamic  # sampled for static int8 only
 
 
 def test_without_calibration_data_no_static_int8_nor_distill():
@@ -35,6 +38,7 @@ def test_without_calibration_data_no_static_int8_nor_distill():
     assert "quantize.calibration" not in names(space)
     assert "distill.use" not in names(space)
     assert "quantize.min_cosine" not in names(space)
+    assert "quantize.keep_float_by" not in names(space)  # static int8 only
 
 
 def test_low_rank_weights_give_lowrank_and_constraint_cosines():
@@ -128,6 +132,9 @@ def test_a_fixed_recipe_is_a_point_of_the_space():
                                                      in params else {}),
                                                   **({"min_cosine": None}
                                                      if "quantize.min_cosine" in params
+                                                     else {}),
+                                                  **({"keep_float_by": "harm"}
+                                                     if "quantize.keep_float_by" in params
                                                      else {})})]
     pruned = space.params_for("prune:0.3,distill")
     assert pruned["quantize.mode"] == "none"
