@@ -290,10 +290,12 @@ def _option_value(text: str) -> Any:
 
 def with_cleanup(steps: list[Step]) -> list[Step]:
     """The steps a pipeline really runs: cleanup first (it lifts Constant-node weights so every
-    pass sees initializers) and, after any other step, last."""
+    pass sees initializers) and, after any other step, last. The first leaves the exporter's
+    Reshape targets as they are (``static_reshapes = false``: passes see the shape arithmetic
+    they were written against); the last makes them constant where it can."""
     cleanup = passes.get("cleanup")
-    first = Step(cleanup, cleanup.default_config())
-    return [first, *steps, first] if steps else [first]
+    first = Step(cleanup, dataclasses.replace(cleanup.default_config(), static_reshapes=False))
+    return [first, *steps, Step(cleanup, cleanup.default_config())] if steps else [first]
 
 
 def describe_pass(name: str) -> str:

@@ -40,6 +40,7 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
+from onnxcomp.reshapes import static_targets
 from onnxcomp.subgraphs import fold_body_transposes, inline_loop_invariants
 
 
@@ -75,6 +76,9 @@ class Config:
     fold_constants: bool = option(True, "evaluate nodes whose inputs are all constants")
     fold_size_limit: int = option(16 * 1024 * 1024,
                                   "largest folded tensor in bytes (an Expand can blow up)")
+    static_reshapes: bool = option(True, "Reshape targets computed from the input's own dims "
+                                         "(Shape -> Gather -> Unsqueeze -> Concat) become "
+                                         "constants with 0 = copy (onnxcomp.reshapes)")
 
     def __post_init__(self) -> None:
         if self.fold_size_limit < 0:
@@ -104,6 +108,22 @@ def _remove_identities(graph: gs.Graph) -> list[str]:
         node.outputs.clear()
         removed.append(node.name or result.name)
     return removed
+
+
+def _constant_targets(graph: gs.Graph, targets: dict[str, list[int]]) -> list[str]:
+    """Each Reshape whose output is in ``targets`` reads that constant target instead."""
+    taken = set(graph.tensors())
+    changed = []
+    for node in graph.nodes:
+        if node.op != "Reshape" or node.outputs[0].name not in targets:
+            continue
+        name = f"{node.outputs[0].name}__static_shape"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        node.inputs[1] = gs.Constant(name, np.array(targets[node.outputs[0].name], np.int64))
+        changed.append(node.name or node.outputs[0].name)
+    return changed
 
 
 def _signature(graph: gs.Graph) -> tuple:
@@ -141,6 +161,10 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
         for loop, value, removed in inline_loop_invariants(graph):
             result.rows.append(PlanRow(loop, "read loop-invariant from outer scope",
                                        _invariant_reason(value, removed)))
+    if config.static_reshapes:
+        for output, target in static_targets(model.proto).items():
+            result.rows.append(PlanRow(output, "constant Reshape target",
+                                       f"{target} (0: the input's dim)"))
     if config.fold_constants:
         result.notes.append("constant subgraphs are folded (up to "
                             f"{config.fold_size_limit} bytes a tensor); dead nodes removed")
@@ -151,10 +175,16 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
 
 def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     config: Config = plan_.config
+    targets = static_targets(model.proto) if config.static_reshapes else {}
     graph = import_graph(model)
     applied = Applied(model, modified=False)
     before = _signature(graph)
     nodes_before = len(graph.nodes)
+    if targets:
+        applied.touched.extend(_constant_targets(graph, targets))
+        applied.notes.append(f"{len(targets)} Reshape targets computed from the input's own "
+                             "dims made constant (0: copy the dim); their Shape / Gather / "
+                             "Unsqueeze / Concat nodes removed")
 
     if config.name_nodes:
         renamed = name_nodes(graph)
