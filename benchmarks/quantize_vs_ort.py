@@ -76,7 +76,9 @@ FUSE = {
 def preprocess(path: Path, folder: Path) -> Path:
     """Lift Constant-node weights, fold, raise opset 12 -> 13: what every quantizer is given."""
     model = load(path)
-    model, _ = cleanup.PASS.run(model, cleanup.Config(), Context())
+    # as a pipeline's first cleanup: the exporter's Reshape targets stay (the float baseline
+    # and every quantizer's input is the user's graph, lifted)
+    model, _ = cleanup.PASS.run(model, cleanup.Config(static_reshapes=False), Context())
     if model.opset() < 13:
         model = type(model)(onnx.version_converter.convert_version(model.proto, 13), model.source)
     out = folder / "float.onnx"
@@ -132,12 +134,13 @@ def _timed(variants: dict, errors: dict, name: str, path: Path, make) -> None:
 
 def _onnxcomp(source: Path, config: quantize.Config, calib=None, lowered: bool = True):
     """What ``compress --recipe quantize:...`` writes for the ort-cpu target: quantize, then
-    the ``lower`` step it appends after static int8 (nothing to do in the other modes);
-    ``lowered=False``: the QDQ graph alone."""
+    the ``lower`` step it appends after static int8 (nothing to do in the other modes), then
+    the pipeline's last cleanup (constant Reshape targets); ``lowered=False``: without lower."""
     def make(path: Path) -> None:
         result, _ = quantize.PASS.run(load(source), config, Context(calibration=calib))
         if lowered:
             result, _ = lower.PASS.run(result, lower.Config(), Context())
+        result, _ = cleanup.PASS.run(result, cleanup.Config(), Context())
         result.save(path)
     return make
 
