@@ -389,6 +389,34 @@ def size_note(before: Model, after: Model, pass_name: str) -> str | None:
             f"({new / max(old, 1):.2f}x); this output is not worth it")
 
 
+class NodeIndex:
+    """Producer and readers of every tensor of one ``GraphProto`` (its own nodes, not its
+    bodies'), for matchers that read protos without importing a gs graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.producer = {out: node for node in graph.node for out in node.output if out}
+        self.readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                if name:
+                    self.readers.setdefault(name, []).append(node)
+
+    def made_by(self, name: str, op: str, domain: str = "") -> onnx.NodeProto | None:
+        """The node writing ``name`` if it is ``op`` of ``domain`` ("" is the ONNX domain)."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != op:
+            return None
+        return node if (node.domain or "ai.onnx") == (domain or "ai.onnx") else None
+
+
+def node_attr(node: onnx.NodeProto, name: str, default=None):
+    """The value of ``node``'s attribute ``name``, or ``default``."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return onnx.helper.get_attribute_value(attribute)
+    return default
+
+
 def unique_name(graph: gs.Graph, base: str) -> str:
     names = graph.tensors().keys() | {n.name for n in graph.nodes}
     if base not in names:

@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxcomp.graph import NodeIndex, node_attr
+
 logger = logging.getLogger(__name__)
 MAX_ROUNDS = 4
 _SMALL = 64  # initializers up to this many elements keep their values in the skeleton
@@ -146,44 +148,35 @@ class _Symbols:
         return ta is not None and tb is not None and self.find(ta) == self.find(tb)
 
 
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return helper.get_attribute_value(attribute)
-    return default
+class _Graph(NodeIndex):
+    """The node index plus the values of the small constants (initializers, Constant nodes)."""
 
-
-class _Graph:
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
-        self.producer = {out: node for node in graph.node for out in node.output if out}
+        super().__init__(graph)
         self.values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         for node in graph.node:
             if node.op_type == "Constant" and not node.domain and node.attribute \
                     and node.attribute[0].name == "value":
                 self.values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
 
-    def made_by(self, name: str, op: str) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op and not node.domain else None
-
     def shape_dim(self, part: str) -> tuple[str, int] | None:
         """(tensor, k) where ``part`` is Unsqueeze(Gather(Shape(tensor), k)) as a [1] tensor."""
         unsqueeze = self.made_by(part, "Unsqueeze")
         if unsqueeze is None:
             return None
-        axes = _attr(unsqueeze, "axes")
+        axes = node_attr(unsqueeze, "axes")
         if axes is None and len(unsqueeze.input) > 1:
             axes = self.values.get(unsqueeze.input[1])
         if axes is None or [int(a) for a in np.ravel(axes)] not in ([0], [-1]):
             return None
         gather = self.made_by(unsqueeze.input[0], "Gather")
-        if gather is None or _attr(gather, "axis", 0) != 0:
+        if gather is None or node_attr(gather, "axis", 0) != 0:
             return None
         index = self.values.get(gather.input[1])
         shape = self.made_by(gather.input[0], "Shape")
         if index is None or np.ndim(index) != 0 or shape is None \
-                or _attr(shape, "start", 0) != 0 or _attr(shape, "end") is not None:
+                or node_attr(shape, "start", 0) != 0 or node_attr(shape, "end") is not None:
             return None
         return shape.input[0], int(index)
 
@@ -193,7 +186,7 @@ def _target(g: _Graph, dims: dict[str, list], symbols: _Symbols, reshape: onnx.N
     """The constant target of ``reshape`` with 0 for each provable dim, or None."""
     concat = g.made_by(reshape.input[1], "Concat")
     data = dims.get(reshape.input[0])
-    if concat is None or data is None or _attr(reshape, "allowzero", 0):
+    if concat is None or data is None or node_attr(reshape, "allowzero", 0):
         return None
     values: list[int] = []
     dynamic = 0

@@ -37,6 +37,7 @@ from onnxcomp.graph import (
     name_nodes,
     node_subgraphs,
     tidy,
+    unique_name,
 )
 from onnxcomp.model import Model
 from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
@@ -112,15 +113,11 @@ def _remove_identities(graph: gs.Graph) -> list[str]:
 
 def _constant_targets(graph: gs.Graph, targets: dict[str, list[int]]) -> list[str]:
     """Each Reshape whose output is in ``targets`` reads that constant target instead."""
-    taken = set(graph.tensors())
     changed = []
     for node in graph.nodes:
         if node.op != "Reshape" or node.outputs[0].name not in targets:
             continue
-        name = f"{node.outputs[0].name}__static_shape"
-        while name in taken:
-            name += "_"
-        taken.add(name)
+        name = unique_name(graph, f"{node.outputs[0].name}__static_shape")
         node.inputs[1] = gs.Constant(name, np.array(targets[node.outputs[0].name], np.int64))
         changed.append(node.name or node.outputs[0].name)
     return changed
@@ -145,7 +142,9 @@ def _invariant_reason(value: str, removed: bool) -> str:
 def plan(model: Model, config: Config, ctx: Context) -> Plan:
     """What cleanup would do: counted on a scratch copy of the graph (cheap, no weights read)."""
     graph = import_graph(model)
-    result = Plan(NAME, config)
+    # the constant Reshape targets are the plan's payload: apply writes them, not finds again
+    result = Plan(NAME, config,
+                  payload=static_targets(model.proto) if config.static_reshapes else {})
     if config.name_nodes:
         for old, new in name_nodes(graph):
             result.rows.append(PlanRow(new, "name node", f"was {old!r}" if old else "unnamed"))
@@ -162,7 +161,7 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
             result.rows.append(PlanRow(loop, "read loop-invariant from outer scope",
                                        _invariant_reason(value, removed)))
     if config.static_reshapes:
-        for output, target in static_targets(model.proto).items():
+        for output, target in result.payload.items():
             result.rows.append(PlanRow(output, "constant Reshape target",
                                        f"{target} (0: the input's dim)"))
     if config.fold_constants:
@@ -175,7 +174,7 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
 
 def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     config: Config = plan_.config
-    targets = static_targets(model.proto) if config.static_reshapes else {}
+    targets: dict[str, list[int]] = plan_.payload or {}
     graph = import_graph(model)
     applied = Applied(model, modified=False)
     before = _signature(graph)

@@ -32,13 +32,13 @@ the other targets refuse it.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto, helper
 
 from onnxcomp.errors import UserError
+from onnxcomp.graph import NodeIndex, node_attr
 from onnxcomp.model import Model
 from onnxcomp.pipeline import SKIP, Applied, Capabilities, Context, PassSpec, Plan, PlanRow, option
 
@@ -78,30 +78,17 @@ class Site:
     bias: str
 
 
-class _Graph:
-    """Producers, readers and initializer facts of one graph (dims only: no weight is read)."""
+class _Graph(NodeIndex):
+    """The node index plus initializer facts of one graph (dims only: no weight is read)."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.producer = {out: node for node in graph.node for out in node.output if out}
-        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                if name:
-                    self.readers[name].append(node)
+        super().__init__(graph)
         self.inits = {t.name: t for t in graph.initializer}
         self.outputs = {o.name for o in graph.output}
-
-    def made_by(self, name: str, op: str) -> onnx.NodeProto | None:
-        node = self.producer.get(name)
-        return node if node is not None and node.op_type == op and not node.domain else None
 
     def init(self, name: str, dtype: int) -> TensorProto | None:
         tensor = self.inits.get(name)
         return tensor if tensor is not None and tensor.data_type == dtype else None
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _size(tensor: TensorProto) -> int:
@@ -125,13 +112,12 @@ def _weight_reason(g: _Graph, dq: onnx.NodeProto) -> str | None:
     weight = g.init(dq.input[0], TensorProto.INT8)
     if weight is None or len(weight.dims) != 2:
         return "the weight is not a 2-D int8 initializer"
-    attrs = _attrs(dq)
-    if attrs.get("block_size", 0):
+    if node_attr(dq, "block_size", 0):
         return "the weight is quantized by blocks"
     scale = g.init(dq.input[1], TensorProto.FLOAT)
     columns = weight.dims[1]
     per_column = scale is not None and len(scale.dims) == 1 and scale.dims[0] == columns \
-        and attrs.get("axis", 1) in (1, -1)
+        and node_attr(dq, "axis", 1) in (1, -1)
     if scale is None or not (_size(scale) == 1 and len(scale.dims) <= 1 or per_column):
         return "the weight's scale is neither per-tensor nor per output column"
     if len(dq.input) > 2 and dq.input[2]:
