@@ -9,8 +9,8 @@ SmoothQuant (``smoothquant_alpha``, MatMuls reading a LayerNormalization: MiniLM
 SVTR block) at 0.5 on LayerNormalization outputs, alone and with GPTQ, and with each tensor's
 alpha chosen on every MatMul input (``auto``, ``all``), against the plain pass (the defaults:
 both int8 modes include SmoothQuant auto on every MatMul input of a transformer, which the
-``dynamic_smoothquant=false`` / ``static_smoothquant=false`` rows take off). Fidelity only, no
-timing:
+``dynamic_smoothquant=false`` / ``static_smoothquant=false`` rows take off), and loss-aware
+activation ranges (``range_search``, static int8). Fidelity only, no timing:
 - ppocr-rec, static int8: line and character accuracy on the zoo evaluation lines and on the
   held-out ``hard`` split (other fonts, longer lines, blur, noise, low contrast), beside float;
 - ppocr-det, static int8: cosine of the probability map against float and the IoU of the text
@@ -22,6 +22,8 @@ A last row per mode quantizes plainly on the first three quarters of the calibra
 far the figures move with the calibration sample alone (the noise floor of the comparison).
 
     python benchmarks/quantize_ablation.py --eval 128 --hard 256 --pages 8
+    python benchmarks/quantize_ablation.py --models ppocr-rec --techniques plain range_search \
+        --calib-seed 1 --out FILE.json     (some rows, another calibration draw, docs untouched)
 
 Writes ``benchmarks/results/quantize_ablation.json`` (the models run replace their entries) and
 the table between the markers in ``docs/quantize.md``.
@@ -67,7 +69,8 @@ TECHNIQUES = {"plain": {}, "depthwise_equalize=false": {"depthwise_equalize": Fa
               "smoothquant_alpha=0.5 + int8_method=gptq": {"smoothquant_alpha": 0.5,
                                                           "int8_method": "gptq"},
               "smoothquant_alpha=auto, inputs=all": {"smoothquant_alpha": "auto",
-                                                     "smoothquant_inputs": "all"}}
+                                                     "smoothquant_inputs": "all"},
+              "range_search": {"range_search": True}}
 MODES = {"ppocr-rec": ("int8",), "ppocr-det": ("int8",), "minilm": ("int8", "int8-dynamic")}
 
 
@@ -134,7 +137,8 @@ def _minilm_metrics(path: Path, reference: np.ndarray, data) -> dict:
 
 def run_model(name: str, args, folder: Path) -> dict:
     source = zoo.fetch(name)
-    calib = zoo.dataset(name, "calib", args.det_calib if name == "ppocr-det" else args.calib)
+    calib = zoo.dataset(name, "calib", args.det_calib if name == "ppocr-det" else args.calib,
+                        args.calib_seed)
     counts = {"ppocr-det": args.pages}
     evaluation = zoo.dataset(name, "eval", counts.get(name, args.eval))
     sets = {"eval": evaluation}
@@ -154,13 +158,16 @@ def run_model(name: str, args, folder: Path) -> dict:
     # The noise floor: the plain pass on the first three quarters of the same calibration data.
     subset = calib.take(max(1, len(calib) * 3 // 4))
     variants = [*TECHNIQUES.items(), (f"plain, calibration[:{len(subset)}]", {})]
+    if args.techniques:
+        variants = [(k, v) for k, v in variants if k in args.techniques]
     for mode in MODES[name]:
         for technique, fields in variants:
             if name == "minilm" and (fields.get("equalize") or "depthwise_equalize" in fields
                                      or {"saturation_ranges", "integer_hardswish"} & set(fields)):
                 continue  # no Conv, no HardSwish: nothing to equalize or saturate
-            if mode != "int8" and fields.get("bias_correction") == "all":
-                continue  # the same as "weights" without static input quantizers
+            if mode != "int8" and (fields.get("bias_correction") == "all"
+                                   or "range_search" in fields):
+                continue  # static input quantizers only ("all" is "weights" without them)
             if name == "ppocr-det" and "smoothquant_alpha" in fields:
                 continue  # no LayerNormalization or MatMul: nothing for SmoothQuant to act on
             if "dynamic_smoothquant" in fields and mode != "int8-dynamic":
@@ -223,11 +230,22 @@ def main() -> None:
     parser.add_argument("--hard", type=int, default=64)
     parser.add_argument("--pages", type=int, default=4, help="ppocr-det evaluation pages")
     parser.add_argument("--det-calib", type=int, default=8, help="ppocr-det calibration pages")
+    parser.add_argument("--calib-seed", type=int, default=0, help="the calibration draw")
+    parser.add_argument("--techniques", nargs="+", choices=list(TECHNIQUES),
+                        help="only these rows (with --out: the docs table is left alone)")
+    parser.add_argument("--out", type=Path, help="write the results here instead of "
+                        "benchmarks/results/quantize_ablation.json and the docs table")
     args = parser.parse_args()
     args.command = "python benchmarks/quantize_ablation.py " + " ".join(sys.argv[1:])
+    if args.techniques and not args.out:
+        parser.error("--techniques writes a partial table: give --out")
     existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         fresh = [run_model(name, args, Path(tmp)) for name in args.models]
+    if args.out:
+        args.out.write_text(json.dumps(fresh, indent=1) + "\n")
+        print(table(fresh))
+        return
     done = {r["model"] for r in fresh}
     results = [r for r in existing if r["model"] not in done] + fresh
     results.sort(key=lambda r: list(MODES).index(r["model"]))

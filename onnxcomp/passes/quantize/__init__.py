@@ -62,6 +62,7 @@ from onnxcomp.passes.quantize import (
     half,
     hardswish,
     prepare,
+    ranges,
     recurrent,
     rewrite,
     signed,
@@ -234,6 +235,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     result = rewrite.rewrite(prepared, quant_plan, config, collected)
     if isinstance(collected, Hessians):
         collected = None  # read once, a segment at a time: nothing to keep
+    if config.range_search:
+        result = _search_ranges(prepared, result, config, ctx, applied)
     final = quant_plan
     if ctx.calibration is not None:
         result, final = fidelity.measure(prepared, result, quant_plan, config, collected, ctx,
@@ -264,6 +267,32 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     # skips it, saying so).
     applied.changes = [LayerChange(s.node, NAME, s.output, repair="bias") for s in final.sites]
     return applied
+
+
+def _search_ranges(prepared: Model, result: Model, config: Config, ctx: Context,
+                   applied: Applied) -> Model:
+    """``range_search``: the activation ranges scaled where the model output gains (ranges.py);
+    said plainly where it cannot act."""
+    if config.mode != "int8":
+        applied.notes.append(f"range_search: static int8 only (activation ranges), not applied "
+                             f"to {config.mode}")
+        return result
+    if ctx.calibration is None:
+        applied.notes.append("range_search: needs calibration data (--calib), not applied")
+        return result
+    if not ranges.fits_in_memory(result):
+        applied.notes.append("range_search: the model does not fit one in-memory ONNX Runtime "
+                             "session, not applied")
+        return result
+    tuned, chosen, (before, after) = ranges.search(prepared, result, ctx.calibration,
+                                                   ctx.progress)
+    applied.details["range_search"] = [{"scale": name, "factor": factor}
+                                       for name, factor in chosen.items()]
+    tunable = len(ranges.tunable_scales(result.graph))
+    applied.notes.append(f"range_search: {len(chosen)} of {tunable} activation ranges rescaled, "
+                         f"model output error {before:.4g} -> {after:.4g} on the calibration "
+                         f"data")
+    return tuned
 
 
 # Reads weights through gs constants only: works on models whose weights stay on disk.

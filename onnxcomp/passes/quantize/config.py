@@ -88,6 +88,10 @@ class Config:
                                             "channel of a depthwise Conv the same range, the "
                                             "inverse moved into its weights (an exact float "
                                             "rewrite, measured on the calibration data)")
+    range_search: bool = option(False, "static int8: after calibration, scale each activation "
+                                       "range by the factor (0.7-1.4) that lowers the model "
+                                       "output error against float on the calibration data "
+                                       "(loss-aware; fits that data's distribution)")
     bias_correction: str = option("none", "take each layer's quantization error mean out of "
                                           "its bias (needs calibration data): none | weights "
                                           "((W_q - W) E[x]) | all (static int8: also the "
@@ -182,7 +186,8 @@ class Config:
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
                      "activation_matmuls", "equalize", "fold", "depthwise_equalize",
                      "dynamic_smoothquant", "static_smoothquant", "conv_adds",
-                     "saturation_ranges", "integer_hardswish", "signed_feature_maps"):
+                     "saturation_ranges", "integer_hardswish", "signed_feature_maps",
+                     "range_search"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
