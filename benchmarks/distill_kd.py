@@ -28,6 +28,7 @@ from pathlib import Path
 
 RECIPES = {
     "tiny-clip": ["prune:0.3,lowrank:0.9", "prune:0.3", "quantize:int8"],
+    "clip-vit-b32": ["prune:0.3,lowrank:0.9"],
     "ppocr-rec": ["prune:0.3", "quantize:int8"],
     "minilm": ["prune:0.3,lowrank:0.9", "quantize:int8"],
 }

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
+from onnxcomp.graph import proto_scopes
 from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model
 
 FACTORS = (0.7, 0.85, 1.2, 1.4)
@@ -51,6 +52,9 @@ def tunable_scales(graph: onnx.GraphProto) -> list[str]:
     for node in graph.node:
         for name in node.input:
             readers[name].append(node)
+    # A name an If/Loop/Scan body reads from this scope is shared with that body.
+    read_in_bodies = {name for body, parent in proto_scopes(graph) if parent is not None
+                      for node in body.node for name in node.input}
     found = []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3:
@@ -58,6 +62,8 @@ def tunable_scales(graph: onnx.GraphProto) -> list[str]:
         source, scale, zero = node.input[:3]
         if source in initializers or scale not in initializers or zero not in initializers:
             continue  # a weight, or a range computed in the graph
+        if {scale, zero} & read_in_bodies:
+            continue
         if numpy_helper.to_array(initializers[scale]).size != 1:
             continue  # per-axis: not an activation range
         pairs = readers[node.output[0]]
@@ -83,6 +89,8 @@ def search(reference: Model, quantized: Model, data: Dataset, progress: Callable
     float_session = runtime.session(reference)
     outputs = [o.name for o in float_session.get_outputs()
                if o.type == "tensor(float)"]
+    if not outputs:  # nothing to score against (integer outputs only)
+        return quantized, {}, (0.0, 0.0)
     targets = [[a.astype(np.float64) for a in float_session.run(outputs, b)] for b in batches]
     del float_session
     wanted = set(scales)

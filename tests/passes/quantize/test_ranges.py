@@ -63,6 +63,13 @@ def test_only_scales_read_by_one_pair_alone_are_tunable():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
                               inits)
     assert ranges.tunable_scales(graph) == ["s1"]
+    # A body that reads s1 from the outer scope shares it.
+    branch = helper.make_graph([helper.make_node("Identity", ["s1"], ["o"])], "b", [],
+                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, [])])
+    graph.node.append(helper.make_node("If", ["c"], ["u"], then_branch=branch,
+                                       else_branch=branch))
+    graph.input.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+    assert ranges.tunable_scales(graph) == []
 
 
 @pytest.fixture(scope="module")
