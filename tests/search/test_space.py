@@ -28,8 +28,10 @@ def test_mlp_dimensions_follow_the_plans():
     assert any("lowrank left out" in note for note in space.notes)
     assert "int8" in space.get("quantize.mode").choices
     assert space.get("quantize.keep_float_by").choices == ("harm", "latency")
+    assert space.get("quantize.range_search").choices == (False, True)
     dynamic = space.sample(Fixed({"quantize.mode": "int8-dynamic"}))
     assert "quantize.keep_float_by" not in dynamic  # sampled for static int8 only
+    assert "quantize.range_search" not in dynamic
 
 
 def test_without_calibration_data_no_static_int8_nor_distill():
@@ -39,6 +41,7 @@ def test_without_calibration_data_no_static_int8_nor_distill():
     assert "distill.use" not in names(space)
     assert "quantize.min_cosine" not in names(space)
     assert "quantize.keep_float_by" not in names(space)  # static int8 only
+    assert "quantize.range_search" not in names(space)
 
 
 def test_low_rank_weights_give_lowrank_and_constraint_cosines():
@@ -135,6 +138,9 @@ def test_a_fixed_recipe_is_a_point_of_the_space():
                                                      else {}),
                                                   **({"keep_float_by": "harm"}
                                                      if "quantize.keep_float_by" in params
+                                                     else {}),
+                                                  **({"range_search": False}
+                                                     if "quantize.range_search" in params
                                                      else {})})]
     pruned = space.params_for("prune:0.3,distill")
     assert pruned["quantize.mode"] == "none"
