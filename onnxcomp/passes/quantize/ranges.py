@@ -64,14 +64,16 @@ def tunable_scales(graph: onnx.GraphProto) -> list[str]:
             continue  # a weight, or a range computed in the graph
         if {scale, zero} & read_in_bodies:
             continue
-        if numpy_helper.to_array(initializers[scale]).size != 1:
-            continue  # per-axis: not an activation range
+        if initializers[scale].data_type != onnx.TensorProto.FLOAT or \
+                numpy_helper.to_array(initializers[scale]).size != 1:
+            continue  # per-axis (not an activation range), or a float16 scale
         pairs = readers[node.output[0]]
         if not pairs or any(d.op_type != "DequantizeLinear" or list(d.input[1:3]) != [scale, zero]
                             for d in pairs):
             continue  # a reader that derives another range from this one
-        expected = {id(node), *(id(d) for d in pairs)}
-        if any(id(n) not in expected for n in readers[scale] + readers[zero]):
+        # Nodes by their outputs (protobuf wrappers have no stable identity).
+        expected = {tuple(node.output), *(tuple(d.output) for d in pairs)}
+        if any(tuple(n.output) not in expected for n in readers[scale] + readers[zero]):
             continue  # the scale or zero point is shared with another pair
         found.append(scale)
     return found
