@@ -243,6 +243,11 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
                                          applied)
     else:
         applied.notes.append("no calibration data: per-layer SQNR not measured")
+    if config.range_search and len(final.sites) != len(quant_plan.sites):
+        # Each mixed-precision trial is a fresh rewrite from the calibrated ranges.
+        applied.notes.append("range_search: min_cosine returned layers to float, and that "
+                             "model was rewritten from the calibrated ranges: the searched "
+                             "ranges are not in the result")
     kept_float = {s.node for s in planned.sites.sites} - {s.node for s in final.sites}
     applied.skipped = [(node, why) for node, why in final.skipped if node in kept_float]
     applied.details["plan"] = final.describe()

@@ -129,3 +129,12 @@ def test_other_modes_say_it_does_not_apply():
 def test_config_checks_the_flag():
     with pytest.raises(ValueError, match="range_search"):
         quantize.Config(range_search="yes")
+
+
+def test_mixed_precision_after_the_search_says_the_ranges_are_not_kept(quantized):
+    model, _, data = quantized
+    _, record = quantize.PASS.run(model.copy(), quantize.Config(mode="int8", range_search=True,
+                                                                min_cosine=0.999999),
+                                  Context(calibration=data))
+    assert record.details.get("kept_float")
+    assert any("searched ranges are not in the result" in n for n in record.notes)
