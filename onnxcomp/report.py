@@ -32,7 +32,27 @@ def environment(provider: str = "cpu") -> dict[str, Any]:
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "machine": platform.machine(),
+        **cpu(),
     }
+
+
+def cpu(cpuinfo: str | None = None) -> dict[str, Any]:
+    """The CPU's model and the int8 instructions its kernels use (Linux; else empty): without
+    VNNI, x86 CPUs add uint8 x int8 products in saturating 16-bit pairs (``u8s8_overflow``), so
+    int8 speed and fidelity figures depend on it."""
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines()
+                      if line.startswith("flags")), []))
+    if not flags:
+        return {"cpu": model} if model else {}
+    dot = ("avx512-vnni" if "avx512_vnni" in flags else "avx-vnni" if "avx_vnni" in flags
+           else "avx2 (no vnni)" if "avx2" in flags else "none of avx2/vnni")
+    return {"cpu": model, "int8_dot_product": dot}
 
 
 def _plain(value: Any) -> Any:

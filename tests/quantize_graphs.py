@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -218,3 +220,12 @@ def correlated(count: int, rows: int, k: int, seed: int) -> np.ndarray:
 
 def correlated_batches(x: np.ndarray) -> calibration.Dataset:
     return calibration.from_batches([{"x": xi.reshape(2, -1, xi.shape[-1])} for xi in x])
+
+
+def x86_without_vnni() -> bool:
+    """An x86 CPU with AVX2 but no VNNI: ONNX Runtime's u8 x s8 kernels saturate there."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & flags

@@ -99,3 +99,14 @@ def test_a_model_that_crashes_onnx_runtimes_optimizer_is_refused_not_a_crash():
         runtime.session(model)
     except UserError as exc:
         assert "crashed" in str(exc)
+
+
+def test_reports_name_the_cpu_and_its_int8_dot_product():
+    """Int8 figures depend on VNNI (without it, u8 x s8 pair sums saturate): reports say which."""
+    from onnxcomp.report import cpu
+
+    intel = "model name\t: Intel Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    assert cpu(intel) == {"cpu": "Intel Xeon", "int8_dot_product": "avx512-vnni"}
+    amd = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2\n"
+    assert cpu(amd) == {"cpu": "AMD EPYC", "int8_dot_product": "avx2 (no vnni)"}
+    assert cpu("processor\t: 0\n") == {}

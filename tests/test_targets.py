@@ -127,7 +127,7 @@ def test_the_users_set_wins_over_the_target():
         "quantize.output_qdq=conv", "quantize.op_types=Conv,MatMul,Gemm",
         "quantize.min_opset=none", "quantize.bias_correction=none",
         "quantize.smoothquant_alpha=none", "quantize.conv_adds=true",
-        "quantize.signed_feature_maps=false"]).model
+        "quantize.signed_feature_maps=false", "quantize.u8s8_overflow=auto"]).model
     assert cpu.proto.SerializeToString() == back.proto.SerializeToString()
 
 

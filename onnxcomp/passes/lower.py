@@ -18,11 +18,12 @@ PP-OCRv4 rec). Measured (benchmarks/quantize_vs_ort.py, docs/quantize.md): MiniL
 (9 of its MatMuls).
 
 What it matches: a MatMul whose inputs are both ``DequantizeLinear`` outputs, the activation's
-per-tensor uint8, the weight's a 2-D int8 initializer quantized per tensor or per output column
-(``axis`` 1, no ``block_size``), float32 scales, and whose only reader is an ``Add`` of a 1-D
-float32 initializer of the weight's column count (> 1: ONNX Runtime's own rule for a bias). The
-activation's ``DequantizeLinear`` stays while something else reads it. Everything else is left
-as it is with the reason in the plan; If/Loop bodies are not walked (said in the notes).
+per-tensor uint8, the weight's a 2-D int8 (or uint8) initializer quantized per tensor or per
+output column (``axis`` 1, no ``block_size``), float32 scales, and whose only reader is an
+``Add`` of a 1-D float32 initializer of the weight's column count (> 1: ONNX Runtime's own rule
+for a bias). The activation's ``DequantizeLinear`` stays while something else reads it.
+Everything else is left as it is with the reason in the plan; If/Loop bodies are not walked
+(said in the notes).
 
 The result runs in ONNX Runtime only (a contrib op), so the ``ort-cpu`` target appends this step
 to a recipe that quantizes in static int8 (``--set lower.matmul_bias=false`` turns it off) and
@@ -109,9 +110,10 @@ def _activation_reason(g: _Graph, dq: onnx.NodeProto) -> str | None:
 
 
 def _weight_reason(g: _Graph, dq: onnx.NodeProto) -> str | None:
-    weight = g.init(dq.input[0], TensorProto.INT8)
+    # uint8 (zero point 128) where quantize's u8s8_overflow moved the layer: u8 x u8 kernels.
+    weight = g.init(dq.input[0], TensorProto.INT8) or g.init(dq.input[0], TensorProto.UINT8)
     if weight is None or len(weight.dims) != 2:
-        return "the weight is not a 2-D int8 initializer"
+        return "the weight is not a 2-D int8 or uint8 initializer"
     if node_attr(dq, "block_size", 0):
         return "the weight is quantized by blocks"
     scale = g.init(dq.input[1], TensorProto.FLOAT)
@@ -121,9 +123,9 @@ def _weight_reason(g: _Graph, dq: onnx.NodeProto) -> str | None:
     if scale is None or not (_size(scale) == 1 and len(scale.dims) <= 1 or per_column):
         return "the weight's scale is neither per-tensor nor per output column"
     if len(dq.input) > 2 and dq.input[2]:
-        zero = g.init(dq.input[2], TensorProto.INT8)
+        zero = g.init(dq.input[2], weight.data_type)
         if zero is None or list(zero.dims) != list(scale.dims):
-            return "the weight's zero point is not an int8 constant shaped like its scale"
+            return "the weight's zero point is not a constant of its type shaped like its scale"
     return None
 
 

@@ -61,6 +61,7 @@ from onnxcomp.passes.quantize import (
     gptq_int8,
     half,
     hardswish,
+    overflow,
     prepare,
     ranges,
     recurrent,
@@ -248,6 +249,9 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append("range_search: min_cosine returned layers to float, and that "
                              "model was rewritten from the calibrated ranges: the searched "
                              "ranges are not in the result")
+    if config.mode in ("int8", "int8-dynamic") and final.sites:  # exact: after measuring
+        result = overflow.run(result, config.u8s8_overflow, ctx.calibration, applied.notes,
+                              applied.details)
     kept_float = {s.node for s in planned.sites.sites} - {s.node for s in final.sites}
     applied.skipped = [(node, why) for node, why in final.skipped if node in kept_float]
     applied.details["plan"] = final.describe()

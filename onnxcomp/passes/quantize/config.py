@@ -92,6 +92,10 @@ class Config:
                                        "range by the factor (0.7-1.4) that lowers the model "
                                        "output error against float on the calibration data "
                                        "(loss-aware; fits that data's distribution)")
+    u8s8_overflow: str = option("auto", "int8 modes: uint8 weights (zero point 128, same "
+                                        "values) for layers whose uint8 x int8 pair sums "
+                                        "overflow int16 on the calibration data, where x86 "
+                                        "CPUs without VNNI saturate: auto | all | none")
     bias_correction: str = option("none", "take each layer's quantization error mean out of "
                                           "its bias (needs calibration data): none | weights "
                                           "((W_q - W) E[x]) | all (static int8: also the "
@@ -176,6 +180,9 @@ class Config:
         if self.bias_correction not in BIAS_CORRECTIONS:
             raise ValueError(f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, "
                              f"got {self.bias_correction!r}")
+        if self.u8s8_overflow not in ("auto", "all", "none"):
+            raise ValueError(f"u8s8_overflow must be auto, all or none, got "
+                             f"{self.u8s8_overflow!r}")
         if self.smoothquant_inputs not in ("norm", "all"):
             raise ValueError(f"smoothquant_inputs must be norm or all, got "
                              f"{self.smoothquant_inputs!r}")

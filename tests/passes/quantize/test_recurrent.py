@@ -89,9 +89,11 @@ def _initializers(model: Model) -> list[onnx.TensorProto]:
 
 
 def _int8_weights(model: Model) -> list[onnx.TensorProto]:
-    """The int8 initializers that hold weights (not zero points)."""
+    """The 8-bit initializers that hold weights (not zero points): int8, or uint8 + 128 where
+    the u8s8_overflow check moved them."""
     return [t for t in _initializers(model)
-            if t.data_type == TensorProto.INT8 and "zero_point" not in t.name]
+            if t.data_type in (TensorProto.INT8, TensorProto.UINT8)
+            and "zero_point" not in t.name and "zp128" not in t.name]
 
 
 def _float_matrices(model: Model) -> list[str]:
@@ -138,7 +140,13 @@ def test_int8_dynamic_lstm_becomes_dynamic_quantize_lstm_and_stays_close(case):
     node = next(n for n in out.graph.node if n.op_type == "DynamicQuantizeLSTM")
     assert node.domain == "com.microsoft" and node.name == "rnn"
     kinds = {t.name: t.data_type for t in _initializers(out)}
-    assert kinds["W_int8_t"] == kinds["R_int8_t"] == TensorProto.INT8
+    weights = {kinds[node.input[1]], kinds[node.input[2]]}
+    # int8, or uint8 with zero point 128 (same levels) where the weights' pairs can overflow
+    # ONNX Runtime's u8 x s8 kernel on x86 CPUs without VNNI (u8s8_overflow)
+    assert weights in ({TensorProto.INT8}, {TensorProto.UINT8})
+    if weights == {TensorProto.UINT8}:
+        zeros = {t.name: numpy_helper.to_array(t) for t in _initializers(out)}
+        assert np.all(zeros[node.input[9]] == 128) and np.all(zeros[node.input[11]] == 128)
     assert TensorProto.FLOAT not in {kinds.get("W"), kinds.get("R")}  # no float copy left
     # Against float with the same int8 weights, what is left is the kernel's run-time uint8
     # quantization of X and h at each step: one step of 1/255 of their range (<= ~0.01 for

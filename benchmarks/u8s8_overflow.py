@@ -1,0 +1,161 @@
+"""int8 on an x86 CPU without VNNI: what ONNX Runtime's u8 x s8 kernels do to fidelity, and what
+``quantize.u8s8_overflow`` (uint8 weights for the layers that overflow) gives back.
+
+Every variant's fidelity is read as deployed: ONNX Runtime's CPU provider with its default
+optimizations (the integer kernels). ``QDQ math`` is the same file with optimizations off (the
+QDQ emulation, no integer kernel: what the quantize pass and ``validate`` measure). Latency: one
+interleaved ``bench`` per thread count, ratios against float. ONNX Runtime's own
+``quantize_static`` (QDQ, per channel) with and without ``reduce_range`` (7-bit weights, its
+documented remedy on such CPUs) is the anchor.
+
+    python benchmarks/u8s8_overflow.py [--models ppocr-rec ppocr-det minilm] [--eval 256]
+        [--hard 512] [--pages 8] [--calib 32] [--runs 200]
+
+Results: benchmarks/results/u8s8_overflow.json and the tables in docs/quantize.md. The report
+records the CPU (``int8_dot_product``): on a CPU with VNNI every row reads like ``QDQ math``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from doc_tables import write_between
+from quantize_ablation import _det_metrics, _minilm_metrics, _outputs
+from quantize_vs_ort import _Reader, preprocess
+
+from onnxcomp import api, runtime, zoo
+from onnxcomp.measure.bench import bench
+from onnxcomp.model import load
+from onnxcomp.report import environment, markdown_table
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "u8s8_overflow.json"
+DOC = ROOT / "docs" / "quantize.md"
+BEGIN, END = "<!-- u8s8-overflow:begin -->", "<!-- u8s8-overflow:end -->"
+
+
+def _rec(path: Path, sets: dict, optimize: bool = True) -> dict:
+    from onnxcomp.zoo import ppocr
+
+    model, session = load(path), runtime.session(path, optimize=optimize)
+    names = [o.name for o in session.get_outputs()]
+    found = {}
+    for label, data in sets.items():
+        outputs = [dict(zip(names, session.run(None, batch))) for batch in data]
+        scores = ppocr.task_metric("ppocr-rec", model, outputs, data.labels)
+        found[f"{label} line / char"] = (f"{scores['line_accuracy']:.4f} / "
+                                         f"{scores['char_accuracy']:.4f}")
+    return found
+
+
+def _onnxcomp(source: Path, calib, path: Path, mode: str, choice: str) -> None:
+    result = api.compress(str(source), recipe=f"quantize:{mode}", calib=calib, validate=False,
+                          show_progress=False, overrides=[f"quantize.u8s8_overflow={choice}"])
+    result.model.save(path)
+    moved = next((n for p in result.report.passes for n in p.notes
+                  if n.startswith("u8s8_overflow:")), "")
+    print(f"  {path.name}: {moved[:160]}", flush=True)
+
+
+def run_model(name: str, args, folder: Path) -> dict:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    print(f"== {name}", flush=True)
+    float_path = preprocess(zoo.fetch(name), folder)
+    # det: 640x640 pages, calibrated on as many as it is scored on (the ablation's choice)
+    calib = zoo.dataset(name, "calib", min(args.calib, args.pages) if name == "ppocr-det"
+                        else args.calib)
+    paths = {"float": float_path}
+    modes = ["int8", "int8-dynamic"] if name == "minilm" else ["int8"]
+    for mode in modes:
+        for choice in ("none", "auto", "all"):
+            label = f"onnxcomp {mode}, u8s8_overflow={choice}"
+            paths[label] = folder / f"{mode}_{choice}.onnx"
+            _onnxcomp(float_path, calib, paths[label], mode, choice)
+    for reduce in (False, True):
+        label = f"ORT quantize_static{', reduce_range' if reduce else ''}"
+        paths[label] = folder / f"ort_static_{int(reduce)}.onnx"
+        quantize_static(str(float_path), str(paths[label]), _Reader(calib),
+                        quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=reduce,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"])
+    exact = {"QDQ math of u8s8_overflow=none (optimizations off)":
+             paths["onnxcomp int8, u8s8_overflow=none"]}
+    rows = []
+    if name == "ppocr-rec":
+        sets = {"eval": zoo.dataset(name, "eval", args.eval),
+                "hard": zoo.dataset(name, "hard", args.hard)}
+        for label, path in paths.items():
+            rows.append({"variant": label, **_rec(path, sets)})
+        for label, path in exact.items():
+            rows.append({"variant": label, **_rec(path, sets, optimize=False)})
+    elif name == "ppocr-det":
+        from onnxcomp.zoo import ppocr
+
+        data = zoo.dataset(name, "eval", args.pages)
+        reference = [o[ppocr.DET_OUTPUT] for o in _outputs(float_path, data)]
+        for label, path in paths.items():
+            rows.append({"variant": label, **_det_metrics(path, reference, data)})
+    else:
+        data = zoo.dataset(name, "eval", args.eval)
+        reference = np.concatenate([o["sentence_embedding"] for o in _outputs(float_path, data)])
+        for label, path in paths.items():
+            rows.append({"variant": label, **_minilm_metrics(path, reference.astype(np.float64),
+                                                            data)})
+    labels = list(paths)
+    timing = bench([str(paths[k]) for k in labels], names=labels, threads=args.threads,
+                   runs=args.runs, warmup=5, data=zoo.dataset(name, "eval", 1), memory=False,
+                   progress=None, spinning=False)
+    for row in rows:
+        for result in timing.bench["results"]:
+            if result["model"] == row["variant"]:
+                row[f"latency {result['threads']} thr"] = round(result["latency_ratio"], 3)
+        row["size MB"] = round(paths.get(row["variant"], float_path).stat().st_size / 1e6, 2) \
+            if row["variant"] in paths else ""
+    for row in rows:
+        print("  ", row, flush=True)
+    return {"model": name, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["ppocr-rec", "ppocr-det", "minilm"])
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--eval", type=int, default=256)
+    parser.add_argument("--hard", type=int, default=512)
+    parser.add_argument("--pages", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--threads", type=lambda s: [int(t) for t in s.split(",")],
+                        default=[1, 2])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-u8s8-") as tmp:
+        results = []
+        for name in args.models:
+            folder = Path(tmp) / name
+            folder.mkdir()
+            results.append(run_model(name, args, folder))
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env = environment()
+    args.out.write_text(json.dumps({"when": stamp, "environment": env, "args": {
+        k: v for k, v in vars(args).items() if k != "out"}, "results": results}, indent=1))
+    if args.out != RESULTS:
+        return
+    header = (f"CPU: {env.get('cpu', '?')}, int8 dot product: "
+              f"{env.get('int8_dot_product', '?')}; onnxruntime {env['onnxruntime']}; {stamp}; "
+              f"`python benchmarks/u8s8_overflow.py --models {' '.join(args.models)} --eval "
+              f"{args.eval} --hard {args.hard} --pages {args.pages} --calib {args.calib} "
+              f"--runs {args.runs}`")
+    text = [header]
+    for result in results:
+        text += ["", f"**{result['model']}**", "", markdown_table(result["rows"])]
+    write_between(DOC, BEGIN, END, "\n".join(text))
+
+
+if __name__ == "__main__":
+    main()

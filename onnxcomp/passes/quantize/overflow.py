@@ -1,0 +1,404 @@
+"""int8 layers whose uint8 x int8 products overflow on x86 CPUs without VNNI, given uint8
+weights instead (``u8s8_overflow``; exact).
+
+ONNX Runtime's u8 x s8 integer kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat) on an
+AVX2 CPU without VNNI (AMD Zen 2/3, Intel cores before Cascade/Ice Lake) multiply with
+``vpmaddubsw``: each pair of products along the reduction axis, ``a_k w_k + a_{k+1} w_{k+1}``
+(``a`` uint8, ``w`` int8), is added into a signed 16-bit lane that saturates at +-32767 before
+the pairs are summed in 32 bits. With VNNI (``vpdpbusd``) the products go straight into 32 bits.
+A pair overflows only where two same-sign weights are large (``|w_k| + |w_{k+1}| >= 129``) and
+both activations high; per-channel symmetric weights reach 127 in every channel, so the layer
+that meets it is the one whose uint8 inputs are high often: an image model's first Conv.
+Measured on an AMD EPYC (AVX2, no VNNI): PP-OCRv4 rec static int8 read 0.746 of the zoo eval
+lines and 0.436 of the hard ones in ONNX Runtime, where the same QDQ model's math (optimizations
+off) reads 0.914 / 0.815; its first Conv alone was the cause (docs/quantize.md).
+
+The rewrite stores such a layer's weight as ``q_u8 = q + 128`` with zero point 128 (per channel,
+the scale's shape): the DequantizeLinear gives the same floats, so the model computes the same;
+ONNX Runtime then runs its u8 x u8 kernel, which widens to 16 bits before multiplying (no
+saturation), still as QLinearConv (checked in the tests through the optimized graph). u8 x u8 is
+slower (PP-OCRv4 rec with every Conv so: 0.89x of float latency against 0.71x on that CPU), so
+``auto`` moves only the layers whose pair sums overflow on the calibration data for at least
+``RATE_LIMIT`` of their output values: their uint8 inputs are read (the QDQ model in ONNX Runtime,
+optimizations off) on up to ``MAX_BATCHES`` batches, and each pair of weights that can overflow at
+all is summed in the reduction orders the kernels use (a Conv's im2col in NCHW order ``(c, kh,
+kw)`` and in NHWC order ``(kh, kw, c)``, which ONNX Runtime's layout transform picks; a MatMul's
+K). Depthwise Convs (one input channel per group) run a kernel that accumulates in 32 bits: not
+checked. int8-dynamic's MatMulInteger and QAttention weights are checked the same way on the uint8
+tensors DynamicQuantizeLinear makes of the calibration data. Where no data reaches a layer's input
+(no calibration data, If/Loop bodies, DynamicQuantizeLSTM, a model whose weights stay on disk) the
+count is the one expected with both uint8 inputs uniform on [0, 255], said in the notes. ``all``
+moves every int8 weight of these ops; ``none`` leaves them int8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import external_data_helper, helper, numpy_helper
+
+from onnxcomp import runtime
+from onnxcomp.calibration import Dataset
+from onnxcomp.graph import proto_scopes
+from onnxcomp.model import Model, read_external
+
+CHOICES = ("auto", "all", "none")
+INT16_MAX = 32767
+# A pair can overflow only if 255 * (|w1| + |w2|) > INT16_MAX.
+PAIR_WEIGHT_MIN = INT16_MAX // 255 + 1  # 129
+MAX_BATCHES = 8
+# Output positions checked per layer and batch (a strided sample beyond it): bounded time on
+# large feature maps.
+MAX_POSITIONS = 1 << 16
+# auto moves a layer when at least this share of its output values meets an overflowing pair
+# sum. Measured on PP-OCRv4 rec (AVX2, no VNNI), output error against the QDQ math with every
+# other layer u8 x u8: its first Conv (1.04 overflows per output) 0.12 -> 0.27 left u8 x s8, an
+# SVTR MatMul (0.26) 0.120 -> 0.126, the next (0.0094) and every rarer one: no change.
+RATE_LIMIT = 0.01
+
+
+@dataclass(frozen=True)
+class Site:
+    node: str            # the Conv / MatMul / Gemm / MatMulInteger / QAttention / LSTM
+    op: str
+    activation: str      # the uint8 tensor it multiplies ("" where the op makes it inside)
+    zero_point: int      # that tensor's zero point (a Conv pads with it; dynamic: unused)
+    holder: str          # "output#slot": the node reading the int8 weight (a DequantizeLinear
+                         # or the integer op itself) by its first output, and the weight's slot
+    weight: str          # the int8 initializer
+    attrs: tuple         # the node's attributes, (name, value) pairs
+    channels: int        # output channels
+    scope: int = 0       # the graph holding the node (0: the main graph; else an If/Loop body)
+
+
+# Integer ops that read int8 weights themselves (int8-dynamic): (weight slot, zero point slot,
+# the slot of the scale whose shape the zero point takes, or None for a scalar).
+_INTEGER_OPS = {"MatMulInteger": ((1, 3, None),), "QAttention": ((1, 7, None),),
+                "DynamicQuantizeLSTM": ((1, 9, 8), (2, 11, 10))}
+# Their uint8 inputs are made inside the op: never read from the data.
+_INSIDE = {"DynamicQuantizeLSTM"}
+
+
+def sites(graph: onnx.GraphProto) -> list[Site]:
+    """Every int8 weight a u8 x s8 kernel multiplies, in the main graph and in If/Loop bodies:
+    static int8 Conv/MatMul/Gemm nodes reading a uint8 pair and an int8 weight, int8-dynamic's
+    MatMulInteger / QAttention / DynamicQuantizeLSTM."""
+    found = []
+    inits: dict[str, onnx.TensorProto] = {}
+    for scope, (body, _) in enumerate(proto_scopes(graph)):
+        inits.update({t.name: t for t in body.initializer})  # outer names are seen in bodies
+        producer = {o: n for n in body.node for o in n.output}
+        for node in body.node:
+            found += _node_sites(node, scope, inits, producer)
+    return found
+
+
+def _node_sites(node: onnx.NodeProto, scope: int, inits: dict, producer: dict) -> list[Site]:
+    attrs = tuple((a.name, helper.get_attribute_value(a)) for a in node.attribute)
+    name = node.name or node.output[0]
+    if node.op_type in _INTEGER_OPS:
+        found = []
+        for slot, _, _ in _INTEGER_OPS[node.op_type]:
+            weight = inits.get(node.input[slot]) if len(node.input) > slot else None
+            if weight is None or weight.data_type != onnx.TensorProto.INT8 or \
+                    len(weight.dims) not in (2, 3):
+                continue
+            label = name if slot == 1 else f"{name} (R)"
+            activation = "" if node.op_type in _INSIDE else node.input[0]
+            found.append(Site(label, node.op_type, activation, 0, f"{node.output[0]}#{slot}",
+                              node.input[slot], attrs, int(weight.dims[-1]), scope))
+        return found
+    if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+        return []
+    act_dq, w_dq = producer.get(node.input[0]), producer.get(node.input[1])
+    if act_dq is None or w_dq is None or act_dq.op_type != "DequantizeLinear" or \
+            w_dq.op_type != "DequantizeLinear":
+        return []
+    q = producer.get(act_dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or len(q.input) < 3 or \
+            q.input[2] not in inits or w_dq.input[0] not in inits:
+        return []
+    zero = inits[q.input[2]]
+    if zero.data_type != onnx.TensorProto.UINT8 or \
+            inits[w_dq.input[0]].data_type != onnx.TensorProto.INT8:
+        return []
+    dims = list(inits[w_dq.input[0]].dims)
+    if node.op_type == "Conv" and "kernel_shape" not in dict(attrs):
+        attrs += (("kernel_shape", dims[2:]),)  # optional in ONNX: the weight's shape
+    channels = dims[0] if node.op_type == "Conv" or (
+        node.op_type == "Gemm" and dict(attrs).get("transB", 0)) else dims[-1]
+    return [Site(name, node.op_type, act_dq.input[0],
+                 int(numpy_helper.to_array(zero).reshape(-1)[0]), f"{w_dq.output[0]}#0",
+                 w_dq.input[0], attrs, channels, scope)]
+
+
+@dataclass
+class Finding:
+    pairs: int = 0          # weight pairs that can overflow at all
+    overflows: float = 0.0  # pair sums past int16 on the data (assumed: the expected count)
+    outputs: int = 0        # output values the data produced (positions x channels, sampled)
+    worst: float = 0.0      # largest |pair sum| / 32767 seen
+    assumed: bool = False   # no data reached it: uniform uint8 inputs assumed
+
+    @property
+    def rate(self) -> float:
+        """Overflowing pair sums per output value."""
+        return self.overflows / self.outputs if self.outputs else 0.0
+
+
+def find(model: Model, found_sites: list[Site], data: Dataset | None) -> dict[str, Finding]:
+    """Each site's overflows: on up to ``MAX_BATCHES`` calibration batches where the data
+    reaches its uint8 input (the main graph), else expected under uniform uint8 inputs (the
+    widest a per-batch DynamicQuantizeLinear range spreads them)."""
+    inits = {t.name: t for body, _ in proto_scopes(model.graph) for t in body.initializer}
+    plans = {s.node: _pair_plans(s, _array(inits[s.weight], model.source))
+             for s in found_sites}
+    findings = {s.node: Finding(pairs=sum(len(p[1]) for plan in plans[s.node] for p in plan))
+                for s in found_sites}
+    # Weights on disk (a large model): no whole-model session; the data-free count.
+    measured = [s for s in found_sites if findings[s.node].pairs and data is not None
+                and not model.lazy and s.scope == 0 and s.activation]
+    for site in found_sites:
+        if findings[site.node].pairs and site not in measured:
+            _assume_uniform(site, plans[site.node], findings[site.node])
+    if not measured:
+        return findings
+    wanted = sorted({s.activation for s in measured})
+    probe = model.copy()
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.UINT8, None)
+                              for n in wanted if n not in known)
+    session = runtime.session(probe, optimize=False)
+    for index in range(min(len(data), MAX_BATCHES)):
+        values = dict(zip(wanted, session.run(wanted, data.make_batch(index))))
+        for site in measured:
+            _check(site, plans[site.node], values[site.activation], findings[site.node])
+    return findings
+
+
+def _assume_uniform(site: Site, plans: list[list], finding: Finding) -> None:
+    """Expected overflowing pair sums per output value with both uint8 inputs uniform on
+    [0, 255], in the worst of the kernel orders."""
+    levels = np.arange(256, dtype=np.float64)
+    expected = []
+    for plan in plans:
+        total = 0.0
+        for _, pairs in plan:
+            for _, _, _, w1, w2 in pairs:
+                u = np.abs(w1)[:, None].astype(np.float64)
+                v = np.abs(w2)[:, None].astype(np.float64)
+                # a2 above (32767 - a1 u) / v overflows (same sign: the magnitudes add up)
+                above = 255 - np.floor((INT16_MAX - levels[None, :] * u) / v)
+                total += float(np.clip(above, 0, 256).sum()) / 256 ** 2
+        expected.append(total)
+    finding.overflows, finding.outputs, finding.assumed = max(expected), site.channels, True
+    finding.worst = 255 * 254 / INT16_MAX
+
+
+def _pair_plans(site: Site, weight: np.ndarray) -> list[list]:
+    """Per kernel order: ``(order_name, [(k1, k2, channels, w1, w2), ...])`` per group, the
+    weight pairs able to overflow (same sign, ``|w1| + |w2| >= 129``), ``k`` indexing that
+    order's reduction axis."""
+    attrs = dict(site.attrs)
+    w = weight.astype(np.int32)
+    if site.op == "Conv":
+        groups = int(attrs.get("group", 1))
+        if w.shape[1] == 1 and groups > 1:
+            return []  # depthwise: a 32-bit kernel
+        per_group = w.shape[0] // groups
+        orders = {"nchw": lambda g: g.reshape(g.shape[0], -1)}
+        if w.ndim > 2 and int(np.prod(w.shape[2:])) > 1 and w.shape[1] > 1:
+            orders["nhwc"] = lambda g: np.moveaxis(g, 1, -1).reshape(g.shape[0], -1)
+        plans = []
+        for name, flatten in orders.items():
+            plans.append([(name, g, _pairs(flatten(w[g * per_group:(g + 1) * per_group])))
+                          for g in range(groups)])
+        return [[(name, pairs) for name, _, pairs in plan] for plan in plans]
+    if site.op == "DynamicQuantizeLSTM":  # [directions, K, 4 * hidden], one plan each
+        return [[("k", _pairs(w[d].T)) for d in range(w.shape[0])]]
+    if site.op in _INTEGER_OPS:
+        return [[("k", _pairs(w.T))]]  # [K, N] -> [N, K]
+    if site.op == "Gemm" and int(attrs.get("transB", 0)):
+        matrix = w  # [N, K]
+    else:
+        matrix = w.T if w.ndim == 2 else None  # MatMul [K, N] -> [N, K]
+    if matrix is None or (site.op == "Gemm" and int(attrs.get("transA", 0))):
+        return []
+    return [[("k", _pairs(matrix))]]
+
+
+def _pairs(rows: np.ndarray) -> list[tuple]:
+    """``rows`` [channels, K]: the pairs ``(2j, 2j+1)`` that can overflow, by ``j``."""
+    k = rows.shape[1] - rows.shape[1] % 2
+    first, second = rows[:, 0:k:2], rows[:, 1:k:2]
+    risky = (np.sign(first) == np.sign(second)) & (np.abs(first) + np.abs(second)
+                                                   >= PAIR_WEIGHT_MIN)
+    found = []
+    for j in np.flatnonzero(risky.any(axis=0)):
+        channels = np.flatnonzero(risky[:, j])
+        found.append((2 * j, 2 * j + 1, channels, first[channels, j], second[channels, j]))
+    return found
+
+
+def _check(site: Site, plans: list[list], values: np.ndarray, finding: Finding) -> None:
+    """Adds this batch's overflows, in the order with the most of them (the kernel runs one)."""
+    counts = []
+    for plan in plans:
+        overflows = 0
+        for group, (order, pairs) in enumerate(plan):
+            for k1, k2, _, w1, w2 in pairs:
+                a1 = _column(site, order, group, k1, values)
+                a2 = _column(site, order, group, k2, values)
+                sums = np.abs(a1[:, None] * w1[None, :] + a2[:, None] * w2[None, :])
+                overflows += int(np.count_nonzero(sums > INT16_MAX))
+                finding.worst = max(finding.worst, float(sums.max()) / INT16_MAX)
+        counts.append(overflows)
+    finding.overflows += max(counts)
+    finding.outputs += _outputs(site, values)
+
+
+def _outputs(site: Site, values: np.ndarray) -> int:
+    """Output values per batch at the sampled positions: positions x output channels."""
+    return len(_column(site, "nchw", 0, 0, values)) * site.channels
+
+
+def _column(site: Site, order: str, group: int, k: int, values: np.ndarray) -> np.ndarray:
+    """The uint8 activations the reduction index ``k`` multiplies, at every output position
+    (int32, a strided sample past ``MAX_POSITIONS``)."""
+    if site.op != "Conv":
+        flat = values.reshape(-1, values.shape[-1])[:, k]
+        return _sample(flat).astype(np.int32)
+    attrs = dict(site.attrs)
+    spatial = values.ndim - 2
+    kernel = list(attrs.get("kernel_shape") or [])
+    channels = values.shape[1] // int(attrs.get("group", 1))
+    if not kernel:
+        kernel = [1] * spatial
+    taps = int(np.prod(kernel))
+    channel, tap = (k // taps, k % taps) if order == "nchw" else (k % channels, k // channels)
+    offsets = np.unravel_index(tap, kernel)
+    strides = list(attrs.get("strides") or [1] * spatial)
+    dilations = list(attrs.get("dilations") or [1] * spatial)
+    pads = list(attrs.get("pads") or [0] * (2 * spatial))
+    plane = values[:, group * channels + channel]
+    padded = np.pad(plane, [(0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)],
+                    constant_values=site.zero_point)
+    index = [slice(None)]
+    for i in range(spatial):
+        extent = (padded.shape[i + 1] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+        start = offsets[i] * dilations[i]
+        index.append(slice(start, start + (extent - 1) * strides[i] + 1, strides[i]))
+    return _sample(padded[tuple(index)].reshape(-1)).astype(np.int32)
+
+
+def _sample(flat: np.ndarray) -> np.ndarray:
+    step = -(-flat.size // MAX_POSITIONS)
+    return flat[::step] if step > 1 else flat
+
+
+def to_u8u8(model: Model, holders: set[str]) -> Model:
+    """The int8 weights named by ``holders`` (``"output#slot"``: a DequantizeLinear or integer
+    op by its first output, and the weight's input slot) as uint8 with zero point 128: the
+    same values. One uint8 copy per weight however many nodes read it; an int8 initializer no
+    node reads any more is dropped. Works in If/Loop bodies too."""
+    result = model.copy()
+    scopes = [body for body, _ in proto_scopes(result.graph)]
+    owner = {t.name: body for body in scopes for t in body.initializer}
+    taken = set(owner) | {o for body in scopes for n in body.node for o in n.output}
+    made: dict[tuple, list[str]] = {}
+    replaced: set[str] = set()
+    for body in scopes:
+        for node in body.node:
+            for slot, zero_slot, scale_slot in _slots(node):
+                if not node.output or f"{node.output[0]}#{slot}" not in holders:
+                    continue
+                weight = node.input[slot]
+                # A DequantizeLinear's zero point has its scale's shape; MatMulInteger and
+                # QAttention take a scalar; DynamicQuantizeLSTM its scale's [directions, 4H].
+                shape = () if scale_slot is None else tuple(
+                    int(d) for d in _find(owner, node.input[scale_slot]).dims)
+                key = (weight, shape)
+                if key not in made:
+                    home = owner[weight]
+                    q = _array(_find(owner, weight), model.source).astype(np.int16)
+                    made[key] = [_unique(f"{weight}_u8", taken), _unique(f"{weight}_zp128",
+                                                                           taken)]
+                    home.initializer.extend([
+                        numpy_helper.from_array((q + 128).astype(np.uint8), made[key][0]),
+                        numpy_helper.from_array(np.full(shape, 128, np.uint8), made[key][1])])
+                    owner.update(dict.fromkeys(made[key], home))
+                while len(node.input) <= zero_slot:
+                    node.input.append("")
+                replaced.update((weight, node.input[zero_slot]))
+                node.input[slot], node.input[zero_slot] = made[key]
+    read = {name for body in scopes for n in body.node for name in n.input} | {
+        o.name for body in scopes for o in body.output}
+    for body in scopes:
+        kept = [t for t in body.initializer if t.name not in replaced or t.name in read]
+        if len(kept) != len(body.initializer):
+            del body.initializer[:]
+            body.initializer.extend(kept)
+    return result
+
+
+def _slots(node: onnx.NodeProto) -> tuple:
+    if node.op_type in _INTEGER_OPS:
+        return _INTEGER_OPS[node.op_type]
+    return ((0, 2, 1),) if node.op_type == "DequantizeLinear" else ()
+
+
+def _array(tensor: onnx.TensorProto, source) -> np.ndarray:
+    """An initializer's values, read from its data file when it stays on disk."""
+    if external_data_helper.uses_external_data(tensor):
+        return np.array(read_external(tensor, source))
+    return numpy_helper.to_array(tensor)
+
+
+def _find(owner: dict, name: str) -> onnx.TensorProto:
+    return next(t for t in owner[name].initializer if t.name == name)
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+def run(model: Model, choice: str, data: Dataset | None, notes: list[str], details: dict
+        ) -> Model:
+    """``u8s8_overflow``: the chosen layers' weights as uint8 (``choice`` auto | all), said in
+    the notes and recorded per checked layer in ``details``."""
+    found = sites(model.graph)
+    if choice == "none" or not found:
+        return model
+    if choice == "all":
+        chosen = found
+    else:
+        findings = find(model, found, data)
+        details["u8s8_overflow"] = [
+            {"node": n, "risky_pairs": f.pairs, "overflows": round(f.overflows, 2),
+             "per_output": float(f"{f.rate:.3g}"), "worst_pair_sum": round(f.worst, 3),
+             "inputs": "assumed uniform" if f.assumed else "calibration data"}
+            for n, f in findings.items() if f.pairs]
+        chosen = [s for s in found if findings[s.node].rate >= RATE_LIMIT]
+        assumed = [s.node for s in chosen if findings[s.node].assumed]
+        if assumed:
+            where = ("no calibration data" if data is None else "weights on disk: no whole-"
+                     "model session" if model.lazy else "calibration data cannot reach their "
+                     "inputs (If/Loop bodies, LSTMs)")
+            notes.append(f"u8s8_overflow: {len(assumed)} layers checked with uniform uint8 "
+                         f"inputs assumed ({where}): pass --calib to check them on data, where "
+                         f"fewer may need the slower u8 x u8 kernels")
+    if chosen:
+        names = ", ".join(s.node for s in chosen[:4]) + (" ..." if len(chosen) > 4 else "")
+        why = ("every layer (u8s8_overflow = all)" if choice == "all" else
+               f"their uint8 x int8 pair sums pass int16 for at least {RATE_LIMIT:.0%} of their "
+               f"output values")
+        notes.append(f"u8s8_overflow: {len(chosen)} layers' weights stored as uint8 with zero "
+                     f"point 128 (same values; ONNX Runtime's u8 x u8 kernels, which x86 CPUs "
+                     f"without VNNI do not saturate): {why}: {names}")
+    return to_u8u8(model, {s.holder for s in chosen}) if chosen else model
