@@ -53,13 +53,15 @@ def _rec(path: Path, sets: dict, optimize: bool = True) -> dict:
     return found
 
 
-def _onnxcomp(source: Path, calib, path: Path, mode: str, choice: str) -> None:
+def _onnxcomp(source: Path, calib, path: Path, mode: str, choice: str) -> int:
+    """Quantize with this u8s8_overflow choice; the number of layers it moved to uint8."""
     result = api.compress(str(source), recipe=f"quantize:{mode}", calib=calib, validate=False,
                           show_progress=False, overrides=[f"quantize.u8s8_overflow={choice}"])
     result.model.save(path)
-    moved = next((n for p in result.report.passes for n in p.notes
-                  if n.startswith("u8s8_overflow:")), "")
-    print(f"  {path.name}: {moved[:160]}", flush=True)
+    moved = [n for p in result.report.passes for n in p.notes if n.startswith("u8s8_overflow:")]
+    print(f"  {path.name}: {' | '.join(moved)[:400]}", flush=True)
+    stored = [n for n in moved if "weights stored as uint8" in n]
+    return int(stored[0].split()[1]) if stored else 0
 
 
 def run_model(name: str, args, folder: Path) -> dict:
@@ -71,12 +73,13 @@ def run_model(name: str, args, folder: Path) -> dict:
     calib = zoo.dataset(name, "calib", min(args.calib, args.pages) if name == "ppocr-det"
                         else args.calib)
     paths = {"float": float_path}
+    moved: dict[str, int] = {}
     modes = ["int8", "int8-dynamic"] if name == "minilm" else ["int8"]
     for mode in modes:
         for choice in ("none", "auto", "all"):
             label = f"onnxcomp {mode}, u8s8_overflow={choice}"
             paths[label] = folder / f"{mode}_{choice}.onnx"
-            _onnxcomp(float_path, calib, paths[label], mode, choice)
+            moved[label] = _onnxcomp(float_path, calib, paths[label], mode, choice)
     for reduce in (False, True):
         label = f"ORT quantize_static{', reduce_range' if reduce else ''}"
         paths[label] = folder / f"ort_static_{int(reduce)}.onnx"
@@ -112,6 +115,7 @@ def run_model(name: str, args, folder: Path) -> dict:
                    runs=args.runs, warmup=5, data=zoo.dataset(name, "eval", 1), memory=False,
                    progress=None, spinning=False)
     for row in rows:
+        row["layers moved"] = moved.get(row["variant"], "")
         for result in timing.bench["results"]:
             if result["model"] == row["variant"]:
                 row[f"latency {result['threads']} thr"] = round(result["latency_ratio"], 3)
@@ -153,7 +157,9 @@ def main() -> None:
               f"--runs {args.runs}`")
     text = [header]
     for result in results:
-        text += ["", f"**{result['model']}**", "", markdown_table(result["rows"])]
+        headers = list(dict.fromkeys(k for row in result["rows"] for k in row))
+        rows = [[row.get(h, "") for h in headers] for row in result["rows"]]
+        text += ["", f"**{result['model']}**", "", markdown_table(headers, rows)]
     write_between(DOC, BEGIN, END, "\n".join(text))
 
 

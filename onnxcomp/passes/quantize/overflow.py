@@ -43,20 +43,23 @@ from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.graph import proto_scopes
 from onnxcomp.model import Model, read_external
+from onnxcomp.passes.quantize import pairsums
 
 CHOICES = ("auto", "all", "none")
-INT16_MAX = 32767
-# A pair can overflow only if 255 * (|w1| + |w2|) > INT16_MAX.
-PAIR_WEIGHT_MIN = INT16_MAX // 255 + 1  # 129
 MAX_BATCHES = 8
-# Output positions checked per layer and batch (a strided sample beyond it): bounded time on
-# large feature maps.
-MAX_POSITIONS = 1 << 16
 # auto moves a layer when at least this share of its output values meets an overflowing pair
 # sum. Measured on PP-OCRv4 rec (AVX2, no VNNI), output error against the QDQ math with every
 # other layer u8 x u8: its first Conv (1.04 overflows per output) 0.12 -> 0.27 left u8 x s8, an
 # SVTR MatMul (0.26) 0.120 -> 0.126, the next (0.0094) and every rarer one: no change.
 RATE_LIMIT = 0.01
+# Where the accumulator can be read (the layer's output on the data), auto moves a layer when the
+# saturation's error power reaches this share of the accumulator's power (-30 dB, the order of
+# int8 rounding noise). Measured on an AMD EPYC (AVX2, no VNNI; docs/quantize.md): PP-OCRv4
+# rec's first Conv 0.15 and an SVTR MatMul 0.09 lost the lines; det's layers between 1e-3 and
+# 1e-2 cost 0.4 points of mask IoU together; at -20 dB the tests' random-weight graphs were
+# still 7 % off their QDQ math. CPUs with VNNI never saturate: there the moved layers only cost
+# u8 x u8's speed (det 0.76x -> 0.89x of float latency), so set none for those.
+HARM_LIMIT = 1e-3
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class Site:
     attrs: tuple         # the node's attributes, (name, value) pairs
     channels: int        # output channels
     scope: int = 0       # the graph holding the node (0: the main graph; else an If/Loop body)
+    # How to read the layer's accumulator from the data: ("float", output, bias, input scale,
+    # weight scale, channel axis) for a QDQ layer (acc = (y - b) / (s_a s_w)), ("int", output,
+    # channel axis) for MatMulInteger (its int32 output is it), () where it cannot be read.
+    signal: tuple = ()
 
 
 # Integer ops that read int8 weights themselves (int8-dynamic): (weight slot, zero point slot,
@@ -107,8 +114,9 @@ def _node_sites(node: onnx.NodeProto, scope: int, inits: dict, producer: dict) -
                 continue
             label = name if slot == 1 else f"{name} (R)"
             activation = "" if node.op_type in _INSIDE else node.input[0]
+            signal = ("int", node.output[0], -1) if node.op_type == "MatMulInteger" else ()
             found.append(Site(label, node.op_type, activation, 0, f"{node.output[0]}#{slot}",
-                              node.input[slot], attrs, int(weight.dims[-1]), scope))
+                              node.input[slot], attrs, int(weight.dims[-1]), scope, signal))
         return found
     if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
         return []
@@ -129,9 +137,12 @@ def _node_sites(node: onnx.NodeProto, scope: int, inits: dict, producer: dict) -
         attrs += (("kernel_shape", dims[2:]),)  # optional in ONNX: the weight's shape
     channels = dims[0] if node.op_type == "Conv" or (
         node.op_type == "Gemm" and dict(attrs).get("transB", 0)) else dims[-1]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] in inits else ""
+    signal = ("float", node.output[0], bias, q.input[1], w_dq.input[1],
+              1 if node.op_type == "Conv" else -1)
     return [Site(name, node.op_type, act_dq.input[0],
                  int(numpy_helper.to_array(zero).reshape(-1)[0]), f"{w_dq.output[0]}#0",
-                 w_dq.input[0], attrs, channels, scope)]
+                 w_dq.input[0], attrs, channels, scope, signal)]
 
 
 @dataclass
@@ -141,11 +152,26 @@ class Finding:
     outputs: int = 0        # output values the data produced (positions x channels, sampled)
     worst: float = 0.0      # largest |pair sum| / 32767 seen
     assumed: bool = False   # no data reached it: uniform uint8 inputs assumed
+    excess: float = 0.0     # sum of (|pair sum| - 32767)^2 over the overflows
+    signal: float = 0.0     # sum of the accumulator's squares (zero points taken out)
+    values: int = 0         # accumulator values summed there (0: not read)
 
     @property
     def rate(self) -> float:
         """Overflowing pair sums per output value."""
         return self.overflows / self.outputs if self.outputs else 0.0
+
+    @property
+    def harm(self) -> float | None:
+        """The saturation's error power against the accumulator's, per output value (None
+        where the accumulator could not be read: the rate decides there)."""
+        if not self.values or not self.outputs or self.signal <= 0:
+            return None
+        return (self.excess / self.outputs) / (self.signal / self.values)
+
+    def overflowing(self) -> bool:
+        harm = self.harm
+        return self.rate >= RATE_LIMIT if harm is None else harm >= HARM_LIMIT
 
 
 def find(model: Model, found_sites: list[Site], data: Dataset | None) -> dict[str, Finding]:
@@ -153,7 +179,7 @@ def find(model: Model, found_sites: list[Site], data: Dataset | None) -> dict[st
     reaches its uint8 input (the main graph), else expected under uniform uint8 inputs (the
     widest a per-batch DynamicQuantizeLinear range spreads them)."""
     inits = {t.name: t for body, _ in proto_scopes(model.graph) for t in body.initializer}
-    plans = {s.node: _pair_plans(s, _array(inits[s.weight], model.source))
+    plans = {s.node: pairsums.pair_plans(s, _array(inits[s.weight], model.source))
              for s in found_sites}
     findings = {s.node: Finding(pairs=sum(len(p[1]) for plan in plans[s.node] for p in plan))
                 for s in found_sites}
@@ -162,140 +188,44 @@ def find(model: Model, found_sites: list[Site], data: Dataset | None) -> dict[st
                 and not model.lazy and s.scope == 0 and s.activation]
     for site in found_sites:
         if findings[site.node].pairs and site not in measured:
-            _assume_uniform(site, plans[site.node], findings[site.node])
+            pairsums.assume_uniform(site, plans[site.node], findings[site.node])
     if not measured:
         return findings
-    wanted = sorted({s.activation for s in measured})
+    types = {s.activation: onnx.TensorProto.UINT8 for s in measured}
+    types.update({s.signal[1]: onnx.TensorProto.FLOAT if s.signal[0] == "float"
+                  else onnx.TensorProto.INT32 for s in measured if s.signal})
+    wanted = sorted(types)
     probe = model.copy()
     known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.UINT8, None)
+    probe.graph.output.extend(helper.make_tensor_value_info(n, types[n], None)
                               for n in wanted if n not in known)
     session = runtime.session(probe, optimize=False)
     for index in range(min(len(data), MAX_BATCHES)):
         values = dict(zip(wanted, session.run(wanted, data.make_batch(index))))
         for site in measured:
-            _check(site, plans[site.node], values[site.activation], findings[site.node])
+            finding = findings[site.node]
+            pairsums.check(site, plans[site.node], values[site.activation], finding)
+            if site.signal:
+                accumulator = _accumulator(site, values[site.signal[1]], inits, model.source)
+                finding.signal += float(np.sum(accumulator * accumulator))
+                finding.values += accumulator.size
     return findings
 
 
-def _assume_uniform(site: Site, plans: list[list], finding: Finding) -> None:
-    """Expected overflowing pair sums per output value with both uint8 inputs uniform on
-    [0, 255], in the worst of the kernel orders."""
-    levels = np.arange(256, dtype=np.float64)
-    expected = []
-    for plan in plans:
-        total = 0.0
-        for _, pairs in plan:
-            for _, _, _, w1, w2 in pairs:
-                u = np.abs(w1)[:, None].astype(np.float64)
-                v = np.abs(w2)[:, None].astype(np.float64)
-                # a2 above (32767 - a1 u) / v overflows (same sign: the magnitudes add up)
-                above = 255 - np.floor((INT16_MAX - levels[None, :] * u) / v)
-                total += float(np.clip(above, 0, 256).sum()) / 256 ** 2
-        expected.append(total)
-    finding.overflows, finding.outputs, finding.assumed = max(expected), site.channels, True
-    finding.worst = 255 * 254 / INT16_MAX
-
-
-def _pair_plans(site: Site, weight: np.ndarray) -> list[list]:
-    """Per kernel order: ``(order_name, [(k1, k2, channels, w1, w2), ...])`` per group, the
-    weight pairs able to overflow (same sign, ``|w1| + |w2| >= 129``), ``k`` indexing that
-    order's reduction axis."""
-    attrs = dict(site.attrs)
-    w = weight.astype(np.int32)
-    if site.op == "Conv":
-        groups = int(attrs.get("group", 1))
-        if w.shape[1] == 1 and groups > 1:
-            return []  # depthwise: a 32-bit kernel
-        per_group = w.shape[0] // groups
-        orders = {"nchw": lambda g: g.reshape(g.shape[0], -1)}
-        if w.ndim > 2 and int(np.prod(w.shape[2:])) > 1 and w.shape[1] > 1:
-            orders["nhwc"] = lambda g: np.moveaxis(g, 1, -1).reshape(g.shape[0], -1)
-        plans = []
-        for name, flatten in orders.items():
-            plans.append([(name, g, _pairs(flatten(w[g * per_group:(g + 1) * per_group])))
-                          for g in range(groups)])
-        return [[(name, pairs) for name, _, pairs in plan] for plan in plans]
-    if site.op == "DynamicQuantizeLSTM":  # [directions, K, 4 * hidden], one plan each
-        return [[("k", _pairs(w[d].T)) for d in range(w.shape[0])]]
-    if site.op in _INTEGER_OPS:
-        return [[("k", _pairs(w.T))]]  # [K, N] -> [N, K]
-    if site.op == "Gemm" and int(attrs.get("transB", 0)):
-        matrix = w  # [N, K]
-    else:
-        matrix = w.T if w.ndim == 2 else None  # MatMul [K, N] -> [N, K]
-    if matrix is None or (site.op == "Gemm" and int(attrs.get("transA", 0))):
-        return []
-    return [[("k", _pairs(matrix))]]
-
-
-def _pairs(rows: np.ndarray) -> list[tuple]:
-    """``rows`` [channels, K]: the pairs ``(2j, 2j+1)`` that can overflow, by ``j``."""
-    k = rows.shape[1] - rows.shape[1] % 2
-    first, second = rows[:, 0:k:2], rows[:, 1:k:2]
-    risky = (np.sign(first) == np.sign(second)) & (np.abs(first) + np.abs(second)
-                                                   >= PAIR_WEIGHT_MIN)
-    found = []
-    for j in np.flatnonzero(risky.any(axis=0)):
-        channels = np.flatnonzero(risky[:, j])
-        found.append((2 * j, 2 * j + 1, channels, first[channels, j], second[channels, j]))
-    return found
-
-
-def _check(site: Site, plans: list[list], values: np.ndarray, finding: Finding) -> None:
-    """Adds this batch's overflows, in the order with the most of them (the kernel runs one)."""
-    counts = []
-    for plan in plans:
-        overflows = 0
-        for group, (order, pairs) in enumerate(plan):
-            for k1, k2, _, w1, w2 in pairs:
-                a1 = _column(site, order, group, k1, values)
-                a2 = _column(site, order, group, k2, values)
-                sums = np.abs(a1[:, None] * w1[None, :] + a2[:, None] * w2[None, :])
-                overflows += int(np.count_nonzero(sums > INT16_MAX))
-                finding.worst = max(finding.worst, float(sums.max()) / INT16_MAX)
-        counts.append(overflows)
-    finding.overflows += max(counts)
-    finding.outputs += _outputs(site, values)
-
-
-def _outputs(site: Site, values: np.ndarray) -> int:
-    """Output values per batch at the sampled positions: positions x output channels."""
-    return len(_column(site, "nchw", 0, 0, values)) * site.channels
-
-
-def _column(site: Site, order: str, group: int, k: int, values: np.ndarray) -> np.ndarray:
-    """The uint8 activations the reduction index ``k`` multiplies, at every output position
-    (int32, a strided sample past ``MAX_POSITIONS``)."""
-    if site.op != "Conv":
-        flat = values.reshape(-1, values.shape[-1])[:, k]
-        return _sample(flat).astype(np.int32)
-    attrs = dict(site.attrs)
-    spatial = values.ndim - 2
-    kernel = list(attrs.get("kernel_shape") or [])
-    channels = values.shape[1] // int(attrs.get("group", 1))
-    if not kernel:
-        kernel = [1] * spatial
-    taps = int(np.prod(kernel))
-    channel, tap = (k // taps, k % taps) if order == "nchw" else (k % channels, k // channels)
-    offsets = np.unravel_index(tap, kernel)
-    strides = list(attrs.get("strides") or [1] * spatial)
-    dilations = list(attrs.get("dilations") or [1] * spatial)
-    pads = list(attrs.get("pads") or [0] * (2 * spatial))
-    plane = values[:, group * channels + channel]
-    padded = np.pad(plane, [(0, 0)] + [(pads[i], pads[i + spatial]) for i in range(spatial)],
-                    constant_values=site.zero_point)
-    index = [slice(None)]
-    for i in range(spatial):
-        extent = (padded.shape[i + 1] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
-        start = offsets[i] * dilations[i]
-        index.append(slice(start, start + (extent - 1) * strides[i] + 1, strides[i]))
-    return _sample(padded[tuple(index)].reshape(-1)).astype(np.int32)
-
-
-def _sample(flat: np.ndarray) -> np.ndarray:
-    step = -(-flat.size // MAX_POSITIONS)
-    return flat[::step] if step > 1 else flat
+def _accumulator(site: Site, output: np.ndarray, inits: dict, source) -> np.ndarray:
+    """The layer's integer accumulator with the zero points taken out, from its output on the
+    data: MatMulInteger's own int32 output, or ``(y - b) / (s_a s_w)`` of a QDQ layer."""
+    if site.signal[0] == "int":
+        return output.astype(np.float64)
+    _, _, bias, act_scale, weight_scale, axis = site.signal
+    shape = [1] * output.ndim
+    shape[axis] = -1
+    y = output.astype(np.float64)
+    if bias:
+        y = y - _array(inits[bias], source).astype(np.float64).reshape(shape)
+    scale = float(_array(inits[act_scale], source).reshape(-1)[0]) * \
+        _array(inits[weight_scale], source).astype(np.float64)
+    return y / (scale.reshape(shape) if scale.ndim else scale)
 
 
 def to_u8u8(model: Model, holders: set[str]) -> Model:
@@ -382,9 +312,12 @@ def run(model: Model, choice: str, data: Dataset | None, notes: list[str], detai
         details["u8s8_overflow"] = [
             {"node": n, "risky_pairs": f.pairs, "overflows": round(f.overflows, 2),
              "per_output": float(f"{f.rate:.3g}"), "worst_pair_sum": round(f.worst, 3),
+             "error_power": None if f.harm is None else float(f"{f.harm:.3g}"),
              "inputs": "assumed uniform" if f.assumed else "calibration data"}
             for n, f in findings.items() if f.pairs]
-        chosen = [s for s in found if findings[s.node].rate >= RATE_LIMIT]
+        # A weight several layers read is stored once: moved for all of them or none.
+        moved = {s.weight for s in found if findings[s.node].overflowing()}
+        chosen = [s for s in found if s.weight in moved]
         assumed = [s.node for s in chosen if findings[s.node].assumed]
         if assumed:
             where = ("no calibration data" if data is None else "weights on disk: no whole-"
@@ -396,8 +329,9 @@ def run(model: Model, choice: str, data: Dataset | None, notes: list[str], detai
     if chosen:
         names = ", ".join(s.node for s in chosen[:4]) + (" ..." if len(chosen) > 4 else "")
         why = ("every layer (u8s8_overflow = all)" if choice == "all" else
-               f"their uint8 x int8 pair sums pass int16 for at least {RATE_LIMIT:.0%} of their "
-               f"output values")
+               f"their uint8 x int8 pair sums saturate with an error power of at least "
+               f"{HARM_LIMIT:g} of the layer's output on the calibration data (or, where that "
+               f"cannot be read, for {RATE_LIMIT:.0%} of its output values)")
         notes.append(f"u8s8_overflow: {len(chosen)} layers' weights stored as uint8 with zero "
                      f"point 128 (same values; ONNX Runtime's u8 x u8 kernels, which x86 CPUs "
                      f"without VNNI do not saturate): {why}: {names}")

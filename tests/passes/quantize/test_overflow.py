@@ -14,7 +14,7 @@ from quantize_graphs import x86_without_vnni
 from onnxcomp import calibration, runtime
 from onnxcomp.model import Model
 from onnxcomp.passes import quantize
-from onnxcomp.passes.quantize import overflow
+from onnxcomp.passes.quantize import overflow, pairsums
 from onnxcomp.pipeline import Context
 
 
@@ -86,6 +86,7 @@ def test_an_overflowing_layer_gets_uint8_weights_with_the_same_values(bright):
     assert note.endswith(": conv") and "1 layers' weights stored as uint8" in note
     [found] = record.details["u8s8_overflow"]  # the head has no risky pair: not listed
     assert found["node"] == "conv" and found["per_output"] >= overflow.RATE_LIMIT
+    assert found["error_power"] >= overflow.HARM_LIMIT  # read from the layer's output
     assert found["worst_pair_sum"] > 1
     assert not any(n.startswith("u8s8_overflow:") for n in plain_record.notes)
     # Exact: the same dequantized weights, the same graph but for the weight's initializers.
@@ -153,7 +154,7 @@ def test_the_checked_activations_are_the_ones_the_conv_multiplies(order):
     for group in range(2):
         w = weight[group:group + 1]
         flat = w.reshape(1, -1) if order == "nchw" else np.moveaxis(w, 1, -1).reshape(1, -1)
-        total = sum(overflow._column(site, order, group, k, values).astype(np.int64) * flat[0, k]
+        total = sum(pairsums._column(site, order, group, k, values).astype(np.int64) * flat[0, k]
                     for k in range(flat.shape[1]))
         # The convolution of this group's two channels with w, by hand.
         x = padded[:, 2 * group:2 * group + 2]
@@ -193,10 +194,10 @@ def test_without_data_the_expected_rate_is_that_of_uniform_uint8_inputs():
     weights = np.array([[127, 127, 100, 40, -90, -80]], np.int8)  # one output channel
     site = overflow.Site("m", "MatMulInteger", "a", 0, "y#1", "w", (), 1)
     finding = overflow.Finding()
-    overflow._assume_uniform(site, overflow._pair_plans(site, weights.T), finding)
+    pairsums.assume_uniform(site, pairsums.pair_plans(site, weights.T), finding)
     a = np.arange(256)
     expected = sum(float(np.mean(np.abs(a[:, None] * int(w1) + a[None, :] * int(w2))
-                                 > overflow.INT16_MAX))
+                                 > pairsums.INT16_MAX))
                    for w1, w2 in ((127, 127), (100, 40), (-90, -80)))
     assert finding.assumed and finding.rate == pytest.approx(expected, rel=1e-12)
     assert finding.rate > 0.5  # (127, 127) alone overflows for about half of the inputs
