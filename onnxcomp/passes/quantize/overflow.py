@@ -17,18 +17,19 @@ The rewrite stores such a layer's weight as ``q_u8 = q + 128`` with zero point 1
 the scale's shape): the DequantizeLinear gives the same floats, so the model computes the same;
 ONNX Runtime then runs its u8 x u8 kernel, which widens to 16 bits before multiplying (no
 saturation), still as QLinearConv (checked in the tests through the optimized graph). u8 x u8 is
-slower (PP-OCRv4 rec with every Conv so: 0.89x of float latency against 0.71x on that CPU), so
-``auto`` moves only the layers whose pair sums overflow on the calibration data for at least
-``RATE_LIMIT`` of their output values: their uint8 inputs are read (the QDQ model in ONNX Runtime,
-optimizations off) on up to ``MAX_BATCHES`` batches, and each pair of weights that can overflow at
-all is summed in the reduction orders the kernels use (a Conv's im2col in NCHW order ``(c, kh,
-kw)`` and in NHWC order ``(kh, kw, c)``, which ONNX Runtime's layout transform picks; a MatMul's
-K). Depthwise Convs (one input channel per group) run a kernel that accumulates in 32 bits: not
-checked. int8-dynamic's MatMulInteger and QAttention weights are checked the same way on the uint8
-tensors DynamicQuantizeLinear makes of the calibration data. Where no data reaches a layer's input
-(no calibration data, If/Loop bodies, DynamicQuantizeLSTM, a model whose weights stay on disk) the
-count is the one expected with both uint8 inputs uniform on [0, 255], said in the notes. ``all``
-moves every int8 weight of these ops; ``none`` leaves them int8.
+slower (PP-OCRv4 rec with every layer so: 0.81x of float latency against 0.66x on that CPU), so
+``auto`` moves only what the calibration data says: the uint8 inputs of each layer are read (the
+QDQ model in ONNX Runtime, optimizations off) on up to ``MAX_BATCHES`` batches, each pair of
+weights that can overflow at all is summed on them in the reduction orders the kernels use
+(``pairsums.py``), and the saturation's error power is set against the layer's accumulator, read
+from its output on the same data; the layers with the most are moved until what stays sums to at
+most ``HARM_LIMIT``. Depthwise Convs (one input channel per group) run a kernel that accumulates in
+32 bits: not checked. int8-dynamic's MatMulInteger and QAttention weights are checked the same way
+on the uint8 tensors DynamicQuantizeLinear makes of the calibration data. Where no data reaches a
+layer's input (no calibration data, If/Loop bodies, DynamicQuantizeLSTM, a model whose weights stay
+on disk) the count is the one expected with both uint8 inputs uniform on [0, 255], a layer moves at
+``RATE_LIMIT`` overflows per output value, and the notes say so. ``all`` moves every int8 weight of
+these ops; ``none`` leaves them int8 (CPUs with VNNI, ARM: nothing saturates there).
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ MAX_BATCHES = 8
 # other layer u8 x u8: its first Conv (1.04 overflows per output) 0.12 -> 0.27 left u8 x s8, an
 # SVTR MatMul (0.26) 0.120 -> 0.126, the next (0.0094) and every rarer one: no change.
 RATE_LIMIT = 0.01
-# Where the accumulator can be read (the layer's output on the data), auto moves a layer when the
-# saturation's error power reaches this share of the accumulator's power (-30 dB, the order of
-# int8 rounding noise). Measured on an AMD EPYC (AVX2, no VNNI; docs/quantize.md): PP-OCRv4
-# rec's first Conv 0.15 and an SVTR MatMul 0.09 lost the lines; det's layers between 1e-3 and
-# 1e-2 cost 0.4 points of mask IoU together; at -20 dB the tests' random-weight graphs were
-# still 7 % off their QDQ math. CPUs with VNNI never saturate: there the moved layers only cost
-# u8 x u8's speed (det 0.76x -> 0.89x of float latency), so set none for those.
+# Where the accumulator can be read (the layer's output on the data), auto moves the layers with
+# the most saturation error power (against their accumulator's) until what stays sums to at
+# most this (-30 dB, the order of int8 rounding noise). Measured on an AMD EPYC (AVX2, no VNNI;
+# docs/quantize.md): PP-OCRv4 rec's first Conv 0.15 and an SVTR MatMul 0.09 lost the lines;
+# MiniLM's 36 layers at 1e-4 to 1.4e-3 each cost 5 points of nearest-neighbour agreement
+# together, which a per-layer -30 dB bar did not see. CPUs with VNNI never saturate: there the
+# moved layers only cost u8 x u8's speed, so set none for those.
 HARM_LIMIT = 1e-3
 
 
@@ -169,9 +170,6 @@ class Finding:
             return None
         return (self.excess / self.outputs) / (self.signal / self.values)
 
-    def overflowing(self) -> bool:
-        harm = self.harm
-        return self.rate >= RATE_LIMIT if harm is None else harm >= HARM_LIMIT
 
 
 def find(model: Model, found_sites: list[Site], data: Dataset | None) -> dict[str, Finding]:
@@ -279,6 +277,23 @@ def _slots(node: onnx.NodeProto) -> tuple:
     return ((0, 2, 1),) if node.op_type == "DequantizeLinear" else ()
 
 
+def _over_budget(findings: dict[str, Finding]) -> set[str]:
+    """The layers to move: where the accumulator was read, those with the most error power
+    until what stays sums to at most ``HARM_LIMIT`` (the layers' relative noise powers add up
+    at the output, as in a mixed-precision noise budget); elsewhere, those whose expected
+    overflowing pair sums reach ``RATE_LIMIT`` per output value."""
+    measured = sorted(((f.harm, n) for n, f in findings.items() if f.harm is not None),
+                      reverse=True)
+    left = sum(harm for harm, _ in measured)
+    chosen = set()
+    for harm, name in measured:
+        if left <= HARM_LIMIT or harm <= 0:
+            break
+        chosen.add(name)
+        left -= harm
+    return chosen | {n for n, f in findings.items() if f.harm is None and f.rate >= RATE_LIMIT}
+
+
 def _array(tensor: onnx.TensorProto, source) -> np.ndarray:
     """An initializer's values, read from its data file when it stays on disk."""
     if external_data_helper.uses_external_data(tensor):
@@ -316,7 +331,7 @@ def run(model: Model, choice: str, data: Dataset | None, notes: list[str], detai
              "inputs": "assumed uniform" if f.assumed else "calibration data"}
             for n, f in findings.items() if f.pairs]
         # A weight several layers read is stored once: moved for all of them or none.
-        moved = {s.weight for s in found if findings[s.node].overflowing()}
+        moved = {s.weight for s in found if s.node in _over_budget(findings)}
         chosen = [s for s in found if s.weight in moved]
         assumed = [s.node for s in chosen if findings[s.node].assumed]
         if assumed:
@@ -329,9 +344,9 @@ def run(model: Model, choice: str, data: Dataset | None, notes: list[str], detai
     if chosen:
         names = ", ".join(s.node for s in chosen[:4]) + (" ..." if len(chosen) > 4 else "")
         why = ("every layer (u8s8_overflow = all)" if choice == "all" else
-               f"their uint8 x int8 pair sums saturate with an error power of at least "
-               f"{HARM_LIMIT:g} of the layer's output on the calibration data (or, where that "
-               f"cannot be read, for {RATE_LIMIT:.0%} of its output values)")
+               f"the most saturating uint8 x int8 pair sums on the calibration data, until the "
+               f"error power left sums to at most {HARM_LIMIT:g} (where no data reaches a "
+               f"layer: {RATE_LIMIT:.0%} of its output values expected to overflow)")
         notes.append(f"u8s8_overflow: {len(chosen)} layers' weights stored as uint8 with zero "
                      f"point 128 (same values; ONNX Runtime's u8 x u8 kernels, which x86 CPUs "
                      f"without VNNI do not saturate): {why}: {names}")
