@@ -219,8 +219,9 @@ def _accumulator(site: Site, output: np.ndarray, inits: dict, source) -> np.ndar
     shape = [1] * output.ndim
     shape[axis] = -1
     y = output.astype(np.float64)
-    if bias:
-        y = y - _array(inits[bias], source).astype(np.float64).reshape(shape)
+    if bias:  # a Conv's [M] bias, or a Gemm's C (any shape broadcasting to the output)
+        b = _array(inits[bias], source).astype(np.float64)
+        y = y - (b.reshape(shape) if b.size == y.shape[axis] else b)
     scale = float(_array(inits[act_scale], source).reshape(-1)[0]) * \
         _array(inits[weight_scale], source).astype(np.float64)
     return y / (scale.reshape(shape) if scale.ndim else scale)

@@ -225,3 +225,20 @@ def test_int8_dynamic_without_data_moves_weights_dense_at_the_top_of_the_range()
     got = runtime.run_model(result, x, optimize=True)["y"]
     want = runtime.run_model(model, x)["y"]
     assert np.linalg.norm(got - want) <= 0.02 * np.linalg.norm(want)
+
+
+@pytest.mark.parametrize("bias_shape", [[4], [1, 4], [2, 4], []])
+def test_a_gemm_bias_of_any_broadcast_shape_is_taken_out_of_the_accumulator(bias_shape):
+    rng = np.random.default_rng(5)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "c"], ["y"], name="gemm", transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [numpy_helper.from_array(rng.uniform(0.5, 1, (4, 8)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "c")])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = calibration.from_batches([{"x": rng.uniform(0, 1, (2, 8)).astype(np.float32)}
+                                     for _ in range(4)])
+    _, record = quantize.PASS.run(model, quantize.Config(), Context(calibration=data))
+    [found] = record.details["u8s8_overflow"]  # positive weights, inputs near the top: overflow
+    assert found["node"] == "gemm" and found["error_power"] > 0
