@@ -541,5 +541,13 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def tensor_values(tensor: onnx.TensorProto, source: Path | None) -> np.ndarray:
+    """An initializer's values, read from its data file (``source``: the model's folder) when
+    it stays on disk."""
+    if external_data_helper.uses_external_data(tensor):
+        return np.array(read_external(tensor, source))
+    return numpy_helper.to_array(tensor)
+
+
 def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     return numpy_helper.to_array(tensor)

@@ -10,14 +10,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import calibration, runtime
 from onnxcomp.model import Model
+from onnxcomp.report import cpu
 
 
 def init(name, array):
@@ -224,8 +223,4 @@ def correlated_batches(x: np.ndarray) -> calibration.Dataset:
 
 def x86_without_vnni() -> bool:
     """An x86 CPU with AVX2 but no VNNI: ONNX Runtime's u8 x s8 kernels saturate there."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return "avx2" in flags and not {"avx512_vnni", "avx_vnni"} & flags
+    return cpu().get("int8_dot_product") == "avx2 (no vnni)"

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.decoders import FIRST, LATER
 from onnxcomp.errors import UserError
 from onnxcomp.measure import compare
-from onnxcomp.model import Model, read_external
+from onnxcomp.model import Model, tensor_values
 from onnxcomp.passes.quantize.int4 import nbits_weight, quantize_blocks8
 
 
@@ -183,10 +183,7 @@ def float_weight(model: Model, node_name: str) -> np.ndarray:
     tensor = initializers.get(name)
     if tensor is None:
         raise UserError(f"{node_name}: its weight {node.input[1]!r} is not an initializer")
-    if external_data_helper.uses_external_data(tensor):
-        weight = np.array(read_external(tensor, model.source), np.float32)
-    else:
-        weight = numpy_helper.to_array(tensor).astype(np.float32)
+    weight = tensor_values(tensor, model.source).astype(np.float32)
     if node.op_type == "Gemm":
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         weight = (weight.T if attrs.get("transB", 0) else weight) * float(attrs.get("alpha", 1.0))

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import external_data_helper, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.graph import proto_scopes
-from onnxcomp.model import Model, read_external
+from onnxcomp.model import Model, tensor_values
 from onnxcomp.passes.quantize import pairsums
 
 CHOICES = ("auto", "all", "none")
@@ -177,7 +177,7 @@ def find(model: Model, found_sites: list[Site], data: Dataset | None) -> dict[st
     reaches its uint8 input (the main graph), else expected under uniform uint8 inputs (the
     widest a per-batch DynamicQuantizeLinear range spreads them)."""
     inits = {t.name: t for body, _ in proto_scopes(model.graph) for t in body.initializer}
-    plans = {s.node: pairsums.pair_plans(s, _array(inits[s.weight], model.source))
+    plans = {s.node: pairsums.pair_plans(s, tensor_values(inits[s.weight], model.source))
              for s in found_sites}
     findings = {s.node: Finding(pairs=sum(len(p[1]) for plan in plans[s.node] for p in plan))
                 for s in found_sites}
@@ -220,10 +220,10 @@ def _accumulator(site: Site, output: np.ndarray, inits: dict, source) -> np.ndar
     shape[axis] = -1
     y = output.astype(np.float64)
     if bias:  # a Conv's [M] bias, or a Gemm's C (any shape broadcasting to the output)
-        b = _array(inits[bias], source).astype(np.float64)
+        b = tensor_values(inits[bias], source).astype(np.float64)
         y = y - (b.reshape(shape) if b.size == y.shape[axis] else b)
-    scale = float(_array(inits[act_scale], source).reshape(-1)[0]) * \
-        _array(inits[weight_scale], source).astype(np.float64)
+    scale = float(tensor_values(inits[act_scale], source).reshape(-1)[0]) * \
+        tensor_values(inits[weight_scale], source).astype(np.float64)
     return y / (scale.reshape(shape) if scale.ndim else scale)
 
 
@@ -251,7 +251,7 @@ def to_u8u8(model: Model, holders: set[str]) -> Model:
                 key = (weight, shape)
                 if key not in made:
                     home = owner[weight]
-                    q = _array(_find(owner, weight), model.source).astype(np.int16)
+                    q = tensor_values(_find(owner, weight), model.source).astype(np.int16)
                     made[key] = [_unique(f"{weight}_u8", taken), _unique(f"{weight}_zp128",
                                                                            taken)]
                     home.initializer.extend([
@@ -295,13 +295,6 @@ def _over_budget(findings: dict[str, Finding]) -> set[str]:
     return chosen | {n for n, f in findings.items() if f.harm is None and f.rate >= RATE_LIMIT}
 
 
-def _array(tensor: onnx.TensorProto, source) -> np.ndarray:
-    """An initializer's values, read from its data file when it stays on disk."""
-    if external_data_helper.uses_external_data(tensor):
-        return np.array(read_external(tensor, source))
-    return numpy_helper.to_array(tensor)
-
-
 def _find(owner: dict, name: str) -> onnx.TensorProto:
     return next(t for t in owner[name].initializer if t.name == name)
 
@@ -332,7 +325,8 @@ def run(model: Model, choice: str, data: Dataset | None, notes: list[str], detai
              "inputs": "assumed uniform" if f.assumed else "calibration data"}
             for n, f in findings.items() if f.pairs]
         # A weight several layers read is stored once: moved for all of them or none.
-        moved = {s.weight for s in found if s.node in _over_budget(findings)}
+        over = _over_budget(findings)
+        moved = {s.weight for s in found if s.node in over}
         chosen = [s for s in found if s.weight in moved]
         assumed = [s.node for s in chosen if findings[s.node].assumed]
         if assumed:
