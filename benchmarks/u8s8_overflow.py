@@ -53,15 +53,22 @@ def _rec(path: Path, sets: dict, optimize: bool = True) -> dict:
     return found
 
 
-def _onnxcomp(source: Path, calib, path: Path, mode: str, choice: str) -> int:
-    """Quantize with this u8s8_overflow choice; the number of layers it moved to uint8."""
+def _onnxcomp(source: Path, calib, path: Path, mode: str, choice: str, remedy: str) -> str:
+    """Quantize with this u8s8_overflow choice and remedy; the layers it widened / moved to
+    uint8."""
     result = api.compress(str(source), recipe=f"quantize:{mode}", calib=calib, validate=False,
-                          show_progress=False, overrides=[f"quantize.u8s8_overflow={choice}"])
+                          show_progress=False, overrides=[f"quantize.u8s8_overflow={choice}",
+                                                          f"quantize.u8s8_remedy={remedy}"])
     result.model.save(path)
     moved = [n for p in result.report.passes for n in p.notes if n.startswith("u8s8_overflow:")]
     print(f"  {path.name}: {' | '.join(moved)[:400]}", flush=True)
-    stored = [n for n in moved if "weights stored as uint8" in n]
-    return int(stored[0].split()[1]) if stored else 0
+    counts = {"widened": 0, "uint8": 0}
+    for note in moved:
+        kind = "widened" if "scales widened" in note else "uint8" if "stored as uint8" in note \
+            else ""
+        if kind:
+            counts[kind] = int(note.split()[1])
+    return f"{counts['widened']} / {counts['uint8']}"
 
 
 def run_model(name: str, args, folder: Path) -> dict:
@@ -73,13 +80,15 @@ def run_model(name: str, args, folder: Path) -> dict:
     calib = zoo.dataset(name, "calib", min(args.calib, args.pages) if name == "ppocr-det"
                         else args.calib)
     paths = {"float": float_path}
-    moved: dict[str, int] = {}
+    moved: dict[str, str] = {}
     modes = ["int8", "int8-dynamic"] if name == "minilm" else ["int8"]
     for mode in modes:
-        for choice in ("none", "auto", "all"):
-            label = f"onnxcomp {mode}, u8s8_overflow={choice}"
-            paths[label] = folder / f"{mode}_{choice}.onnx"
-            moved[label] = _onnxcomp(float_path, calib, paths[label], mode, choice)
+        for choice, remedy in (("none", "auto"), ("auto", "auto"), ("auto", "u8u8"),
+                               ("all", "u8u8")):
+            label = f"onnxcomp {mode}, u8s8_overflow={choice}" + (
+                f", u8s8_remedy={remedy}" if choice != "none" else "")
+            paths[label] = folder / f"{mode}_{choice}_{remedy}.onnx"
+            moved[label] = _onnxcomp(float_path, calib, paths[label], mode, choice, remedy)
     for reduce in (False, True):
         label = f"ORT quantize_static{', reduce_range' if reduce else ''}"
         paths[label] = folder / f"ort_static_{int(reduce)}.onnx"
@@ -115,7 +124,7 @@ def run_model(name: str, args, folder: Path) -> dict:
                    runs=args.runs, warmup=5, data=zoo.dataset(name, "eval", 1), memory=False,
                    progress=None, spinning=False)
     for row in rows:
-        row["layers moved"] = moved.get(row["variant"], "")
+        row["layers widened / uint8"] = moved.get(row["variant"], "")
         for result in timing.bench["results"]:
             if result["model"] == row["variant"]:
                 row[f"latency {result['threads']} thr"] = round(result["latency_ratio"], 3)

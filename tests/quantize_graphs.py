@@ -224,3 +224,50 @@ def correlated_batches(x: np.ndarray) -> calibration.Dataset:
 def x86_without_vnni() -> bool:
     """An x86 CPU with AVX2 but no VNNI: ONNX Runtime's u8 x s8 kernels saturate there."""
     return cpu().get("int8_dot_product") == "avx2 (no vnni)"
+
+
+def saturating_conv(weight: np.ndarray) -> Model:
+    """x[1,C,12,12] -> Conv 3x3 (pads 1, the weight given) -> Relu -> Conv 1x1 -> y[1,2,12,12];
+    the 1x1 weights alternate in sign over the input channels (no risky pairs)."""
+    out, channels = weight.shape[:2]
+    head = np.where(np.arange(out) % 2, -0.5, 0.5).reshape(1, out, 1, 1) * np.ones((2, 1, 1, 1))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("Conv", ["r", "head.w"], ["y"], name="head")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 12, 12])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w"),
+         numpy_helper.from_array(head.astype(np.float32), "head.w")])
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+
+
+def bright_images(channels: int, count: int = 4):
+    # An image-like input in [0, 1]: its uint8 values reach 255, as a first Conv's do.
+    rng = np.random.default_rng(0)
+    return calibration.from_batches(
+        [{"x": rng.uniform(0.3, 1.0, (1, channels, 12, 12)).astype(np.float32)}
+         for _ in range(count)])
+
+
+def weight_values(model: Model) -> dict[str, np.ndarray]:
+    """Each weight DequantizeLinear's float values."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            q = inits[node.input[0]].astype(np.float32)
+            scale = inits[node.input[1]]
+            zero = inits[node.input[2]].astype(np.float32) if len(node.input) > 2 and \
+                node.input[2] else 0.0
+            if q.ndim == 4:
+                scale, zero = scale.reshape(-1, 1, 1, 1), np.reshape(zero, (-1, 1, 1, 1)) \
+                    if np.ndim(zero) else zero
+            found[node.output[0]] = (q - zero) * scale
+    return found
+
+
+def weight_dtypes(model: Model) -> set[int]:
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    return {inits[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits}

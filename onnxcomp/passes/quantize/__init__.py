@@ -250,8 +250,10 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
                              "model was rewritten from the calibrated ranges: the searched "
                              "ranges are not in the result")
     if config.mode in ("int8", "int8-dynamic") and final.sites:  # exact: after measuring
+        keeps = None if ctx.calibration is None else (
+            lambda exact, widened: fidelity.widening_keeps(prepared, exact, widened, config, ctx))
         result = overflow.run(result, config.u8s8_overflow, ctx.calibration, applied.notes,
-                              applied.details)
+                              applied.details, config.u8s8_remedy, keeps)
     kept_float = {s.node for s in planned.sites.sites} - {s.node for s in final.sites}
     applied.skipped = [(node, why) for node, why in final.skipped if node in kept_float]
     applied.details["plan"] = final.describe()

@@ -92,10 +92,15 @@ class Config:
                                        "range by the factor (0.7-1.4) that lowers the model "
                                        "output error against float on the calibration data "
                                        "(loss-aware; fits that data's distribution)")
-    u8s8_overflow: str = option("auto", "int8 modes: uint8 weights (zero point 128, same "
-                                        "values) for layers whose uint8 x int8 pair sums "
-                                        "overflow int16 on the calibration data, where x86 "
-                                        "CPUs without VNNI saturate: auto | all | none")
+    u8s8_overflow: str = option("auto", "int8 modes: which layers get a remedy (u8s8_remedy) "
+                                        "for uint8 x int8 pair sums that overflow int16, where "
+                                        "x86 CPUs without VNNI saturate: auto (the most "
+                                        "saturating on the calibration data) | all | none")
+    u8s8_remedy: str = option("auto", "how u8s8_overflow fixes a layer: scale (widen the int8 "
+                                      "weight scale in the channels whose pairs can overflow, "
+                                      "keeping the faster u8 x s8 kernels) | u8u8 (uint8 "
+                                      "weights: exact, slower) | auto (scale while the model "
+                                      "output stays as close to float, else u8u8)")
     bias_correction: str = option("none", "take each layer's quantization error mean out of "
                                           "its bias (needs calibration data): none | weights "
                                           "((W_q - W) E[x]) | all (static int8: also the "
@@ -183,6 +188,9 @@ class Config:
         if self.u8s8_overflow not in ("auto", "all", "none"):
             raise ValueError(f"u8s8_overflow must be auto, all or none, got "
                              f"{self.u8s8_overflow!r}")
+        if self.u8s8_remedy not in ("auto", "scale", "u8u8"):
+            raise ValueError(f"u8s8_remedy must be auto, scale or u8u8, got "
+                             f"{self.u8s8_remedy!r}")
         if self.smoothquant_inputs not in ("norm", "all"):
             raise ValueError(f"smoothquant_inputs must be norm or all, got "
                              f"{self.smoothquant_inputs!r}")

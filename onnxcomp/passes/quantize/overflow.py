@@ -34,6 +34,7 @@ these ops; ``none`` leaves them int8 (CPUs with VNNI, ARM: nothing saturates the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +45,10 @@ from onnxcomp import runtime
 from onnxcomp.calibration import Dataset
 from onnxcomp.graph import proto_scopes
 from onnxcomp.model import Model, tensor_values
-from onnxcomp.passes.quantize import pairsums
+from onnxcomp.passes.quantize import pairsums, widen
 
 CHOICES = ("auto", "all", "none")
+REMEDIES = ("auto", "scale", "u8u8")
 MAX_BATCHES = 8
 # auto moves a layer when at least this share of its output values meets an overflowing pair
 # sum. Measured on PP-OCRv4 rec (AVX2, no VNNI), output error against the QDQ math with every
@@ -307,42 +309,81 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
-def run(model: Model, choice: str, data: Dataset | None, notes: list[str], details: dict
+def run(model: Model, choice: str, data: Dataset | None, notes: list[str], details: dict,
+        remedy: str = "u8u8", keeps: Callable[[Model, Model], tuple[bool, str]] | None = None
         ) -> Model:
-    """``u8s8_overflow``: the chosen layers' weights as uint8 (``choice`` auto | all), said in
-    the notes and recorded per checked layer in ``details``."""
+    """``u8s8_overflow``: the chosen layers (``choice`` auto | all) given ``remedy``: widened
+    scales (``widen.py``; ``auto``: kept where ``keeps(exact, widened)`` says so) or uint8
+    weights; said in the notes and recorded per checked layer in ``details``."""
     found = sites(model.graph)
     if choice == "none" or not found:
         return model
-    if choice == "all":
-        chosen = found
-    else:
-        findings = find(model, found, data)
-        details["u8s8_overflow"] = [
-            {"node": n, "risky_pairs": f.pairs, "overflows": round(f.overflows, 2),
-             "per_output": float(f"{f.rate:.3g}"), "worst_pair_sum": round(f.worst, 3),
-             "error_power": None if f.harm is None else float(f"{f.harm:.3g}"),
-             "inputs": "assumed uniform" if f.assumed else "calibration data"}
-            for n, f in findings.items() if f.pairs]
-        # A weight several layers read is stored once: moved for all of them or none.
-        over = _over_budget(findings)
-        moved = {s.weight for s in found if s.node in over}
-        chosen = [s for s in found if s.weight in moved]
-        assumed = [s.node for s in chosen if findings[s.node].assumed]
-        if assumed:
-            where = ("no calibration data" if data is None else "weights on disk: no whole-"
-                     "model session" if model.lazy else "calibration data cannot reach their "
-                     "inputs (If/Loop bodies, LSTMs)")
-            notes.append(f"u8s8_overflow: {len(assumed)} layers checked with uniform uint8 "
-                         f"inputs assumed ({where}): pass --calib to check them on data, where "
-                         f"fewer may need the slower u8 x u8 kernels")
-    if chosen:
-        names = ", ".join(s.node for s in chosen[:4]) + (" ..." if len(chosen) > 4 else "")
-        why = ("every layer (u8s8_overflow = all)" if choice == "all" else
-               f"the most saturating uint8 x int8 pair sums on the calibration data, until the "
-               f"error power left sums to at most {HARM_LIMIT:g} (where no data reaches a "
-               f"layer: {RATE_LIMIT:.0%} of its output values expected to overflow)")
-        notes.append(f"u8s8_overflow: {len(chosen)} layers' weights stored as uint8 with zero "
+    chosen = found if choice == "all" else _choose(model, found, data, notes, details)
+    if not chosen:
+        return model
+    # auto widens only what it can check on data (keeps); without it, the exact remedy.
+    scalable = [] if remedy == "u8u8" or (remedy == "auto" and keeps is None) else [
+        s for s in chosen if not widen.widenable(s, model)]
+    widened, factors = widen.widen(model, scalable) if scalable else (model, {})
+    verdict = ""
+    if scalable and remedy == "auto" and keeps is not None:
+        # Against uint8 weights (int8-dynamic's MatMulInteger runs its u8 x s8 kernel even
+        # with ONNX Runtime's optimizations off: the int8 model is not the exact one there).
+        rest = {s.holder for s in chosen if s not in scalable}
+        kept, verdict = keeps(to_u8u8(model, {s.holder for s in chosen}),
+                              to_u8u8(widened, rest) if rest else widened)
+        if not kept:
+            scalable, widened, factors = [], model, {}
+    rest = [s for s in chosen if s not in scalable]
+    details["u8s8_remedy"] = {"scale": [{"node": s.node, "channels": factors[s.weight][0],
+                                         "factor": round(factors[s.weight][1], 3)}
+                                        for s in scalable],
+                              "u8u8": [s.node for s in rest], "check": verdict}
+    why = ("every layer (u8s8_overflow = all)" if choice == "all" else
+           f"the most saturating uint8 x int8 pair sums on the calibration data, until the "
+           f"error power left sums to at most {HARM_LIMIT:g} (where no data reaches a layer: "
+           f"{RATE_LIMIT:.0%} of its output values expected to overflow)")
+    if scalable:
+        notes.append(f"u8s8_overflow: {len(scalable)} layers' int8 weight scales widened in the "
+                     f"channels whose pairs can overflow (u8 x s8 kernels kept; at most one bit "
+                     f"coarser there): {why}: {_names(scalable)}" +
+                     (f"; {verdict}" if verdict else ""))
+    if rest:
+        reason = ("" if remedy == "u8u8" else "no calibration data to check widened scales "
+                  "on" if keeps is None and remedy == "auto" else f"widening them lost fidelity "
+                  f"({verdict})" if verdict and not scalable else "their weights cannot be "
+                  "widened (QAttention, DynamicQuantizeLSTM, If/Loop bodies, shared weights)")
+        notes.append(f"u8s8_overflow: {len(rest)} layers' weights stored as uint8 with zero "
                      f"point 128 (same values; ONNX Runtime's u8 x u8 kernels, which x86 CPUs "
-                     f"without VNNI do not saturate): {why}: {names}")
-    return to_u8u8(model, {s.holder for s in chosen}) if chosen else model
+                     f"without VNNI do not saturate): {why}" + (f"; {reason}" if reason else "")
+                     + f": {_names(rest)}")
+    return to_u8u8(widened, {s.holder for s in rest}) if rest else widened
+
+
+def _names(chosen: list[Site]) -> str:
+    return ", ".join(s.node for s in chosen[:4]) + (" ..." if len(chosen) > 4 else "")
+
+
+def _choose(model: Model, found: list[Site], data: Dataset | None, notes: list[str],
+            details: dict) -> list[Site]:
+    """auto: the layers over the noise budget (every layer reading the same weight with them)."""
+    findings = find(model, found, data)
+    details["u8s8_overflow"] = [
+        {"node": n, "risky_pairs": f.pairs, "overflows": round(f.overflows, 2),
+         "per_output": float(f"{f.rate:.3g}"), "worst_pair_sum": round(f.worst, 3),
+         "error_power": None if f.harm is None else float(f"{f.harm:.3g}"),
+         "inputs": "assumed uniform" if f.assumed else "calibration data"}
+        for n, f in findings.items() if f.pairs]
+    # A weight several layers read is stored once: moved for all of them or none.
+    over = _over_budget(findings)
+    moved = {s.weight for s in found if s.node in over}
+    chosen = [s for s in found if s.weight in moved]
+    assumed = [s.node for s in chosen if findings[s.node].assumed]
+    if assumed:
+        where = ("no calibration data" if data is None else "weights on disk: no whole-model "
+                 "session" if model.lazy else "calibration data cannot reach their inputs "
+                 "(If/Loop bodies, LSTMs)")
+        notes.append(f"u8s8_overflow: {len(assumed)} layers checked with uniform uint8 inputs "
+                     f"assumed ({where}): pass --calib to check them on data, where fewer may "
+                     f"need a remedy")
+    return chosen

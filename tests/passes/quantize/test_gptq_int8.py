@@ -49,9 +49,12 @@ def test_pass_layer_error_never_exceeds_rtn_in_onnx_runtime(mode):
     model = matmul_model(k=72, n=24)
     calib = correlated_batches(correlated(8, 10, 72, seed=3))
     held_out = correlated_batches(correlated(4, 10, 72, seed=4))
-    gptq, record = quantize.PASS.run(model, quantize.Config(mode=mode, int8_method="gptq"),
-                                     Context(calibration=calib))
-    rtn, _ = quantize.PASS.run(model, quantize.Config(mode=mode), Context(calibration=calib))
+    # u8s8_remedy = u8u8: the stored levels stay GPTQ's / RTN's (widened scales re-round them:
+    # test_widen.py)
+    gptq, record = quantize.PASS.run(model, quantize.Config(
+        mode=mode, int8_method="gptq", u8s8_remedy="u8u8"), Context(calibration=calib))
+    rtn, _ = quantize.PASS.run(model, quantize.Config(mode=mode, u8s8_remedy="u8u8"),
+                               Context(calibration=calib))
     assert any(n.startswith("int8 GPTQ: 2 layers") for n in record.notes)
     sessions = {k: runtime.session(m, optimize=False)
                 for k, m in {"f": model, "g": gptq, "r": rtn}.items()}
@@ -148,9 +151,10 @@ def test_static_int8_gptq_compensates_pointwise_convs():
     x[:, :3] *= 6.0  # a few outlying pixels: the calibrated range clips them
     calib = calibration.from_batches([{"x": np.ascontiguousarray(
         xi.reshape(2, 6, 6, 16).transpose(0, 3, 1, 2))} for xi in x])
-    gptq, record = quantize.PASS.run(model, quantize.Config(int8_method="gptq"),
-                                     Context(calibration=calib))
-    rtn, _ = quantize.PASS.run(model, quantize.Config(), Context(calibration=calib))
+    gptq, record = quantize.PASS.run(model, quantize.Config(
+        int8_method="gptq", u8s8_remedy="u8u8"), Context(calibration=calib))  # levels kept
+    rtn, _ = quantize.PASS.run(model, quantize.Config(u8s8_remedy="u8u8"),
+                               Context(calibration=calib))
     assert any(n.startswith("int8 GPTQ: 1 layers (1 pointwise Convs)") for n in record.notes)
     skipped = record.details["int8_gptq_skipped"]
     assert [s["node"] for s in skipped] == ["spatial"] and "1x1" in skipped[0]["why"]

@@ -29,7 +29,9 @@ run = quantize.PASS.run
 
 def test_int8_static_structure_and_weights(tmp_path):
     model = conv_mlp()
-    result, record = run(model, quantize.Config(), Context(calibration=data_for(model)))
+    # u8s8_remedy = u8u8: the round-to-nearest grid kept (test_widen.py: widened scales)
+    result, record = run(model, quantize.Config(u8s8_remedy="u8u8"),
+                         Context(calibration=data_for(model)))
     assert record.modified and sorted(record.touched) == ["conv1", "conv2", "gemm", "mm"]
     counts = {op: ops(result).count(op) for op in set(ops(result))}
     # activations: x, r1 (conv2 input), rs (mm input), mm2d (gemm-as-matmul input), plus the

@@ -1,5 +1,5 @@
 """``u8s8_overflow``: static int8 layers whose uint8 x int8 pair sums overflow int16 get uint8
-weights with zero point 128. The rewrite is exact (same dequantized weights), ONNX Runtime still
+weights with zero point 128 (``u8s8_remedy = u8u8``; the widened scales: test_widen.py). The rewrite is exact (same dequantized weights), ONNX Runtime still
 fuses the layer into QLinearConv, a layer without overflowing pairs is left alone, and the
 activations the check multiplies are the ones a Conv reads (checked against the convolution)."""
 
@@ -9,6 +9,10 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from quantize_graphs import bright_images as _bright_images
+from quantize_graphs import saturating_conv as _conv_model
+from quantize_graphs import weight_dtypes as _dtypes
+from quantize_graphs import weight_values as _weights
 from quantize_graphs import x86_without_vnni
 
 from onnxcomp import calibration, runtime
@@ -18,60 +22,14 @@ from onnxcomp.passes.quantize import overflow, pairsums
 from onnxcomp.pipeline import Context
 
 
-def _conv_model(weight: np.ndarray) -> Model:
-    """x[1,C,12,12] -> Conv 3x3 (pads 1, the weight given) -> Relu -> Conv 1x1 -> y[1,2,12,12];
-    the 1x1 weights alternate in sign over the input channels (no risky pairs)."""
-    out, channels = weight.shape[:2]
-    head = np.where(np.arange(out) % 2, -0.5, 0.5).reshape(1, out, 1, 1) * np.ones((2, 1, 1, 1))
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["r"], name="relu"),
-         helper.make_node("Conv", ["r", "head.w"], ["y"], name="head")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 12, 12])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 12, 12])],
-        [numpy_helper.from_array(weight.astype(np.float32), "w"),
-         numpy_helper.from_array(head.astype(np.float32), "head.w")])
-    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
-
-
-def _bright_images(channels: int, count: int = 4):
-    # An image-like input in [0, 1]: its uint8 values reach 255, as a first Conv's do.
-    rng = np.random.default_rng(0)
-    return calibration.from_batches(
-        [{"x": rng.uniform(0.3, 1.0, (1, channels, 12, 12)).astype(np.float32)}
-         for _ in range(count)])
-
-
-def _weights(model: Model) -> dict[str, np.ndarray]:
-    """Each weight DequantizeLinear's float values."""
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    found = {}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            q = inits[node.input[0]].astype(np.float32)
-            scale = inits[node.input[1]]
-            zero = inits[node.input[2]].astype(np.float32) if len(node.input) > 2 and \
-                node.input[2] else 0.0
-            if q.ndim == 4:
-                scale, zero = scale.reshape(-1, 1, 1, 1), np.reshape(zero, (-1, 1, 1, 1)) \
-                    if np.ndim(zero) else zero
-            found[node.output[0]] = (q - zero) * scale
-    return found
-
-
-def _dtypes(model: Model) -> set[int]:
-    inits = {t.name: t.data_type for t in model.graph.initializer}
-    return {inits[n.input[0]] for n in model.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits}
-
-
 @pytest.fixture(scope="module")
 def bright():
     # Every weight positive: every pair of neighbours along the reduction can overflow.
     weight = np.random.default_rng(1).uniform(0.5, 1.0, (4, 3, 3, 3))
     model, data = _conv_model(weight), _bright_images(3)
+    # The uint8 remedy (test_widen.py has the default, widened scales).
     results = {choice: quantize.PASS.run(model.copy(), quantize.Config(
-        mode="int8", u8s8_overflow=choice), Context(calibration=data))
+        mode="int8", u8s8_overflow=choice, u8s8_remedy="u8u8"), Context(calibration=data))
         for choice in ("auto", "none", "all")}
     return model, data, results
 
