@@ -1,5 +1,6 @@
 """int8 on an x86 CPU without VNNI: what ONNX Runtime's u8 x s8 kernels do to fidelity, and what
-``quantize.u8s8_overflow`` (uint8 weights for the layers that overflow) gives back.
+``quantize.u8s8_overflow`` gives back with each ``u8s8_remedy`` (widened int8 scales, the
+default through ``auto``; uint8 weights, exact and slower) for the layers that overflow.
 
 Every variant's fidelity is read as deployed: ONNX Runtime's CPU provider with its default
 optimizations (the integer kernels). ``QDQ math`` is the same file with optimizations off (the
@@ -98,7 +99,7 @@ def run_model(name: str, args, folder: Path) -> dict:
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"])
     exact = {"QDQ math of u8s8_overflow=none (optimizations off)":
              paths["onnxcomp int8, u8s8_overflow=none"]}
-    rows = []
+    rows, extra = [], {}
     if name == "ppocr-rec":
         sets = {"eval": zoo.dataset(name, "eval", args.eval),
                 "hard": zoo.dataset(name, "hard", args.hard)}
@@ -106,6 +107,9 @@ def run_model(name: str, args, folder: Path) -> dict:
             rows.append({"variant": label, **_rec(path, sets)})
         for label, path in exact.items():
             rows.append({"variant": label, **_rec(path, sets, optimize=False)})
+        from onnxcomp.zoo import text_render  # the hard lines depend on the faces installed
+
+        extra = {"hard_fonts": [f.name for f in text_render.hard_font_files()]}
     elif name == "ppocr-det":
         from onnxcomp.zoo import ppocr
 
@@ -132,7 +136,7 @@ def run_model(name: str, args, folder: Path) -> dict:
             if row["variant"] in paths else ""
     for row in rows:
         print("  ", row, flush=True)
-    return {"model": name, "rows": rows}
+    return {"model": name, "rows": rows, **extra}
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def _activation_reason(g: _Graph, dq: onnx.NodeProto) -> str | None:
 
 
 def _weight_reason(g: _Graph, dq: onnx.NodeProto) -> str | None:
-    # uint8 (zero point 128) where quantize's u8s8_overflow moved the layer: u8 x u8 kernels.
+    # uint8 (zero point 128) where quantize's u8s8_remedy = u8u8 moved the layer: u8 x u8.
     weight = g.init(dq.input[0], TensorProto.INT8) or g.init(dq.input[0], TensorProto.UINT8)
     if weight is None or len(weight.dims) != 2:
         return "the weight is not a 2-D int8 or uint8 initializer"

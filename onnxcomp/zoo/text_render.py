@@ -19,6 +19,7 @@ the model; and no CJK font is installed here to draw Chinese.
 from __future__ import annotations
 
 import functools
+import logging
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from onnxcomp.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"),
              Path("/usr/share/fonts/TTF"))
@@ -268,6 +271,10 @@ def hard_font_files() -> tuple[Path, ...]:
         raise UserError("no fonts for the hard split found (looked for Liberation and DejaVu "
                         "faces in " + ", ".join(str(d) for d in HARD_FONT_DIRS) + "); install "
                         "them, e.g. apt-get install fonts-liberation fonts-dejavu-extra")
+    if len(found) < len(HARD_FACES):  # another draw of lines than on a machine with all
+        logger.warning("the hard split found %d of its %d faces (%s missing): its lines differ "
+                       "from a machine's with all of them", len(found), len(HARD_FACES),
+                       ", ".join(f for f in HARD_FACES if f not in found))
     return tuple(found[face] for face in HARD_FACES if face in found)
 
 

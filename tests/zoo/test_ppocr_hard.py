@@ -26,6 +26,21 @@ def test_hard_fonts_are_not_the_calibration_fonts():
     assert hard and not hard & set(text_render.FACES)
 
 
+def test_missing_hard_faces_are_said(tmp_path, monkeypatch, caplog):
+    """Fewer faces draw other lines: the split says which are missing."""
+    present = text_render.hard_font_files()
+    (tmp_path / present[0].name).write_bytes(present[0].read_bytes())
+    monkeypatch.setattr(text_render, "HARD_FONT_DIRS", (tmp_path,))
+    text_render.hard_font_files.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="onnxcomp.zoo.text_render"):
+            assert [p.name for p in text_render.hard_font_files()] == [present[0].name]
+    finally:
+        text_render.hard_font_files.cache_clear()
+    assert f"found 1 of its {len(text_render.HARD_FACES)} faces" in caplog.text
+    assert text_render.HARD_FACES[1] in caplog.text
+
+
 def test_hard_dataset_shapes_labels_and_refusals():
     data = ppocr.dataset("ppocr-rec", "hard", 3)
     assert data.name == "ppocr-rec:hard:3" and len(data) == 3

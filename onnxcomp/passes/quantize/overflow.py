@@ -1,5 +1,5 @@
-"""int8 layers whose uint8 x int8 products overflow on x86 CPUs without VNNI, given uint8
-weights instead (``u8s8_overflow``; exact).
+"""int8 layers whose uint8 x int8 products overflow on x86 CPUs without VNNI, found on the
+calibration data and fixed (``u8s8_overflow`` which layers, ``u8s8_remedy`` how).
 
 ONNX Runtime's u8 x s8 integer kernels (QLinearConv, QLinearMatMul, MatMulIntegerToFloat) on an
 AVX2 CPU without VNNI (AMD Zen 2/3, Intel cores before Cascade/Ice Lake) multiply with
@@ -13,12 +13,17 @@ Measured on an AMD EPYC (AVX2, no VNNI): PP-OCRv4 rec static int8 read 0.746 of 
 lines and 0.436 of the hard ones in ONNX Runtime, where the same QDQ model's math (optimizations
 off) reads 0.914 / 0.815; its first Conv alone was the cause (docs/quantize.md).
 
-The rewrite stores such a layer's weight as ``q_u8 = q + 128`` with zero point 128 (per channel,
-the scale's shape): the DequantizeLinear gives the same floats, so the model computes the same;
-ONNX Runtime then runs its u8 x u8 kernel, which widens to 16 bits before multiplying (no
-saturation), still as QLinearConv (checked in the tests through the optimized graph). u8 x u8 is
-slower (PP-OCRv4 rec with every layer so: 0.81x of float latency against 0.66x on that CPU), so
-``auto`` moves only what the calibration data says: the uint8 inputs of each layer are read (the
+Two remedies. ``u8u8`` stores such a layer's weight as ``q_u8 = q + 128`` with zero point 128
+(per channel, the scale's shape): the DequantizeLinear gives the same floats, so the model
+computes the same; ONNX Runtime then runs its u8 x u8 kernel, which widens to 16 bits before
+multiplying (no saturation), still as QLinearConv (checked in the tests through the optimized
+graph). u8 x u8 is slower (PP-OCRv4 rec with every layer so: 0.81x of float latency against 0.66x
+on that CPU; det's 14 saturating layers: 0.90x against 0.75x). ``scale`` (``widen.py``) keeps
+the int8 weight and its u8 x s8 kernel, widening the scale of the channels whose pairs can
+overflow until none can: not exact, so ``auto`` (the default) keeps it only where the model's
+output on the scoring data stays as close to float as with uint8 weights
+(``fidelity.widening_keeps``), and only where calibration data can tell. Either way ``auto``
+treats only what the calibration data says: the uint8 inputs of each layer are read (the
 QDQ model in ONNX Runtime, optimizations off) on up to ``MAX_BATCHES`` batches, each pair of
 weights that can overflow at all is summed on them in the reduction orders the kernels use
 (``pairsums.py``), and the saturation's error power is set against the layer's accumulator, read
@@ -28,8 +33,8 @@ most ``HARM_LIMIT``. Depthwise Convs (one input channel per group) run a kernel 
 on the uint8 tensors DynamicQuantizeLinear makes of the calibration data. Where no data reaches a
 layer's input (no calibration data, If/Loop bodies, DynamicQuantizeLSTM, a model whose weights stay
 on disk) the count is the one expected with both uint8 inputs uniform on [0, 255], a layer moves at
-``RATE_LIMIT`` overflows per output value, and the notes say so. ``all`` moves every int8 weight of
-these ops; ``none`` leaves them int8 (CPUs with VNNI, ARM: nothing saturates there).
+``RATE_LIMIT`` overflows per output value, and the notes say so. ``all`` treats every int8 weight
+of these ops; ``none`` leaves them (CPUs with VNNI, ARM: nothing saturates there).
 """
 
 from __future__ import annotations
