@@ -330,6 +330,9 @@ def run(model: Model, choice: str, data: Dataset | None, notes: list[str], detai
     scalable = [] if remedy == "u8u8" or (remedy == "auto" and keeps is None) else [
         s for s in chosen if not widen.widenable(s, model)]
     widened, factors = widen.widen(model, scalable) if scalable else (model, {})
+    # Without a pair able to overflow (u8s8_overflow = all) a weight needs no remedy at all.
+    chosen = [s for s in chosen if s not in scalable or factors[s.weight][0]]
+    scalable = [s for s in scalable if factors[s.weight][0]]
     verdict = ""
     if scalable and remedy == "auto" and keeps is not None:
         # Against uint8 weights (int8-dynamic's MatMulInteger runs its u8 x s8 kernel even

@@ -121,6 +121,19 @@ def test_without_vnni_the_widened_layer_is_as_close_to_float_as_uint8_weights(br
         assert errors["scale"] <= 2 * errors["u8u8"] + 0.01 * np.linalg.norm(reference)
 
 
+def test_all_with_scale_leaves_layers_without_risky_pairs_alone(bright):
+    _, data, _, (plain, _) = bright
+    notes, details = [], {}
+    result = overflow.run(plain, "all", data, notes, details, "scale")
+    assert [e["node"] for e in details["u8s8_remedy"]["scale"]] == ["conv"]
+    assert details["u8s8_remedy"]["u8u8"] == [] and _dtypes(result) == {TensorProto.INT8}
+    assert [n.split(":")[1].split()[0] for n in notes] == ["1"]  # one note, one layer
+    head = next(s for s in overflow.sites(plain.graph) if s.node == "head")
+    weights = {t.name: t for t in result.graph.initializer}
+    assert weights[head.weight] == next(t for t in plain.graph.initializer
+                                        if t.name == head.weight)
+
+
 def test_auto_falls_back_to_uint8_weights_when_the_check_refuses(bright):
     _, data, _, (plain, _) = bright
     notes, details = [], {}
