@@ -10,6 +10,7 @@ rows with quantize train at ``--qat-lr``. ``--recipes`` picks rows by recipe.
     python benchmarks/distill_kd.py [--models ppocr-rec tiny-clip minilm] [--calib 64]
                                     [--eval 16] [--eval-split eval] [--also-eval hard:128]
                                     [--minutes 3] [--steps 400] [--recipes R ...] [--out F]
+                                    [--train-batches N]
 
 ``--eval-split hard`` draws the held-out set from ppocr-rec's harder lines; ``--also-eval
 hard:128`` scores every result on them as well, beside the eval split kd chose its checkpoint
@@ -52,7 +53,7 @@ def scores(fidelity: dict, prefix: str = "") -> dict:
 
 def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, steps: int,
         batch: int, lr: float, threads: int = 0, eval_split: str = "eval",
-        also_eval: str | None = None) -> dict:
+        also_eval: str | None = None, train_batches: int | None = None) -> dict:
     """One recipe: compressed with calibration (and kd training) on the calib split, kd's
     checkpoint choice and the main figures on ``eval_split``; ``also_eval`` (``SPLIT:N``)
     scores the same result on a second held-out set that nothing chose anything on."""
@@ -67,6 +68,8 @@ def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, ste
 
     overrides = [f"distill.max_minutes={minutes}", f"distill.steps={steps}",
                  f"distill.batch={batch}", f"distill.lr={lr}"] if "distill:kd" in recipe else []
+    if train_batches and "distill:kd" in recipe:  # prune/lowrank plan on --calib's batches
+        overrides.append(f"distill.train_batches={train_batches}")
     started = time.perf_counter()
     original = zoo.fetch(name)
     result = api.compress(original, recipe=recipe, calib=f"{name}:calib:{calib}",
@@ -114,6 +117,9 @@ def main() -> int:
     parser.add_argument("--also-eval", metavar="SPLIT:N",
                         help="also score each result on this zoo split, e.g. hard:128 "
                              "(nothing is chosen on it)")
+    parser.add_argument("--train-batches", type=int, default=0,
+                        help="kd trains on this many batches of the calib split (distill."
+                             "train_batches; 0: the --calib batches the other passes plan on)")
     parser.add_argument("--out", default="benchmarks/results/distill_kd.json")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,7 +127,7 @@ def main() -> int:
         lr = args.qat_lr if "quantize" in args.row[1] else args.lr
         print(json.dumps(row(*args.row, args.calib, args.eval, args.minutes, args.steps,
                              args.batch, lr, args.torch_threads, args.eval_split,
-                             args.also_eval)))
+                             args.also_eval, args.train_batches or None)))
         return 0
     results = {}
     for name in args.models:
@@ -134,7 +140,8 @@ def main() -> int:
                        str(args.minutes), "--steps", str(args.steps), "--batch",
                        str(args.batch), "--lr", str(args.lr), "--qat-lr", str(args.qat_lr),
                        "--torch-threads", str(args.torch_threads),
-                       "--eval-split", args.eval_split]
+                       "--eval-split", args.eval_split, "--train-batches",
+                       str(args.train_batches)]
             if args.also_eval:
                 command += ["--also-eval", args.also_eval]
             done = subprocess.run(command, capture_output=True, text=True, check=False)

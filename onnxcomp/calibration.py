@@ -79,6 +79,9 @@ class Dataset:
     notes: list[str] = field(default_factory=list)
     # How an error names batch i (the .npz file it came from); default "NAME batch i".
     label: Callable[[int], str] | None = None
+    # A larger draw of the same source (zoo generators: ``count`` batches of the same split,
+    # this one's first), so training can read more batches than calibration plans on.
+    grow: Callable[[int], Dataset] | None = None
 
     def __len__(self) -> int:
         return self.count

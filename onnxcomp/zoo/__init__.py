@@ -106,6 +106,7 @@ def dataset(name: str, split: str = "calib", count: int | None = None, seed: int
                         f"{' or '.join(chosen.splits)}")
     data = chosen.implementation().dataset(name, split, count or chosen.default_data_count, seed)
     data.zoo_name = name
+    data.grow = lambda more: dataset(name, split, more, seed)
     return data
 
 

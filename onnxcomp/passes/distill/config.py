@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxcomp.calibration import MAX_BATCHES
 from onnxcomp.pipeline import option
 
 NAME = "distill"
@@ -17,6 +18,9 @@ class Config:
     max_batches: int | None = option(None, "refit: calibration batches used (none: all)")
     bias_correction: bool = option(True, "refit: bias-correct layers not re-fitted (k×k, int8)")
     steps: int = option(300, "kd: optimizer steps")
+    train_batches: int | None = option(None, "kd: batches to train on (none: the calibration "
+                                             "data); a zoo generator draws this many, so "
+                                             "earlier passes plan on --calib's few")
     batch: int = option(16, "kd: samples per step, gradients accumulated (0: a data batch)")
     lr: float = option(1e-3, "kd: peak AdamW learning rate (warm-up, then cosine decay)")
     temperature: float = option(1.0, "kd: softmax temperature of the KL/contrastive losses")
@@ -38,6 +42,8 @@ class Config:
                 (self.method in ("refit", "kd"), "method", "refit or kd"),
                 (self.ridge >= 0, "ridge", ">= 0"), (self.batch >= 0, "batch", ">= 0"),
                 (self.max_batches is None or self.max_batches > 0, "max_batches", "positive"),
+                (self.train_batches is None or 0 < self.train_batches <= MAX_BATCHES,
+                 "train_batches", f"in 1..{MAX_BATCHES}"),
                 (self.steps > 0, "steps", "positive"), (self.lr > 0, "lr", "positive"),
                 (self.temperature > 0, "temperature", "> 0"),
                 (self.loss in losses, "loss", " | ".join(losses)),

@@ -20,6 +20,7 @@ import math
 import numpy as np
 import onnx
 
+from onnxcomp.calibration import Dataset
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model
 from onnxcomp.passes.distill.config import NAME, Config
@@ -121,6 +122,24 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     return result
 
 
+def training_data(calibration: Dataset, count: int | None, notes: list[str]) -> Dataset:
+    """What kd trains on: the calibration data, or ``count`` batches of its source (a zoo
+    generator draws them: the same split, disjoint from --eval's), said in ``notes``."""
+    if count is None or count == len(calibration):
+        return calibration
+    if count < len(calibration):
+        return calibration.take(count)
+    if calibration.grow is None:
+        notes.append(f"kd: train_batches = {count}, but {calibration.name} has {len(calibration)} "
+                     f"batches and cannot draw more (a folder's own; a zoo generator can): "
+                     f"trained on those")
+        return calibration
+    grown = calibration.grow(count)
+    notes.append(f"kd: trained on {len(grown)} batches of {grown.name} (the earlier passes "
+                 f"planned on {len(calibration)})")
+    return grown
+
+
 def _changed_tensors(before: Model, after: Model) -> set[str]:
     old, new = _stored(before), _stored(after)
     return {name for name, tensor in new.items()
@@ -140,7 +159,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     if missing:
         raise UserError(f"distill kd: the twin can't run op(s) {', '.join(missing)}; use "
                         "distill (refit) for this model")
-    result = kd.train(ctx.teacher, model, ctx.calibration, options(config),
+    data = training_data(ctx.calibration, config.train_batches, applied.notes)
+    result = kd.train(ctx.teacher, model, data, options(config),
                       evaluation=ctx.evaluation, progress=ctx.progress)
     where = "held-out" if result.held_out else "calibration-data (optimistic: no --eval data)"
     applied.details["kd"] = {

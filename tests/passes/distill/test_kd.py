@@ -112,3 +112,49 @@ def test_the_evaluation_schedule_is_set_from_the_recipe():
     assert (options.eval_every, options.eval_batches, options.patience) == (25, 64, 6)
     with pytest.raises(ValueError, match="patience"):
         distill.Config(patience=0)
+
+
+def _recording(data: calibration.Dataset, read: set[int]) -> calibration.Dataset:
+    """``data`` whose batches say which indices were made, growable like a zoo generator's."""
+    base = data.make_batch
+
+    def make(index: int):
+        read.add(index)
+        return base(index % len(data))
+
+    return calibration.Dataset(data.name, data.count, make,
+                               grow=lambda more: _recording(calibration.Dataset(
+                                   f"{data.name}+", more, base), read))
+
+
+def test_train_batches_draws_more_from_a_growable_source_than_the_earlier_passes_read():
+    teacher, ctx = _kd_setup()
+    read: set[int] = set()
+    ctx.calibration = _recording(ctx.calibration, read)  # 8 batches
+    ctx.records.append(_changed(LayerChange("fc2", "prune", "y")))
+    config = distill.Config(method="kd", steps=30, batch=0, train_batches=24)
+    _, record = distill.PASS.run(teacher, config, ctx)
+    assert max(read) >= 8 and len(read) > 8  # batches past the calibration set
+    assert any("kd: trained on 24 batches" in n and "planned on 8" in n for n in record.notes)
+
+
+def test_train_batches_says_when_the_source_cannot_grow():
+    notes: list[str] = []
+    data = calibration.from_batches([{"x": 0}] * 4, name="folder")
+    assert distill.kd.training_data(data, 10, notes) is data
+    assert "cannot draw more" in notes[0] and "has 4 batches" in notes[0]
+    assert len(distill.kd.training_data(data, 2, [])) == 2
+    assert distill.kd.training_data(data, None, []) is data
+    with pytest.raises(ValueError, match="train_batches"):
+        distill.Config(train_batches=0)
+
+
+def test_zoo_sources_grow_into_the_same_split():
+    from onnxcomp import zoo
+
+    small = zoo.dataset("tiny-clip", "calib", 2)
+    grown = small.grow(5)
+    assert len(grown) == 5 and grown.zoo_name == "tiny-clip"
+    for index in range(2):  # the first batches are the calibration set's
+        for name, value in small.make_batch(index).items():
+            assert (grown.make_batch(index)[name] == value).all()
