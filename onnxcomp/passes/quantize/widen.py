@@ -49,6 +49,11 @@ def widenable(site, model: Model) -> str:
         return "its weight scale is not an initializer"
     if sum(site.weight in n.input for n in model.graph.node) > 1:
         return "its int8 weight is read by several nodes"
+    if node.op_type == "DequantizeLinear" and len(_channel_shape(site, model)) == 1:
+        rank = len(next(t for t in model.graph.initializer if t.name == site.weight).dims)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % rank
+        if axis != _axis(site, rank):
+            return f"its per-channel scale runs along axis {axis}, not the output channels"
     zero_slot = 3 if site.op == "MatMulInteger" else 2
     holder = next(n for n in model.graph.node if n.output and
                   n.output[0] == site.holder.split("#")[0])
@@ -124,10 +129,8 @@ def widen(model: Model, sites: list) -> tuple[Model, dict[str, tuple[int, float]
         scale = tensor_values(inits[node.input[slot]], model.source).astype(np.float64)
         if scale.size == 1:  # per-tensor weights stay so: one factor, the largest
             r = np.full_like(r, r.max())
-        axis = 0 if site.op == "Conv" or (site.op == "Gemm" and dict(site.attrs).get(
-            "transB", 0)) else q.ndim - 1
         shape = [1] * q.ndim
-        shape[axis] = -1
+        shape[_axis(site, q.ndim)] = -1
         widened = np.clip(np.round(q / r.reshape(shape)), -127, 127).astype(np.int8)
         new_scale = (scale * r[0] if scale.size == 1 else scale * r).astype(np.float32)
         inits[site.weight].CopyFrom(numpy_helper.from_array(widened, site.weight))
@@ -137,6 +140,19 @@ def widen(model: Model, sites: list) -> tuple[Model, dict[str, tuple[int, float]
             inits[node.input[slot]] = graph.initializer[-1]
         inits[node.input[slot]].CopyFrom(numpy_helper.from_array(new_scale, node.input[slot]))
     return result, done
+
+
+def _axis(site, rank: int) -> int:
+    """The weight's output-channel axis: a Conv's 0, ``[N, K]`` of a Gemm with transB, else the
+    last (``[K, N]``)."""
+    transposed = site.op == "Gemm" and dict(site.attrs).get("transB", 0)
+    return 0 if site.op == "Conv" or transposed else rank - 1
+
+
+def _channel_shape(site, model: Model) -> tuple[int, ...]:
+    node, slot = _scale_slot(model.graph, site)
+    scale = next(t for t in model.graph.initializer if t.name == node.input[slot])
+    return tuple(int(d) for d in scale.dims if d != 1)
 
 
 def _unique(base: str, taken: dict) -> str:

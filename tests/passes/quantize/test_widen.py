@@ -203,6 +203,12 @@ def test_what_cannot_be_widened_says_why():
     zero.graph.initializer.append(numpy_helper.from_array(np.int8(3), "za"))
     next(n for n in zero.graph.node if n.name == "dqa").input.append("za")
     assert "zero point" in widen.widenable(site, zero)
+    rows = model.copy()  # per-channel along K: not the output channels the pairs are sorted by
+    scale = next(t for t in rows.graph.initializer if t.name == "sa")
+    scale.CopyFrom(numpy_helper.from_array(np.full(4, 0.02, np.float32), "sa"))
+    next(n for n in rows.graph.node if n.name == "dqa").attribute.append(
+        helper.make_attribute("axis", 0))
+    assert "along axis 0" in widen.widenable(site, rows)
 
 
 def test_int8_dynamic_matmulinteger_is_widened_through_its_rescale():
