@@ -9,11 +9,13 @@ teacher's outputs (the original model, in ONNX Runtime), on unlabeled data.
 - A step reads data batches (in a seeded order, reshuffled every pass over the data) until
   ``batch`` samples are in, accumulating gradients, so inputs of different shapes (PP-OCR lines
   of different widths) need no padding; ``batch = 0``: one data batch a step.
-- AdamW (weight decay 1e-4), linear warm-up over the first 5 % of the steps then cosine decay to
-  zero, gradients clipped to norm 1.
-- Evaluation every ``eval_every`` steps (default: ten times a run) and at the end: the student is
-  written back into ONNX and scored in ONNX Runtime by ``measure.compare.Reference`` (lowest over
-  outputs of the mean per-sample cosine to the teacher) on the evaluation data (held out), else
+- AdamW (weight decay 1e-4), linear warm-up over the first 5 % of the budget then cosine decay to
+  zero, gradients clipped to norm 1. The budget is ``steps`` or ``max_minutes``, whichever ends
+  first (``budget.py``): a run the clock stops still warms up and decays.
+- Evaluation every ``eval_every`` steps (default: at each tenth of the budget) and at the end:
+  the student is written back into ONNX and scored in ONNX Runtime by
+  ``measure.compare.Reference`` (lowest over outputs of the mean per-sample cosine to the
+  teacher) on the evaluation data (held out), else
   on the calibration data (then the figure is optimistic, and a note says so). The best weights
   seen are kept; ``patience`` evaluations without a gain stop the run.
 - Quantized students train with fake quantization (``onnxcomp.train.qat``).
@@ -42,11 +44,11 @@ from onnxcomp.measure.compare import Reference
 from onnxcomp.model import Model
 from onnxcomp.progress import as_progress
 from onnxcomp.train import losses, qat
+from onnxcomp.train.budget import Budget
 from onnxcomp.train.twin import Twin
 
 TEACHER_CACHE_BYTES = 256 << 20
 CHECKPOINT = "kd_checkpoint.pt"
-WARMUP = 0.05
 WEIGHT_DECAY = 1e-4
 CLIP_NORM = 1.0
 
@@ -85,6 +87,8 @@ class Result:
     qat_activations: int = 0
     resumed_from: int | None = None
     notes: list[str] = field(default_factory=list)
+    evaluations: int = 0        # scored during training (besides the input's score)
+    lr_peak: float = 0.0        # the highest learning rate a step used
 
 
 def _samples(batch: dict[str, np.ndarray]) -> int:
@@ -139,17 +143,6 @@ class _Order:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.count)
         self.position += 1
         return int(order[offset])
-
-
-def _schedule(steps: int):
-    warmup = max(1, int(WARMUP * steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
 
 
 def _fingerprint(twin: Twin) -> list[tuple[str, tuple[int, ...]]]:
@@ -213,10 +206,13 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
         return reference.min_cosine(write(twin), eval_count)
 
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(options.steps))
     order = _Order(len(data), options.seed)
     state = {"step": 0, "best": None, "best_step": 0, "best_state": None, "stale": 0,
-             "losses": []}
+             "losses": [], "progress": 0.0}
+    budget = Budget(options.steps, options.max_minutes)
+    # The rate for the step after the current one, from the budget's progress (budget.py).
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda _: budget.lr_factor(state["step"] + 1))
     checkpoint = Path(options.checkpoint_dir) / CHECKPOINT if options.checkpoint_dir else None
     if checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
@@ -229,14 +225,15 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
         order.position = saved["position"]
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
+        budget.done, budget.start = state["step"], state.get("progress", 0.0)
         result.before = saved["before"]
         result.resumed_from = state["step"]
     else:
         result.before = score()
         state["best"], state["best_state"] = result.before, _trainable_state(twin)
     result.after = state["best"]
-    eval_every = options.eval_every or max(1, options.steps // 10)
     deadline = started + options.max_minutes * 60 if options.max_minutes else None
+    budget.until(deadline)
     with bar_owner.task("distill kd", total=options.steps, unit="step") as bar:
         bar.set(state["step"])
         while state["step"] < options.steps:
@@ -258,15 +255,21 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
             norm = torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
             if not (math.isfinite(step_loss) and math.isfinite(float(norm))):
                 return _gave_up(result, student, state["step"] + 1, started, bar_owner)
+            result.lr_peak = max(result.lr_peak, optimizer.param_groups[0]["lr"])
             optimizer.step()
-            scheduler.step()
             state["step"] += 1
+            budget.ran()
+            scheduler.step()
             state["losses"].append(step_loss)
+            before, state["progress"] = state["progress"], budget.progress(state["step"])
             bar.advance()
             bar.note(f"loss {step_loss:.4g}, eval cosine {state['best']:.4f}")
             out_of_time = deadline is not None and time.perf_counter() > deadline
-            if state["step"] % eval_every == 0 or state["step"] == options.steps or out_of_time:
+            due = (state["step"] % options.eval_every == 0 if options.eval_every
+                   else budget.crossed(before, state["progress"]))
+            if due or state["step"] == options.steps or out_of_time:
                 current = score()
+                result.evaluations += 1
                 if not math.isfinite(current):
                     return _gave_up(result, student, state["step"], started, bar_owner)
                 if current > state["best"]:

@@ -15,7 +15,6 @@ from onnxcomp.passes import prune
 from onnxcomp.pipeline import Context, Pipeline, Step
 from onnxcomp.train import kd, losses
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
@@ -183,3 +182,15 @@ def test_kl_on_probabilities_with_zeros_is_finite():
     loss = losses.kl_loss(student, teacher, 2.0, probabilities=True)
     loss.backward()
     assert torch.isfinite(loss) and loss > 0 and torch.isfinite(student.grad).all()
+
+
+def test_a_time_budget_far_below_the_steps_still_warms_up_evaluates_and_learns():
+    """steps = 10**6 with a 4-second budget (the way a time budget is given): the rate reaches
+    its peak and the run is evaluated at its tenths, not only once at the end."""
+    teacher, student, data, held_out, _ = _pruned()
+    options = kd.Options(steps=10**6, batch=32, lr=3e-3, max_minutes=4 / 60, patience=10)
+    result = kd.train(teacher, student, data, options, evaluation=held_out)
+    assert result.stopped == "time" and result.steps < 10**6
+    assert result.lr_peak > 0.8 * options.lr
+    assert result.evaluations >= 5
+    assert result.trained and result.after > result.before + 0.03

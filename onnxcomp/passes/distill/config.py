@@ -32,7 +32,8 @@ class Config:
     device: str = option("cpu", "kd: cpu | cuda")
     # On a CTC output the default 16-batch minimum cosine is coarse and three evaluations
     # without a gain stopped ppocr-rec QAT at 90 of 300 steps (docs/distill.md).
-    eval_every: int = option(0, "kd: steps between evaluations (0: ten a run)")
+    eval_every: int = option(0, "kd: steps between evaluations (0: at each tenth of the "
+                                   "budget, steps or max_minutes)")
     eval_batches: int = option(16, "kd: evaluation batches scored each time (held-out data)")
     patience: int = option(3, "kd: evaluations without a gain before the run stops")
 

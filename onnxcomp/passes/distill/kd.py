@@ -170,7 +170,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         "loss_first": result.losses[0] if result.losses else None,
         "loss_last": result.losses[-1] if result.losses else None,
         "qat_weights": result.qat_weights, "qat_activations": result.qat_activations,
-        "resumed_from": result.resumed_from}
+        "resumed_from": result.resumed_from, "evaluations": result.evaluations,
+        "lr_peak": result.lr_peak}
     applied.notes += result.notes
     if result.qat_weights or result.qat_activations:
         applied.notes.append(f"QAT: {result.qat_weights} quantized weight(s) trained as float "
