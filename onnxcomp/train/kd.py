@@ -15,9 +15,9 @@ teacher's outputs (the original model, in ONNX Runtime), on unlabeled data.
 - Evaluation every ``eval_every`` steps (default: at each tenth of the budget) and at the end:
   the student is written back into ONNX and scored in ONNX Runtime by
   ``measure.compare.Reference`` (lowest over outputs of the mean per-sample cosine to the
-  teacher) on the evaluation data (held out), else
-  on the calibration data (then the figure is optimistic, and a note says so). The best weights
-  seen are kept; ``patience`` evaluations without a gain stop the run.
+  teacher) on the evaluation data (held out), else on the calibration data (then the figure is
+  optimistic, and a note says so). The best weights seen are kept; ``patience`` evaluations
+  without a gain stop the run.
 - Quantized students train with fake quantization (``onnxcomp.train.qat``).
 - Checkpoints: ``checkpoint_dir/kd_checkpoint.pt`` after each evaluation (weights, optimizer,
   schedule, data position, best so far); a run finding one that fits the same student resumes
@@ -261,7 +261,8 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
             budget.ran()
             scheduler.step()
             state["losses"].append(step_loss)
-            before, state["progress"] = state["progress"], budget.progress(state["step"])
+            # (a checkpoint from before the budget has no progress: from the step share)
+            before, state["progress"] = state.get("progress", 0.0), budget.progress(state["step"])
             bar.advance()
             bar.note(f"loss {step_loss:.4g}, eval cosine {state['best']:.4f}")
             out_of_time = deadline is not None and time.perf_counter() > deadline
