@@ -271,3 +271,15 @@ def weight_dtypes(model: Model) -> set[int]:
     inits = {t.name: t.data_type for t in model.graph.initializer}
     return {inits[n.input[0]] for n in model.graph.node
             if n.op_type == "DequantizeLinear" and n.input[0] in inits}
+
+
+def dense_matmul(rng: np.random.Generator) -> Model:
+    """x[4,32] -> MatMul -> y[4,8], the weights' magnitudes in [0.8, 1] (int8 levels near +-127
+    in every column: pairs that overflow int16 for high uint8 inputs)."""
+    weight = np.sign(rng.standard_normal((32, 8))) * rng.uniform(0.8, 1.0, (32, 8))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    return Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))

@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from quantize_graphs import bright_images as _bright_images
+from quantize_graphs import dense_matmul, x86_without_vnni
 from quantize_graphs import saturating_conv as _conv_model
 from quantize_graphs import weight_dtypes as _dtypes
 from quantize_graphs import weight_values as _weights
-from quantize_graphs import x86_without_vnni
 
 from onnxcomp import calibration, runtime
 from onnxcomp.model import Model
@@ -165,13 +165,7 @@ def test_int8_dynamic_without_data_moves_weights_dense_at_the_top_of_the_range()
     """No calibration data: a MatMul whose weights sit near +-127 is moved on the uniform
     assumption, and the pass says the inputs were assumed."""
     rng = np.random.default_rng(4)
-    weight = np.sign(rng.standard_normal((32, 8))) * rng.uniform(0.8, 1.0, (32, 8))
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-        [numpy_helper.from_array(weight.astype(np.float32), "w")])
-    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model = dense_matmul(rng)
     result, record = quantize.PASS.run(model, quantize.Config(mode="int8-dynamic"), Context())
     assert any("uniform uint8 inputs assumed (no calibration data)" in n for n in record.notes)
     [found] = record.details["u8s8_overflow"]

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from quantize_graphs import bright_images as _bright_images
+from quantize_graphs import dense_matmul, x86_without_vnni
 from quantize_graphs import saturating_conv as _conv_model
 from quantize_graphs import weight_dtypes as _dtypes
 from quantize_graphs import weight_values as _weights
-from quantize_graphs import x86_without_vnni
 
 from onnxcomp import runtime
 from onnxcomp.model import Model
@@ -216,13 +216,7 @@ def test_int8_dynamic_matmulinteger_is_widened_through_its_rescale():
     Mul(A_s, W_s) widens, and ONNX Runtime's kernel (u8 x s8, saturating without VNNI) is as
     close to float as the uint8 remedy."""
     rng = np.random.default_rng(4)
-    weight = np.sign(rng.standard_normal((32, 8))) * rng.uniform(0.8, 1.0, (32, 8))
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
-        [numpy_helper.from_array(weight.astype(np.float32), "w")])
-    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    model = dense_matmul(rng)
     from onnxcomp import calibration
     data = calibration.from_batches([{"x": rng.uniform(-1, 1, (4, 32)).astype(np.float32)}
                                      for _ in range(4)])
