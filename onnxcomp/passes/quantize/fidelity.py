@@ -32,7 +32,7 @@ FAR_FROM_FLOAT = 0.9
 # Batches of calibration data used for SQNR and the mixed-precision search.
 EVAL_BATCHES = 16
 # u8s8_remedy = auto keeps widened weight scales while the model's output error (1 - cosine) stays
-# within this factor of the exact (uint8-weight) model's. Measured on 32 eval batches (AMD EPYC,
+# within this factor of the exact (uint8-weight) model's. Measured on 16 eval batches (AMD EPYC,
 # AVX2; docs/quantize.md): PP-OCRv4 det x1.013 (14 layers), rec x0.95 (3), MiniLM static x1.024
 # (18), int8-dynamic x1.014 (17): a quarter more is a clear margin over that and still a small
 # loss where it is taken.
