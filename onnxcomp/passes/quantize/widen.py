@@ -43,23 +43,24 @@ def widenable(site, model: Model) -> str:
     if found is None:
         return ("its weight is not read by one DequantizeLinear" if site.op != "MatMulInteger"
                 else "its output is not rescaled by Cast -> Mul(A_s * W_s)")
-    inits = {t.name for t in model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
     node, slot = found
     if node.input[slot] not in inits:
         return "its weight scale is not an initializer"
     if sum(site.weight in n.input for n in model.graph.node) > 1:
         return "its int8 weight is read by several nodes"
-    if node.op_type == "DequantizeLinear" and len(_channel_shape(site, model)) == 1:
-        rank = len(next(t for t in model.graph.initializer if t.name == site.weight).dims)
+    per_channel = sum(d != 1 for d in inits[node.input[slot]].dims) == 1
+    if node.op_type == "DequantizeLinear" and per_channel:
+        rank = len(inits[site.weight].dims)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % rank
         if axis != _axis(site, rank):
             return f"its per-channel scale runs along axis {axis}, not the output channels"
+    # The weight's zero point: a DequantizeLinear's slot 2, MatMulInteger's slot 3.
+    holder = node if node.op_type == "DequantizeLinear" else next(
+        n for n in model.graph.node if n.output and n.output[0] == site.holder.split("#")[0])
     zero_slot = 3 if site.op == "MatMulInteger" else 2
-    holder = next(n for n in model.graph.node if n.output and
-                  n.output[0] == site.holder.split("#")[0])
     if len(holder.input) > zero_slot and holder.input[zero_slot]:
-        zero = next((t for t in model.graph.initializer if t.name == holder.input[zero_slot]),
-                    None)
+        zero = inits.get(holder.input[zero_slot])
         if zero is None or tensor_values(zero, model.source).any():
             return "its weight zero point is not 0"
     return ""
@@ -147,12 +148,6 @@ def _axis(site, rank: int) -> int:
     last (``[K, N]``)."""
     transposed = site.op == "Gemm" and dict(site.attrs).get("transB", 0)
     return 0 if site.op == "Conv" or transposed else rank - 1
-
-
-def _channel_shape(site, model: Model) -> tuple[int, ...]:
-    node, slot = _scale_slot(model.graph, site)
-    scale = next(t for t in model.graph.initializer if t.name == node.input[slot])
-    return tuple(int(d) for d in scale.dims if d != 1)
 
 
 def _unique(base: str, taken: dict) -> str:
