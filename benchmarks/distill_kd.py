@@ -31,6 +31,7 @@ RECIPES = {
     "tiny-clip": ["prune:0.3,lowrank:0.9", "prune:0.3", "quantize:int8"],
     "clip-vit-b32": ["prune:0.3,lowrank:0.9"],
     "ppocr-rec": ["prune:0.3", "quantize:int8"],
+    "ppocr-det": ["prune:0.3"],
     "minilm": ["prune:0.3,lowrank:0.9", "quantize:int8"],
 }
 REPAIRS = ("", ",distill", ",distill:kd", ",distill,distill:kd")

@@ -99,7 +99,8 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
              validate: bool = True, show_progress: bool = True,
              overrides: list[str] | None = None,
              target: str | targets.Target | None = None,
-             speed_check: bool = False) -> CompressResult:
+             speed_check: bool = False,
+             shapes: dict[str, list[int]] | None = None) -> CompressResult:
     """Compress ``model`` with ``recipe``; the input model object is left untouched.
 
     ``overrides``: ``PASS.FIELD=VALUE`` settings on top of the recipe. ``target``: the
@@ -115,7 +116,10 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     (int8 quantization, prune, lowrank) and validation runs, time the input and the result
     side by side on the target's runtime (1 thread, a short interleaved run on the held-out
     data's first batch) and add a "not worth it" verdict when the result is slower
-    (:func:`never_slower`; the CLI's default, ``--no-speed-check`` turns it off)."""
+    (:func:`never_slower`; the CLI's default, ``--no-speed-check`` turns it off).
+    ``shapes``: input name -> sizes, fixed in the result after validation (which runs on the
+    held-out data's own shapes), for runtimes that take static shapes only
+    (:mod:`onnxcomp.fixed_shapes`)."""
     source_path = None if isinstance(model, Model) else model
     original = _as_model(model)
     # A broken input is the user's (exit 2), found before any work; the ORT load comes with
@@ -169,6 +173,12 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         if speed_check and passed and not below_floor \
                 and any(record.modified for record in records):
             never_slower(original, compressed, steps, chosen, eval_set, report, log)
+    if shapes:
+        from onnxcomp import fixed_shapes
+
+        compressed, fixed = fixed_shapes.fix(compressed, shapes)
+        report.notes.extend(fixed)
+        report.models["candidate"]["input_shapes"] = {k: list(v) for k, v in shapes.items()}
     return CompressResult(compressed, report, passed, below_floor)
 
 

@@ -138,6 +138,8 @@ def cmd_compress(args) -> int:
         _check_outputs((args.report, "--report"), (args.html, "--html"))
         if args.target not in (None, "ort-cpu"):
             raise UserError("--target applies to one ONNX model, not to a pipeline folder")
+        if args.shape:
+            raise UserError("--shape applies to one ONNX model, not to a pipeline folder")
         from onnxcomp import cli_parts
 
         return cli_parts.compress(args, _emit)
@@ -168,7 +170,7 @@ def cmd_compress(args) -> int:
     result = api.compress(args.model, recipe=args.recipe, calib=args.calib, eval_data=args.eval,
                           min_cosine=args.min_cosine, overrides=args.set,
                           validate=not args.no_validate, target=args.target,
-                          speed_check=not args.no_speed_check)
+                          speed_check=not args.no_speed_check, shapes=_shapes(args.shape))
     if result.passed and not result.below_floor:
         path = result.model.save(args.output)
         result.report.models["candidate"]["path"] = str(path)
@@ -396,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="deployment target: ort-cpu (default), openvino, tensorrt, qnn, "
                           "ort-mobile (wins over a TOML recipe's target key); its quantize "
                           "defaults apply before --set")
+    compress.add_argument("--shape", action="append", metavar="NAME=D,D,D",
+                          help="fix an input's dynamic dims in the result (static-shape "
+                               "runtimes: ORT Mobile's NNAPI/CoreML, QNN; repeatable)")
     compress.add_argument("--json", action="store_true")
     compress.set_defaults(func=cmd_compress)
 

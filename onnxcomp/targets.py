@@ -14,9 +14,8 @@ beside the saved model and checks it loads and matches).
 MatMulIntegerToFloat), which the other targets refuse because their runtimes cannot run it.
 The others are written from their runtimes' documentation and, for ``openvino``, from what its
 CPU plugin was measured to run in int8 (``docs/targets.md``). What the quantize pass cannot do
-yet for a target is said in ``missing``, not papered over: e.g. TensorRT's explicit
-quantization needs symmetric int8 activations and ``quantize.activation_dtype`` allows uint8
-only, so ``tensorrt`` refuses ``int8`` with that reason.
+yet for a target is said in ``missing``, not papered over (QNN's uint16 activations), and a
+mode its runtime cannot run is refused with the reason (TensorRT has no int8-dynamic).
 """
 
 from __future__ import annotations
@@ -166,10 +165,18 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         sources=(_OV_DOC, _LPT_DOC)),
     Target(
         "tensorrt", "TensorRT explicit quantization (Q/DQ), via the TensorRT EP",
-        runtime="onnxruntime", provider="tensorrt", modes=("int4", "fp16"),
+        runtime="onnxruntime", provider="tensorrt", modes=("int8", "int4", "fp16"),
         overrides=("quantize.int4_format=qdq", "quantize.int4_symmetric=true"),
-        min_opset=21, activation_dtypes=("int8",), symmetric_activations=True,
-        quantized_ops=("MatMul", "Gemm"), float_ops="activations (int4 is weight-only)",
+        # Symmetric int8 activations (zero point 0) over the calibrated ranges; QDQ on every
+        # input of a conv net's residual Adds (conv_adds) so they fuse into the Conv before
+        # them; no uint8 weights (the u8s8 remedy is for ONNX Runtime's x86 kernels, not
+        # TensorRT's) and HardSwish as TensorRT's own op, not ort-cpu's QLinearAdd/Mul form.
+        int8_overrides=("quantize.activation_dtype=int8", "quantize.conv_adds=true",
+                        "quantize.u8s8_overflow=none", "quantize.integer_hardswish=false"),
+        activation_dtypes=("int8",), symmetric_activations=True,
+        quantized_ops=("Conv", "MatMul", "Gemm"),
+        float_ops="biases (TensorRT quantizes them), normalizations, Softmax; int4 is "
+                  "weight-only",
         check="structural",
         rules=(("int8 Q/DQ are symmetric: zero points must be 0, activations signed int8 "
                 "per tensor, weights int8 per channel (axis 0 of Conv, the output axis of "
@@ -178,13 +185,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                 "Conv's int8 kernel"),
                "no Q/DQ on biases: TensorRT quantizes the bias itself",
                "weight-only int4: DequantizeLinear with block_size (opset 21) before MatMul"),
-        missing=(("int8: symmetric int8 activations are not implemented (activation_dtype "
-                  "allows uint8 only; the QDQ on residual Add inputs is, as quantize.conv_adds)"),
+        missing=(("fidelity in TensorRT itself: compress validates in ONNX Runtime's CPU "
+                  "provider, which runs the same Q/DQ math with its own kernels"),
                  "not measured: no GPU on this machine"),
-        refused=(("int8", ("TensorRT's explicit quantization needs symmetric int8 "
-                          "activations, and the quantize pass writes uint8 activations only "
-                          "(quantize.activation_dtype)")),
-                 ("int8-dynamic", "TensorRT has no dynamic (run-time) int8 quantization")),
+        refused=(("int8-dynamic", "TensorRT has no dynamic (run-time) int8 quantization"),),
         sources=(_TRT_DOC,)),
     Target(
         "qnn", "Qualcomm QNN EP, HTP (NPU) backend",

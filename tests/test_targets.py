@@ -158,7 +158,6 @@ def test_a_recipe_without_quantize_takes_any_target():
 
 
 @pytest.mark.parametrize("target, mode, words", [
-    ("tensorrt", "int8", "symmetric int8 activations"),
     ("tensorrt", "int8-dynamic", "no dynamic"),
     ("qnn", "int8-dynamic", "static quantization"),
     ("qnn", "int4", "LPBQ"),
@@ -172,7 +171,8 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, capsys):
     path = tmp_path / "m.onnx"
     builders.mlp().save(path)
     for flags, words in ((["--target", "nope"], "unknown target 'nope'"),
-                         (["--target", "tensorrt"], "does not support quantize mode 'int8'"),
+                         (["--target", "tensorrt", "--recipe", "quantize:int8-dynamic"],
+                          "does not support quantize mode 'int8-dynamic'"),
                          (["--target", "qnn", "--recipe", "quantize:int4"], "int4")):
         rc = main(["--quiet", "compress", str(path), "-o", str(tmp_path / "o.onnx"),
                    "--calib", "random:4", *flags])
@@ -187,7 +187,73 @@ def test_tensorrt_int4_is_blockwise_dequantize_linear():
     assert "MatMulNBits" not in ops and ops.get("DequantizeLinear", 0) >= 1
     assert result.model.opset() >= 21
     assert any("checked structurally" in note for note in result.report.notes)
-    assert any("symmetric int8 activations" in note for note in result.report.notes)
+    assert not any("symmetric int8 activations" in note for note in result.report.notes)
+
+
+def _activation_zero_points(model: Model) -> list[np.ndarray]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.proto.graph.initializer}
+    return [inits[n.input[2]] for n in model.proto.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+
+
+def test_tensorrt_int8_is_symmetric_int8_activations_with_residual_adds_quantized():
+    import onnxruntime as ort
+
+    model = builders.conv_net()
+    result = _compress(model, target="tensorrt")
+    zero_points = _activation_zero_points(result.model)
+    assert zero_points and all(z.dtype == np.int8 and z.shape == () and z == 0
+                               for z in zero_points)
+    graph = result.model.proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    residual = next(n for n in graph.node if n.op_type == "Add")
+    assert all(producers[i].op_type == "DequantizeLinear" for i in residual.input)
+    # Weights stay int8 per channel (no uint8 u8s8 remedy), biases float, no contrib ops.
+    inits = {t.name: t for t in graph.initializer}
+    weights = [inits[n.input[0]] for n in graph.node
+               if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weights and all(w.data_type == TensorProto.INT8 for w in weights)
+    assert all(n.domain in ("", "ai.onnx") for n in graph.node)
+    assert targets.placement_findings(result.model.proto, "tensorrt") == []
+    assert any("structurally" in note for note in result.report.notes)
+    pass_notes = "\n".join(n for r in result.report.passes for n in r.notes)
+    assert "activation QDQ pairs in symmetric int8" in pass_notes
+    # The same Q/DQ math in ONNX Runtime stays close to float.
+    x = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(model.proto.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(result.model.proto.SerializeToString(), options,
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    cosine = float(np.dot(want.ravel(), got.ravel())
+                   / np.linalg.norm(want) / np.linalg.norm(got))
+    assert cosine > 0.99, cosine
+
+
+def test_symmetric_activations_cover_the_calibrated_range():
+    uint8 = _compress(builders.conv_net()).model
+    int8 = _compress(builders.conv_net(), overrides=["quantize.activation_dtype=int8",
+                                                     "quantize.u8s8_overflow=none"]).model
+    inits = {t.name: numpy_helper.to_array(t) for t in uint8.proto.graph.initializer}
+    signed = {t.name: numpy_helper.to_array(t) for t in int8.proto.graph.initializer}
+    before = {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in uint8.proto.graph.node
+              if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    after = {n.input[0]: signed[n.input[1]] for n in int8.proto.graph.node
+             if n.op_type == "QuantizeLinear" and n.input[0] not in signed}
+    assert before and set(before) == set(after)
+    for name, (scale, zero) in before.items():
+        low, high = -int(zero) * float(scale), (255 - int(zero)) * float(scale)
+        assert np.isclose(float(after[name]), max(-low, high) / 127, rtol=1e-6), name
+
+
+def test_int8_activations_are_static_int8s():
+    from onnxcomp.passes import quantize
+
+    with pytest.raises(ValueError, match="DynamicQuantizeLinear"):
+        quantize.Config(mode="int8-dynamic", activation_dtype="int8")
+    with pytest.raises(ValueError, match="uint8 or int8"):
+        quantize.Config(activation_dtype="int16")
 
 
 def test_qnn_quantizes_outputs_and_activation_matmuls_and_says_what_is_missing():

@@ -249,7 +249,13 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append("range_search: min_cosine returned layers to float, and that "
                              "model was rewritten from the calibrated ranges: the searched "
                              "ranges are not in the result")
-    if config.mode in ("int8", "int8-dynamic") and final.sites:  # exact: after measuring
+    if config.activation_dtype == "int8" and config.mode == "int8" and \
+            config.u8s8_overflow != "none":
+        applied.notes.append("u8s8_overflow: not checked with int8 activations (it reads uint8 "
+                             "ones; ONNX Runtime on x86 shifts int8 activations to uint8 and "
+                             "runs the same kernels): set quantize.u8s8_overflow=none to "
+                             "silence this")
+    elif config.mode in ("int8", "int8-dynamic") and final.sites:  # exact: after measuring
         keeps = None if ctx.calibration is None else (
             lambda exact, widened: fidelity.widening_keeps(prepared, exact, widened, config, ctx))
         result = overflow.run(result, config.u8s8_overflow, ctx.calibration, applied.notes,
@@ -262,7 +268,10 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append(f"{integer} HardSwish run on uint8 as QLinearAdd + QLinearMul "
                              f"(x * clip(x/6 + 1/2, 0, 1); integer_hardswish)")
     signed_pairs = signed.count(result.proto.graph)
-    if signed_pairs:
+    if signed_pairs and config.activation_dtype == "int8":
+        applied.notes.append(f"{signed_pairs} activation QDQ pairs in symmetric int8 "
+                             f"(activation_dtype = int8)")
+    elif signed_pairs:
         applied.notes.append(f"{signed_pairs} feature-map QDQ pairs in symmetric int8, pooling "
                              f"and nearest Resizes reading the pairs (signed_feature_maps, "
                              f"for OpenVINO)")

@@ -74,6 +74,8 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
             quantize_hardswish.rewrite(graph)
         if config.signed_feature_maps:
             quantize_signed.rewrite(graph)
+        if config.activation_dtype == "int8":
+            quantize_signed.symmetric(graph)
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy

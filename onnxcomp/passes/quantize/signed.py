@@ -156,22 +156,43 @@ def rewrite(graph: gs.Graph) -> dict[str, int]:
         readers = [r for dq in dequantizes for r in dq.outputs[0].outputs]
         if not readers or all(r.op in _INTEGER_READERS for r in readers):
             continue
-        scale = float(scalar_constant(quantize.inputs[1]))
-        zero_point = int(scalar_constant(quantize.inputs[2]))
-        low, high = -zero_point * scale, (255 - zero_point) * scale
-        if low >= 0:
+        if _uint8_range(quantize)[0] >= 0:
             continue
-        name = quantize.outputs[0].name
-        new_scale = gs.Constant(unique_name(graph, f"{name}_signed_scale"),
-                                np.asarray(max(-low, high) / 127, np.float32))
-        new_zero = gs.Constant(unique_name(graph, f"{name}_signed_zero_point"),
-                               np.asarray(0, np.int8))
-        for node in [quantize, *dequantizes]:
-            node.inputs[1], node.inputs[2] = new_scale, new_zero
-        quantize.outputs[0].dtype = np.int8
+        _to_symmetric(graph, quantize, dequantizes)
         counts["signed"] += 1
     counts["concat_inputs"] = _drop_pairs_before_concats(graph)
     return counts
+
+
+def _uint8_range(quantize: gs.Node) -> tuple[float, float]:
+    """The float range ``[low, high]`` a uint8 pair's scale and zero point cover."""
+    scale = float(scalar_constant(quantize.inputs[1]))
+    zero_point = int(scalar_constant(quantize.inputs[2]))
+    return -zero_point * scale, (255 - zero_point) * scale
+
+
+def _to_symmetric(graph: gs.Graph, quantize: gs.Node, dequantizes: list[gs.Node]) -> None:
+    """One uint8 pair as symmetric int8 covering the same range: zero point 0, scale
+    ``max(-low, high) / 127`` (a one-signed range keeps 128 of its 256 levels)."""
+    low, high = _uint8_range(quantize)
+    name = quantize.outputs[0].name
+    new_scale = gs.Constant(unique_name(graph, f"{name}_signed_scale"),
+                            np.asarray(max(-low, high) / 127, np.float32))
+    new_zero = gs.Constant(unique_name(graph, f"{name}_signed_zero_point"),
+                           np.asarray(0, np.int8))
+    for node in [quantize, *dequantizes]:
+        node.inputs[1], node.inputs[2] = new_scale, new_zero
+    quantize.outputs[0].dtype = np.int8
+
+
+def symmetric(graph: gs.Graph) -> int:
+    """``activation_dtype = int8``: every activation pair the static rewrite wrote (uint8,
+    asymmetric) becomes symmetric int8 over the same calibrated range, the layout TensorRT's
+    explicit quantization takes (zero points 0, signed activations). Returns how many."""
+    pairs = _activation_pairs(graph)
+    for quantize, dequantizes in pairs:
+        _to_symmetric(graph, quantize, dequantizes)
+    return len(pairs)
 
 
 def count(graph) -> int:

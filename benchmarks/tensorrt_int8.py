@@ -1,0 +1,146 @@
+"""``--target tensorrt`` static int8 beside the default ``ort-cpu`` int8: fidelity, layout, size.
+
+For each zoo model, from the same calibration batches (the zoo's ``calib`` split):
+- ``ort-cpu int8``: ``compress --recipe quantize:int8`` (uint8 activations, ONNX Runtime's layout);
+- ``tensorrt int8``: the same with ``--target tensorrt`` (symmetric int8 activations, Q/DQ on
+  every residual Add input, int8 weights, float biases; ``docs/targets.md``).
+Fidelity on the zoo's held-out splits (task metrics and output cosine against float; ppocr-rec
+also on its ``hard`` split), twice: in ONNX Runtime's CPU provider as deployed there, and as
+``QDQ math`` (optimizations off: the Q/DQ arithmetic itself, which exact int8 kernels such as
+TensorRT's compute up to accumulation order). For the tensorrt rows the QDQ math is the figure
+that matters: ONNX Runtime's CPU provider fuses their int8 MatMuls (and some Convs) into its
+integer kernels, which on an x86 CPU without VNNI saturate (``docs/quantize.md``, u8s8_overflow;
+the tensorrt target leaves that remedy off, as TensorRT's kernels do not saturate). The ort-cpu
+rows' deployed figures are ONNX Runtime's kernels with the remedy. ``findings``: what
+``targets.placement_findings`` says against TensorRT's documented rules (0 is the goal).
+Where the TensorRT execution provider is installed (onnxruntime-gpu with TensorRT, its own
+environment), ``--providers tensorrt`` also times float and both variants there; without it the
+JSON says it was not measured.
+
+    python benchmarks/tensorrt_int8.py [--models ppocr-rec ppocr-det minilm tiny-clip]
+        [--calib 32] [--eval 64] [--hard 128] [--providers tensorrt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distill_kd import scores
+
+from onnxcomp import api, calibration, targets, zoo
+from onnxcomp.measure.validate import validate
+from onnxcomp.model import load
+from onnxcomp.report import environment
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "tensorrt_int8.json"
+
+
+def _activation_pairs(model) -> dict[str, int]:
+    """Activation QuantizeLinear nodes by zero-point element type."""
+    inits = {t.name: t for t in model.proto.graph.initializer}
+    found: dict[str, int] = {}
+    for node in model.proto.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
+            kind = "int8" if inits[node.input[2]].data_type == 3 else "uint8"
+            found[kind] = found.get(kind, 0) + 1
+    return found
+
+
+def _qdq_math(original: str, path: Path, data, prefix: str) -> dict:
+    """Output cosine (and the zoo task metric) with ONNX Runtime's optimizations off in both
+    models: the Q/DQ arithmetic itself, what a runtime with exact int8 kernels computes."""
+    import numpy as np
+
+    from onnxcomp import runtime
+    from onnxcomp.measure.compare import per_sample_cosine
+
+    sessions = [runtime.session(p, optimize=False) for p in (original, path)]
+    names = [o.name for o in sessions[0].get_outputs()]
+    pairs = [[dict(zip(names, s.run(None, batch))) for s in sessions] for batch in data]
+    out = {f"{prefix}QDQ math cos {n}": round(float(np.mean(np.concatenate(
+        [per_sample_cosine(a[n], b[n]) for a, b in pairs]))), 4) for n in names}
+    metric = zoo.task_metric(data.zoo_name) if data.zoo_name else None
+    if metric is not None and data.labels is not None:
+        found = metric(load(path), [b for _, b in pairs], data.labels)
+        out.update({f"{prefix}QDQ math {k}": round(v, 4) for k, v in found.items()})
+    return out
+
+
+def _timings(paths: dict[str, Path], provider: str, data) -> dict:
+    import onnxruntime as ort
+
+    from onnxcomp.measure.bench import bench
+    from onnxcomp.runtime import PROVIDERS
+
+    if PROVIDERS.get(provider, provider) not in ort.get_available_providers():
+        return {"not measured": f"{provider}: not in this onnxruntime's providers "
+                                f"({', '.join(ort.get_available_providers())})"}
+    report = bench(list(paths.values()), providers=(provider,), names=list(paths), data=data,
+                   runs=200, progress=None)
+    return report.bench
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+",
+                        default=["ppocr-rec", "ppocr-det", "minilm", "tiny-clip"])
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--eval", type=int, default=64)
+    parser.add_argument("--hard", type=int, default=128, help="ppocr-rec hard lines")
+    parser.add_argument("--providers", default="", help="e.g. tensorrt (timed where present)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    results = {"date": datetime.datetime.now().isoformat(timespec="minutes"),
+               "environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
+               "models": {}}
+    for name in args.models:
+        original = zoo.fetch(name)
+        reference = load(original)
+        eval_data = calibration.resolve(f"{name}:eval:{args.eval}", reference, split="eval")
+        hard = (calibration.resolve(f"{name}:hard:{args.hard}", reference, split="eval")
+                if name == "ppocr-rec" and args.hard else None)
+        rows, paths = [], {"float": Path(original)}
+        with tempfile.TemporaryDirectory() as folder:
+            for target in ("ort-cpu", "tensorrt"):
+                result = api.compress(original, recipe="quantize:int8",
+                                      calib=f"{name}:calib:{args.calib}", validate=False,
+                                      show_progress=False, target=target)
+                path = Path(folder) / f"{target}.onnx"
+                result.model.save(path)
+                paths[f"{target} int8"] = path
+                row = {"variant": f"{target} int8",
+                       "size x": round(path.stat().st_size / Path(original).stat().st_size, 3),
+                       "activation pairs": _activation_pairs(result.model),
+                       "findings": len(targets.placement_findings(result.model.proto,
+                                                                  "tensorrt"))}
+                row.update(scores(validate(original, path, data=eval_data, progress=None,
+                                           ours=True).fidelity))
+                row.update(_qdq_math(original, path, eval_data, ""))
+                if hard is not None:
+                    row.update(scores(validate(original, path, data=hard, progress=None,
+                                               ours=True).fidelity, prefix="hard "))
+                    row.update(_qdq_math(original, path, hard, "hard "))
+                rows.append(row)
+                print(name, row, flush=True)
+            timed = {p: _timings(paths, p, eval_data) for p in args.providers.split(",") if p}
+        results["models"][name] = {"rows": rows, "timings": timed or {
+            "not measured": "no --providers given (TensorRT needs a GPU: none here)"}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    for name, entry in results["models"].items():
+        headers = list(dict.fromkeys(k for r in entry["rows"] for k in r))
+        print(f"\n### {name}\n\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+        for r in entry["rows"]:
+            print("| " + " | ".join(str(r.get(h, "")) for h in headers) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""Fixed input shapes for runtimes that need them (``compress --shape NAME=D,D,D``).
+
+ONNX Runtime Mobile's NNAPI and CoreML providers and QNN's HTP take static shapes only; a model
+exported with dynamic axes (batch, sequence, image width) is given concrete sizes here, after
+compression and validation (which ran on the held-out data's own shapes). The edit is ONNX
+Runtime's own tool (``onnxruntime.tools.onnx_model_utils``): ``make_input_shape_fixed`` sets the
+input's dims and replaces each symbolic dim it fixes everywhere in the graph,
+``fix_output_shapes`` writes the outputs' shapes where shape inference can tell them. The
+result is checked: it loads in ONNX Runtime and computes the same outputs as before the edit on
+random inputs of the given shapes (``InvalidOutput`` if not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from onnxcomp.errors import InvalidOutput, UserError
+from onnxcomp.model import Model
+
+
+def fix(model: Model, shapes: Mapping[str, Sequence[int]]) -> tuple[Model, list[str]]:
+    """A copy of ``model`` whose named inputs have the given shapes, and one note per input.
+    A name that is not a graph input, a size below 1, a rank that differs or a static size
+    that differs from the given one is a ``UserError``."""
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    fixed = model.copy()
+    notes = []
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise UserError(f"--shape {name}: not an input of the model (inputs: "
+                            f"{', '.join(inputs)})")
+        if not dims or any(int(d) < 1 for d in dims):
+            raise UserError(f"--shape {name}: sizes must be at least 1, got {list(dims)}")
+        try:
+            make_input_shape_fixed(fixed.graph, name, [int(d) for d in dims])
+        except ValueError as exc:  # rank or a static size differs
+            raise UserError(f"--shape {name}={','.join(map(str, dims))}: {exc}") from None
+        notes.append(f"input {name} fixed to shape {list(map(int, dims))}")
+    if not model.lazy:  # shape inference reads the weights' shapes from the proto
+        fix_output_shapes(fixed.proto)
+    check_same(model, fixed)
+    return fixed, notes
+
+
+def check_same(before: Model, after: Model) -> None:
+    """``after`` loads in ONNX Runtime and gives ``before``'s outputs on one random batch of
+    its input shapes (dims left dynamic: the random data's defaults)."""
+    from onnxcomp import calibration, runtime
+
+    feeds = calibration.random_data(after, 1).make_batch(0)  # the fixed inputs' shapes
+    try:
+        fixed = runtime.session(after)
+    except Exception as exc:  # ONNX Runtime refusing our edit is our bug, said as such
+        raise InvalidOutput(f"the model with fixed input shapes does not load in ONNX Runtime: "
+                            f"{str(exc).strip().splitlines()[0]}") from exc
+    want = runtime.session(before).run(None, feeds)
+    for got, expected in zip(fixed.run(None, feeds), want):
+        got, expected = np.asarray(got), np.asarray(expected)
+        if got.shape != expected.shape or (np.issubdtype(got.dtype, np.number) and not
+                                           np.allclose(got, expected, rtol=1e-4, atol=1e-5)):
+            raise InvalidOutput("the model with fixed input shapes computes other outputs "
+                                "than before the edit")
