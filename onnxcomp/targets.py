@@ -14,7 +14,7 @@ beside the saved model and checks it loads and matches).
 MatMulIntegerToFloat), which the other targets refuse because their runtimes cannot run it.
 The others are written from their runtimes' documentation and, for ``openvino``, from what its
 CPU plugin was measured to run in int8 (``docs/targets.md``). What the quantize pass cannot do
-yet for a target is said in ``missing``, not papered over (QNN's uint16 activations), and a
+yet for a target is said in ``missing``, not papered over (QNN's QDQ around every op), and a
 mode its runtime cannot run is refused with the reason (TensorRT has no int8-dynamic).
 """
 
@@ -204,12 +204,14 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         rules=(("a fully quantized graph: uint8 or uint16 activations around every op, so that "
                 "HTP runs it as one partition"),
                "MatMul input types on HTP: (uint8, uint8), (uint8, uint16), (uint16, uint8)",
+               ("16-bit activations (A16W8) with --set quantize.activation_dtype=uint16: "
+                "uint16 Q/DQ at opset 21 over the calibrated ranges, int8 weights"),
                "static shapes only; no If/Loop",
                "ops outside the QNN EP's supported list fall back to the CPU EP"),
         missing=(("QDQ around every op (the quantize pass places QDQ on Conv/MatMul/Gemm and "
                   "their outputs only): other ops split the graph between HTP and the CPU"),
-                 ("uint16 activations and uint8 (asymmetric) weights: MatMuls with int8 weights "
-                  "are not HTP MatMul inputs"),
+                 ("uint8 (asymmetric) weights: MatMuls with int8 weights are not HTP MatMul "
+                  "inputs"),
                  "not measured: no Qualcomm device here"),
         refused=(("int8-dynamic", "QNN HTP needs static quantization parameters"),
                  ("int4", ("int4 weights need QNN's LPBQ form, which the quantize pass does "

@@ -231,31 +231,6 @@ def test_tensorrt_int8_is_symmetric_int8_activations_with_residual_adds_quantize
     assert cosine > 0.99, cosine
 
 
-def test_symmetric_activations_cover_the_calibrated_range():
-    uint8 = _compress(builders.conv_net()).model
-    int8 = _compress(builders.conv_net(), overrides=["quantize.activation_dtype=int8",
-                                                     "quantize.u8s8_overflow=none"]).model
-    inits = {t.name: numpy_helper.to_array(t) for t in uint8.proto.graph.initializer}
-    signed = {t.name: numpy_helper.to_array(t) for t in int8.proto.graph.initializer}
-    before = {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in uint8.proto.graph.node
-              if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
-    after = {n.input[0]: signed[n.input[1]] for n in int8.proto.graph.node
-             if n.op_type == "QuantizeLinear" and n.input[0] not in signed}
-    assert before and set(before) == set(after)
-    for name, (scale, zero) in before.items():
-        low, high = -int(zero) * float(scale), (255 - int(zero)) * float(scale)
-        assert np.isclose(float(after[name]), max(-low, high) / 127, rtol=1e-6), name
-
-
-def test_int8_activations_are_static_int8s():
-    from onnxcomp.passes import quantize
-
-    with pytest.raises(ValueError, match="DynamicQuantizeLinear"):
-        quantize.Config(mode="int8-dynamic", activation_dtype="int8")
-    with pytest.raises(ValueError, match="uint8 or int8"):
-        quantize.Config(activation_dtype="int16")
-
-
 def test_qnn_quantizes_outputs_and_activation_matmuls_and_says_what_is_missing():
     model = builders.attention_block()
     result = _compress(model, target="qnn")

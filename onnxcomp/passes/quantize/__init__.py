@@ -54,6 +54,7 @@ from onnxcomp.model import Model
 
 # Modules by name (not their functions): a package attribute named like a submodule would hide it.
 from onnxcomp.passes.quantize import (
+    activations,
     bias,
     depthwise,
     equalize,
@@ -249,12 +250,14 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append("range_search: min_cosine returned layers to float, and that "
                              "model was rewritten from the calibrated ranges: the searched "
                              "ranges are not in the result")
-    if config.activation_dtype == "int8" and config.mode == "int8" and \
+    if config.activation_dtype != "uint8" and config.mode == "int8" and \
             config.u8s8_overflow != "none":
-        applied.notes.append("u8s8_overflow: not checked with int8 activations (it reads uint8 "
-                             "ones; ONNX Runtime on x86 shifts int8 activations to uint8 and "
-                             "runs the same kernels): set quantize.u8s8_overflow=none to "
-                             "silence this")
+        applied.notes.append(
+            "u8s8_overflow: not checked with int8 activations (it reads uint8 ones; ONNX "
+            "Runtime on x86 runs int8 ones through the same kernels shifted to uint8): set "
+            "quantize.u8s8_overflow=none to silence this" if config.activation_dtype == "int8"
+            else "u8s8_overflow: not needed with uint16 activations (ONNX Runtime's CPU "
+                 "provider computes 16-bit Q/DQ in float, no saturating integer kernel)")
     elif config.mode in ("int8", "int8-dynamic") and final.sites:  # exact: after measuring
         keeps = None if ctx.calibration is None else (
             lambda exact, widened: fidelity.widening_keeps(prepared, exact, widened, config, ctx))
@@ -267,10 +270,12 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     if integer:
         applied.notes.append(f"{integer} HardSwish run on uint8 as QLinearAdd + QLinearMul "
                              f"(x * clip(x/6 + 1/2, 0, 1); integer_hardswish)")
+    retyped = activations.count(result.proto.graph, config.activation_dtype)
     signed_pairs = signed.count(result.proto.graph)
-    if signed_pairs and config.activation_dtype == "int8":
-        applied.notes.append(f"{signed_pairs} activation QDQ pairs in symmetric int8 "
-                             f"(activation_dtype = int8)")
+    if config.activation_dtype != "uint8" and retyped:
+        kind = "symmetric int8" if config.activation_dtype == "int8" else "uint16"
+        applied.notes.append(f"{retyped} activation QDQ pairs in {kind} (activation_dtype = "
+                             f"{config.activation_dtype})")
     elif signed_pairs:
         applied.notes.append(f"{signed_pairs} feature-map QDQ pairs in symmetric int8, pooling "
                              f"and nearest Resizes reading the pairs (signed_feature_maps, "

@@ -39,7 +39,8 @@ class Config:
     per_channel: bool = option(True, "one weight scale per output channel (else per tensor)")
     activation_dtype: str = option("uint8", "static int8 activations: uint8 (asymmetric, the "
                                             "fast ONNX Runtime CPU path) | int8 (symmetric, zero "
-                                            "point 0: TensorRT's explicit quantization)")
+                                            "point 0: TensorRT's explicit quantization) | uint16 "
+                                            "(QNN HTP's 16-bit activations, opset 21)")
     output_qdq: str = option("conv", "int8: also QDQ the outputs of none | conv (Conv, and "
                                      "MatMuls feeding a bias Add that ONNX Runtime would "
                                      "otherwise fuse into a float Gemm) | conv-only | all sites")
@@ -155,12 +156,12 @@ class Config:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if self.op_types is not None and not self.op_types:
             raise ValueError("op_types must name at least one op type")
-        if self.activation_dtype not in ("uint8", "int8"):
-            raise ValueError(f"activation_dtype must be uint8 or int8, got "
+        if self.activation_dtype not in ("uint8", "int8", "uint16"):
+            raise ValueError(f"activation_dtype must be uint8, int8 or uint16, got "
                              f"{self.activation_dtype!r}")
-        if self.activation_dtype == "int8" and self.mode == "int8-dynamic":
-            raise ValueError("activation_dtype = int8 is static int8's: int8-dynamic's "
-                             "DynamicQuantizeLinear writes uint8 only")
+        if self.activation_dtype != "uint8" and self.mode == "int8-dynamic":
+            raise ValueError(f"activation_dtype = {self.activation_dtype} is static int8's: "
+                             f"int8-dynamic's DynamicQuantizeLinear writes uint8 only")
         if self.min_opset is not None and (isinstance(self.min_opset, bool)
                                            or not 10 <= self.min_opset <= 23):
             raise ValueError(f"min_opset must be in [10, 23], got {self.min_opset!r}")

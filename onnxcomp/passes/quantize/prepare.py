@@ -64,6 +64,8 @@ def _opset_needed(config: Config) -> int:
         return 13  # Cast from bfloat16
     if config.mode == "fp16":
         return 10
+    if config.mode == "int8" and config.activation_dtype == "uint16":
+        return 21  # QuantizeLinear's 16-bit types
     if config.mode == "int8":
         return 13 if config.per_channel else 10
     if config.mode == "int8-dynamic":
@@ -128,7 +130,8 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
     prepared = export_model(tidy(graph), like=model)
     needed = _opset_needed(config)
     if prepared.opset() < needed:
-        why = f"{config.mode}{' per-channel' if needed == 13 else ''}"
+        why = {13: f"{config.mode} per-channel", 21: f"{config.mode} 16-bit Q/DQ"}.get(
+            needed, config.mode)
         prepared = _upgrade(prepared, needed, why, notes)
     return prepared
 

@@ -34,6 +34,7 @@ from onnxcomp.graph import (
     unique_name,
 )
 from onnxcomp.model import Model
+from onnxcomp.passes.quantize import activations as quantize_activations
 from onnxcomp.passes.quantize import attention as quantize_attention
 from onnxcomp.passes.quantize import calib as quantize_calib
 from onnxcomp.passes.quantize import gather as quantize_gather
@@ -74,8 +75,7 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
             quantize_hardswish.rewrite(graph)
         if config.signed_feature_maps:
             quantize_signed.rewrite(graph)
-        if config.activation_dtype == "int8":
-            quantize_signed.symmetric(graph)
+        quantize_activations.rewrite(graph, config.activation_dtype)
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy

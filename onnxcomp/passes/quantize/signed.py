@@ -45,7 +45,7 @@ _POOLING = ("GlobalAveragePool", "ReduceMean")
 _INTEGER_READERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
-def _activation_pairs(graph: gs.Graph, zero_point_dtype: type = np.uint8
+def activation_pairs(graph: gs.Graph, zero_point_dtype: type = np.uint8
                       ) -> list[tuple[gs.Node, list[gs.Node]]]:
     """(QuantizeLinear, its DequantizeLinears) of every activation pair with a scalar zero
     point of ``zero_point_dtype`` (uint8: what the static rewrite wrote for feature maps)."""
@@ -122,7 +122,7 @@ def _drop_pairs_before_concats(graph: gs.Graph) -> int:
     """The Concat reads the tensor itself where its pair only fed the Concat (see the module
     docstring): one rounding instead of two, and one FakeQuantize fewer for OpenVINO."""
     dropped = 0
-    for quantize, dequantizes in _activation_pairs(graph, np.int8) + _activation_pairs(graph):
+    for quantize, dequantizes in activation_pairs(graph, np.int8) + activation_pairs(graph):
         concat = _concatenated_only(quantize, dequantizes)
         if concat is None:
             continue
@@ -144,7 +144,7 @@ def rewrite(graph: gs.Graph) -> dict[str, int]:
     only a quantized Concat reads taken out. Returns the counts ``{"resize_pairs": k,
     "rewired": n, "signed": m, "concat_inputs": c}``."""
     counts = {"resize_pairs": _pair_before_resizes(graph), "rewired": 0, "signed": 0}
-    for quantize, dequantizes in _activation_pairs(graph):
+    for quantize, dequantizes in activation_pairs(graph):
         source, decoded = quantize.inputs[0], dequantizes[0].outputs[0]
         for reader in list(source.outputs):
             if reader.op in _POOLING or _nearest_resize(reader):
@@ -152,29 +152,29 @@ def rewrite(graph: gs.Graph) -> dict[str, int]:
                     if tensor is source:
                         reader.inputs[index] = decoded
                 counts["rewired"] += 1
-    for quantize, dequantizes in _activation_pairs(graph):
+    for quantize, dequantizes in activation_pairs(graph):
         readers = [r for dq in dequantizes for r in dq.outputs[0].outputs]
         if not readers or all(r.op in _INTEGER_READERS for r in readers):
             continue
-        if _uint8_range(quantize)[0] >= 0:
+        if uint8_range(quantize)[0] >= 0:
             continue
-        _to_symmetric(graph, quantize, dequantizes)
+        to_symmetric(graph, quantize, dequantizes)
         counts["signed"] += 1
     counts["concat_inputs"] = _drop_pairs_before_concats(graph)
     return counts
 
 
-def _uint8_range(quantize: gs.Node) -> tuple[float, float]:
+def uint8_range(quantize: gs.Node) -> tuple[float, float]:
     """The float range ``[low, high]`` a uint8 pair's scale and zero point cover."""
     scale = float(scalar_constant(quantize.inputs[1]))
     zero_point = int(scalar_constant(quantize.inputs[2]))
     return -zero_point * scale, (255 - zero_point) * scale
 
 
-def _to_symmetric(graph: gs.Graph, quantize: gs.Node, dequantizes: list[gs.Node]) -> None:
+def to_symmetric(graph: gs.Graph, quantize: gs.Node, dequantizes: list[gs.Node]) -> None:
     """One uint8 pair as symmetric int8 covering the same range: zero point 0, scale
     ``max(-low, high) / 127`` (a one-signed range keeps 128 of its 256 levels)."""
-    low, high = _uint8_range(quantize)
+    low, high = uint8_range(quantize)
     name = quantize.outputs[0].name
     new_scale = gs.Constant(unique_name(graph, f"{name}_signed_scale"),
                             np.asarray(max(-low, high) / 127, np.float32))
@@ -183,16 +183,6 @@ def _to_symmetric(graph: gs.Graph, quantize: gs.Node, dequantizes: list[gs.Node]
     for node in [quantize, *dequantizes]:
         node.inputs[1], node.inputs[2] = new_scale, new_zero
     quantize.outputs[0].dtype = np.int8
-
-
-def symmetric(graph: gs.Graph) -> int:
-    """``activation_dtype = int8``: every activation pair the static rewrite wrote (uint8,
-    asymmetric) becomes symmetric int8 over the same calibrated range, the layout TensorRT's
-    explicit quantization takes (zero points 0, signed activations). Returns how many."""
-    pairs = _activation_pairs(graph)
-    for quantize, dequantizes in pairs:
-        _to_symmetric(graph, quantize, dequantizes)
-    return len(pairs)
 
 
 def count(graph) -> int:

@@ -1,23 +1,27 @@
-"""``--target tensorrt`` static int8 beside the default ``ort-cpu`` int8: fidelity, layout, size.
+"""Static int8 laid out for each target's activation type, side by side: fidelity, layout, size.
 
-For each zoo model, from the same calibration batches (the zoo's ``calib`` split):
-- ``ort-cpu int8``: ``compress --recipe quantize:int8`` (uint8 activations, ONNX Runtime's layout);
-- ``tensorrt int8``: the same with ``--target tensorrt`` (symmetric int8 activations, Q/DQ on
-  every residual Add input, int8 weights, float biases; ``docs/targets.md``).
+For each zoo model, from the same calibration batches (the zoo's ``calib`` split), ``compress
+--recipe quantize:int8`` with:
+- ``ort-cpu``: uint8 asymmetric activations, ONNX Runtime's layout (the default);
+- ``tensorrt``: symmetric int8 activations, Q/DQ on every residual Add input, int8 weights,
+  float biases (``docs/targets.md``);
+- ``qnn``: uint8 activations and Q/DQ on every quantized op's output;
+- ``qnn uint16``: the same with ``--set quantize.activation_dtype=uint16`` (QNN HTP's 16-bit
+  activations, opset 21).
 Fidelity on the zoo's held-out splits (task metrics and output cosine against float; ppocr-rec
 also on its ``hard`` split), twice: in ONNX Runtime's CPU provider as deployed there, and as
-``QDQ math`` (optimizations off: the Q/DQ arithmetic itself, which exact int8 kernels such as
-TensorRT's compute up to accumulation order). For the tensorrt rows the QDQ math is the figure
-that matters: ONNX Runtime's CPU provider fuses their int8 MatMuls (and some Convs) into its
-integer kernels, which on an x86 CPU without VNNI saturate (``docs/quantize.md``, u8s8_overflow;
-the tensorrt target leaves that remedy off, as TensorRT's kernels do not saturate). The ort-cpu
-rows' deployed figures are ONNX Runtime's kernels with the remedy. ``findings``: what
-``targets.placement_findings`` says against TensorRT's documented rules (0 is the goal).
+``QDQ math`` (optimizations off: the Q/DQ arithmetic itself, which exact integer kernels such
+as TensorRT's or HTP's compute up to accumulation order). For the tensorrt and qnn rows the QDQ
+math is the figure that matters: ONNX Runtime's CPU provider fuses int8 MatMuls into its integer
+kernels, which on an x86 CPU without VNNI saturate (``docs/quantize.md``, u8s8_overflow; those
+targets leave the ONNX Runtime remedy off or do not need it), and runs uint16 Q/DQ in float.
+``findings``: what ``targets.placement_findings`` says against the variant's own target's
+documented rules (0 is the goal; qnn's list what the quantize pass does not place yet).
 Where the TensorRT execution provider is installed (onnxruntime-gpu with TensorRT, its own
-environment), ``--providers tensorrt`` also times float and both variants there; without it the
+environment), ``--providers tensorrt`` also times float and the variants there; without it the
 JSON says it was not measured.
 
-    python benchmarks/tensorrt_int8.py [--models ppocr-rec ppocr-det minilm tiny-clip]
+    python benchmarks/activation_dtypes.py [--models ppocr-rec ppocr-det minilm tiny-clip]
         [--calib 32] [--eval 64] [--hard 128] [--providers tensorrt]
 """
 
@@ -39,7 +43,9 @@ from onnxcomp.model import load
 from onnxcomp.report import environment
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "tensorrt_int8.json"
+RESULTS = ROOT / "benchmarks" / "results" / "activation_dtypes.json"
+VARIANTS = (("ort-cpu", ()), ("tensorrt", ()), ("qnn", ()),
+            ("qnn", ("quantize.activation_dtype=uint16",)))
 
 
 def _activation_pairs(model) -> dict[str, int]:
@@ -48,7 +54,7 @@ def _activation_pairs(model) -> dict[str, int]:
     found: dict[str, int] = {}
     for node in model.proto.graph.node:
         if node.op_type == "QuantizeLinear" and node.input[0] not in inits:
-            kind = "int8" if inits[node.input[2]].data_type == 3 else "uint8"
+            kind = {3: "int8", 4: "uint16"}.get(inits[node.input[2]].data_type, "uint8")
             found[kind] = found.get(kind, 0) + 1
     return found
 
@@ -108,18 +114,19 @@ def main() -> int:
                 if name == "ppocr-rec" and args.hard else None)
         rows, paths = [], {"float": Path(original)}
         with tempfile.TemporaryDirectory() as folder:
-            for target in ("ort-cpu", "tensorrt"):
+            for target, overrides in VARIANTS:
+                label = f"{target} int8" + (" uint16" if overrides else "")
                 result = api.compress(original, recipe="quantize:int8",
                                       calib=f"{name}:calib:{args.calib}", validate=False,
-                                      show_progress=False, target=target)
-                path = Path(folder) / f"{target}.onnx"
+                                      show_progress=False, target=target,
+                                      overrides=list(overrides))
+                path = Path(folder) / f"{label.replace(' ', '_')}.onnx"
                 result.model.save(path)
-                paths[f"{target} int8"] = path
-                row = {"variant": f"{target} int8",
+                paths[label] = path
+                row = {"variant": label,
                        "size x": round(path.stat().st_size / Path(original).stat().st_size, 3),
                        "activation pairs": _activation_pairs(result.model),
-                       "findings": len(targets.placement_findings(result.model.proto,
-                                                                  "tensorrt"))}
+                       "findings": len(targets.placement_findings(result.model.proto, target))}
                 row.update(scores(validate(original, path, data=eval_data, progress=None,
                                            ours=True).fidelity))
                 row.update(_qdq_math(original, path, eval_data, ""))
