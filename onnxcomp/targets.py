@@ -14,7 +14,7 @@ beside the saved model and checks it loads and matches).
 MatMulIntegerToFloat), which the other targets refuse because their runtimes cannot run it.
 The others are written from their runtimes' documentation and, for ``openvino``, from what its
 CPU plugin was measured to run in int8 (``docs/targets.md``). What the quantize pass cannot do
-yet for a target is said in ``missing``, not papered over (QNN's QDQ around every op), and a
+yet for a target is said in ``missing``, not papered over (QNN's uint8 MatMul weights), and a
 mode its runtime cannot run is refused with the reason (TensorRT has no int8-dynamic).
 """
 
@@ -197,9 +197,11 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         # it would only add ops.
         overrides=("quantize.output_qdq=all", "quantize.activation_matmuls=true",
                    "quantize.integer_hardswish=false"),
+        # A fully quantized graph: every op reads a DequantizeLinear (quantize.every_op).
+        int8_overrides=("quantize.every_op=true",),
         activation_dtypes=("uint8", "uint16"), weight_dtypes=("uint8", "int8"),
-        float_ops="none should (HTP runs a fully quantized graph); the pass leaves every op "
-                  "but Conv/MatMul/Gemm float: see missing",
+        float_ops="ops whose result is not float (ArgMax, comparisons), ops inside If/Loop "
+                  "bodies, weights of normalizations",
         check="structural", supported_ops=tuple(QNN_OPS),
         rules=(("a fully quantized graph: uint8 or uint16 activations around every op, so that "
                 "HTP runs it as one partition"),
@@ -208,8 +210,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                 "uint16 Q/DQ at opset 21 over the calibrated ranges, int8 weights"),
                "static shapes only; no If/Loop",
                "ops outside the QNN EP's supported list fall back to the CPU EP"),
-        missing=(("QDQ around every op (the quantize pass places QDQ on Conv/MatMul/Gemm and "
-                  "their outputs only): other ops split the graph between HTP and the CPU"),
+        missing=(("QDQ on the constant inputs of ops other than Conv/MatMul/Gemm "
+                  "(normalization scales, Add/Mul constants stay float initializers)"),
                  ("uint8 (asymmetric) weights: MatMuls with int8 weights are not HTP MatMul "
                   "inputs"),
                  "not measured: no Qualcomm device here"),

@@ -58,6 +58,7 @@ from onnxcomp.passes.quantize import (
     bias,
     depthwise,
     equalize,
+    every_op,
     fidelity,
     gptq_int8,
     half,
@@ -72,7 +73,7 @@ from onnxcomp.passes.quantize import (
 )
 from onnxcomp.passes.quantize.config import HALF_MODES, INTEGER_MODES, MODES, NAME, Config
 from onnxcomp.passes.quantize.gptq import Hessians
-from onnxcomp.passes.quantize.match import Site, reached
+from onnxcomp.passes.quantize.match import QuantPlan, Site, reached
 from onnxcomp.passes.quantize.prepare import Planned
 from onnxcomp.pipeline import (
     SKIP,
@@ -208,6 +209,11 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append("int8-dynamic: SmoothQuant needs calibration data (--calib): "
                              "not applied; with it transformers are more faithful (MiniLM "
                              "held-out sentence cosine 0.9938 -> 0.9985)")
+    if config.mode == "int8" and config.every_op:  # the ops the rewrites above added
+        quant_plan = QuantPlan(quant_plan.mode, list(quant_plan.sites), list(quant_plan.skipped),
+                               list(quant_plan.notes))
+        every_op.sites(import_graph(prepared), every_op.float_tensors(prepared.proto),
+                       quant_plan, config.exclude)
     if config.int8_gptq:  # weights onto the int8 grid, compensated; bias correction sees them
         # Pointwise Convs too in static int8 (per-channel int8 weights there, like its grid).
         gptq_sites = [s for s in quant_plan.sites if s.op != "Conv" or config.mode == "int8"]

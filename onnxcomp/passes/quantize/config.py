@@ -116,6 +116,9 @@ class Config:
     min_opset: int | None = option(None, "raise the model to at least this opset before "
                                          "quantizing (openvino: 14, so HardSwish is written as "
                                          "the one op OpenVINO fuses)")
+    every_op: bool = option(False, "int8: QDQ on the float activation inputs of every op, a "
+                                   "fully quantized graph (an NPU such as QNN's HTP runs it as "
+                                   "one partition); value-moving ops share their input's range")
     conv_adds: bool = option(True, "int8: QDQ on a conv net's feature-map Adds (residual, "
                                    "pyramid), squeeze-excitation Muls and Concats, and nearest "
                                    "Resizes between them sharing one range, so ONNX Runtime "
@@ -205,7 +208,7 @@ class Config:
             raise ValueError(f"smoothquant_alpha must be in [0, 1] or auto, got {alpha!r}")
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
                      "activation_matmuls", "equalize", "fold", "depthwise_equalize",
-                     "dynamic_smoothquant", "static_smoothquant", "conv_adds",
+                     "dynamic_smoothquant", "static_smoothquant", "conv_adds", "every_op",
                      "saturation_ranges", "integer_hardswish", "signed_feature_maps",
                      "range_search"):
             if not isinstance(getattr(self, name), bool):

@@ -33,7 +33,7 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import attention as quantize_attention
-from onnxcomp.passes.quantize import fold, placement
+from onnxcomp.passes.quantize import every_op, fold, placement
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize.config import INTEGER_MODES, Config
 from onnxcomp.passes.quantize.match import (
@@ -239,6 +239,8 @@ def find_sites(model: Model, config: Config) -> QuantPlan:
                    config.activation_matmuls)
     if config.mode == "int8" and config.conv_adds:
         placement.feature_map_sites(graph, result, config.exclude)
+    if config.mode == "int8" and config.every_op:
+        every_op.sites(graph, every_op.float_tensors(model.proto), result, config.exclude)
     if config.mode == "int8" and config.output_qdq != "none":
         placement.output_qdq(result, graph, config.output_qdq, shapes)
     if config.embeddings:

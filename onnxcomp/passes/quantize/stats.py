@@ -18,8 +18,8 @@ import numpy as np
 from onnxcomp.graph import constant_array, export_model, graph_nodes, import_graph, tidy
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import calib as quantize_calib
+from onnxcomp.passes.quantize import every_op, placement
 from onnxcomp.passes.quantize import gptq as quantize_gptq
-from onnxcomp.passes.quantize import placement
 from onnxcomp.passes.quantize import smooth as quantize_smooth
 from onnxcomp.passes.quantize.config import Config
 from onnxcomp.passes.quantize.match import QuantPlan
@@ -89,6 +89,8 @@ def _ranges(model: Model, quant_plan: QuantPlan, config: Config, ctx: Context
                   saturated[name].function if name in saturated else None)
               for name in names if name in stats}
     placement.shared_ranges(model.proto.graph, ranges)
+    if config.every_op:
+        every_op.share_ranges(model.proto.graph, ranges)
     return quantize_calib.Ranges(ranges, missing, sorted(saturated))
 
 

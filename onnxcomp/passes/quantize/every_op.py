@@ -1,0 +1,103 @@
+"""``every_op``: a fully quantized graph, a QDQ pair on the float activation inputs of every op.
+
+An NPU such as QNN's HTP runs a graph in 8 or 16 bits only where every op's inputs come
+through DequantizeLinear and its outputs go to QuantizeLinear; an op left reading float splits
+the graph, and that op and the layout changes around it run on the CPU (the QNN EP's
+documentation). The Conv/MatMul/Gemm sites and their outputs are what ``match`` and
+``output_qdq`` place; here every other top-level op with a float activation input becomes an
+activation-only site (``Site`` with no weight): the static rewrite then puts one shared pair on
+each of those tensors, calibrated like the rest, so every op reads a DequantizeLinear and every
+op's output reaches a QuantizeLinear through its readers. Graph outputs stay float (their
+producer's pair is on its inputs). Left float: ops whose result is not float (ArgMax, Equal,
+Shape), a Relu/Clip fused into the Conv/MatMul/Gemm before it (its pair is after it), ops
+inside If/Loop/Scan bodies (said in a note); skipped with the reason: ops without a name,
+excluded ops.
+
+Ops that only move or select values (Reshape, Transpose, Slice, MaxPool, nearest Resize, ...)
+give their output the input's range (``share_ranges``): their output values are among their
+input's, so the one range covers both sides exactly, and runtimes that require equal
+parameters across such ops (HTP for Reshape and Transpose) get them.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxcomp.passes.quantize.match import QuantPlan, Site, excluded
+
+# Output values are a subset (or a rearrangement) of the first input's values.
+VALUE_PRESERVING = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity",
+                    "Slice", "Gather", "GatherElements", "GatherND", "Split", "Expand", "Tile",
+                    "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "DepthToSpace",
+                    "SpaceToDepth")
+_NEVER = ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Size")
+
+
+def float_tensors(proto: onnx.ModelProto) -> set[str]:
+    """Names of the float32 tensors shape inference types (graph inputs, value_info, outputs);
+    best effort: what inference cannot type is left out (and stays float)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - untyped tensors just get no pair
+        inferred = proto
+    values = (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+    return {v.name for v in values
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
+def sites(graph: gs.Graph, floats: set[str], result: QuantPlan,
+          exclude: tuple[str, ...]) -> int:
+    """Add an activation-only site for every top-level op of ``graph`` not yet a site that
+    reads a float activation (a non-constant tensor in ``floats``); returns how many."""
+    taken = {s.node for s in result.sites}
+    weighted = {s.node for s in result.sites if s.weight_input is not None}
+    added = 0
+    for node in graph.nodes:
+        if node.op in _NEVER or node.name in taken or _fused_activation(node, weighted):
+            continue
+        inputs = tuple(i for i, tensor in enumerate(node.inputs)
+                       if isinstance(tensor, gs.Variable) and tensor.name in floats)
+        if not inputs or not node.outputs or node.outputs[0].name not in floats:
+            continue  # nothing float to read, or a non-float result (ArgMax, Equal): left
+        if not node.name:
+            result.skipped.append((f"<unnamed {node.op}>", "every_op: the node has no name"))
+            continue
+        reason = excluded(node, exclude)
+        if reason:
+            result.skipped.append((node.name, reason))
+            continue
+        result.sites.append(Site(node.name, node.op, inputs, None, None, None,
+                                 node.outputs[0].name))
+        taken.add(node.name)
+        added += 1
+    bodies = sum(1 for node in graph.nodes for attr in node.attrs.values()
+                 if isinstance(attr, gs.Graph))
+    if bodies:
+        result.notes.append(f"every_op: the ops inside {bodies} If/Loop/Scan bodies keep float "
+                            f"inputs (only their Conv/MatMul/Gemm sites are quantized)")
+    return added
+
+
+def _fused_activation(node: gs.Node, weighted: set[str]) -> bool:
+    """A Relu/Clip that is the one reader of a Conv/MatMul/Gemm site's output: runtimes fuse it
+    into that op (its pair goes after it, ``placement.output_qdq``), so it gets none between."""
+    if node.op not in ("Relu", "Clip") or not node.inputs or not node.inputs[0].inputs:
+        return False
+    source = node.inputs[0].inputs[0]
+    return source.name in weighted and len(node.inputs[0].outputs) == 1
+
+
+def share_ranges(graph: onnx.GraphProto, ranges: dict[str, tuple[float, float]]) -> int:
+    """Each calibrated output of a value-preserving op whose first input is calibrated takes
+    that input's range (in place, in graph order so chains share one range); returns how
+    many."""
+    shared = 0
+    for node in graph.node:
+        if node.op_type not in VALUE_PRESERVING or not node.input or node.input[0] not in ranges:
+            continue
+        for output in node.output:
+            if output in ranges:
+                ranges[output] = ranges[node.input[0]]
+                shared += 1
+    return shared

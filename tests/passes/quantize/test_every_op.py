@@ -1,0 +1,97 @@
+"""every_op: a fully quantized graph (QNN HTP's partition), every op reading DequantizeLinear;
+value-moving ops share their input's range; numerically close to float in ONNX Runtime."""
+
+from __future__ import annotations
+
+import builders
+import numpy as np
+from onnx import numpy_helper
+
+from onnxcomp import api, runtime, targets
+from onnxcomp.passes.quantize import every_op
+
+
+def _compress(model, *overrides):
+    return api.compress(model, recipe="quantize:int8", calib="random:8", validate=False,
+                        show_progress=False, overrides=["quantize.every_op=true", *overrides])
+
+
+def _float_readers(model) -> list[str]:
+    """Ops (not Q/DQ) that read a non-constant input not written by a DequantizeLinear."""
+    graph = model.proto.graph
+    inits = {t.name for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    inputs = {i.name for i in graph.input}
+    found = []
+    for node in graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape"):
+            continue
+        for name in node.input:
+            if not name or name in inits:
+                continue
+            source = producers.get(name)
+            if node.op_type in ("Relu", "Clip") and source is not None and \
+                    source.op_type in ("Conv", "MatMul", "Gemm"):
+                continue  # fused into the op before it; its pair is after it
+            if source is None and name in inputs or source is not None and \
+                    source.op_type not in ("DequantizeLinear", "Constant", "Shape"):
+                found.append(f"{node.op_type} {node.name} <- {name}")
+    return found
+
+
+def test_every_op_reads_dequantize_linear():
+    plain = _compress(builders.attention_block(), "quantize.every_op=false").model
+    assert any("LayerNormalization" in f for f in _float_readers(plain))
+    assert _float_readers(_compress(builders.attention_block()).model) == []
+    conv = _compress(builders.conv_net()).model
+    assert _float_readers(conv) == []
+    assert targets.placement_findings(conv.proto, "qnn") == []
+
+
+def test_the_qnn_target_sets_it_and_its_int8_stays_close_to_float():
+    model = builders.attention_block()
+    result = api.compress(model, recipe="quantize:int8", calib="random:8", validate=False,
+                          show_progress=False, target="qnn").model
+    # The SmoothQuant Muls added after planning read a pair too.
+    assert _float_readers(result) == []
+    findings = "\n".join(targets.placement_findings(result.proto, "qnn"))
+    assert "reading float activations" not in findings
+    x = {i.name: np.random.default_rng(0).standard_normal(
+        [d.dim_value or 1 for d in i.type.tensor_type.shape.dim]).astype(np.float32)
+        for i in model.proto.graph.input}
+    want = runtime.session(model, optimize=False).run(None, x)[0]
+    got = runtime.session(result, optimize=False).run(None, x)[0]
+    cosine = float(np.dot(want.ravel(), got.ravel()) / np.linalg.norm(want) / np.linalg.norm(got))
+    assert cosine > 0.99, cosine
+
+
+def test_value_moving_ops_share_their_inputs_range():
+    result = _compress(builders.attention_block()).model
+    graph = result.proto.graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    pair = {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]]))
+            for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    producers = {o: n for n in graph.node for o in n.output}
+    shared = 0
+    for node in graph.node:
+        if node.op_type not in every_op.VALUE_PRESERVING or node.output[0] not in pair:
+            continue
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "DequantizeLinear":
+            quantized = producers[source.input[0]].input[0]
+            assert pair[node.output[0]] == pair[quantized], node.name
+            shared += 1
+    assert shared >= 2
+
+
+def test_off_by_default_and_the_plan_says_what_it_adds():
+    model = builders.attention_block()
+    plain = api.dry_run(model, "quantize:int8", "random:4")[0]
+    every = api.dry_run(model, "quantize:int8", "random:4",
+                        overrides=["quantize.every_op=true"])[0]
+    assert len(every.rows) >= len(plain.rows)
+    actions = {row.node: row.action for row in every.rows}
+    plain_nodes = {row.node for row in plain.rows if row.action != "skip"}
+    norms = [n.name for n in model.proto.graph.node if n.op_type == "LayerNormalization"]
+    assert norms and not set(norms) & plain_nodes
+    assert all(actions.get(n, "skip") != "skip" for n in norms), actions
