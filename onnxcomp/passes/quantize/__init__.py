@@ -68,7 +68,6 @@ from onnxcomp.passes.quantize import (
     ranges,
     recurrent,
     rewrite,
-    signed,
     stats,
 )
 from onnxcomp.passes.quantize.config import HALF_MODES, INTEGER_MODES, MODES, NAME, Config
@@ -277,7 +276,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append(f"{integer} HardSwish run on uint8 as QLinearAdd + QLinearMul "
                              f"(x * clip(x/6 + 1/2, 0, 1); integer_hardswish)")
     retyped = activations.count(result.proto.graph, config.activation_dtype)
-    signed_pairs = signed.count(result.proto.graph)
+    signed_pairs = activations.count(result.proto.graph, "int8")
     if config.activation_dtype != "uint8" and retyped:
         kind = "symmetric int8" if config.activation_dtype == "int8" else "uint16"
         applied.notes.append(f"{retyped} activation QDQ pairs in {kind} (activation_dtype = "

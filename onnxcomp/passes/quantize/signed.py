@@ -184,15 +184,3 @@ def to_symmetric(graph: gs.Graph, quantize: gs.Node, dequantizes: list[gs.Node])
         node.inputs[1], node.inputs[2] = new_scale, new_zero
     quantize.outputs[0].dtype = np.int8
 
-
-def count(graph) -> int:
-    """Activation QuantizeLinear nodes with a scalar int8 zero point in an ONNX graph proto."""
-    constants = {t.name: t for t in graph.initializer}
-    found = 0
-    for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in constants or len(node.input) < 3:
-            continue
-        zero_point = constants.get(node.input[2])
-        if zero_point is not None and zero_point.data_type == 3 and not zero_point.dims:  # INT8
-            found += 1
-    return found
