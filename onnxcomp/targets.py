@@ -14,7 +14,7 @@ beside the saved model and checks it loads and matches).
 MatMulIntegerToFloat), which the other targets refuse because their runtimes cannot run it.
 The others are written from their runtimes' documentation and, for ``openvino``, from what its
 CPU plugin was measured to run in int8 (``docs/targets.md``). What the quantize pass cannot do
-yet for a target is said in ``missing``, not papered over (QNN's uint8 MatMul weights), and a
+yet for a target is said in ``missing``, not papered over (QNN's Q/DQ on normalization weights), and a
 mode its runtime cannot run is refused with the reason (TensorRT has no int8-dynamic).
 """
 
@@ -205,15 +205,16 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         check="structural", supported_ops=tuple(QNN_OPS),
         rules=(("a fully quantized graph: uint8 or uint16 activations around every op, so that "
                 "HTP runs it as one partition"),
-               "MatMul input types on HTP: (uint8, uint8), (uint8, uint16), (uint16, uint8)",
+               ("a MatMul with a rank-2 constant weight runs as QNN FullyConnected, which takes "
+                "int8 per-channel weights (onnxruntime-qnn's MatMul op builder); a MatMul "
+                "between activations as QNN MatMul: (uint8, uint8), (uint8, uint16), "
+                "(uint16, uint8)"),
                ("16-bit activations (A16W8) with --set quantize.activation_dtype=uint16: "
                 "uint16 Q/DQ at opset 21 over the calibrated ranges, int8 weights"),
                "static shapes only; no If/Loop",
                "ops outside the QNN EP's supported list fall back to the CPU EP"),
         missing=(("QDQ on the constant inputs of ops other than Conv/MatMul/Gemm "
                   "(normalization scales, Add/Mul constants stay float initializers)"),
-                 ("uint8 (asymmetric) weights: MatMuls with int8 weights are not HTP MatMul "
-                  "inputs"),
                  "not measured: no Qualcomm device here"),
         refused=(("int8-dynamic", "QNN HTP needs static quantization parameters"),
                  ("int4", ("int4 weights need QNN's LPBQ form, which the quantize pass does "
@@ -342,15 +343,18 @@ def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto]
             for feed in feeds:
                 if feed is not None and feed.op_type == "DequantizeLinear":
                     weight = constants.get(feed.input[0])
-                    if weight is not None and weight.data_type == onnx.TensorProto.INT8:
+                    # A rank-2 constant weight makes the MatMul a QNN FullyConnected, which
+                    # takes int8 per-channel weights; other ranks stay a QNN MatMul.
+                    if weight is not None and weight.data_type == onnx.TensorProto.INT8 \
+                            and len(weight.dims) > 2:
                         int8_matmuls += 1
                         break
         if node.output[0] not in quantized and any(
                 name and name not in constants for name in node.input):
             float_ops[node.op_type] += 1
     if int8_matmuls:
-        findings.append(f"{int8_matmuls} MatMul(s) with int8 weights: HTP MatMul takes "
-                        "uint8/uint16 inputs only")
+        findings.append(f"{int8_matmuls} MatMul(s) with int8 weights of rank > 2 (a QNN MatMul, "
+                        "not FullyConnected): HTP MatMul takes uint8/uint16 inputs only")
     if float_ops:
         listed = ", ".join(f"{op} x{n}" for op, n in sorted(float_ops.items()))
         findings.append(f"ops reading float activations (not quantized: run outside HTP's "
