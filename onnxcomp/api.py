@@ -127,6 +127,10 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
     runtime.check_input(original, session=False)
     chosen = targets.get(recipe_target(recipe, target))  # --target wins over the recipe's
     steps = target_steps(recipe, overrides, chosen)
+    if shapes:  # a bad --shape is found before the work, not after it
+        from onnxcomp import fixed_shapes
+
+        fixed_shapes.check(original, shapes)
     report = Report("compress")
     report.environment["target"] = chosen.name
     report.models["reference"] = _model_facts(original, source_path)

@@ -15,20 +15,39 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import onnx
 
 from onnxcomp.errors import InvalidOutput, UserError
 from onnxcomp.model import Model
+
+
+def check(model: Model, shapes: Mapping[str, Sequence[int]]) -> None:
+    """The ``UserError`` that ``fix`` would raise for these shapes, found before any work: the
+    edit tried on a graph holding the model's inputs alone."""
+    _fix_inputs(model, shapes, onnx.helper.make_graph([], "inputs", list(model.graph.input),
+                                                      []))
 
 
 def fix(model: Model, shapes: Mapping[str, Sequence[int]]) -> tuple[Model, list[str]]:
     """A copy of ``model`` whose named inputs have the given shapes, and one note per input.
     A name that is not a graph input, a size below 1, a rank that differs or a static size
     that differs from the given one is a ``UserError``."""
-    from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+    from onnxruntime.tools.onnx_model_utils import fix_output_shapes
+
+    fixed = model.copy()
+    notes = _fix_inputs(model, shapes, fixed.graph)
+    if not model.lazy:  # shape inference reads the weights' shapes from the proto
+        fix_output_shapes(fixed.proto)
+    check_same(model, fixed)
+    return fixed, notes
+
+
+def _fix_inputs(model: Model, shapes: Mapping[str, Sequence[int]],
+                graph: onnx.GraphProto) -> list[str]:
+    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
 
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i.name for i in model.graph.input if i.name not in initializers]
-    fixed = model.copy()
     notes = []
     for name, dims in shapes.items():
         if name not in inputs:
@@ -37,14 +56,11 @@ def fix(model: Model, shapes: Mapping[str, Sequence[int]]) -> tuple[Model, list[
         if not dims or any(int(d) < 1 for d in dims):
             raise UserError(f"--shape {name}: sizes must be at least 1, got {list(dims)}")
         try:
-            make_input_shape_fixed(fixed.graph, name, [int(d) for d in dims])
+            make_input_shape_fixed(graph, name, [int(d) for d in dims])
         except ValueError as exc:  # rank or a static size differs
             raise UserError(f"--shape {name}={','.join(map(str, dims))}: {exc}") from None
         notes.append(f"input {name} fixed to shape {list(map(int, dims))}")
-    if not model.lazy:  # shape inference reads the weights' shapes from the proto
-        fix_output_shapes(fixed.proto)
-    check_same(model, fixed)
-    return fixed, notes
+    return notes
 
 
 def check_same(before: Model, after: Model) -> None:

@@ -103,3 +103,15 @@ def test_a_static_model_keeps_its_shapes():
     model = builders.conv_net()
     fixed, _ = fixed_shapes.fix(model, {"x": [1, 3, 16, 16]})
     assert fixed.proto.graph.input[0] == model.proto.graph.input[0]
+
+
+def test_a_bad_shape_is_refused_before_any_work(monkeypatch):
+    from onnxcomp import pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the pipeline ran before the --shape check")
+
+    monkeypatch.setattr(pipeline.Pipeline, "run", no_work)
+    with pytest.raises(UserError, match="not an input"):
+        api.compress(_dynamic_conv(), recipe="quantize:int8", calib="random:4",
+                     show_progress=False, shapes={"nope": [1, 3, 8, 8]})
