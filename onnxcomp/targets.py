@@ -315,7 +315,9 @@ def placement_findings(model: onnx.ModelProto, target: Target) -> list[str]:
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(outside.items()))
             findings.append(f"ops outside {target.name}'s supported list (CPU fallback): {listed}")
     if target.name == "qnn":
-        findings.extend(_qnn_findings(graph, constants))
+        from onnxcomp.passes.quantize.every_op import tensor_types
+
+        findings.extend(_qnn_findings(graph, constants, tensor_types(model)))
     if target.name == "tensorrt":
         findings.extend(_trt_findings(graph))
     return findings
@@ -325,8 +327,11 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
-def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto]
-                  ) -> list[str]:
+def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto],
+                  types: dict[str, int]) -> list[str]:
+    """``types``: element types shape inference found; an op that reads only integer tensors
+    (shape arithmetic) is not reading float activations; an untyped tensor counts as float
+    (the safe side)."""
     findings = []
     producers = _producers(graph)
     float_ops = Counter()
@@ -350,7 +355,9 @@ def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto]
                         int8_matmuls += 1
                         break
         if node.output[0] not in quantized and any(
-                name and name not in constants for name in node.input):
+                name and name not in constants
+                and types.get(name, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+                for name in node.input):
             float_ops[node.op_type] += 1
     if int8_matmuls:
         findings.append(f"{int8_matmuls} MatMul(s) with int8 weights of rank > 2 (a QNN MatMul, "

@@ -90,7 +90,7 @@ __all__ = ["HALF_MODES", "INTEGER_MODES", "MODES", "NAME", "PASS", "Config", "ap
 
 def _action(site: Site, config: Config) -> str:
     """What the rewrite will do to one site, as a plan row says it."""
-    if site.op == "Gather":
+    if site.op == "Gather" and site.weight_input is not None:  # else every_op's activations
         return "int8 table (Gather)"
     if site.op == "Attention":
         return f"QAttention ({'per-channel' if config.per_channel else 'per-tensor'})"

@@ -31,19 +31,30 @@ VALUE_PRESERVING = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "
                     "Slice", "Gather", "GatherElements", "GatherND", "Split", "Expand", "Tile",
                     "MaxPool", "GlobalMaxPool", "ReduceMax", "ReduceMin", "DepthToSpace",
                     "SpaceToDepth")
-_NEVER = ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Size")
+# Q/DQ themselves, shape arithmetic, and the weight-carrying ops the other rewrites own (fused
+# Attention, LSTM/GRU/RNN: their inputs are theirs to place).
+_NEVER = ("QuantizeLinear", "DequantizeLinear", "Constant", "Shape", "Size", "Attention",
+          "LSTM", "GRU", "RNN")
 
 
-def float_tensors(proto: onnx.ModelProto) -> set[str]:
-    """Names of the float32 tensors shape inference types (graph inputs, value_info, outputs);
-    best effort: what inference cannot type is left out (and stays float)."""
+def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type (``TensorProto`` enum) of every tensor shape inference types (graph inputs,
+    value_info, outputs, initializers); best effort: what it cannot type is left out."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001 - untyped tensors just get no pair
         inferred = proto
     values = (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
-    return {v.name for v in values
-            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    types = {v.name: v.type.tensor_type.elem_type for v in values
+             if v.type.tensor_type.elem_type}
+    types.update((t.name, t.data_type) for t in proto.graph.initializer)
+    return types
+
+
+def float_tensors(proto: onnx.ModelProto) -> set[str]:
+    """Names of the tensors typed float32 (``tensor_types``)."""
+    return {name for name, kind in tensor_types(proto).items()
+            if kind == onnx.TensorProto.FLOAT}
 
 
 def sites(graph: gs.Graph, floats: set[str], result: QuantPlan,

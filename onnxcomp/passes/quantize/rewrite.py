@@ -61,7 +61,7 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
     sites = []
     # Gather tables, fused Attention and LSTM/GRU/RNN layers have their own rewrites.
     for site in quant_plan.sites:
-        if site.op == "Gather":
+        if site.op == "Gather" and site.weight_input is not None:  # else: activations only
             quantize_gather.rewrite(graph, nodes[site.node], tables)
         elif site.op == "Attention":
             quantize_attention.rewrite(graph, nodes[site.node], config.per_channel)

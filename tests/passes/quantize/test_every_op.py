@@ -95,3 +95,34 @@ def test_off_by_default_and_the_plan_says_what_it_adds():
     norms = [n.name for n in model.proto.graph.node if n.op_type == "LayerNormalization"]
     assert norms and not set(norms) & plain_nodes
     assert all(actions.get(n, "skip") != "skip" for n in norms), actions
+
+
+def test_an_activation_gather_beside_an_int8_table():
+    """A Gather over activations (a text tower's pooling) becomes an activation site; the
+    embedding table's Gather stays the int8 table rewrite."""
+    from onnx import TensorProto, helper
+
+    from onnxcomp.model import Model
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((4096, 8)).astype(np.float32), "table")
+    weight = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    index = numpy_helper.from_array(np.array(2, np.int64), "last")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["emb"], name="embed"),
+             helper.make_node("MatMul", ["emb", "w"], ["h"], name="proj"),
+             helper.make_node("Gather", ["h", "last"], ["pooled"], name="pool", axis=1),
+             helper.make_node("Relu", ["pooled"], ["y"], name="act")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [table, weight, index])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    result = _compress(model).model
+    ops = [n.op_type for n in result.proto.graph.node]
+    assert ops.count("Gather") >= 3  # the int8 table's rows and scales, and the pooling
+    readers = {i for n in result.proto.graph.node if n.name == "pool" for i in n.input}
+    producers = {o: n.op_type for n in result.proto.graph.node for o in n.output}
+    assert any(producers.get(name) == "DequantizeLinear" for name in readers)
+    ids = np.array([[1, 5, 7]], np.int64)
+    want = runtime.session(model, optimize=False).run(None, {"ids": ids})[0]
+    got = runtime.session(result, optimize=False).run(None, {"ids": ids})[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
