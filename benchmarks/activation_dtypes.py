@@ -139,8 +139,8 @@ def main() -> int:
             timed = {p: _timings(paths, p, eval_data) for p in args.providers.split(",") if p}
         results["models"][name] = {"rows": rows, "timings": timed or {
             "not measured": "no --providers given (TensorRT needs a GPU: none here)"}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, default=str))
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # after each model: kept if one fails
+        args.out.write_text(json.dumps(results, indent=1, default=str))
     for name, entry in results["models"].items():
         headers = list(dict.fromkeys(k for r in entry["rows"] for k in r))
         print(f"\n### {name}\n\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))

@@ -239,6 +239,12 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
                              f"bounds, ranges chosen by the readers' output error")
     if config.mode == "int8":  # body sites no calibration data reached stay float, said so
         quant_plan = reached(quant_plan, collected, import_graph(prepared))
+    if config.mode == "int8" and config.every_op:
+        quant_plan, masks = every_op.without_masks(import_graph(prepared), quant_plan, collected)
+        if masks:
+            applied.notes.append(f"every_op: {len(masks)} tensors whose range reaches "
+                                 f"{every_op.MASK_MAGNITUDE:g} (masks) left float: "
+                                 f"{', '.join(masks[:5])}{' ...' if len(masks) > 5 else ''}")
     result = rewrite.rewrite(prepared, quant_plan, config, collected)
     if isinstance(collected, Hessians):
         collected = None  # read once, a segment at a time: nothing to keep

@@ -126,3 +126,42 @@ def test_an_activation_gather_beside_an_int8_table():
     want = runtime.session(model, optimize=False).run(None, {"ids": ids})[0]
     got = runtime.session(result, optimize=False).run(None, {"ids": ids})[0]
     assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_a_mask_added_to_the_scores_stays_float():
+    """scores + mask with -1e9 where masked: a pair over that range would leave no levels for
+    the scores; the mask input stays float, said in a note, and the output follows float."""
+    from onnx import TensorProto, helper
+
+    from onnxcomp.model import Model
+
+    rng = np.random.default_rng(1)
+    weight = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "w")
+    mask = np.triu(np.full((8, 8), -1e9, np.float32), 1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["scores"], name="qk"),
+             helper.make_node("Mul", ["m", "big"], ["mask"], name="scale_mask"),
+             helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+             helper.make_node("Softmax", ["masked"], ["y"], name="softmax", axis=-1)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8]),
+                     helper.make_tensor_value_info("m", TensorProto.FLOAT, [8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8])],
+        [weight, numpy_helper.from_array(np.array(1.0, np.float32), "big")])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    from onnxcomp.calibration import from_batches
+
+    batches = [{"x": rng.standard_normal((1, 8, 8)).astype(np.float32), "m": mask}
+               for _ in range(4)]
+    result = api.compress(model, recipe="quantize:int8", calib=from_batches(batches),
+                          validate=False, show_progress=False,
+                          overrides=["quantize.every_op=true"])
+    notes = "\n".join(n for r in result.report.passes for n in r.notes)
+    assert "(masks) left float" in notes and "mask" in notes
+    producers = {o: n.op_type for n in result.model.proto.graph.node for o in n.output}
+    add = next(n for n in result.model.proto.graph.node if n.name == "add_mask")
+    assert producers[add.input[0]] == "DequantizeLinear"  # the scores are quantized
+    assert producers[add.input[1]] != "DequantizeLinear"  # the mask is not
+    feeds = batches[0]
+    want = runtime.session(model, optimize=False).run(None, feeds)[0]
+    got = runtime.session(result.model, optimize=False).run(None, feeds)[0]
+    assert np.abs(got - want).max() < 0.1
