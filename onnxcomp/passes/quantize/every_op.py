@@ -121,8 +121,8 @@ def without_masks(graph: gs.Graph, quant_plan: QuantPlan, ranges: dict[str, tupl
         if kept:
             sites.append(Site(**{**site.__dict__, "activation_inputs": kept}))
         else:
-            skipped.append((site.node, f"every input's range reaches {MASK_MAGNITUDE:g} "
-                                       f"(a mask): left float"))
+            why = f"every input's range reaches {MASK_MAGNITUDE:g} (a mask): left float"
+            skipped.append((site.node, why))
     plan = QuantPlan(quant_plan.mode, sites, skipped, list(quant_plan.notes))
     return plan, sorted(set(left))
 
