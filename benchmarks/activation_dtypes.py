@@ -22,7 +22,8 @@ environment), ``--providers tensorrt`` also times float and the variants there; 
 JSON says it was not measured.
 
     python benchmarks/activation_dtypes.py [--models ppocr-rec ppocr-det minilm tiny-clip]
-        [--calib 32] [--eval 64] [--hard 128] [--providers tensorrt]
+        [--calib 32] [--eval 64] [--hard 128] [--providers tensorrt] [--doc]
+    python benchmarks/activation_dtypes.py --from-json A.json B.json --doc   # table only
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distill_kd import scores
+from doc_tables import write_between
 
 from onnxcomp import api, calibration, targets, zoo
 from onnxcomp.measure.validate import validate
@@ -93,6 +95,39 @@ def _timings(paths: dict[str, Path], provider: str, data) -> dict:
     return report.bench
 
 
+DOC = ROOT / "docs" / "targets.md"
+BEGIN, END = "<!-- activation-dtypes:begin -->", "<!-- activation-dtypes:end -->"
+
+
+def _fidelity(row: dict, prefix: str) -> str:
+    """The row's headline figures under ``prefix`` (``QDQ math `` or ``""``): task metrics where
+    the zoo has them, else the output cosines."""
+    tasks = [k for k in ("line_accuracy", "char_accuracy") if f"{prefix}{k}" in row]
+    if tasks:
+        return " / ".join(f"{row[prefix + k]:.3f}" for k in tasks)
+    cosines = [v for k, v in row.items() if k.startswith(f"{prefix}cos ")
+               and not k.startswith("hard ")]
+    return " / ".join(f"{v:.4f}" for v in cosines)
+
+
+def doc_table(results: dict) -> str:
+    """One row per model and variant: the figures as the target's runtime would compute them
+    (QDQ math), ONNX Runtime CPU's, the hard lines' where measured, pairs, findings, size."""
+    from onnxcomp.report import markdown_table
+
+    rows = []
+    for name, entry in results["models"].items():
+        for row in entry["rows"]:
+            hard = _fidelity(row, "hard QDQ math ") if "hard QDQ math line_accuracy" in row \
+                else ""
+            pairs = ", ".join(f"{n} {k}" for k, n in row["activation pairs"].items())
+            rows.append([name, row["variant"], _fidelity(row, "QDQ math "), hard,
+                         _fidelity(row, ""), pairs, row["findings"], row["size x"]])
+    return markdown_table(["model", "variant", "QDQ math (eval)", "QDQ math (hard lines)",
+                           "ONNX Runtime CPU (eval)", "activation pairs", "findings", "size x"],
+                          rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+",
@@ -102,7 +137,19 @@ def main() -> int:
     parser.add_argument("--hard", type=int, default=128, help="ppocr-rec hard lines")
     parser.add_argument("--providers", default="", help="e.g. tensorrt (timed where present)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--doc", action="store_true", help=f"write the table into {DOC.name}")
+    parser.add_argument("--from-json", nargs="+", type=Path,
+                        help="no run: the table from these results files (merged)")
     args = parser.parse_args()
+    if args.from_json:
+        merged = {"models": {}}
+        for path in args.from_json:
+            merged["models"].update(json.loads(path.read_text())["models"])
+        table = doc_table(merged)
+        print(table)
+        if args.doc:
+            write_between(DOC, BEGIN, END, table)
+        return 0
     results = {"date": datetime.datetime.now().isoformat(timespec="minutes"),
                "environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
                "models": {}}
@@ -141,6 +188,8 @@ def main() -> int:
             "not measured": "no --providers given (TensorRT needs a GPU: none here)"}}
         args.out.parent.mkdir(parents=True, exist_ok=True)  # after each model: kept if one fails
         args.out.write_text(json.dumps(results, indent=1, default=str))
+    if args.doc:
+        write_between(DOC, BEGIN, END, doc_table(results))
     for name, entry in results["models"].items():
         headers = list(dict.fromkeys(k for r in entry["rows"] for k in r))
         print(f"\n### {name}\n\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
