@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxcomp.passes.quantize.activations import DTYPES as ACTIVATION_DTYPES
 from onnxcomp.passes.quantize.calib import METHODS
 from onnxcomp.passes.quantize.int4 import SCALE_RULES
 from onnxcomp.pipeline import option
@@ -159,7 +160,7 @@ class Config:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if self.op_types is not None and not self.op_types:
             raise ValueError("op_types must name at least one op type")
-        if self.activation_dtype not in ("uint8", "int8", "uint16"):
+        if self.activation_dtype not in ACTIVATION_DTYPES:
             raise ValueError(f"activation_dtype must be uint8, int8 or uint16, got "
                              f"{self.activation_dtype!r}")
         if self.activation_dtype != "uint8" and self.mode == "int8-dynamic":
