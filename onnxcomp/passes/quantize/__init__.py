@@ -88,6 +88,11 @@ from onnxcomp.pipeline import (
 __all__ = ["HALF_MODES", "INTEGER_MODES", "MODES", "NAME", "PASS", "Config", "apply", "plan"]
 
 
+# every_op in uint8 below this output cosine says that uint16 activations exist (measured:
+# MiniLM .843 -> .998, PP-OCRv4 rec line accuracy .61 -> .95 with them).
+EVERY_OP_HINT_COSINE = 0.99
+
+
 def _action(site: Site, config: Config) -> str:
     """What the rewrite will do to one site, as a plan row says it."""
     if site.op == "Gather" and site.weight_input is not None:  # else every_op's activations
@@ -256,6 +261,14 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
                                          applied)
     else:
         applied.notes.append("no calibration data: per-layer SQNR not measured")
+    cosines = applied.details.get("output_cosine") or {}
+    if config.every_op and config.activation_dtype == "uint8" and cosines and \
+            min(cosines.values()) < EVERY_OP_HINT_COSINE:
+        applied.notes.append(
+            f"every_op: with 8-bit activations everywhere the output cosine is "
+            f"{min(cosines.values()):.3f} here; 16-bit ones (--set "
+            f"quantize.activation_dtype=uint16, QNN HTP's A16W8) measured at float's level on "
+            f"transformers and text recognizers (docs/targets.md)")
     if config.range_search and len(final.sites) != len(quant_plan.sites):
         # Each mixed-precision trial is a fresh rewrite from the calibrated ranges.
         applied.notes.append("range_search: min_cosine returned layers to float, and that "

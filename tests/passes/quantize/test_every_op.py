@@ -165,3 +165,33 @@ def test_a_mask_added_to_the_scores_stays_float():
     want = runtime.session(model, optimize=False).run(None, feeds)[0]
     got = runtime.session(result.model, optimize=False).run(None, feeds)[0]
     assert np.abs(got - want).max() < 0.1
+
+
+def test_a_lossy_8_bit_graph_points_to_16_bit_activations():
+    """h = x + offset, y = h - offset with large offsets: h's 8-bit step swamps x (16-bit's
+    does not); the note names the uint16 option, and uint16 is the closer of the two."""
+    from onnx import TensorProto, helper
+
+    from onnxcomp.calibration import from_batches
+    from onnxcomp.model import Model
+
+    nodes = [helper.make_node("Add", ["x", "offset"], ["h"], name="shift"),
+             helper.make_node("Sub", ["h", "offset"], ["y"], name="unshift")]
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 64]) for n in "xy"]
+    graph = helper.make_graph(nodes, "g", [value[0], helper.make_tensor_value_info(
+        "offset", TensorProto.FLOAT, [1, 64])], [value[1]])
+    model = Model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.standard_normal((1, 64)).astype(np.float32),
+                "offset": rng.uniform(-500, 500, (1, 64)).astype(np.float32)} for _ in range(8)]
+    cosines = {}
+    for dtype in ("uint8", "uint16"):
+        result = api.compress(model, recipe="quantize:int8", calib=from_batches(batches),
+                              validate=False, show_progress=False,
+                              overrides=["quantize.every_op=true", "quantize.op_types=Add",
+                                         f"quantize.activation_dtype={dtype}"])
+        record = next(r for r in result.report.passes if r.name == "quantize")
+        cosines[dtype] = min(record.details["output_cosine"].values())
+        hinted = any("activation_dtype=uint16" in n for n in record.notes)
+        assert hinted == (dtype == "uint8"), (dtype, record.notes)
+    assert cosines["uint8"] < 0.99 < cosines["uint16"], cosines
