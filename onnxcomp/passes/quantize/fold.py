@@ -89,9 +89,14 @@ def fold_batchnorms(graph: gs.Graph) -> list[str]:
         bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
         bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias
         epsilon = float(bn.attrs.get("epsilon", 1e-5))
-        k = (scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon))
-        new_weight = (weight * k.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
-        new_bias = (k * (bias.astype(np.float64) - mean) + shift).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            k = (scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + epsilon))
+            new_weight = (weight * k.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
+            new_bias = (k * (bias.astype(np.float64) - mean) + shift).astype(np.float32)
+        if not _finite(new_weight, new_bias):
+            logger.debug("quantize: BatchNormalization %s not folded: the folded weights "
+                         "leave float32's range", bn.name)
+            continue
         _replace_weights(graph, conv, new_weight, new_bias, "bn_folded")
         # The Conv now writes the BatchNormalization's output tensor; the BN is disconnected.
         out = bn.outputs[0]
@@ -132,6 +137,12 @@ def _only_reader(tensor: gs.Tensor, graph: gs.Graph, op: str) -> gs.Node | None:
     return readers[0]
 
 
+def _finite(*arrays: np.ndarray) -> bool:
+    """A fold whose product overflows float32 (a hostile or broken model's huge scale) would
+    store inf where the graph computed in steps: such a fold is not done."""
+    return all(bool(np.isfinite(a).all()) for a in arrays)
+
+
 def fold_affine(graph: gs.Graph) -> list[str]:
     """Fold ``Conv -> Mul(constant) [-> Add(constant)]`` (per channel or scalar) into the Conv
     in place; returns the folded Mul/Add names."""
@@ -148,15 +159,21 @@ def fold_affine(graph: gs.Graph) -> list[str]:
             continue
         bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
         bias = np.zeros(channels, np.float32) if bias is None else bias.astype(np.float32)
-        new_weight = weight * scale.reshape(-1, *([1] * (rank - 1)))
-        new_bias = bias * scale
+        with np.errstate(over="ignore", invalid="ignore"):
+            new_weight = weight * scale.reshape(-1, *([1] * (rank - 1)))
+            new_bias = bias * scale
         last, names = mul, [mul.name]
         add = _only_reader(mul.outputs[0], graph, "Add")
         shift = None if add is None else _per_channel(
             _other_constant(add, mul.outputs[0]), channels, rank)
         if shift is not None:
-            new_bias = new_bias + shift
+            with np.errstate(over="ignore", invalid="ignore"):
+                new_bias = new_bias + shift
             last, names = add, [mul.name, add.name]
+        if not _finite(new_weight, new_bias):
+            logger.debug("quantize: %s not folded: the folded weights leave float32's range",
+                         mul.name)
+            continue
         _replace_weights(graph, conv, new_weight, new_bias, "affine_folded")
         out = last.outputs[0]
         for node in {id(mul): mul, id(last): last}.values():
@@ -220,9 +237,12 @@ def fold_affine_forward(graph: gs.Graph) -> list[str]:
         bias = constant_array(conv.inputs[2]) if len(conv.inputs) > 2 else None
         bias = np.zeros(weight.shape[0], np.float64) if bias is None else bias.astype(np.float64)
         matrix = weight.reshape(weight.shape[0], channels).astype(np.float64)
-        if shift is not None:
-            bias = bias + matrix @ shift.astype(np.float64)
-        new_weight = weight * scale.reshape(1, channels, *([1] * (rank - 2)))
+        with np.errstate(over="ignore", invalid="ignore"):
+            if shift is not None:
+                bias = bias + matrix @ shift.astype(np.float64)
+            new_weight = weight * scale.reshape(1, channels, *([1] * (rank - 2)))
+        if not _finite(new_weight, bias.astype(np.float32)):
+            continue  # the fold would leave float32's range (see _finite)
         _replace_weights(graph, conv, new_weight, bias, "input_affine_folded")
         steps = [n for n in (mul, add) if n is not None]
         conv.inputs[0] = source

@@ -261,3 +261,21 @@ def test_static_int8_raises_the_opset_for_one_hardswish_op_and_folds_forwards():
     pointwise = quantize_plan(_forward_affine_net(), Config(mode="int8"), Context())
     assert any(n.startswith("folded 2 constant Mul/Add nodes before pointwise Convs")
                for n in pointwise.notes)
+
+
+def test_a_fold_that_would_overflow_float32_is_not_done(recwarn):
+    """A BatchNormalization scale of 1e38 over a variance near zero: W * k leaves float32's
+    range. The graph computes it in steps (the same inf or not); the fold would store inf in
+    the weights, so that BatchNormalization stays, quietly (no numpy warning)."""
+    model = _bn_net()
+    for tensor in model.proto.graph.initializer:
+        if tensor.name in ("s1", "v1"):
+            values = numpy_helper.to_array(tensor).copy()
+            values[0] = 1e38 if tensor.name == "s1" else 0.0
+            tensor.CopyFrom(numpy_helper.from_array(values.astype(np.float32), tensor.name))
+    folded, names = _folded(model)
+    assert names == ["bn2"]
+    assert "BatchNormalization" in [n.op_type for n in folded.proto.graph.node]
+    weights = [numpy_helper.to_array(t) for t in folded.proto.graph.initializer]
+    assert all(np.isfinite(w).all() for w in weights if w.dtype == np.float32)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
