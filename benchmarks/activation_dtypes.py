@@ -105,8 +105,7 @@ def _fidelity(row: dict, prefix: str) -> str:
     tasks = [k for k in ("line_accuracy", "char_accuracy") if f"{prefix}{k}" in row]
     if tasks:
         return " / ".join(f"{row[prefix + k]:.3f}" for k in tasks)
-    cosines = [v for k, v in row.items() if k.startswith(f"{prefix}cos ")
-               and not k.startswith("hard ")]
+    cosines = [v for k, v in row.items() if k.startswith(f"{prefix}cos ")]
     return " / ".join(f"{v:.4f}" for v in cosines)
 
 

@@ -14,8 +14,9 @@ beside the saved model and checks it loads and matches).
 MatMulIntegerToFloat), which the other targets refuse because their runtimes cannot run it.
 The others are written from their runtimes' documentation and, for ``openvino``, from what its
 CPU plugin was measured to run in int8 (``docs/targets.md``). What the quantize pass cannot do
-yet for a target is said in ``missing``, not papered over (QNN's Q/DQ on normalization weights), and a
-mode its runtime cannot run is refused with the reason (TensorRT has no int8-dynamic).
+yet for a target is said in ``missing``, not papered over (QNN's Q/DQ on normalization
+weights), and a mode its runtime cannot run is refused with the reason (TensorRT has no
+int8-dynamic).
 """
 
 from __future__ import annotations

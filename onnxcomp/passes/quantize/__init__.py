@@ -213,7 +213,8 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append("int8-dynamic: SmoothQuant needs calibration data (--calib): "
                              "not applied; with it transformers are more faithful (MiniLM "
                              "held-out sentence cosine 0.9938 -> 0.9985)")
-    if config.mode == "int8" and config.every_op:  # the ops the rewrites above added
+    if config.mode == "int8" and config.every_op and prepared is not planned.prepared:
+        # The rewrites above (SmoothQuant's Muls) added ops the plan's every_op did not see.
         quant_plan = QuantPlan(quant_plan.mode, list(quant_plan.sites), list(quant_plan.skipped),
                                list(quant_plan.notes))
         every_op.sites(import_graph(prepared), every_op.float_tensors(prepared.proto),

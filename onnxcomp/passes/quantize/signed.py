@@ -46,7 +46,7 @@ _INTEGER_READERS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
 
 
 def activation_pairs(graph: gs.Graph, zero_point_dtype: type = np.uint8
-                      ) -> list[tuple[gs.Node, list[gs.Node]]]:
+                     ) -> list[tuple[gs.Node, list[gs.Node]]]:
     """(QuantizeLinear, its DequantizeLinears) of every activation pair with a scalar zero
     point of ``zero_point_dtype`` (uint8: what the static rewrite wrote for feature maps)."""
     pairs = []
@@ -183,4 +183,3 @@ def to_symmetric(graph: gs.Graph, quantize: gs.Node, dequantizes: list[gs.Node])
     for node in [quantize, *dequantizes]:
         node.inputs[1], node.inputs[2] = new_scale, new_zero
     quantize.outputs[0].dtype = np.int8
-

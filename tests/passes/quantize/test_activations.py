@@ -65,7 +65,8 @@ def _weights_only(model):
     for node in kept:
         node.input[:] = [bypass.get(name, name) for name in node.input]
     outputs = {o.name for o in graph.output}
-    kept += [helper.make_node("Identity", [bypass[name]], [name]) for name in outputs & set(bypass)]
+    kept += [helper.make_node("Identity", [bypass[name]], [name])
+             for name in outputs & set(bypass)]
     del graph.node[:]
     graph.node.extend(kept)
     return Model(proto)
