@@ -183,6 +183,8 @@ def compress(model: Model | str | os.PathLike, recipe: str | Path | list[Step] |
         compressed, fixed = fixed_shapes.fix(compressed, shapes)
         report.notes.extend(fixed)
         report.models["candidate"]["input_shapes"] = {k: list(v) for k, v in shapes.items()}
+    if any(record.modified for record in records):
+        structural_findings(compressed, chosen, report.notes)  # on the shapes as delivered
     return CompressResult(compressed, report, passed, below_floor)
 
 
@@ -367,8 +369,9 @@ def target_steps(recipe, overrides: list[str] | None, target: targets.Target) ->
 
 def check_target(model: Model, target: targets.Target, notes: list[str]) -> None:
     """The target's own check of a model onnxcomp produced: OpenVINO must compile it (when
-    installed; ``InvalidOutput`` if it refuses); structural targets get their documented
-    rules' findings as notes; an opset below the target's is said too."""
+    installed; ``InvalidOutput`` if it refuses); an opset below the target's is said too.
+    Structural targets' findings come after the input shapes are fixed
+    (``structural_findings``)."""
     if model.opset() < target.min_opset:
         notes.append(f"target {target.name}: opset {model.opset()} is below the "
                      f"{target.min_opset} it needs")
@@ -383,12 +386,16 @@ def check_target(model: Model, target: targets.Target, notes: list[str]) -> None
             notes.append("target openvino: compiled by OpenVINO's CPU plugin; the fidelity "
                          "here is measured in ONNX Runtime, and OpenVINO can differ (check it "
                          "there: docs/targets.md)")
-    elif target.check == "structural":
-        findings = [] if model.lazy else targets.placement_findings(model.proto, target)
-        notes.append(f"target {target.name}: checked structurally only (not run here)")
-        notes.extend(f"target {target.name}: {finding}" for finding in findings)
-        notes.extend(f"target {target.name}: not implemented: {item}"
-                     for item in target.missing)
+
+
+def structural_findings(model: Model, target: targets.Target, notes: list[str]) -> None:
+    """A structurally checked target's documented rules, as notes on the delivered model."""
+    if target.check != "structural":
+        return
+    findings = [] if model.lazy else targets.placement_findings(model.proto, target)
+    notes.append(f"target {target.name}: checked structurally only (not run here)")
+    notes.extend(f"target {target.name}: {finding}" for finding in findings)
+    notes.extend(f"target {target.name}: not implemented: {item}" for item in target.missing)
 
 
 def dry_run(model: Model | str | os.PathLike, recipe=None, calib=None,

@@ -37,9 +37,54 @@ def fix(model: Model, shapes: Mapping[str, Sequence[int]]) -> tuple[Model, list[
     fixed = model.copy()
     notes = _fix_inputs(model, shapes, fixed.graph)
     if not model.lazy:  # shape inference reads the weights' shapes from the proto
+        fixed = _static_value_info(fixed)
         fix_output_shapes(fixed.proto)
     check_same(model, fixed)
     return fixed, notes
+
+
+# ONNX Runtime contrib ops whose output has its first input's type and shape (what onnx's own
+# shape inference cannot say for them).
+SHAPE_PRESERVING_CONTRIB = ("Gelu", "FastGelu", "QuickGelu", "BiasGelu")
+
+
+def _static_value_info(model: Model) -> Model:
+    """The intermediate shapes recomputed from the fixed inputs. Declared shapes with a
+    symbolic dim are dropped first (the earlier passes' inference left names such as
+    ``unk__0`` that ``make_input_shape_fixed`` does not know, and inference keeps them); then
+    onnx's shape inference runs again, and the outputs of shape-preserving contrib ops (a fused
+    Gelu), which it cannot follow, are declared with their input's shape until nothing more
+    is learned."""
+    graph = model.graph
+    static = [v for v in graph.value_info if _is_static(v)]
+    del graph.value_info[:]
+    graph.value_info.extend(static)
+    contrib = [n for n in graph.node
+               if n.domain == "com.microsoft" and n.op_type in SHAPE_PRESERVING_CONTRIB]
+    for _ in range(len(contrib) + 1):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model.proto)
+        except Exception:  # noqa: BLE001 - runtimes infer the shapes themselves anyway
+            return model
+        known = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.input)}
+        declared = {v.name for v in graph.value_info}
+        learned = [(node.output[0], known[node.input[0]]) for node in contrib
+                   if node.output[0] not in declared and node.input[0] in known
+                   and _is_static(known[node.input[0]])]
+        for name, source in learned:
+            value = onnx.ValueInfoProto()
+            value.CopyFrom(source)
+            value.name = name
+            graph.value_info.append(value)
+        if not learned:
+            break
+    return model
+
+
+def _is_static(value: onnx.ValueInfoProto) -> bool:
+    shape = value.type.tensor_type.shape
+    return value.type.tensor_type.HasField("shape") and all(
+        d.HasField("dim_value") for d in shape.dim)
 
 
 def _fix_inputs(model: Model, shapes: Mapping[str, Sequence[int]],

@@ -61,6 +61,7 @@ class Target:
     # mode -> why this target refuses it (the UserError's reason)
     refused: tuple[tuple[str, str], ...] = ()
     supported_ops: tuple[str, ...] | None = None  # None: any op the runtime has
+    contrib_ops: tuple[tuple[str, str], ...] = ()  # (domain, op) it runs beside supported_ops
     writes_ort: bool = False  # also write the .ort file (ONNX Runtime Mobile)
     # Append the ``lower`` step (ONNX Runtime CPU contrib ops) after a static int8 quantize.
     lowers: bool = False
@@ -198,12 +199,20 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
         # it would only add ops.
         overrides=("quantize.output_qdq=all", "quantize.activation_matmuls=true",
                    "quantize.integer_hardswish=false"),
-        # A fully quantized graph: every op reads a DequantizeLinear (quantize.every_op).
-        int8_overrides=("quantize.every_op=true",),
+        # A fully quantized graph: every op reads a DequantizeLinear (quantize.every_op),
+        # constants included, and GELU is the one op HTP has.
+        # Gather tables too: HTP gathers from a per-tensor quantized table, not int8 rows
+        # with a float scale each (constant_inputs quantizes the table).
+        int8_overrides=("quantize.every_op=true", "quantize.constant_inputs=true",
+                        "quantize.fuse_gelu=true", "quantize.embeddings=false",
+                        "quantize.u8s8_overflow=none"),
         activation_dtypes=("uint8", "uint16"), weight_dtypes=("uint8", "int8"),
         float_ops="ops whose result is not float (ArgMax, comparisons), ops inside If/Loop "
-                  "bodies, weights of normalizations",
+                  "bodies, ranges that hold a mask (|x| >= 1e4)",
         check="structural", supported_ops=tuple(QNN_OPS),
+        # What ONNX Runtime's own QNN preprocessing writes (quantization/execution_providers/
+        # qnn/preprocess.py fuses Erf GELUs into it).
+        contrib_ops=(("com.microsoft", "Gelu"),),
         rules=(("a fully quantized graph: uint8 or uint16 activations around every op, so that "
                 "HTP runs it as one partition"),
                ("a MatMul with a rank-2 constant weight runs as QNN FullyConnected, which takes "
@@ -211,12 +220,17 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
                 "between activations as QNN MatMul: (uint8, uint8), (uint8, uint16), "
                 "(uint16, uint8)"),
                ("16-bit activations (A16W8) with --set quantize.activation_dtype=uint16: "
-                "uint16 Q/DQ at opset 21 over the calibrated ranges, int8 weights"),
+                "uint16 Q/DQ at opset 21 over the calibrated ranges, int8 weights; 16-bit "
+                "Sigmoid / Tanh outputs at QNN's fixed 1/65536 / 1/32768 scales"),
+               ("constants the quantized ops read (Add/Mul operands, normalization scales and "
+                "biases, Gather tables) behind DequantizeLinear: the activation type, "
+                "normalization scales uint8, their biases int32 (quantize.constant_inputs)"),
+               ("graph outputs written by a DequantizeLinear, so the op before them is in the "
+                "quantized graph"),
+               "GELU as one com.microsoft.Gelu (HTP has no Erf; quantize.fuse_gelu)",
                "static shapes only; no If/Loop",
                "ops outside the QNN EP's supported list fall back to the CPU EP"),
-        missing=(("QDQ on the constant inputs of ops other than Conv/MatMul/Gemm "
-                  "(normalization scales, Add/Mul constants stay float initializers)"),
-                 "not measured: no Qualcomm device here"),
+        missing=("not measured: no Qualcomm device here",),
         refused=(("int8-dynamic", "QNN HTP needs static quantization parameters"),
                  ("int4", ("int4 weights need QNN's LPBQ form, which the quantize pass does "
                           "not write"))),
@@ -290,7 +304,9 @@ def _quantize_nodes(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProt
 
 def placement_findings(model: onnx.ModelProto, target: Target) -> list[str]:
     """What in ``model`` breaks ``target``'s documented rules, one sentence each (empty: none
-    found). Structural only: it reads dtypes, zero points, op types and shapes, runs nothing."""
+    found). Structural: it reads dtypes, zero points, op types and shapes, and computes
+    nothing; ONNX Runtime loads the model once to tell which nodes fold away before a
+    provider sees them (``folded_at_load``)."""
     target = get(target)
     graph = model.graph
     findings: list[str] = []
@@ -307,21 +323,61 @@ def placement_findings(model: onnx.ModelProto, target: Target) -> list[str]:
         if nonzero:
             findings.append(f"{nonzero} activation QuantizeLinear node(s) with non-zero zero "
                             f"points; {target.name} needs symmetric quantization")
+    folded = folded_at_load(model)
     if target.supported_ops is not None:
         allowed = set(target.supported_ops) | {"Constant"}
-        outside = Counter(n.op_type for n in graph.node if n.domain in ("", "ai.onnx")
+        kept = [n for n in graph.node if n.name not in folded]
+        outside = Counter(n.op_type for n in kept if n.domain in ("", "ai.onnx")
                           and n.op_type not in allowed)
-        outside.update(n.op_type for n in graph.node if n.domain not in ("", "ai.onnx"))
+        outside.update(n.op_type for n in kept if n.domain not in ("", "ai.onnx")
+                       and (n.domain, n.op_type) not in target.contrib_ops)
         if outside:
             listed = ", ".join(f"{op} x{n}" for op, n in sorted(outside.items()))
             findings.append(f"ops outside {target.name}'s supported list (CPU fallback): {listed}")
     if target.name == "qnn":
         from onnxcomp.passes.quantize.every_op import tensor_types
 
-        findings.extend(_qnn_findings(graph, constants, tensor_types(model)))
+        findings.extend(_qnn_findings(graph, constants, tensor_types(model), folded))
     if target.name == "tensorrt":
         findings.extend(_trt_findings(graph))
     return findings
+
+
+def folded_at_load(model: onnx.ModelProto) -> set[str]:
+    """Names of the nodes that never reach an execution provider: ONNX Runtime folds them when
+    it loads ``model`` (a Shape of a static tensor and the shape arithmetic after it, constant
+    subgraphs; its basic graph optimizations run before any provider takes nodes). Read from
+    the graph ONNX Runtime writes at that level; Q/DQ nodes, which it duplicates and renames,
+    are left out. Where ONNX Runtime cannot load the model, the nodes whose inputs are all
+    constants (transitively)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    kept = None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as scratch:
+        options.optimized_model_filepath = str(Path(scratch) / "basic.onnx")
+        try:
+            ort.InferenceSession(model.SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])
+            optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+            kept = {node.name for node in optimized.graph.node}
+        except Exception:  # noqa: BLE001 - ONNX Runtime's refusal is checked elsewhere
+            kept = None
+    skipped = ("QuantizeLinear", "DequantizeLinear", "Constant")
+    if kept is not None:
+        return {n.name for n in model.graph.node if n.op_type not in skipped
+                and n.name not in kept}
+    known = set(_constants(model.graph))
+    folded: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in skipped and all(not i or i in known for i in node.input):
+            folded.add(node.name)
+            known.update(node.output)
+    return folded
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -329,17 +385,18 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto],
-                  types: dict[str, int]) -> list[str]:
+                  types: dict[str, int], folded: set[str]) -> list[str]:
     """``types``: element types shape inference found; an op that reads only integer tensors
     (shape arithmetic) is not reading float activations; an untyped tensor counts as float
-    (the safe side)."""
+    (the safe side). ``folded``: nodes ONNX Runtime folds at load (``folded_at_load``)."""
     findings = []
     producers = _producers(graph)
     float_ops = Counter()
     int8_matmuls = 0
     quantized: set[str] = set()  # outputs of ops that run inside a QDQ node group
     for node in graph.node:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant"):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Constant") or \
+                node.name in folded:
             continue
         feeds = [producers.get(name) for name in node.input if name]
         if any(f is not None and f.op_type == "DequantizeLinear" for f in feeds) or (
@@ -363,6 +420,25 @@ def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto]
     if int8_matmuls:
         findings.append(f"{int8_matmuls} MatMul(s) with int8 weights of rank > 2 (a QNN MatMul, "
                         "not FullyConnected): HTP MatMul takes uint8/uint16 inputs only")
+    if any(n.op_type == "Erf" for n in graph.node):
+        findings.append("Erf (HTP has none): GELUs written out with Erf stay on the CPU "
+                        "(--set quantize.fuse_gelu=true fuses them into Gelu)")
+    from onnxcomp.passes.quantize import constants as quantize_constants
+
+    float_constants = quantize_constants.float_data_inputs(graph)
+    if float_constants:
+        listed = ", ".join(f"{node} <- {name}" for node, name in float_constants[:3])
+        findings.append(f"{len(float_constants)} float constant(s) read as data by quantized "
+                        f"ops ({listed}{' ...' if len(float_constants) > 3 else ''}): HTP needs "
+                        "them through DequantizeLinear (quantize.constant_inputs)")
+    float_outputs = [o.name for o in graph.output if o.name in producers
+                     and producers[o.name].op_type != "DequantizeLinear"
+                     and producers[o.name].output[0] in quantized]
+    if float_outputs:
+        findings.append(f"graph output(s) {', '.join(float_outputs[:3])} written by a quantized "
+                        "op without a Q/DQ pair after it: that op runs outside HTP's quantized "
+                        "graph")
+    findings.extend(_fixed_16_bit_findings(graph, constants, producers))
     if float_ops:
         listed = ", ".join(f"{op} x{n}" for op, n in sorted(float_ops.items()))
         findings.append(f"ops reading float activations (not quantized: run outside HTP's "
@@ -373,6 +449,27 @@ def _qnn_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto]
             findings.append(f"input {value.name!r} has dynamic dimensions: QNN needs static "
                             "shapes (fix them first)")
     return findings
+
+
+def _fixed_16_bit_findings(graph: onnx.GraphProto, constants: dict[str, onnx.TensorProto],
+                           producers: dict[str, onnx.NodeProto]) -> list[str]:
+    """16-bit Sigmoid/Tanh outputs whose Q/DQ parameters are not the fixed ones QNN takes."""
+    from onnxcomp.passes.quantize.activations import FIXED_16_BIT
+
+    wrong = Counter()
+    for node in graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if source is None or source.op_type not in FIXED_16_BIT or len(node.input) < 3:
+            continue
+        scale, zero = (constants.get(name) for name in node.input[1:3])
+        if scale is None or zero is None or zero.data_type != onnx.TensorProto.UINT16:
+            continue
+        want_scale, want_zero = FIXED_16_BIT[source.op_type]
+        if not (np.isclose(float(numpy_helper.to_array(scale)), want_scale, rtol=1e-6, atol=0)
+                and int(numpy_helper.to_array(zero)) == want_zero):
+            wrong[source.op_type] += 1
+    return [f"{n} 16-bit {op} output(s) not at QNN's fixed scale {FIXED_16_BIT[op][0]:.6g} / "
+            f"zero point {FIXED_16_BIT[op][1]}" for op, n in sorted(wrong.items())]
 
 
 def _trt_findings(graph: onnx.GraphProto) -> list[str]:

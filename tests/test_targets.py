@@ -13,6 +13,7 @@ from onnxcomp import api, targets
 from onnxcomp.cli import main
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model
+from onnxcomp.passes.quantize import constants as quantize_constants
 from onnxcomp.recipe import apply_overrides, parse_recipe
 
 
@@ -231,17 +232,23 @@ def test_tensorrt_int8_is_symmetric_int8_activations_with_residual_adds_quantize
     assert cosine > 0.99, cosine
 
 
-def test_qnn_quantizes_outputs_and_activation_matmuls_and_says_what_is_missing():
+def test_qnn_quantizes_outputs_activation_matmuls_and_constants():
     model = builders.attention_block()
     result = _compress(model, target="qnn")
     plan = api.dry_run(model, "quantize:int8", "random:4", target="qnn")[0]
     actions = [row.action for row in plan.rows if row.action != "skip"]
     assert any("activation x activation" in a for a in actions)
     notes = "\n".join(result.report.notes)
-    # Rank-2 int8 weights run as QNN FullyConnected (per channel): no finding; what the pass
-    # does not place is said, not hidden.
-    assert "int8 weights" not in notes and "not implemented" in notes
-    assert "constant inputs of ops other than Conv/MatMul/Gemm" in notes
+    # Rank-2 int8 weights run as QNN FullyConnected (per channel): no finding; the constants
+    # the quantized ops read are behind DequantizeLinear too, and the output is a DQ's.
+    assert "int8 weights" not in notes and "float constant" not in notes
+    assert "graph output" not in notes and "not implemented: not measured" in notes
+    graph = result.model.proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    assert all(producers[o.name].op_type == "DequantizeLinear" for o in graph.output)
+    assert quantize_constants.float_data_inputs(graph) == []
+    pass_notes = "\n".join(n for record in result.report.passes for n in record.notes)
+    assert "constant_inputs:" in pass_notes
 
 
 def _residual_qdq(zero: int, dtype=TensorProto.UINT8) -> onnx.ModelProto:

@@ -56,6 +56,7 @@ from onnxcomp.model import Model
 from onnxcomp.passes.quantize import (
     activations,
     bias,
+    constants,
     depthwise,
     equalize,
     every_op,
@@ -305,6 +306,13 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         applied.notes.append(f"{signed_pairs} feature-map QDQ pairs in symmetric int8, pooling "
                              f"and nearest Resizes reading the pairs (signed_feature_maps, "
                              f"for OpenVINO)")
+    if config.constant_inputs and final.sites:
+        still = constants.float_data_inputs(result.proto.graph)
+        applied.notes.append(
+            f"constant_inputs: {constants.count(result.proto.graph)} float constants the "
+            f"quantized ops read stored quantized behind DequantizeLinear" + (
+                f"; {len(still)} left float: {', '.join(f'{n} <- {i}' for n, i in still[:4])}"
+                if still else ""))
     if not final.sites:  # every site went back to float to meet min_cosine
         return applied
     applied.model, applied.modified = result, True

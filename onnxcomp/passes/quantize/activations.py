@@ -10,6 +10,9 @@ the float range it covers.
   ``zp = round(-low / s)``: QNN HTP's 16-bit activations (its "A16W8"), 256x finer steps at the
   range the calibration chose. ``QuantizeLinear`` takes 16-bit types from opset 21, so the
   quantize pass raises the opset to 21 first (``prepare``).
+  A Sigmoid or Tanh output takes the fixed parameters QNN's 16-bit kernels require (the ones
+  ONNX Runtime's QNN quantization config writes): ``1/65536, 0`` over Sigmoid's ``[0, 1)``,
+  ``1/32768, 32768`` over Tanh's ``[-1, 1)``, whatever the calibration saw.
 Weights stay int8 per channel either way.
 """
 
@@ -22,6 +25,8 @@ from onnxcomp.graph import unique_name
 from onnxcomp.passes.quantize.signed import activation_pairs, to_symmetric, uint8_range
 
 DTYPES = ("uint8", "int8", "uint16")
+# QNN's 16-bit Sigmoid and Tanh take these output parameters only: (scale, zero point).
+FIXED_16_BIT = {"Sigmoid": (1.0 / 65536.0, 0), "Tanh": (1.0 / 32768.0, 32768)}
 
 
 def symmetric(graph: gs.Graph) -> int:
@@ -39,9 +44,13 @@ def sixteen_bit(graph: gs.Graph) -> int:
     for quantize, dequantizes in pairs:
         low, high = uint8_range(quantize)
         scale = (high - low) / 65535
-        if not scale > 0:  # an empty range stays what it was (scale 1, the zero point)
+        source = quantize.inputs[0].inputs[0].op if quantize.inputs[0].inputs else None
+        if source in FIXED_16_BIT:
+            scale, zero_point = FIXED_16_BIT[source]
+        elif not scale > 0:  # an empty range stays what it was (scale 1, the zero point)
             continue
-        zero_point = int(np.clip(round(-low / scale), 0, 65535))
+        else:
+            zero_point = int(np.clip(round(-low / scale), 0, 65535))
         name = quantize.outputs[0].name
         new_scale = gs.Constant(unique_name(graph, f"{name}_u16_scale"),
                                 np.asarray(scale, np.float32))

@@ -117,9 +117,17 @@ class Config:
     min_opset: int | None = option(None, "raise the model to at least this opset before "
                                          "quantizing (openvino: 14, so HardSwish is written as "
                                          "the one op OpenVINO fuses)")
-    every_op: bool = option(False, "int8: QDQ on the float activation inputs of every op, a "
-                                   "fully quantized graph (an NPU such as QNN's HTP runs it as "
-                                   "one partition); value-moving ops share their input's range")
+    every_op: bool = option(False, "int8: QDQ on the float activation inputs of every op and "
+                                   "on the graph outputs, a fully quantized graph (an NPU such "
+                                   "as QNN's HTP runs it as one partition); value-moving ops "
+                                   "share their input's range")
+    constant_inputs: bool = option(False, "int8 with every_op: the float constants quantized "
+                                          "ops read as data (Add/Mul operands, normalization "
+                                          "scales and biases, Gather tables) stored quantized "
+                                          "behind a DequantizeLinear, as QNN's HTP needs")
+    fuse_gelu: bool = option(False, "int8: the Erf form of GELU (x * 0.5 * (1 + erf(x / "
+                                    "sqrt 2))) fused into one com.microsoft.Gelu before "
+                                    "placing pairs (QNN's HTP runs Gelu, not Erf)")
     conv_adds: bool = option(True, "int8: QDQ on a conv net's feature-map Adds (residual, "
                                    "pyramid), squeeze-excitation Muls and Concats, and nearest "
                                    "Resizes between them sharing one range, so ONNX Runtime "
@@ -210,10 +218,13 @@ class Config:
         for name in ("per_channel", "int4_symmetric", "embeddings", "attention",
                      "activation_matmuls", "equalize", "fold", "depthwise_equalize",
                      "dynamic_smoothquant", "static_smoothquant", "conv_adds", "every_op",
-                     "saturation_ranges", "integer_hardswish", "signed_feature_maps",
+                     "constant_inputs", "fuse_gelu", "saturation_ranges", "integer_hardswish", "signed_feature_maps",
                      "range_search"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.constant_inputs and not self.every_op:
+            raise ValueError("constant_inputs needs every_op (it completes a fully quantized "
+                             "graph)")
 
     @classmethod
     def from_short(cls, arg: str | None) -> Config:

@@ -104,13 +104,15 @@ def _fused_into_float_gemm(node: gs.Node, shapes: dict[str, list]) -> bool:
 
 
 def output_qdq(result: QuantPlan, graph: gs.Graph, which: str,
-               shapes: dict[str, list]) -> None:
+               shapes: dict[str, list], graph_outputs: bool = False) -> None:
     """Give each Conv site, each MatMul feeding a bias Add that ONNX Runtime would otherwise fuse
     into a float Gemm (``_fused_into_float_gemm``) and each activation x activation
     MatMul (every site for ``all``) an output QDQ unless its output already reaches another
     site's quantized input. Without a Q after it, ONNX Runtime turns an activation x activation
     MatMul into MatMulIntegerToFloat, not the QLinearMatMul its own quantizer gets (PP-OCRv4
-    rec: the two measured within 1 % at 1 thread, QLinearMatMul 2 % faster at 2)."""
+    rec: the two measured within 1 % at 1 thread, QLinearMatMul 2 % faster at 2).
+    ``graph_outputs`` (every_op): a site writing a graph output gets a pair on it too, so the
+    op is inside the quantized graph (the output's DequantizeLinear writes the output)."""
     holders = {n.name: body for n, body in graph_nodes(graph) if n.name}
     nodes = {n.name: n for n, _ in graph_nodes(graph) if n.name}
     quantized_inputs = {(s.node, nodes[s.node].inputs[i].name) for s in result.sites
@@ -120,7 +122,7 @@ def output_qdq(result: QuantPlan, graph: gs.Graph, which: str,
         holder = holders[site.node]
         if id(holder) not in scoped:
             scoped[id(holder)] = (holder.tensors(), {t.name for t in holder.outputs})
-        tensors, graph_outputs = scoped[id(holder)]
+        tensors, outputs = scoped[id(holder)]
         tensor = tensors[site.output]
         if (which == "conv" and site.op != "Conv" and site.weight_input is not None
                 and not (_feeds_bias_add(tensor) and _fused_into_float_gemm(nodes[site.node], shapes))):
@@ -131,9 +133,12 @@ def output_qdq(result: QuantPlan, graph: gs.Graph, which: str,
         if which == "conv-only" and site.op != "Conv" and site.weight_input is not None:
             continue  # no output QDQ on MatMul -> bias Add (see docs/quantize.md: MiniLM)
         while (len(tensor.outputs) == 1 and tensor.outputs[0].op in _FOLDED_ACTIVATIONS
-               and tensor.name not in graph_outputs):
+               and tensor.name not in outputs):
             tensor = tensor.outputs[0].outputs[0]
-        if tensor.name in graph_outputs or _reaches(tensor, quantized_inputs, graph_outputs):
+        if tensor.name in outputs:
+            if not (graph_outputs and holder is graph):
+                continue
+        elif _reaches(tensor, quantized_inputs, outputs):
             continue
         result.sites[index] = Site(**{**site.__dict__, "output_qdq": tensor.name})
 

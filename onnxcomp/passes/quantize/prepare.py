@@ -33,7 +33,7 @@ from onnxcomp.graph import (
 )
 from onnxcomp.model import Model
 from onnxcomp.passes.quantize import attention as quantize_attention
-from onnxcomp.passes.quantize import every_op, fold, placement
+from onnxcomp.passes.quantize import every_op, fold, gelu, placement
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize.config import INTEGER_MODES, Config
 from onnxcomp.passes.quantize.match import (
@@ -79,6 +79,11 @@ def prepare(model: Model, config: Config, notes: list[str]) -> Model:
     if config.min_opset is not None and model.opset() < config.min_opset:
         # First, so the rewrites below write the newer ops (HardSwish from opset 14).
         model = _upgrade(model, config.min_opset, "min_opset", notes)
+    if config.mode == "int8" and config.fuse_gelu:
+        model, fused = gelu.fuse(model)
+        if fused:
+            notes.append(f"fused {fused} Erf GELUs into com.microsoft.Gelu (fuse_gelu: QNN's "
+                         "HTP runs Gelu, not Erf)")
     graph = import_graph(model)
     lifted = lift_constant_nodes(graph)
     if lifted:
@@ -151,7 +156,24 @@ def _upgrade(model: Model, needed: int, why: str, notes: list[str]) -> Model:
         raise UserError(f"could not upgrade the model from opset {opset} to {needed} "
                         f"(needed by {why}): {exc}") from None
     notes.append(f"upgraded the opset from {opset} to {needed} (needed by {why})")
+    _name_new_nodes(proto.graph)
     return Model(proto, model.source, model.external_data)
+
+
+def _name_new_nodes(graph: onnx.GraphProto) -> None:
+    """Name the nodes the converter added without one (Softmax's opset-13 Reshape around it):
+    sites are found by node name, and an unnamed node would be skipped."""
+    taken = {node.name for node in graph.node}
+    for node in graph.node:
+        if node.name or not node.output:
+            continue
+        base = name = f"{node.op_type}_{node.output[0]}"
+        i = 0
+        while name in taken:
+            i += 1
+            name = f"{base}_{i}"
+        node.name = name
+        taken.add(name)
 
 
 def gemm_weight(node: gs.Node) -> LinearWeight | str:
@@ -242,7 +264,8 @@ def find_sites(model: Model, config: Config) -> QuantPlan:
     if config.mode == "int8" and config.every_op:
         every_op.sites(graph, every_op.float_tensors(model.proto), result, config.exclude)
     if config.mode == "int8" and config.output_qdq != "none":
-        placement.output_qdq(result, graph, config.output_qdq, shapes)
+        placement.output_qdq(result, graph, config.output_qdq, shapes,
+                             graph_outputs=config.every_op)
     if config.embeddings:
         sites, skipped = quantize_gather.match(
             graph, config.exclude, frozenset(s.node for s in result.sites))

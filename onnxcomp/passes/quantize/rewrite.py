@@ -37,6 +37,7 @@ from onnxcomp.model import Model
 from onnxcomp.passes.quantize import activations as quantize_activations
 from onnxcomp.passes.quantize import attention as quantize_attention
 from onnxcomp.passes.quantize import calib as quantize_calib
+from onnxcomp.passes.quantize import constants as quantize_constants
 from onnxcomp.passes.quantize import gather as quantize_gather
 from onnxcomp.passes.quantize import gptq as quantize_gptq
 from onnxcomp.passes.quantize import hardswish as quantize_hardswish
@@ -76,6 +77,8 @@ def rewrite(model: Model, quant_plan: QuantPlan, config: Config, stats: dict | N
         if config.signed_feature_maps:
             quantize_signed.rewrite(graph)
         quantize_activations.rewrite(graph, config.activation_dtype)
+        if config.constant_inputs:  # after the retyping: int32 biases read the input scales
+            quantize_constants.rewrite(graph, config.activation_dtype)
     four_bit: set[str] = set()
     if config.mode != "int8":
         lazy = model.lazy
@@ -159,9 +162,22 @@ def _static(graph: gs.Graph, nodes: dict[str, gs.Node], sites: list[Site], stats
             writer = writers.of(holders.get(site.node, graph))
             if id(writer.graph) not in tensors:
                 tensors[id(writer.graph)] = writer.graph.tensors()
-            tensor = tensors[id(writer.graph)][site.output_qdq]
-            scale, zp = quantize_calib.quant_params(*stats[tensor.name])
-            quantize_int8.rewire_consumers(tensor, writer.activation(tensor, scale, zp))
+            tensor = tensors[id(writer.graph)][site.output_qdq]  # renamed if an output
+            scale, zp = quantize_calib.quant_params(*stats[site.output_qdq])
+            dequantized = writer.activation(tensor, scale, zp)
+            quantize_int8.rewire_consumers(tensor, dequantized)
+            if any(out is tensor for out in writer.graph.outputs):  # every_op's outputs
+                _output_from(writer.graph, tensor, dequantized)
+
+
+def _output_from(graph: gs.Graph, tensor: gs.Variable, dequantized: gs.Variable) -> None:
+    """Graph output ``tensor`` becomes ``dequantized`` under ``tensor``'s name (the model's
+    outputs keep their names); the op's own result is renamed."""
+    own = tensor.name
+    tensor.name = unique_name(graph, f"{own}_float")
+    dequantized.name = own
+    dequantized.dtype, dequantized.shape = tensor.dtype, tensor.shape
+    graph.outputs = [dequantized if out is tensor else out for out in graph.outputs]
 
 
 def _weight_only(graph: gs.Graph, node: gs.Node, site: Site, config: Config,

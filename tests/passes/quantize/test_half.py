@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from builders import attention_block, mlp
+from builders import GraphBuilder, attention_block, mlp, tensor
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxcomp import calibration, runtime
 from onnxcomp.model import Model
 from onnxcomp.passes import quantize
+from onnxcomp.passes.quantize import half as half_mode
 from onnxcomp.passes.quantize.half import _to_bfloat16_bits
 from onnxcomp.pipeline import Context, Pipeline
 from onnxcomp.recipe import parse_recipe, with_cleanup
@@ -39,7 +40,8 @@ def test_bfloat16_rounding_matches_ml_dtypes():
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
 def test_half_modes_halve_the_weights_and_keep_the_outputs(mode):
-    model = attention_block()
+    # dim 64: bf16 leaves float32 only weights whose Cast costs more than it saves (below).
+    model = attention_block(dim=64, ffn=128)
     data = _data(model)
     steps = with_cleanup(parse_recipe(f"quantize:{mode}"))
     result, records = Pipeline(steps).run(model, Context(calibration=data))
@@ -132,9 +134,58 @@ def test_half_modes_refuse_a_quantized_model_and_do_nothing_without_float_weight
 def test_half_modes_pass_compress_checks_after_every_step(mode):
     from onnxcomp import api
 
-    model = attention_block()
+    model = attention_block(dim=64, ffn=128)  # weights large enough to halve (bf16, below)
     result = api.compress(model, recipe=f"quantize:{mode}", calib=_data(model),
                           show_progress=False)
     assert result.passed and not result.below_floor
     assert result.report.fidelity["outputs"]
     assert result.model.weight_bytes() <= 0.52 * model.weight_bytes()
+
+
+def test_fp16_leaves_no_inference_residue_and_runs_erf_in_float16():
+    """The converter's value_info is not kept (runtimes infer types; 12 KB of tiny-clip's
+    file); Erf is not kept float32: its output is rounded to float16 right after, so the
+    float32 Erf only added two Casts per GELU (tiny-clip image/text cosine .999997 either way)."""
+    b = GraphBuilder(0)
+    h = b.linear("x", 16, 32, "fc1")
+    erf = b.node("Erf", [b.node("Mul", [h, b.const("r", np.array(0.7071, np.float32))],
+                                "scaled")], "erf")
+    b.node("Mul", [h, erf], "gate", outputs=["y"])
+    model = b.model([tensor("x", [2, 16])], [tensor("y", [2, 32])], 17, "erf_net")
+    data = _data(model)
+    result, record = quantize.PASS.run(model, quantize.Config(mode="fp16"),
+                                       Context(calibration=data))
+    assert not result.graph.value_info
+    assert "erf" not in dict(record.skipped)
+    casts = [n for n in result.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 2  # the float32 input and output only
+    for batch in data:
+        want, got = runtime.run_model(model, batch)["y"], runtime.run_model(result, batch)["y"]
+        assert _cosine(want, got) > 0.9999
+
+
+def test_bf16_keeps_float32_where_the_cast_would_cost_more_than_it_saves():
+    """A bf16 weight is read through a Cast node: for a weight of a few values the node is
+    larger than the two bytes a value it saves, so it stays float32 and the file is smaller
+    than with every weight converted."""
+    model = attention_block()  # dim 16: 16-value normalization weights and biases
+    result, converted = half_mode.to_bf16(model)
+    kept = {t.name for t in result.graph.initializer if t.data_type == TensorProto.FLOAT}
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    assert kept and all(sizes[name] <= 16 for name in kept)
+    assert all(sizes[name] >= 32 for name in converted)
+    # Converting the kept ones too would give a larger file.
+    everything = result.copy()
+    for weight in list(everything.graph.initializer):
+        if weight.name in kept and sizes[weight.name] >= half_mode.MIN_ELEMENTS:
+            stored = half_mode.bf16_tensor(f"{weight.name}_bf16", numpy_helper.to_array(weight))
+            everything.graph.initializer.remove(weight)
+            everything.graph.initializer.append(stored)
+            everything.graph.node.insert(0, helper.make_node(
+                "Cast", [stored.name], [weight.name], to=TensorProto.FLOAT, name=weight.name))
+    assert result.proto.ByteSize() < everything.proto.ByteSize()
+    # Both run; keeping the small ones float32 is no less exact.
+    x = {"x": np.random.default_rng(0).standard_normal((1, 6, 16)).astype(np.float32)}
+    want = runtime.run_model(model, x)["y"]
+    error = np.abs(runtime.run_model(result, x)["y"] - want).max()
+    assert error <= np.abs(runtime.run_model(everything, x)["y"] - want).max()
