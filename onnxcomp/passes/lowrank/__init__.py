@@ -79,52 +79,29 @@ def layer_plans(model: Model, config: Config, ctx: Context) -> list[LayerPlan]:
     groups: dict[str, list[Site]] = {}
     for site in sites:
         groups.setdefault(site.plan.weight, []).append(site)
-    spectra = []
+    ranks = None
+    if config.param_budget is not None:
+        # One budget for every layer: their energies first (the spectra themselves are not kept:
+        # on CLIP ViT-B/32 every layer's float64 factors, whitening and covariance together
+        # held gigabytes), then each layer is decomposed again below, one at a time.
+        energies = []
+        for index, (weight, group) in enumerate(groups.items(), start=1):
+            ctx.progress(f"lowrank: spectrum {index}/{len(groups)} ({weight})")
+            cov = covs.get(weight, (None, 0))[0]
+            energies.append((group[0].plan,
+                             decompose(group[0].matrix, cov, whiten, config.damping).cumulative))
+        ranks = allocate_budget(energies, config.param_budget)
     for index, (weight, group) in enumerate(groups.items(), start=1):
         ctx.progress(f"lowrank: SVD {index}/{len(groups)} ({weight})")
-        cov, rows = covs.get(weight, (None, 0))
+        cov, rows = covs.pop(weight, (None, 0))
         for site in group:
             site.plan.calibration_rows = rows
-        spectra.append((group[0].plan, decompose(group[0].matrix, cov, whiten, config.damping)))
-    if config.param_budget is not None:
-        ranks = allocate_budget(spectra, config.param_budget)
-    else:
-        ranks = [rank_for(p, s, config) for p, s in spectra]
-    for (head, spectrum), rank, group in zip(spectra, ranks, groups.values()):
-        kept = float(spectrum.cumulative[min(rank, len(spectrum.s)) - 1])
-        reason = None
-        if float(np.sum(spectrum.s)) == 0.0:
-            reason = "the weight is all zeros"
-        elif rank > head.max_rank:
-            rule = (f"param_budget {config.param_budget}: kept dense" if config.param_budget
-                    else f"{config.mode} {config.value} needs rank {rank}")
-            reason = (f"{rule}; break-even rank for {head.K}x{head.N} at min_saving "
-                      f"{config.min_saving} is {head.max_rank}")
-        factors = spectrum.factors(rank) if reason is None else None
-        out_err, weight_err = spectrum.errors(*factors) if factors else (None, None)
-        raised_from, rule_error = 0, None
-        if factors and config.max_layer_error is not None:
-            error = layer_error(out_err, weight_err)
-            if error > config.max_layer_error:
-                raised_from, rule_error = rank, error
-                found = limit_rank(head, spectrum, config.max_layer_error, rank)
-                if found is None:
-                    reason = (f"its own error {error:.2f} at rank {rank} is over "
-                              f"max_layer_error {config.max_layer_error}, and a rank that meets "
-                              f"it would pass the break-even rank {head.max_rank}")
-                    factors, out_err, weight_err = None, None, None
-                else:
-                    rank, factors, (out_err, weight_err) = found
-                    kept = float(spectrum.cumulative[rank - 1])
+        spectrum = decompose(group[0].matrix, cov, whiten, config.damping)
+        rank = ranks[index - 1] if ranks is not None else rank_for(group[0].plan, spectrum,
+                                                                   config)
+        _choose(group, spectrum, rank, config)
         for site in group:
-            p = site.plan
-            p.raised_from, p.rule_error = raised_from, rule_error
-            p.rank, p.kept_energy, p.reason = (rank if reason is None else 0), kept, reason
-            p.rel_output_error, p.rel_weight_error = out_err, weight_err
-            p.activation_aware = spectrum.unwhiten is not None
-            p.factors = factors
-            if reason:
-                logger.debug("lowrank: skip %s: %s", p.node, reason)
+            site.matrix = None  # the float64 copy is not needed again
     order = {id(node): i for i, (node, _) in enumerate(graph_nodes(graph))}
     ordered = sorted(sites, key=lambda s: order[id(s.node)])
     return [s.plan for s in ordered] + skipped
@@ -137,6 +114,46 @@ def layer_error(output_error: float | None, weight_error: float) -> float:
     whitened factors within 15 % output error on 16 calibration images still left the model's
     cosine at 0.51 on held-out images (docs/lowrank.md)."""
     return weight_error if output_error is None else max(output_error, weight_error)
+
+
+def _choose(group: list[Site], spectrum, rank: int, config: Config) -> None:
+    """Fill the plans of the sites reading one weight: its rank (raised to meet
+    ``max_layer_error``), kept energy, errors and factors, or why it stays dense."""
+    head = group[0].plan
+    kept = float(spectrum.cumulative[min(rank, len(spectrum.s)) - 1])
+    reason = None
+    if float(np.sum(spectrum.s)) == 0.0:
+        reason = "the weight is all zeros"
+    elif rank > head.max_rank:
+        rule = (f"param_budget {config.param_budget}: kept dense" if config.param_budget
+                else f"{config.mode} {config.value} needs rank {rank}")
+        reason = (f"{rule}; break-even rank for {head.K}x{head.N} at min_saving "
+                  f"{config.min_saving} is {head.max_rank}")
+    factors = spectrum.factors(rank) if reason is None else None
+    out_err, weight_err = spectrum.errors(*factors) if factors else (None, None)
+    raised_from, rule_error = 0, None
+    if factors and config.max_layer_error is not None:
+        error = layer_error(out_err, weight_err)
+        if error > config.max_layer_error:
+            raised_from, rule_error = rank, error
+            found = limit_rank(head, spectrum, config.max_layer_error, rank)
+            if found is None:
+                reason = (f"its own error {error:.2f} at rank {rank} is over "
+                          f"max_layer_error {config.max_layer_error}, and a rank that meets "
+                          f"it would pass the break-even rank {head.max_rank}")
+                factors, out_err, weight_err = None, None, None
+            else:
+                rank, factors, (out_err, weight_err) = found
+                kept = float(spectrum.cumulative[rank - 1])
+    for site in group:
+        p = site.plan
+        p.raised_from, p.rule_error = raised_from, rule_error
+        p.rank, p.kept_energy, p.reason = (rank if reason is None else 0), kept, reason
+        p.rel_output_error, p.rel_weight_error = out_err, weight_err
+        p.activation_aware = spectrum.unwhiten is not None
+        p.factors = factors
+        if reason:
+            logger.debug("lowrank: skip %s: %s", p.node, reason)
 
 
 def limit_rank(head: LayerPlan, spectrum, limit: float, start: int

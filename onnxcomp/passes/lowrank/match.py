@@ -78,11 +78,13 @@ class LayerPlan:
 
 @dataclass
 class Site:
-    """A matched layer: its node, its plan and its weight as a K x N float64 matrix."""
+    """A matched layer: its node, its plan and its weight as a K x N matrix."""
 
     node: gs.Node
     plan: LayerPlan
-    matrix: np.ndarray  # K x N, float64, alpha folded in
+    # K x N, alpha folded in: the weight's own values (a view where possible), float64 only
+    # where alpha was folded; ``decompose`` works in float64. None once decomposed.
+    matrix: np.ndarray | None
     kind: tuple  # sites share factors only when the weight was read the same way
     sampling: tuple | None = None  # Conv: per spatial axis (start, step) of the input rows read
     graph: gs.Graph | None = None  # the graph (or If/Loop/Scan body) that holds the node
@@ -97,7 +99,9 @@ def _match_linear(node: gs.Node) -> tuple[np.ndarray, tuple, None] | str:
     if isinstance(found, str):
         return found
     if found.alpha == 1.0:
-        matrix = found.matrix.astype(np.float64)
+        # The weight itself (or its transposed view): made float64 one layer at a time, where
+        # it is decomposed (146 float64 copies held at once took 1.2 GB on CLIP ViT-B/32).
+        matrix = found.matrix
     else:  # alpha folded in float64, as the factors are computed
         raw = constant_array(found.tensor)
         matrix = (raw.T if found.transposed else raw).astype(np.float64) * found.alpha
@@ -122,7 +126,7 @@ def _match_conv(node: gs.Node) -> tuple[np.ndarray, tuple, tuple | None] | str:
     exact = node.attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID")
     sampling = tuple(((-pads[i]) % strides[i], strides[i]) for i in range(spatial)) if exact \
         else None
-    return weight.reshape(weight.shape[0], -1).T.astype(np.float64), ("Conv",), sampling
+    return weight.reshape(weight.shape[0], -1).T, ("Conv",), sampling
 
 
 def match(node: gs.Node) -> tuple[np.ndarray, tuple, tuple | None] | str:

@@ -82,11 +82,14 @@ def covariances(model: Model, sites: list[Site], ctx: Context
     stream_activations(model, names, ctx.calibration, on_batch,
                        progress=lambda i, n: ctx.progress(f"lowrank: calibration batch {i}/{n}"))
     result = {}
-    for weight in {s.plan.weight for s in sites}:
-        group = {(s.node.inputs[0].name, s.sampling, s.kind[0] == "Conv")
-                 for s in sites if s.plan.weight == weight}
-        total = sum(counts[key] for key in group)
-        result[weight] = (sum(sums[key] for key in group) / max(total, 1), total)
+    made: dict[frozenset, tuple[np.ndarray, int]] = {}  # weights reading the same inputs
+    for weight in {s.plan.weight for s in sites}:  # (q, k, v) share one matrix, read-only
+        group = frozenset((s.node.inputs[0].name, s.sampling, s.kind[0] == "Conv")
+                          for s in sites if s.plan.weight == weight)
+        if group not in made:
+            total = sum(counts[key] for key in group)
+            made[group] = (sum(sums[key] for key in group) / max(total, 1), total)
+        result[weight] = made[group]
     return result
 
 
@@ -126,7 +129,9 @@ class Spectrum:
 
 def decompose(matrix: np.ndarray, cov: np.ndarray | None, whiten: bool, damping: float
               ) -> Spectrum:
-    """Plain SVD of ``matrix``, or of ``Lᵀ matrix`` when whitening by ``cov`` (see above)."""
+    """Plain SVD of ``matrix``, or of ``Lᵀ matrix`` when whitening by ``cov`` (see above);
+    in float64 whatever ``matrix``'s type."""
+    matrix = np.asarray(matrix, np.float64)
     if not whiten or cov is None:
         u, s, vt = np.linalg.svd(matrix, full_matrices=False)
         return Spectrum(matrix, u, s, vt, None, cov)
@@ -151,17 +156,18 @@ def rank_for(plan: LayerPlan, spectrum: Spectrum, config: Config) -> int:
     return int(np.searchsorted(spectrum.cumulative, config.value - ENERGY_SLACK) + 1)
 
 
-def allocate_budget(groups: list[tuple[LayerPlan, Spectrum]], fraction: float) -> list[int]:
+def allocate_budget(groups: list[tuple[LayerPlan, np.ndarray]], fraction: float) -> list[int]:
     """Greedy: each step buys the next singular value (or, past the break-even rank, the dense
-    weight) with the best normalized energy per parameter, while the budget lasts."""
+    weight) with the best normalized energy per parameter, while the budget lasts. ``groups``:
+    each weight's plan and cumulative energy (``Spectrum.cumulative``)."""
     budget = fraction * sum(plan.K * plan.N for plan, _ in groups)
     ranks = [1] * len(groups)
     spent = sum(plan.K + plan.N for plan, _ in groups)
     heap: list[tuple[float, int, int]] = []
 
     def push(i: int) -> None:
-        plan, spectrum = groups[i]
-        r, cum = ranks[i], spectrum.cumulative
+        plan, cum = groups[i]
+        r = ranks[i]
         if r < plan.max_rank:
             gain, cost = cum[r] - cum[r - 1], plan.K + plan.N
         elif r == plan.max_rank:
