@@ -4,7 +4,8 @@ Plain: ``W = U S V^T``, ``A = U_r S_r^½``, ``B = S_r^½ V_r^T``; the kept energ
 ``Σ_{i<r} s_i² / Σ s_i²`` and ``‖W − AB‖_F / ‖W‖_F = sqrt(1 − kept)``.
 
 Activation-aware (calibration data present): ``C = E[x xᵀ]`` over the rows of the layer's input
-(running float64 sums, one batch alive at a time; every leading dim is a sample). With
+(running float32 sums of float64 products, one batch alive at a time; every leading dim is a
+sample; decomposed in float64, one layer at a time). With
 ``C = L Lᵀ`` (eigh, plus a small ridge so L is invertible) the output error on the data is
 ``E‖xW − xAB‖² = ‖Lᵀ(W − AB)‖_F²``, so the SVD truncates ``W' = Lᵀ W = U S Vᵀ`` instead:
 ``A = L^{-T} U_r S_r^½``, ``B = S_r^½ V_r^T``. Energy is then measured on the whitened spectrum
@@ -35,7 +36,7 @@ from onnxcomp.pipeline import Context
 ENERGY_SLACK = 1e-9
 
 
-# Widest layer input whose covariance is collected (K x K float64, 128 MiB at 4096, and an
+# Widest layer input whose covariance is collected (K x K float32, 64 MiB at 4096, and an
 # O(K^3) eigendecomposition): a wider layer (a CRNN's flattened conv features into a Gemm) is
 # factored by its weight alone. Without this bound a 19 MB CRNN needed 6.1 GB and 157 s.
 MAX_COVARIANCE_DIM = 4096
@@ -53,7 +54,10 @@ def _rows(x: np.ndarray, k: int, sampling: tuple | None, conv: bool) -> np.ndarr
 
 
 def _accumulate(total: np.ndarray, rows: np.ndarray) -> None:
-    """``total += rowsᵀ rows`` in float64, a chunk of rows at a time."""
+    """``total += rowsᵀ rows``, each chunk's product in float64, a chunk of rows at a time;
+    ``total`` is float32 (every input's sums are held at once: 1.5 GB in float64 on CLIP
+    ViT-B/32; a float32 sum of a few dozen float64 products keeps ~1e-7 of relative
+    precision, far below the damping the whitening adds)."""
     for start in range(0, rows.shape[0], ROWS_PER_CHUNK):
         chunk = rows[start:start + ROWS_PER_CHUNK].astype(np.float64)
         total += chunk.T @ chunk
@@ -69,7 +73,7 @@ def covariances(model: Model, sites: list[Site], ctx: Context
     keys = {}
     for site in sites:
         keys[(site.node.inputs[0].name, site.sampling, site.kind[0] == "Conv")] = site.plan.K
-    sums = {key: np.zeros((k, k)) for key, k in keys.items()}
+    sums = {key: np.zeros((k, k), np.float32) for key, k in keys.items()}
     counts = dict.fromkeys(keys, 0)
 
     def on_batch(index: int, activations: dict[str, np.ndarray]) -> None:
@@ -132,6 +136,7 @@ def decompose(matrix: np.ndarray, cov: np.ndarray | None, whiten: bool, damping:
     """Plain SVD of ``matrix``, or of ``Lᵀ matrix`` when whitening by ``cov`` (see above);
     in float64 whatever ``matrix``'s type."""
     matrix = np.asarray(matrix, np.float64)
+    cov = None if cov is None else np.asarray(cov, np.float64)
     if not whiten or cov is None:
         u, s, vt = np.linalg.svd(matrix, full_matrices=False)
         return Spectrum(matrix, u, s, vt, None, cov)
