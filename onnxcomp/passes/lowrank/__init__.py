@@ -31,7 +31,7 @@ from onnxcomp.model import Model
 from onnxcomp.passes.lowrank.bodies import body_covariances
 from onnxcomp.passes.lowrank.config import DEFAULT_ENERGY, Config, needs_calibration
 from onnxcomp.passes.lowrank.factor import factor
-from onnxcomp.passes.lowrank.match import LayerPlan, Site, find_sites
+from onnxcomp.passes.lowrank.match import LayerPlan, Site, find_sites, match
 from onnxcomp.passes.lowrank.spectrum import (
     MAX_COVARIANCE_DIM,
     allocate_budget,
@@ -63,6 +63,8 @@ def layer_plans(model: Model, config: Config, ctx: Context) -> list[LayerPlan]:
     whiten = ctx.calibration is not None and config.activation_aware is not False
     graph = import_graph(model)
     sites, skipped = find_sites(graph, config)
+    for site in sites:  # read again at its turn: held for every layer, the weights of a large
+        site.matrix = None  # model were a second copy through the covariances (CLIP: 420 MB)
     outer = [site for site in sites if site.plan.owner is None]
     inner = [site for site in sites if site.plan.owner is not None]
     covs = covariances(model, outer, ctx) if outer and ctx.calibration is not None else {}
@@ -89,19 +91,17 @@ def layer_plans(model: Model, config: Config, ctx: Context) -> list[LayerPlan]:
             ctx.progress(f"lowrank: spectrum {index}/{len(groups)} ({weight})")
             cov = covs.get(weight, (None, 0))[0]
             energies.append((group[0].plan,
-                             decompose(group[0].matrix, cov, whiten, config.damping).cumulative))
+                             decompose(_matrix(group[0]), cov, whiten, config.damping).cumulative))
         ranks = allocate_budget(energies, config.param_budget)
     for index, (weight, group) in enumerate(groups.items(), start=1):
         ctx.progress(f"lowrank: SVD {index}/{len(groups)} ({weight})")
         cov, rows = covs.pop(weight, (None, 0))
         for site in group:
             site.plan.calibration_rows = rows
-        spectrum = decompose(group[0].matrix, cov, whiten, config.damping)
+        spectrum = decompose(_matrix(group[0]), cov, whiten, config.damping)
         rank = ranks[index - 1] if ranks is not None else rank_for(group[0].plan, spectrum,
                                                                    config)
         _choose(group, spectrum, rank, config)
-        for site in group:
-            site.matrix = None  # the float64 copy is not needed again
     order = {id(node): i for i, (node, _) in enumerate(graph_nodes(graph))}
     ordered = sorted(sites, key=lambda s: order[id(s.node)])
     return [s.plan for s in ordered] + skipped
@@ -114,6 +114,11 @@ def layer_error(output_error: float | None, weight_error: float) -> float:
     whitened factors within 15 % output error on 16 calibration images still left the model's
     cosine at 0.51 on held-out images (docs/lowrank.md)."""
     return weight_error if output_error is None else max(output_error, weight_error)
+
+
+def _matrix(site: Site) -> np.ndarray:
+    """The site's K x N weight, read from the graph (``match``)."""
+    return match(site.node)[0]
 
 
 def _choose(group: list[Site], spectrum, rank: int, config: Config) -> None:

@@ -83,7 +83,8 @@ class Site:
     node: gs.Node
     plan: LayerPlan
     # K x N, alpha folded in: the weight's own values (a view where possible), float64 only
-    # where alpha was folded; ``decompose`` works in float64. None once decomposed.
+    # where alpha was folded; ``decompose`` works in float64. ``layer_plans`` lets it go and
+    # reads it again at the layer's turn (held for every layer, it was a copy of the model).
     matrix: np.ndarray | None
     kind: tuple  # sites share factors only when the weight was read the same way
     sampling: tuple | None = None  # Conv: per spatial axis (start, step) of the input rows read
