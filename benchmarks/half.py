@@ -127,7 +127,7 @@ def table(results: dict) -> str:
         for mode in ("fp16", "bf16"):
             e = row[mode]
             rows.append([
-                name, mode, f"{e['size']:.3f}", f"{e['cosine_mean']:.6f}",
+                name, mode, f"{e['size']:.4f}", f"{e['cosine_mean']:.6f}",
                 f"{e['cosine_min']:.6f}",
                 f"{e['openvino_cosine_min']:.6f}" if "openvino_cosine_min" in e
                 else e.get("openvino_error", ""),
