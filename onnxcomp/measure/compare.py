@@ -124,7 +124,10 @@ def _energies(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, floa
     signal = noise = 0.0
     for start in range(0, ref.size, _CHUNK):
         r = ref[start:start + _CHUNK].astype(np.float64)
-        d = r - cand[start:start + _CHUNK]
+        c = cand[start:start + _CHUNK]
+        with np.errstate(invalid="ignore"):  # -inf - -inf: a mask's equal infinities
+            d = r - c
+        d[r == c] = 0.0
         signal += float(r @ r)
         noise += float(d @ d)
     return signal, noise

@@ -19,7 +19,8 @@ With ``activation_dtype = int8`` every constant is symmetric int8 (``s = max|v| 
 Left as they are, by design: the weights and biases of Conv/ConvTranspose/MatMul/Gemm (their
 weights are the rewrite's; a float conv bias beside quantized inputs is quantized to int32 by
 ONNX Runtime itself when it loads the model), inputs QNN reads as parameters (Clip bounds,
-Resize scales, Pad's value, BatchNormalization's mean and variance), and non-float constants.
+Resize scales, Pad's value, BatchNormalization's mean and variance), non-float constants, and
+constants holding inf or NaN (an -inf attention mask: no grid holds it; the check lists them).
 An op that reads no DequantizeLinear and writes to no QuantizeLinear is not in the quantized
 graph, and its constants stay float.
 """
@@ -120,7 +121,8 @@ def rewrite(graph: gs.Graph, activation_dtype: str) -> int:
         weight_scale = None
         for i, tensor in enumerate(list(node.inputs)):
             values = _float(tensor)
-            if values is None or i in PARAMETERS.get(node.op, ()) or values.size == 0:
+            if values is None or i in PARAMETERS.get(node.op, ()) or values.size == 0 or \
+                    not np.all(np.isfinite(values)):  # an -inf mask has no grid: left float
                 continue
             if node.op in NORMALIZATIONS and i == 2:
                 input_scale = _scalar_scale(node.inputs[0])

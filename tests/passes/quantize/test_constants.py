@@ -242,3 +242,18 @@ def test_qnn_leaves_depthwise_equalization_off_and_says_why():
     assert any("dw_equalized" in t.name for t in plain.model.graph.initializer)
     assert constants.float_data_inputs(result.model.proto.graph) == []
     assert _cosine(model, result.model) > 0.99
+
+
+def test_a_constant_with_inf_stays_float_and_is_listed():
+    b = GraphBuilder(3)
+    h = b.linear("x", 8, 8, "fc")
+    mask = np.zeros((1, 8), np.float32)
+    mask[0, 5:] = -np.inf
+    b.node("Softmax", [b.node("Add", [h, b.const("mask", mask)], "masked")], "soft",
+           outputs=["y"], axis=-1)
+    model = b.model([tensor("x", [1, 8])], [tensor("y", [1, 8])], 17, "inf_mask")
+    result = _qnn(model)
+    assert ("masked", "mask") in constants.float_data_inputs(result.proto.graph)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 8)).astype(np.float32)}
+    got = runtime.session(result, optimize=False).run(None, x)[0]
+    assert np.all(got[0, 5:] == 0) and np.isfinite(got).all()
