@@ -53,8 +53,8 @@ def _static_value_info(model: Model) -> Model:
     symbolic dim are dropped first (the earlier passes' inference left names such as
     ``unk__0`` that ``make_input_shape_fixed`` does not know, and inference keeps them); then
     onnx's shape inference runs again, and the outputs of shape-preserving contrib ops (a fused
-    Gelu), which it cannot follow, are declared with their input's shape until nothing more
-    is learned."""
+    Gelu), which it cannot follow, are declared with their input's type and shape (static or
+    not: the types after them matter too) until nothing more is learned."""
     graph = model.graph
     static = [v for v in graph.value_info if _is_static(v)]
     del graph.value_info[:]
@@ -69,8 +69,7 @@ def _static_value_info(model: Model) -> Model:
         known = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.input)}
         declared = {v.name for v in graph.value_info}
         learned = [(node.output[0], known[node.input[0]]) for node in contrib
-                   if node.output[0] not in declared and node.input[0] in known
-                   and _is_static(known[node.input[0]])]
+                   if node.output[0] not in declared and node.input[0] in known]
         for name, source in learned:
             value = onnx.ValueInfoProto()
             value.CopyFrom(source)

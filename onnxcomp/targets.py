@@ -323,7 +323,8 @@ def placement_findings(model: onnx.ModelProto, target: Target) -> list[str]:
         if nonzero:
             findings.append(f"{nonzero} activation QuantizeLinear node(s) with non-zero zero "
                             f"points; {target.name} needs symmetric quantization")
-    folded = folded_at_load(model)
+    # One ONNX Runtime load, only for the targets whose op list is checked (qnn).
+    folded = folded_at_load(model) if target.supported_ops is not None else set()
     if target.supported_ops is not None:
         allowed = set(target.supported_ops) | {"Constant"}
         kept = [n for n in graph.node if n.name not in folded]
