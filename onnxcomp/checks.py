@@ -717,7 +717,7 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     for descriptor, value in proto.ListFields():
         if descriptor.name != "graph":
-            _copy_field(copy, descriptor, value)
+            copy_field(copy, descriptor, value)
     _skeleton_graph(proto.graph, copy.graph)
     return copy
 
@@ -725,18 +725,18 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
 def _skeleton_graph(graph: onnx.GraphProto, into: onnx.GraphProto) -> None:
     for descriptor, value in graph.ListFields():
         if descriptor.name not in ("node", "initializer"):
-            _copy_field(into, descriptor, value)
+            copy_field(into, descriptor, value)
     into.initializer.extend(_placeholder(t) for t in graph.initializer)
     for node in graph.node:
         stub = into.node.add()
         for descriptor, value in node.ListFields():
             if descriptor.name != "attribute":
-                _copy_field(stub, descriptor, value)
+                copy_field(stub, descriptor, value)
         for attr in node.attribute:
             kept = stub.attribute.add()
             for descriptor, value in attr.ListFields():
                 if descriptor.name not in ("t", "g", "tensors", "graphs"):
-                    _copy_field(kept, descriptor, value)
+                    copy_field(kept, descriptor, value)
             if attr.HasField("t"):
                 kept.t.CopyFrom(_placeholder(attr.t))
             if attr.HasField("g"):
@@ -746,7 +746,7 @@ def _skeleton_graph(graph: onnx.GraphProto, into: onnx.GraphProto) -> None:
                 _skeleton_graph(sub, kept.graphs.add())
 
 
-def _copy_field(target: Any, descriptor: Any, value: Any) -> None:
+def copy_field(target: Any, descriptor: Any, value: Any) -> None:
     if descriptor.is_repeated or descriptor.message_type is not None:
         getattr(target, descriptor.name).MergeFrom(value)
     else:

@@ -1,14 +1,16 @@
 """ONNX Runtime sessions for our models, the checks our own output must pass (onnx.checker and a
 session load: ``InvalidOutput`` when refused), and ``max_abs_difference``.
 
-Models under the protobuf limit are handed to ONNX Runtime as bytes; larger ones go through a
-file. Weights a model still holds on disk (lazy loading) are read by ONNX Runtime from the model's
-folder.
+Small models are handed to ONNX Runtime as bytes; larger ones go through a temporary file (one
+file under the protobuf limit, external data above it), which costs ONNX Runtime one copy of the
+weights instead of two. Weights a model still holds on disk (lazy loading) are read by ONNX Runtime
+from the model's folder.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -19,7 +21,7 @@ import onnxruntime as ort
 
 from onnxcomp import checks
 from onnxcomp.errors import InvalidOutput, OnnxcompError, UserError
-from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model, weights_on_disk
+from onnxcomp.model import PROTOBUF_SAFE_BYTES, Model, save, weights_on_disk
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -51,8 +53,17 @@ def resolve_provider(name: str) -> str:
     return full
 
 
+# In-memory models with more weight bytes than this reach ONNX Runtime through a file: from bytes
+# it held two copies of the weights (clip-vit-b32, 577 MB: +1172 MiB resident per session against
+# +594 MiB from a file; as external data +1074 MiB, the mapped file counted too).
+FILE_SESSION_BYTES = 64 << 20
+
+
 def session_options(threads: int | None = None, optimize: bool = True,
-                    optimized_model_path: str | None = None) -> ort.SessionOptions:
+                    optimized_model_path: str | None = None,
+                    spinning: bool = True) -> ort.SessionOptions:
+    """``spinning=False``: idle pool threads sleep between runs instead of spinning (for a
+    session that runs beside other work, e.g. torch training)."""
     options = ort.SessionOptions()
     # Fatal only: ORT logs a failing run at error level on stderr, and its exception already
     # carries the message (which the caller turns into one line).
@@ -66,14 +77,21 @@ def session_options(threads: int | None = None, optimize: bool = True,
     )
     if optimized_model_path:
         options.optimized_model_filepath = optimized_model_path
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return options
 
 
-def release_free_memory() -> None:
+def release_free_memory(collect: bool = True) -> None:
     """Hand freed heap memory back to the operating system (glibc only; else nothing).
 
     Protobuf and numpy free large tensors into the C heap, which glibc keeps for reuse; after
-    many trial models of a large model that retained heap shows as resident memory."""
+    many trial models of a large model that retained heap shows as resident memory. Cyclic
+    garbage is collected first: graph-surgeon graphs are cycles of nodes and tensors, and
+    uncollected they held 1.9 GB of clip-vit-b32's copies past the pass that made them."""
+    if collect:
+        gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -81,15 +99,18 @@ def release_free_memory() -> None:
 
 
 def session(model: Model | str | os.PathLike, provider: str = "cpu", threads: int | None = None,
-            optimize: bool = True, optimized_model_path: str | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session for ``model`` (a Model, lazy or not, or a path).
+            optimize: bool = True, optimized_model_path: str | None = None,
+            spinning: bool = True) -> ort.InferenceSession:
+    """An ONNX Runtime session for ``model`` (a Model, lazy or not, or a path); ``spinning``: see
+    :func:`session_options`.
 
     A model ONNX Runtime refuses is the user's input here (``UserError``; callers say which
     file). For a model onnxcomp produced, :func:`check_loads` makes it ``InvalidOutput``."""
     if optimize and provider == "cpu":
         probe_optimizer(model)
     try:
-        return _open_session(model, provider, threads, optimize, optimized_model_path)
+        return _open_session(model, provider, threads, optimize, optimized_model_path,
+                             spinning)
     except OnnxcompError:
         raise
     except Exception as exc:
@@ -234,8 +255,9 @@ _skeleton = checks.skeleton  # the old name, still used by tests/test_runtime.py
 
 
 def _open_session(model: Model | str | os.PathLike, provider: str, threads: int | None,
-                  optimize: bool, optimized_model_path: str | None) -> ort.InferenceSession:
-    options = session_options(threads, optimize, optimized_model_path)
+                  optimize: bool, optimized_model_path: str | None,
+                  spinning: bool = True) -> ort.InferenceSession:
+    options = session_options(threads, optimize, optimized_model_path, spinning)
     providers = execution_providers(provider, threads)
     if not isinstance(model, Model):
         return ort.InferenceSession(str(model), options, providers=providers)
@@ -246,12 +268,23 @@ def _open_session(model: Model | str | os.PathLike, provider: str, threads: int 
             "session.model_external_initializers_file_folder_path", str(model.source))
         return ort.InferenceSession(model.proto.SerializeToString(), options,
                                     providers=providers)
-    if lazy or model.weight_bytes() > PROTOBUF_SAFE_BYTES:
+    if lazy or model.weight_bytes() > FILE_SESSION_BYTES:
         with tempfile.TemporaryDirectory(prefix="onnxcomp-session-") as tmp:
-            path = Path(tmp) / "model.onnx"
-            model.save(path, external_data=True)
-            return ort.InferenceSession(str(path), options, providers=providers)
+            path = save_for_session(model, Path(tmp))
+            made = ort.InferenceSession(str(path), options, providers=providers)
+        release_free_memory(collect=False)  # the serialized copy written on the way
+        return made
     return ort.InferenceSession(model.proto.SerializeToString(), options, providers=providers)
+
+
+def save_for_session(model: Model, folder: Path) -> Path:
+    """Write ``model`` into ``folder`` the way ONNX Runtime holds it in the least memory: one
+    file under the protobuf limit, external data above it (or while weights are on disk)."""
+    lazy = model.lazy
+    external = lazy or model.weight_bytes() > PROTOBUF_SAFE_BYTES
+    # The proto, not the Model: saving a Model that holds its weights makes the file its source,
+    # and this folder is about to go (a lazy Model keeps its source; it needs it).
+    return save(model if lazy else model.proto, folder / "model.onnx", external_data=external)
 
 
 def execution_providers(provider: str, threads: int | None) -> list:

@@ -110,3 +110,52 @@ def test_reports_name_the_cpu_and_its_int8_dot_product():
     amd = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2\n"
     assert cpu(amd) == {"cpu": "AMD EPYC", "int8_dot_product": "avx2 (no vnni)"}
     assert cpu("processor\t: 0\n") == {}
+
+
+def test_a_large_in_memory_model_reaches_onnx_runtime_through_one_file(monkeypatch, tmp_path):
+    """Above FILE_SESSION_BYTES the model goes through a temporary file (ONNX Runtime held two
+    copies of the weights when given bytes); one file, not external data, under the protobuf
+    limit; the outputs are the same as from bytes."""
+    import numpy as np
+
+    model = make_mlp()
+    model.source = tmp_path
+    feeds = {"x": np.linspace(-1, 1, 16, dtype=np.float32).reshape(2, 8)}
+    from_bytes = runtime.run(runtime.session(model, optimize=False), feeds)
+    saved: list[tuple[Path, bool]] = []
+    real_save = runtime.save_for_session
+
+    def spy(model_, folder):
+        path = real_save(model_, folder)
+        saved.append((path, (path.parent / (path.name + ".data")).exists()))
+        return path
+
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 0)
+    monkeypatch.setattr(runtime, "save_for_session", spy)
+    from_file = runtime.run(runtime.session(model, optimize=False), feeds)
+    assert len(saved) == 1 and saved[0][1] is False   # one self-contained file
+    assert not saved[0][0].exists()                   # the temporary folder is gone
+    assert model.source == tmp_path                   # and the model is not "from" there
+    assert all(np.array_equal(from_bytes[k], from_file[k]) for k in from_bytes)
+
+
+def test_freeing_memory_collects_reference_cycles():
+    """Graph-surgeon graphs are cycles (nodes <-> tensors): release_free_memory collects them
+    before trimming the heap, else their copies of the weights outlive the pass."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    gc.disable()
+    try:
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        alive = weakref.ref(a)
+        del a, b
+        assert alive() is not None        # only a cycle collection frees it
+        runtime.release_free_memory()
+        assert alive() is None
+    finally:
+        gc.enable()

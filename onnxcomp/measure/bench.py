@@ -170,9 +170,7 @@ class _Runner:
 def _session_without_spinning(path: str, provider: str, threads: int | None):
     import onnxruntime as ort
 
-    options = runtime.session_options(threads)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options = runtime.session_options(threads, spinning=False)
     # the provider options too (the OpenVINO EP's thread count and precision): without them
     # the EP ran on every core at its default precision under a "1 thread" label
     providers = runtime.execution_providers(provider, threads)

@@ -13,6 +13,7 @@ reference whose weights are on disk (a large model) runs a segment at a time (``
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -206,8 +207,10 @@ class Reference:
         self.values[index].update({name: value for name, value in result.items()
                                    if np.issubdtype(value.dtype, np.floating)})
 
-    def min_cosine(self, candidate: Model, count: int | None = None) -> float:
-        """Lowest over outputs of the mean per-sample cosine, on the first ``count`` batches."""
+    def min_cosine(self, candidate: Model | str | os.PathLike, count: int | None = None
+                   ) -> float:
+        """Lowest over outputs of the mean per-sample cosine, on the first ``count`` batches
+        (``candidate``: a model or its file)."""
         sess = runtime.session(candidate, optimize=False)
         names = list(self.values[0]) if self.values else []
         sums = _Sums(names, names)

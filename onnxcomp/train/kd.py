@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,10 @@ TEACHER_CACHE_BYTES = 256 << 20
 CHECKPOINT = "kd_checkpoint.pt"
 WEIGHT_DECAY = 1e-4
 CLIP_NORM = 1.0
+# The best weights of a student with more trainable bytes than this wait in a file, not in
+# memory (a second copy of them through the run: 0.6 GB for clip-vit-b32 pruned).
+BEST_IN_FILE_BYTES = 256 << 20
+BEST = "kd_best.pt"
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ class _Teacher:
 
     def __init__(self, teacher: Model, names: list[str], data: Dataset):
         extra = [n for n in names if n not in {o.name for o in teacher.graph.output}]
-        self.session = _quiet_session(with_outputs(teacher, extra))
+        # (a copy only for hint tensors: one more copy of the weights while it is built)
+        self.session = _quiet_session(with_outputs(teacher, extra) if extra else teacher)
         self.names, self.data = names, data
         self.cache: dict[int, dict[str, np.ndarray]] = {}
         self.bytes = 0
@@ -121,15 +127,44 @@ class _Teacher:
 def _quiet_session(model: Model) -> ort.InferenceSession:
     """ONNX Runtime with its thread pool not spinning between runs: a spinning pool kept the
     two cores busy while torch trained, 2.5 s against 0.8 s for 100 steps of a small MLP."""
-    if model.lazy or model.weight_bytes() > (1 << 30):
-        return runtime.session(model, optimize=True)
-    options = runtime.session_options(optimize=True)
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(model.proto.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
-    except Exception as exc:  # the teacher is the user's model
-        raise UserError(f"ONNX Runtime could not load the teacher: {exc}") from exc
+    return runtime.session(model, optimize=True, spinning=False)
+
+
+class _Best:
+    """The trainable weights at the best evaluation so far; none kept means the input's own.
+    Small ones in memory (and in the checkpoint); large ones in a file: in the checkpoint
+    folder when there is one (a resumed run finds them there), else in a temporary one."""
+
+    def __init__(self, twin: Twin, folder: Path | None):
+        size = sum(p.numel() * p.element_size() for p in twin.parameters() if p.requires_grad)
+        self.in_memory: dict[str, torch.Tensor] | None = None
+        self.path: Path | None = None
+        self._temporary = None
+        if size > BEST_IN_FILE_BYTES:
+            if folder is None:
+                self._temporary = tempfile.TemporaryDirectory(prefix="onnxcomp-kd-")
+                folder = Path(self._temporary.name)
+            folder.mkdir(parents=True, exist_ok=True)
+            self.path = folder / BEST
+
+    def keep(self, twin: Twin) -> None:
+        if self.path is None:
+            self.in_memory = _trainable_state(twin)
+            return
+        # torch.save writes each tensor's storage as it is: no copy in memory
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({n: p.detach() for n, p in twin.named_parameters() if p.requires_grad}, tmp)
+        tmp.replace(self.path)
+
+    def restore(self, twin: Twin) -> None:
+        if self.path is None:
+            twin.load_state_dict(self.in_memory, strict=False)
+            return
+        twin.load_state_dict(torch.load(self.path, weights_only=True), strict=False)
+
+    def close(self) -> None:
+        if self._temporary is not None:
+            self._temporary.cleanup()
 
 
 class _Order:
@@ -198,22 +233,35 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
     result.held_out = eval_data is evaluation
     eval_count = min(options.eval_batches, len(eval_data))
     reference = Reference(teacher, eval_data, eval_count)
+    runtime.release_free_memory()  # its session's heap (650 MB for clip-vit-b32)
 
     def write(source: Twin) -> Model:
         return quant.write_back(student) if quant else source.write_back(student)
 
     def score() -> float:
-        return reference.min_cosine(write(twin), eval_count)
+        candidate = write(twin)
+        if candidate.weight_bytes() <= runtime.FILE_SESSION_BYTES:
+            return reference.min_cosine(candidate, eval_count)
+        # A large student: its copy goes to a file and is let go before ONNX Runtime reads
+        # it, so the copy and the session are not both resident beside the training state.
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-kd-") as tmp:
+            path = runtime.save_for_session(candidate, Path(tmp))
+            del candidate
+            runtime.release_free_memory()
+            value = reference.min_cosine(path, eval_count)
+        runtime.release_free_memory()
+        return value
 
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=WEIGHT_DECAY)
     order = _Order(len(data), options.seed)
-    state = {"step": 0, "best": None, "best_step": 0, "best_state": None, "stale": 0,
-             "losses": [], "progress": 0.0}
+    state = {"step": 0, "best": None, "best_step": 0, "stale": 0, "losses": [],
+             "progress": 0.0}
     budget = Budget(options.steps, options.max_minutes)
     # The rate for the step after the current one, from the budget's progress (budget.py).
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda _: budget.lr_factor(state["step"] + 1))
     checkpoint = Path(options.checkpoint_dir) / CHECKPOINT if options.checkpoint_dir else None
+    best = _Best(twin, checkpoint.parent if checkpoint else None)
     if checkpoint is not None and checkpoint.exists():
         saved = torch.load(checkpoint, map_location=device, weights_only=False)
         if saved.get("fingerprint") != _fingerprint(twin):
@@ -225,12 +273,14 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
         order.position = saved["position"]
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
+        # (a checkpoint written before _Best kept the weights in its state)
+        best.in_memory = saved.get("best_state", state.pop("best_state", None))
         budget.done, budget.start = state["step"], state.get("progress", 0.0)
         result.before = saved["before"]
         result.resumed_from = state["step"]
     else:
         result.before = score()
-        state["best"], state["best_state"] = result.before, _trainable_state(twin)
+        state["best"] = result.before  # with the input's weights: nothing for ``best`` to keep
     result.after = state["best"]
     deadline = started + options.max_minutes * 60 if options.max_minutes else None
     budget.until(deadline)
@@ -257,6 +307,9 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
                 return _gave_up(result, student, state["step"] + 1, started, bar_owner)
             result.lr_peak = max(result.lr_peak, optimizer.param_groups[0]["lr"])
             optimizer.step()
+            # The gradients are let go now, not at the next step: else they stay resident
+            # through an evaluation (a copy of the student and its session).
+            optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             budget.ran()
             scheduler.step()
@@ -274,22 +327,26 @@ def train(teacher: Model, student: Model, data: Dataset, options: Options,
                 if not math.isfinite(current):
                     return _gave_up(result, student, state["step"], started, bar_owner)
                 if current > state["best"]:
-                    state.update(best=current, best_step=state["step"], stale=0,
-                                 best_state=_trainable_state(twin))
+                    state.update(best=current, best_step=state["step"], stale=0)
+                    best.keep(twin)
                 else:
                     state["stale"] += 1
                 bar.note(f"loss {step_loss:.4g}, eval cosine {current:.4f} "
                          f"(best {state['best']:.4f})")
                 if checkpoint is not None:
-                    _save(checkpoint, twin, optimizer, scheduler, order, state, result.before)
+                    _save(checkpoint, twin, optimizer, scheduler, order, state, result.before,
+                          best.in_memory)
                 if state["stale"] >= options.patience:
                     result.stopped = "early stop"
                     break
             if out_of_time:
                 result.stopped = "time"
                 break
-    twin.load_state_dict(state["best_state"], strict=False)
-    result.model, result.trained = write(twin), state["best_step"] > 0
+    result.trained = state["best_step"] > 0
+    if result.trained:
+        best.restore(twin)
+        result.model = write(twin)
+    best.close()
     result.after, result.best_step = state["best"], state["best_step"]
     result.steps, result.losses = state["step"], list(state["losses"])
     result.seconds = time.perf_counter() - started
@@ -302,14 +359,14 @@ def _trainable_state(twin: Twin) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in twin.named_parameters() if p.requires_grad}
 
 
-def _save(path: Path, twin, optimizer, scheduler, order: _Order, state: dict, before: float
-          ) -> None:
+def _save(path: Path, twin, optimizer, scheduler, order: _Order, state: dict, before: float,
+          best_state: dict[str, torch.Tensor] | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"fingerprint": _fingerprint(twin), "twin": twin.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "position": order.position, "rng": torch.get_rng_state(),
-                "state": copy.deepcopy(state), "before": before}, tmp)
+                "state": copy.deepcopy(state), "before": before, "best_state": best_state}, tmp)
     tmp.replace(path)
 
 

@@ -86,7 +86,10 @@ def test_seeded_runs_are_reproducible():
     assert any(not np.array_equal(a[k], c[k]) for k in a)
 
 
-def test_checkpoint_and_resume_continue_from_the_saved_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("best_in_file", [False, True])
+def test_checkpoint_and_resume_continue_from_the_saved_step(tmp_path, monkeypatch, best_in_file):
+    if best_in_file:  # a large student's best weights wait in the checkpoint folder
+        monkeypatch.setattr(kd, "BEST_IN_FILE_BYTES", 0)
     teacher, student, data, held_out, _ = _pruned()
     options = kd.Options(steps=20, batch=40, eval_every=10, patience=99,
                          checkpoint_dir=str(tmp_path / "ck"))
@@ -106,6 +109,7 @@ def test_checkpoint_and_resume_continue_from_the_saved_step(tmp_path, monkeypatc
     monkeypatch.setattr(kd, "_save", real_save)
     resumed = kd.train(teacher, student, data, options, evaluation=held_out)
     assert resumed.resumed_from == 10 and resumed.steps == 20
+    assert (tmp_path / "ck" / kd.BEST).exists() == best_in_file
     assert resumed.losses == whole.losses
     a, b = _values(whole.model), _values(resumed.model)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -194,3 +198,34 @@ def test_a_time_budget_far_below_the_steps_still_warms_up_evaluates_and_learns()
     assert result.lr_peak > 0.8 * options.lr
     assert result.evaluations >= 5
     assert result.trained and result.after > result.before + 0.03
+
+
+def test_a_large_student_scored_through_a_file_trains_the_same(monkeypatch, tmp_path):
+    """Above runtime.FILE_SESSION_BYTES the teacher's session and each scored student go
+    through files (and the student's copy is let go before it is scored), above
+    kd.BEST_IN_FILE_BYTES the best weights wait in a temporary file; the run is the same run:
+    same losses, same scores, same weights, and no file left behind."""
+    import tempfile
+
+    from onnxcomp import runtime
+
+    teacher, student, data, held_out, _ = _pruned()
+    options = kd.Options(steps=30, batch=40, seed=5, eval_every=10)
+    in_memory = kd.train(teacher, student, data, options, evaluation=held_out)
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 0)
+    monkeypatch.setattr(kd, "BEST_IN_FILE_BYTES", 0)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the files go
+    written = []
+    real_save, real_keep = runtime.save_for_session, kd._Best.keep
+    monkeypatch.setattr(runtime, "save_for_session",
+                        lambda m, folder: written.append("model") or real_save(m, folder))
+    monkeypatch.setattr(kd._Best, "keep",
+                        lambda self, twin: written.append(self.path.name) or real_keep(self, twin))
+    through_files = kd.train(teacher, student, data, options, evaluation=held_out)
+    assert "model" in written and kd.BEST in written
+    assert not list(tmp_path.iterdir())
+    assert in_memory.trained and in_memory.after > in_memory.before
+    assert through_files.losses == in_memory.losses
+    assert (through_files.before, through_files.after) == (in_memory.before, in_memory.after)
+    a, b = _values(in_memory.model), _values(through_files.model)
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -26,9 +26,9 @@ import itertools
 import logging
 from collections import defaultdict
 
-import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcomp import shape_inference
 from onnxcomp.graph import import_proto, lift_constant_nodes, nested_nodes, node_subgraphs
 from onnxcomp.model import Model
 from onnxcomp.passes.prune.dims import WEIGHT_OPS, Dim, Group, Linker
@@ -192,7 +192,7 @@ def prepare(model: Model) -> gs.Graph:
     every node named (deterministically, so plan and apply see the same names). ``model`` is
     only read."""
     try:
-        proto = onnx.shape_inference.infer_shapes(model.proto, data_prop=True)
+        proto = shape_inference.with_shapes(model.proto, data_prop=True)
     except Exception as exc:  # noqa: BLE001  best effort: unknown shapes only block groups
         logger.debug("prune: shape inference failed: %s", exc)
         proto = model.proto

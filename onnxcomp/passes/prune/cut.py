@@ -12,9 +12,9 @@ import logging
 from collections import defaultdict
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcomp import shape_inference
 from onnxcomp.graph import export_model, set_constant, tidy
 from onnxcomp.model import Model
 from onnxcomp.passes.prune import importance as imp
@@ -111,7 +111,7 @@ def finish(graph: gs.Graph, like: Model) -> Model:
     model = export_model(graph, like=like)
     del model.proto.graph.value_info[:]
     try:
-        model.proto.CopyFrom(onnx.shape_inference.infer_shapes(model.proto))
+        model.proto = shape_inference.with_shapes(model.proto)
     except Exception as exc:  # noqa: BLE001  the model stays valid without value_info
         logger.debug("prune: shape inference after pruning failed: %s", exc)
     return model
