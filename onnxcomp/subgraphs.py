@@ -40,6 +40,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from onnxcomp import shape_inference
 from onnxcomp.graph import graph_nodes
 from onnxcomp.model import Model
 
@@ -487,10 +488,10 @@ def value_types(model: Model) -> dict[str, onnx.ValueInfoProto]:
     """The type of every value shape inference finds (bodies included), by name; best effort:
     empty where inference fails. Sibling bodies reusing a name: the first wins."""
     try:
-        proto = onnx.shape_inference.infer_shapes(model.proto, data_prop=True)
+        graph = shape_inference.inferred(model.proto, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - untyped values only block what needs a shape
         logger.debug("subgraphs: shape inference failed: %s", exc)
-        proto = model.proto
+        graph = model.proto.graph
     found: dict[str, onnx.ValueInfoProto] = {}
 
     def collect(graph: onnx.GraphProto) -> None:
@@ -502,7 +503,7 @@ def value_types(model: Model) -> dict[str, onnx.ValueInfoProto]:
                 if attr.type == onnx.AttributeProto.GRAPH:
                     collect(attr.g)
 
-    collect(proto.graph)
+    collect(graph)
     return found
 
 

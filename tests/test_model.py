@@ -384,3 +384,25 @@ def test_check_input_adds_the_full_check_and_a_session(tmp_path, mlp):
         runtime.check_input(wrong)
     with pytest.raises(UserError, match="not a valid ONNX model"):
         runtime.check_input(wrong, session=False)
+
+
+def test_serialized_size_is_protobufs_byte_size_without_encoding_the_whole_model():
+    """serialized_size measures a weight at a time what ``ByteSize()`` measures by encoding
+    the whole model (2.7 s and 1.2 GB on clip-vit-b32): the same number, also for weights in
+    Constant nodes and subgraphs, model-local functions, metadata and an empty model."""
+    import builders
+
+    from onnxcomp.model import serialized_size
+
+    models = [builders.mlp().proto, builders.mlp(weights_as_constant_nodes=True).proto,
+              builders.if_graph().proto, builders.attention_block(dim=64, ffn=256).proto,
+              onnx.ModelProto()]
+    decorated = builders.mlp().proto
+    helper.set_model_props(decorated, {"author": "x" * 300})
+    decorated.functions.add().CopyFrom(helper.make_function(
+        "local", "Twice", ["a"], ["b"], [helper.make_node("Add", ["a", "a"], ["b"])],
+        [helper.make_opsetid("", 17)]))
+    big = builders.mlp().proto
+    big.graph.initializer[0].raw_data = bytes(300_000)  # a multi-byte length prefix
+    for proto in [*models, decorated, big]:
+        assert serialized_size(proto) == proto.ByteSize()

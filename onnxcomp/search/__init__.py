@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxcomp.errors import UserError
+from onnxcomp.model import serialized_size
 from onnxcomp.search import goals
 from onnxcomp.search.study import Finished
 
@@ -131,7 +132,7 @@ def search(model: str | os.PathLike | Any, calib: Any = None, eval_data: Any = N
                         f"({'; '.join(derived.notes)})")
 
     proto = original.proto
-    if proto.ByteSize() >= 2**31 - 2**24:
+    if serialized_size(proto) >= 2**31 - 2**24:
         raise UserError("search sends the model to its workers inline: models over 2 GB are "
                         "not supported yet")
     model_bytes = proto.SerializeToString()

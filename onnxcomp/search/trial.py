@@ -31,7 +31,7 @@ import numpy as np
 
 from onnxcomp import calibration
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.model import Model
+from onnxcomp.model import Model, serialized_size
 from onnxcomp.search import goals
 
 MAX_INLINE_MODEL = 2**31 - 2**24  # protobuf's limit, less headroom
@@ -191,7 +191,7 @@ def run_trial(shared: Shared, job: Job) -> dict[str, Any]:
                       latency_samples=[round(r, 4) for r in ratios],
                       report=compressed.report.to_dict(), bench=report.bench)
         proto = compressed.model.proto
-        if proto.ByteSize() < MAX_INLINE_MODEL:
+        if serialized_size(proto) < MAX_INLINE_MODEL:
             result["model_bytes"] = proto.SerializeToString()
     except OnnxcompError as exc:
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcomp import shape_inference
 from onnxcomp.passes.quantize.match import QuantPlan, Site, excluded
 
 # Output values are a subset (or a rearrangement) of the first input's values.
@@ -41,10 +42,10 @@ def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
     """Element type (``TensorProto`` enum) of every tensor shape inference types (graph inputs,
     value_info, outputs, initializers); best effort: what it cannot type is left out."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
+        inferred = shape_inference.inferred(proto)
     except Exception:  # noqa: BLE001 - untyped tensors just get no pair
-        inferred = proto
-    values = (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)
+        inferred = proto.graph
+    values = (*inferred.value_info, *inferred.input, *inferred.output)
     types = {v.name: v.type.tensor_type.elem_type for v in values
              if v.type.tensor_type.elem_type}
     types.update((t.name, t.data_type) for t in proto.graph.initializer)

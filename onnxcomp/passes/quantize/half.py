@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxcomp import shape_inference
 from onnxcomp.model import Model
 
 logger = logging.getLogger(__name__)
@@ -209,8 +210,8 @@ def fp16_to_target(model: Model, keep: dict[str, str], min_cosine: float | None,
 
 
 def _float_tensors(model: Model) -> set[str]:
-    inferred = onnx.shape_inference.infer_shapes(model.proto)
-    values = list(inferred.graph.value_info) + list(inferred.graph.output)
+    inferred = shape_inference.inferred(model.proto)
+    values = list(inferred.value_info) + list(inferred.output)
     return {v.name for v in values if v.type.tensor_type.elem_type == TensorProto.FLOAT}
 
 

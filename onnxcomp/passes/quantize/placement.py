@@ -34,6 +34,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from onnxcomp import shape_inference
 from onnxcomp.graph import constant_array, graph_nodes
 from onnxcomp.passes.quantize.match import QuantPlan, Site, excluded
 
@@ -77,12 +78,12 @@ def tensor_shapes(proto: onnx.ModelProto) -> dict[str, list]:
     name, or None); best effort: empty where inference fails (a shape then counts as
     unknown)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
+        inferred = shape_inference.inferred(proto)
     except Exception as exc:  # noqa: BLE001 - unknown shapes keep the safe placement
         logger.debug("quantize: shape inference failed: %s", exc)
         return {}
     found = {}
-    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+    for value in (*inferred.value_info, *inferred.input, *inferred.output):
         kind = value.type.tensor_type
         if kind.HasField("shape"):
             found[value.name] = [d.dim_value if d.HasField("dim_value") else
