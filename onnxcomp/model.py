@@ -114,31 +114,67 @@ def serialized_size(proto: onnx.ModelProto) -> int:
     """``proto.ByteSize()``, exactly, computed a weight at a time: the upb protobuf measures a
     message by encoding it, which for the whole of clip-vit-b32 took 2.7 s and 1.2 GB more
     resident (0.3 s and one tensor at a time here)."""
+    if not proto.HasField("graph"):
+        return proto.ByteSize()
+    below, above, graph_below, graph_above, sizes = _layout(proto)
+    graph_size = graph_below.ByteSize() + graph_above.ByteSize() + sum(map(_entry, sizes))
+    return below.ByteSize() + above.ByteSize() + _entry(graph_size)
+
+
+# GraphProto.initializer is field 5 and ModelProto.graph field 7, both length-delimited.
+_INITIALIZER_TAG, _GRAPH_TAG = bytes([5 << 3 | 2]), bytes([7 << 3 | 2])
+
+
+def write_serialized(proto: onnx.ModelProto, path: Path) -> None:
+    """Write ``proto.SerializeToString()`` into ``path``, byte for byte, a weight at a time: the
+    fields before the graph, the graph's fields before its initializers, each initializer, then
+    the fields after them (protobuf writes fields in field-number order). The whole encoded
+    model never sits in memory beside the model (577 MB more for clip-vit-b32)."""
     graph = proto.graph
-    shell = onnx.GraphProto()
-    for descriptor, value in graph.ListFields():
-        if descriptor.name != "initializer":
-            checks.copy_field(shell, descriptor, value)
-    # GraphProto.initializer (field 5) and ModelProto.graph (field 7): one-byte tags
-    graph_size = shell.ByteSize() + sum(_entry(t.ByteSize()) for t in graph.initializer)
-    model_shell = onnx.ModelProto()
-    for descriptor, value in proto.ListFields():
-        if descriptor.name != "graph":
-            checks.copy_field(model_shell, descriptor, value)
-    return model_shell.ByteSize() + (_entry(graph_size) if proto.HasField("graph") else 0)
+    with open(path, "wb") as out:
+        if not proto.HasField("graph"):
+            out.write(proto.SerializeToString())
+            return
+        below, above, graph_below, graph_above, sizes = _layout(proto)
+        graph_size = graph_below.ByteSize() + graph_above.ByteSize() + sum(map(_entry, sizes))
+        out.write(below.SerializeToString())
+        out.write(_GRAPH_TAG + _varint(graph_size))
+        out.write(graph_below.SerializeToString())
+        for tensor, size in zip(graph.initializer, sizes):
+            out.write(_INITIALIZER_TAG + _varint(size))
+            out.write(tensor.SerializeToString())
+        out.write(graph_above.SerializeToString())
+        out.write(above.SerializeToString())
+
+
+def _layout(proto: onnx.ModelProto):
+    """The model's fields before and after the graph, the graph's before and after its
+    initializers, and each initializer's encoded size."""
+    return (*_split(proto, 7), *_split(proto.graph, 5),
+            [t.ByteSize() for t in proto.graph.initializer])
+
+
+def _split(message, number: int):
+    """Two shells of ``message``: its set fields numbered below ``number``, and above it."""
+    below, above = type(message)(), type(message)()
+    for descriptor, value in message.ListFields():
+        if descriptor.number != number:
+            checks.copy_field(below if descriptor.number < number else above, descriptor, value)
+    return below, above
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _entry(size: int) -> int:
     """Bytes of a length-delimited field with a one-byte tag holding ``size`` bytes."""
-    return 1 + _varint_bytes(size) + size
-
-
-def _varint_bytes(value: int) -> int:
-    count = 1
-    while value >= 0x80:
-        value >>= 7
-        count += 1
-    return count
+    return 1 + len(_varint(size)) + size
 
 
 def weights_on_disk(proto: onnx.ModelProto) -> bool:
@@ -269,7 +305,7 @@ def _save_staged(proto: onnx.ModelProto, target: Path, data_name: str, external_
         if external_data:
             _write_with_external_data(proto, staged_model, data_name, source)
         else:
-            onnx.save_model(proto, str(staged_model))
+            write_serialized(proto, staged_model)
         _pause_for_tests(staging)
         # Staged files can come out owner-only; give them the modes a plain open() would.
         umask = os.umask(0)
