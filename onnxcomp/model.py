@@ -130,13 +130,15 @@ def write_serialized(proto: onnx.ModelProto, path: Path) -> None:
     fields before the graph, the graph's fields before its initializers, each initializer, then
     the fields after them (protobuf writes fields in field-number order). The whole encoded
     model never sits in memory beside the model (577 MB more for clip-vit-b32)."""
+    if not proto.HasField("graph"):
+        Path(path).write_bytes(proto.SerializeToString())
+        return
     graph = proto.graph
+    below, above, graph_below, graph_above, sizes = _layout(proto)
+    graph_size = graph_below.ByteSize() + graph_above.ByteSize() + sum(map(_entry, sizes))
+    if below.ByteSize() + above.ByteSize() + _entry(graph_size) >= 2**31:
+        raise ValueError("the model's protobuf would pass 2 GB: save it with external data")
     with open(path, "wb") as out:
-        if not proto.HasField("graph"):
-            out.write(proto.SerializeToString())
-            return
-        below, above, graph_below, graph_above, sizes = _layout(proto)
-        graph_size = graph_below.ByteSize() + graph_above.ByteSize() + sum(map(_entry, sizes))
         out.write(below.SerializeToString())
         out.write(_GRAPH_TAG + _varint(graph_size))
         out.write(graph_below.SerializeToString())

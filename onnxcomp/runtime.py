@@ -269,11 +269,15 @@ def _open_session(model: Model | str | os.PathLike, provider: str, threads: int 
         return ort.InferenceSession(model.proto.SerializeToString(), options,
                                     providers=providers)
     if lazy or model.weight_bytes() > FILE_SESSION_BYTES:
-        with tempfile.TemporaryDirectory(prefix="onnxcomp-session-") as tmp:
-            path = save_for_session(model, Path(tmp))
-            made = ort.InferenceSession(str(path), options, providers=providers)
-        release_free_memory(collect=False)  # the serialized copy written on the way
-        return made
+        try:
+            with tempfile.TemporaryDirectory(prefix="onnxcomp-session-") as tmp:
+                path = save_for_session(model, Path(tmp))
+                made = ort.InferenceSession(str(path), options, providers=providers)
+            release_free_memory(collect=False)  # what was freed while it was written
+            return made
+        except OSError:  # no room for the file: from bytes, at twice the weights' memory
+            if lazy or model.weight_bytes() > PROTOBUF_SAFE_BYTES:
+                raise
     return ort.InferenceSession(model.proto.SerializeToString(), options, providers=providers)
 
 

@@ -410,3 +410,13 @@ def test_size_and_writing_a_weight_at_a_time_equal_protobufs(tmp_path):
         assert serialized_size(proto) == proto.ByteSize()
         write_serialized(proto, tmp_path / f"{index}.onnx")
         assert (tmp_path / f"{index}.onnx").read_bytes() == proto.SerializeToString()
+
+
+def test_writing_a_protobuf_past_2_gb_is_refused(tmp_path, mlp, monkeypatch):
+    """As SerializeToString refuses: such a file could not be read back."""
+    from onnxcomp.model import write_serialized
+
+    monkeypatch.setattr(onnxcomp.model, "_entry", lambda size: 2**31)
+    with pytest.raises(ValueError, match="2 GB"):
+        write_serialized(mlp.proto, tmp_path / "big.onnx")
+    assert not (tmp_path / "big.onnx").exists()

@@ -159,3 +159,19 @@ def test_freeing_memory_collects_reference_cycles():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_no_room_for_the_temporary_file_falls_back_to_bytes(monkeypatch):
+    import numpy as np
+
+    model = make_mlp()
+    feeds = {"x": np.ones((1, 8), np.float32)}
+    expected = runtime.run(runtime.session(model, optimize=False), feeds)
+
+    def disk_full(model_, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runtime, "FILE_SESSION_BYTES", 0)
+    monkeypatch.setattr(runtime, "save_for_session", disk_full)
+    got = runtime.run(runtime.session(model, optimize=False), feeds)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
