@@ -155,9 +155,10 @@ class _Best:
         tmp = self.path.with_suffix(".tmp")
         torch.save({n: p.detach() for n, p in twin.named_parameters() if p.requires_grad}, tmp)
         tmp.replace(self.path)
+        self.in_memory = None
 
     def restore(self, twin: Twin) -> None:
-        if self.path is None:
+        if self.in_memory is not None:  # (also a checkpoint written before _Best, resumed)
             twin.load_state_dict(self.in_memory, strict=False)
             return
         twin.load_state_dict(torch.load(self.path, weights_only=True), strict=False)
