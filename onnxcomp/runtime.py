@@ -83,13 +83,15 @@ def session_options(threads: int | None = None, optimize: bool = True,
     return options
 
 
-def release_free_memory(collect: bool = True) -> None:
+def release_free_memory(collect: bool = False) -> None:
     """Hand freed heap memory back to the operating system (glibc only; else nothing).
 
     Protobuf and numpy free large tensors into the C heap, which glibc keeps for reuse; after
-    many trial models of a large model that retained heap shows as resident memory. Cyclic
-    garbage is collected first: graph-surgeon graphs are cycles of nodes and tensors, and
-    uncollected they held 1.9 GB of clip-vit-b32's copies past the pass that made them."""
+    many trial models of a large model that retained heap shows as resident memory.
+    ``collect``: collect cyclic garbage first (graph-surgeon graphs are cycles of nodes and
+    tensors: uncollected, they held 1.9 GB of clip-vit-b32's copies past the pass that made
+    them); a full collection walks every object of the process, so callers ask for it only
+    where a large model was let go (the test suite ran 1.5x slower collecting each time)."""
     if collect:
         gc.collect()
     try:
@@ -273,7 +275,7 @@ def _open_session(model: Model | str | os.PathLike, provider: str, threads: int 
             with tempfile.TemporaryDirectory(prefix="onnxcomp-session-") as tmp:
                 path = save_for_session(model, Path(tmp))
                 made = ort.InferenceSession(str(path), options, providers=providers)
-            release_free_memory(collect=False)  # what was freed while it was written
+            release_free_memory()  # what was freed while it was written
             return made
         except OSError:  # no room for the file: from bytes, at twice the weights' memory
             if lazy or model.weight_bytes() > PROTOBUF_SAFE_BYTES:

@@ -140,8 +140,9 @@ def test_a_large_in_memory_model_reaches_onnx_runtime_through_one_file(monkeypat
 
 
 def test_freeing_memory_collects_reference_cycles():
-    """Graph-surgeon graphs are cycles (nodes <-> tensors): release_free_memory collects them
-    before trimming the heap, else their copies of the weights outlive the pass."""
+    """Graph-surgeon graphs are cycles (nodes <-> tensors): release_free_memory(collect=True)
+    collects them before trimming the heap, else their copies of the weights outlive the pass
+    (the pipeline asks for it after each step on a large model)."""
     import gc
     import weakref
 
@@ -155,7 +156,9 @@ def test_freeing_memory_collects_reference_cycles():
         alive = weakref.ref(a)
         del a, b
         assert alive() is not None        # only a cycle collection frees it
-        runtime.release_free_memory()
+        runtime.release_free_memory()     # (by default not: a full collection is slow)
+        assert alive() is not None
+        runtime.release_free_memory(collect=True)
         assert alive() is None
     finally:
         gc.enable()
