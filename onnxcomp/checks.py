@@ -44,7 +44,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -715,28 +715,20 @@ def skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     external data relative to the working directory, and a full copy would hold a large model
     twice."""
     copy = onnx.ModelProto()
-    for descriptor, value in proto.ListFields():
-        if descriptor.name != "graph":
-            copy_field(copy, descriptor, value)
+    copy_fields(copy, proto, skip=("graph",))
     _skeleton_graph(proto.graph, copy.graph)
     return copy
 
 
 def _skeleton_graph(graph: onnx.GraphProto, into: onnx.GraphProto) -> None:
-    for descriptor, value in graph.ListFields():
-        if descriptor.name not in ("node", "initializer"):
-            copy_field(into, descriptor, value)
+    copy_fields(into, graph, skip=("node", "initializer"))
     into.initializer.extend(_placeholder(t) for t in graph.initializer)
     for node in graph.node:
         stub = into.node.add()
-        for descriptor, value in node.ListFields():
-            if descriptor.name != "attribute":
-                copy_field(stub, descriptor, value)
+        copy_fields(stub, node, skip=("attribute",))
         for attr in node.attribute:
             kept = stub.attribute.add()
-            for descriptor, value in attr.ListFields():
-                if descriptor.name not in ("t", "g", "tensors", "graphs"):
-                    copy_field(kept, descriptor, value)
+            copy_fields(kept, attr, skip=("t", "g", "tensors", "graphs"))
             if attr.HasField("t"):
                 kept.t.CopyFrom(_placeholder(attr.t))
             if attr.HasField("g"):
@@ -744,6 +736,22 @@ def _skeleton_graph(graph: onnx.GraphProto, into: onnx.GraphProto) -> None:
             kept.tensors.extend(_placeholder(t) for t in attr.tensors)
             for sub in attr.graphs:
                 _skeleton_graph(sub, kept.graphs.add())
+
+
+def model_shell(proto: onnx.ModelProto, graph_skip: Collection[str]) -> onnx.ModelProto:
+    """A copy of ``proto`` whose graph lacks the fields named in ``graph_skip`` (for callers
+    that fill those in themselves, so the weights are never copied whole)."""
+    shell = onnx.ModelProto()
+    copy_fields(shell, proto, skip=("graph",))
+    copy_fields(shell.graph, proto.graph, skip=graph_skip)
+    return shell
+
+
+def copy_fields(target: Any, source: Any, skip: Collection[str] = ()) -> None:
+    """Copy every set field of the protobuf message ``source`` into ``target`` but ``skip``."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name not in skip:
+            copy_field(target, descriptor, value)
 
 
 def copy_field(target: Any, descriptor: Any, value: Any) -> None:

@@ -116,8 +116,7 @@ def serialized_size(proto: onnx.ModelProto) -> int:
     resident (0.3 s and one tensor at a time here)."""
     if not proto.HasField("graph"):
         return proto.ByteSize()
-    below, above, graph_below, graph_above, sizes = _layout(proto)
-    graph_size = graph_below.ByteSize() + graph_above.ByteSize() + sum(map(_entry, sizes))
+    below, above, _, _, _, graph_size = _layout(proto)
     return below.ByteSize() + above.ByteSize() + _entry(graph_size)
 
 
@@ -134,8 +133,7 @@ def write_serialized(proto: onnx.ModelProto, path: Path) -> None:
         Path(path).write_bytes(proto.SerializeToString())
         return
     graph = proto.graph
-    below, above, graph_below, graph_above, sizes = _layout(proto)
-    graph_size = graph_below.ByteSize() + graph_above.ByteSize() + sum(map(_entry, sizes))
+    below, above, graph_below, graph_above, sizes, graph_size = _layout(proto)
     if below.ByteSize() + above.ByteSize() + _entry(graph_size) >= 2**31:
         raise ValueError("the model's protobuf would pass 2 GB: save it with external data")
     with open(path, "wb") as out:
@@ -151,9 +149,12 @@ def write_serialized(proto: onnx.ModelProto, path: Path) -> None:
 
 def _layout(proto: onnx.ModelProto):
     """The model's fields before and after the graph, the graph's before and after its
-    initializers, and each initializer's encoded size."""
-    return (*_split(proto, 7), *_split(proto.graph, 5),
-            [t.ByteSize() for t in proto.graph.initializer])
+    initializers, each initializer's encoded size, and the graph's."""
+    below, above = _split(proto, 7)
+    graph_below, graph_above = _split(proto.graph, 5)
+    sizes = [t.ByteSize() for t in proto.graph.initializer]
+    graph_size = graph_below.ByteSize() + graph_above.ByteSize() + sum(map(_entry, sizes))
+    return below, above, graph_below, graph_above, sizes, graph_size
 
 
 def _split(message, number: int):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from onnxcomp.checks import copy_field, element_count
+from onnxcomp.checks import element_count, model_shell
 
 SMALL = 1024  # elements
 
@@ -22,14 +22,8 @@ SMALL = 1024  # elements
 def skeleton(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
     """``proto`` with its large initializers as typed graph inputs (weights in Constant nodes
     and subgraphs stay as they are); and the names of those stand-in inputs."""
-    copy = onnx.ModelProto()
-    for descriptor, value in proto.ListFields():
-        if descriptor.name != "graph":
-            copy_field(copy, descriptor, value)
+    copy = model_shell(proto, graph_skip=("initializer",))
     graph = copy.graph
-    for descriptor, value in proto.graph.ListFields():
-        if descriptor.name != "initializer":
-            copy_field(graph, descriptor, value)
     inputs = {i.name for i in graph.input}
     stand_ins: set[str] = set()
     for tensor in proto.graph.initializer:
@@ -58,13 +52,7 @@ def with_shapes(proto: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelPr
     value_info of subgraphs, which live in the nodes), as ``onnx.shape_inference.infer_shapes``
     returns, at one copy of the weights."""
     graph = inferred(proto, data_prop)
-    result = onnx.ModelProto()
-    for descriptor, value in proto.ListFields():
-        if descriptor.name != "graph":
-            copy_field(result, descriptor, value)
-    for descriptor, value in proto.graph.ListFields():
-        if descriptor.name not in ("node", "value_info", "output"):
-            copy_field(result.graph, descriptor, value)
+    result = model_shell(proto, graph_skip=("node", "value_info", "output"))
     for field in ("node", "value_info", "output"):
         getattr(result.graph, field).extend(getattr(graph, field))
     return result

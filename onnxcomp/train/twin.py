@@ -33,7 +33,7 @@ import onnx
 import torch
 from onnx import external_data_helper, numpy_helper
 
-from onnxcomp.checks import copy_field
+from onnxcomp.checks import model_shell
 from onnxcomp.errors import OurBug, UserError
 from onnxcomp.model import Model, read_external
 from onnxcomp.train import ops
@@ -341,13 +341,7 @@ class Twin(torch.nn.Module):
         old values of every trained weight beside the new ones (0.5 GB more at each kd
         evaluation of clip-vit-b32)."""
         values = dict(self.named_weights())
-        proto = onnx.ModelProto()
-        for descriptor, value in model.proto.ListFields():
-            if descriptor.name != "graph":
-                copy_field(proto, descriptor, value)
-        for descriptor, value in model.proto.graph.ListFields():
-            if descriptor.name != "initializer":
-                copy_field(proto.graph, descriptor, value)
+        proto = model_shell(model.proto, graph_skip=("initializer",))
         for tensor in model.graph.initializer:
             copy = proto.graph.initializer.add()
             copy.CopyFrom(tensor)
