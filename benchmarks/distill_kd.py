@@ -10,11 +10,13 @@ rows with quantize train at ``--qat-lr``. ``--recipes`` picks rows by recipe.
     python benchmarks/distill_kd.py [--models ppocr-rec tiny-clip minilm] [--calib 64]
                                     [--eval 16] [--eval-split eval] [--also-eval hard:128]
                                     [--minutes 3] [--steps 400] [--recipes R ...] [--out F]
-                                    [--train-batches N]
+                                    [--train-batches N] [--train-split calib]
 
 ``--eval-split hard`` draws the held-out set from ppocr-rec's harder lines; ``--also-eval
 hard:128`` scores every result on them as well, beside the eval split kd chose its checkpoint
-on (so the hard figures are untouched by any choice).
+on (so the hard figures are untouched by any choice). ``--train-split train`` trains kd on
+ppocr-rec's wider training stream (``distill.train_data``: longer lines, more contrast, noise,
+blur and width stretch, calibration faces only) instead of the calib split.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def scores(fidelity: dict, prefix: str = "") -> dict:
 
 def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, steps: int,
         batch: int, lr: float, threads: int = 0, eval_split: str = "eval",
-        also_eval: str | None = None, train_batches: int | None = None) -> dict:
+        also_eval: str | None = None, train_batches: int | None = None,
+        train_split: str = "calib") -> dict:
     """One recipe: compressed with calibration (and kd training) on the calib split, kd's
     checkpoint choice and the main figures on ``eval_split``; ``also_eval`` (``SPLIT:N``)
     scores the same result on a second held-out set that nothing chose anything on."""
@@ -71,6 +74,8 @@ def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, ste
                  f"distill.batch={batch}", f"distill.lr={lr}"] if "distill:kd" in recipe else []
     if train_batches and "distill:kd" in recipe:  # prune/lowrank plan on --calib's batches
         overrides.append(f"distill.train_batches={train_batches}")
+    if train_split != "calib" and "distill:kd" in recipe:
+        overrides.append(f"distill.train_data={name}:{train_split}:{train_batches or calib}")
     started = time.perf_counter()
     original = zoo.fetch(name)
     result = api.compress(original, recipe=recipe, calib=f"{name}:calib:{calib}",
@@ -95,6 +100,7 @@ def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, ste
                 out["kd steps"] = f"{kd['steps']} (best {kd['best_step']}, {kd['stopped']})"
                 out["kd eval cos"] = f"{kd['cosine_before']:.4f} → {kd['cosine_after']:.4f}"
                 out["kd train s"] = kd["seconds"]
+                out["kd data"] = kd.get("train_data")
                 out["kept"] = record.modified
     out["peak RSS MiB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
@@ -121,6 +127,9 @@ def main() -> int:
     parser.add_argument("--train-batches", type=int, default=0,
                         help="kd trains on this many batches of the calib split (distill."
                              "train_batches; 0: the --calib batches the other passes plan on)")
+    parser.add_argument("--train-split", default="calib",
+                        help="the zoo split kd trains on (distill.train_data), e.g. train for "
+                             "ppocr-rec's wider stream; calib: the calibration split")
     parser.add_argument("--out", default="benchmarks/results/distill_kd.json")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -128,7 +137,8 @@ def main() -> int:
         lr = args.qat_lr if "quantize" in args.row[1] else args.lr
         print(json.dumps(row(*args.row, args.calib, args.eval, args.minutes, args.steps,
                              args.batch, lr, args.torch_threads, args.eval_split,
-                             args.also_eval, args.train_batches or None)))
+                             args.also_eval, args.train_batches or None,
+                             args.train_split)))
         return 0
     results = {}
     for name in args.models:
@@ -142,7 +152,7 @@ def main() -> int:
                        str(args.batch), "--lr", str(args.lr), "--qat-lr", str(args.qat_lr),
                        "--torch-threads", str(args.torch_threads),
                        "--eval-split", args.eval_split, "--train-batches",
-                       str(args.train_batches)]
+                       str(args.train_batches), "--train-split", args.train_split]
             if args.also_eval:
                 command += ["--also-eval", args.also_eval]
             done = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -40,7 +40,7 @@ ENTRIES: dict[str, ZooEntry] = {
     for entry in (
         ZooEntry("ppocr-rec", "PP-OCRv4 text recognition (CNN + transformer, CTC), the demo model",
                  "wheel rapidocr_onnxruntime==1.4.4: models/ch_PP-OCRv4_rec_infer.onnx", "ppocr",
-                 splits=("calib", "eval", "hard")),
+                 splits=("calib", "eval", "hard", "train")),
         ZooEntry("ppocr-det", "PP-OCRv4 text detection (DBNet, convolutional)",
                  "wheel rapidocr_onnxruntime==1.4.4: models/ch_PP-OCRv4_det_infer.onnx", "ppocr",
                  default_data_count=4),

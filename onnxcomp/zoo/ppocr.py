@@ -18,7 +18,10 @@ Splits: ``calib`` and ``eval`` (DejaVu faces, 3-25 printable ASCII characters), 
 recognition only: held-out lines of 16-28 characters with more brackets and symbols, in fonts
 the other splits never use, rotated, blurred, noisy and low in contrast
 (:func:`text_render.hard_style`); its texts come from the evaluation half of the text split, so
-they never meet a calibration line.
+they never meet a calibration line. ``train``, recognition only: a wider stream to train on
+(``distill.train_data``), from the calibration half of the text split in the calibration faces,
+half its lines 14-34 characters long, over a wider range of contrast, noise and blur, stretched or
+squeezed in width (:func:`text_render.train_style`); never rotated, never in a hard face.
 
 Detection input: 640x640 pages with several lines at random places, same normalization,
 ``{"x": float32 [1, 3, 640, 640]}``; labels: the ink boxes of the lines.
@@ -67,9 +70,9 @@ ALPHABET = frozenset(string.digits + string.ascii_letters + string.punctuation +
 
 # Splits draw from different seed streams, and a text belongs to one split only
 # (text_render.text_split), so calibration and evaluation data never share a line.
-_SPLITS = {"calib": 0, "eval": 1, "hard": 2}  # the seed stream of each split
+_SPLITS = {"calib": 0, "eval": 1, "hard": 2, "train": 3}  # the seed stream of each split
 # Which half of the text split (text_render.text_split) each split's lines come from.
-_TEXT_HALF = {"calib": 0, "eval": 1, "hard": 1}
+_TEXT_HALF = {"calib": 0, "eval": 1, "hard": 1, "train": 0}
 
 
 def _check_name(name: str) -> None:
@@ -251,6 +254,9 @@ def _line_text(rng: np.random.Generator, split: str) -> str:
     if split == "hard":
         return text_render.hard_texts_for_split(rng, _TEXT_HALF[split], 1,
                                                 allowed=_allowed)[0]
+    if split == "train":
+        return text_render.train_texts_for_split(rng, _TEXT_HALF[split], 1,
+                                                 allowed=_allowed)[0]
     return text_render.texts_for_split(rng, _TEXT_HALF[split], 1, allowed=_allowed)[0]
 
 
@@ -260,6 +266,8 @@ def rec_line(seed: int, split: str, index: int) -> tuple[str, np.ndarray]:
     text = _line_text(rng, split)
     if split == "hard":
         return text, text_render.render_hard_line(text, text_render.hard_style(rng), rng)
+    if split == "train":
+        return text, text_render.render_train_line(text, text_render.train_style(rng), rng)
     style = text_render.random_style(rng)
     return text, text_render.render_line(text, style, rng)
 
@@ -317,14 +325,14 @@ def _det_dataset(split: str, count: int, seed: int) -> Dataset:
 def dataset(name: str, split: str, count: int, seed: int = 0) -> Dataset:
     _check_name(name)
     if split not in _SPLITS:
-        raise UserError(f"unknown data split {split!r}: use calib, eval or hard")
+        raise UserError(f"unknown data split {split!r}: use calib, eval, hard or train")
     if count <= 0:
         raise UserError(f"the data count must be positive, got {count}")
     if name == "ppocr-rec":
         return _rec_dataset(split, count, seed)
-    if split == "hard":
-        raise UserError("the hard split is ppocr-rec's only (line crops): use calib or eval "
-                        "for ppocr-det")
+    if split in ("hard", "train"):
+        raise UserError(f"the {split} split is ppocr-rec's only (line crops): use calib or "
+                        "eval for ppocr-det")
     return _det_dataset(split, count, seed)
 
 

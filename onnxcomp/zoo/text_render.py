@@ -390,6 +390,59 @@ def render_hard_line(text: str, style: HardStyle, rng: np.random.Generator) -> n
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
+def train_text(rng: np.random.Generator, allowed: Callable[[str], bool] | None = None) -> str:
+    """One line of the wider training stream: the regular pieces, 3-25 characters on half the
+    lines and 14-34 on the rest (longer than the calibration lines; squeezed into 320 columns)."""
+    if rng.random() < 0.5:
+        return random_text(rng, allowed=allowed)
+    return random_text(rng, min_len=14, max_len=34, allowed=allowed)
+
+
+def train_texts_for_split(rng: np.random.Generator, split_bit: int, count: int,
+                          allowed: Callable[[str], bool] | None = None) -> list[str]:
+    texts = []
+    while len(texts) < count:
+        text = train_text(rng, allowed=allowed)
+        if text_split(text) == split_bit:
+            texts.append(text)
+    return texts
+
+
+@dataclass(frozen=True)
+class TrainStyle:
+    """A :class:`LineStyle` of the calibration faces, plus a horizontal stretch of the crop."""
+
+    line: LineStyle
+    stretch: float  # width factor: < 1 squeezes the line, > 1 widens it
+
+
+def train_style(rng: np.random.Generator) -> TrainStyle:
+    """The calibration faces (``FACES``) over a wider range than the calibration stream: ink and
+    paper 50-230 grey levels apart (inverted on 15% of lines), sizes 12-44, noise of std 0-10,
+    blur on 35% of lines, the crop stretched to 0.75-1.3 of its width. No rotation, none of the
+    hard split's faces: what the hard lines add stays unseen."""
+    base = random_style(rng)
+    paper_level = int(rng.integers(150, 256))
+    ink_level = max(0, paper_level - int(rng.integers(50, 231)))
+    ink, paper = _grey(rng, ink_level, ink_level), _grey(rng, paper_level, paper_level)
+    if rng.random() < 0.15:
+        ink, paper = paper, ink
+    line = LineStyle(**{**base.__dict__, "ink": ink, "paper": paper,
+                        "noise": float(rng.uniform(0.0, 10.0)),
+                        "blur": float(rng.uniform(0.3, 1.2)) if rng.random() < 0.35 else 0.0})
+    return TrainStyle(line, float(rng.uniform(0.75, 1.3)))
+
+
+def render_train_line(text: str, style: TrainStyle, rng: np.random.Generator) -> np.ndarray:
+    """A training line: drawn as :func:`render_line` draws it, then stretched in width."""
+    pixels = render_line(text, style.line, rng)
+    height, width = pixels.shape[:2]
+    stretched = max(1, round(width * style.stretch))
+    image = Image.fromarray(pixels, "RGB").resize((stretched, height),
+                                                  Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
 @dataclass(frozen=True)
 class PlacedLine:
     text: str

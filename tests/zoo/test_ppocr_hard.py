@@ -48,8 +48,26 @@ def test_hard_dataset_shapes_labels_and_refusals():
     assert data.labels[2] == [ppocr.rec_line(0, "hard", 2)[0]]
     with pytest.raises(UserError, match="ppocr-rec's only"):
         ppocr.dataset("ppocr-det", "hard", 2)
-    with pytest.raises(UserError, match="calib, eval or hard"):
+    with pytest.raises(UserError, match="calib, eval, hard or train"):
         ppocr.dataset("ppocr-rec", "test", 2)
+
+
+def test_the_training_stream_is_wider_than_calibration_and_never_meets_held_out_lines():
+    train = [ppocr.rec_line(0, "train", i)[0] for i in range(60)]
+    assert train[:5] == [ppocr.rec_line(0, "train", i)[0] for i in range(5)]  # seeded
+    held_out = {ppocr.rec_line(0, split, i)[0] for split in ("eval", "hard") for i in range(60)}
+    assert not set(train) & held_out
+    assert {text_render.text_split(t) for t in train} == {0}  # the calibration half
+    assert max(map(len, train)) > 25 and min(map(len, train)) < 14  # longer lines, and short
+    assert all(3 <= len(t) <= 34 and all(c in ppocr.ALPHABET for c in t) for t in train)
+    styles = [text_render.train_style(np.random.default_rng(i)) for i in range(40)]
+    assert {s.line.font_path.name for s in styles} <= set(text_render.FACES)
+    assert min(s.stretch for s in styles) < 0.9 and max(s.stretch for s in styles) > 1.15
+    data = ppocr.dataset("ppocr-rec", "train", 3)
+    assert data.make_batch(2)["x"].shape == (1, 3, ppocr.REC_HEIGHT, ppocr.REC_WIDTH)
+    assert data.labels[1] == [train[1]]
+    with pytest.raises(UserError, match="ppocr-rec's only"):
+        ppocr.dataset("ppocr-det", "train", 2)
 
 
 @pytest.mark.zoo

@@ -21,6 +21,9 @@ class Config:
     train_batches: int | None = option(None, "kd: batches to train on (none: the calibration "
                                              "data); a zoo generator draws this many, so "
                                              "earlier passes plan on --calib's few")
+    train_data: str | None = option(None, "kd: data source to train on, as --calib takes it "
+                                          "(a folder of .npz, ppocr-rec:train:4096); none: "
+                                          "the calibration data")
     batch: int = option(16, "kd: samples per step, gradients accumulated (0: a data batch)")
     lr: float = option(1e-3, "kd: peak AdamW learning rate (warm-up, then cosine decay)")
     temperature: float = option(1.0, "kd: softmax temperature of the KL/contrastive losses")
@@ -45,6 +48,8 @@ class Config:
                 (self.max_batches is None or self.max_batches > 0, "max_batches", "positive"),
                 (self.train_batches is None or 0 < self.train_batches <= MAX_BATCHES,
                  "train_batches", f"in 1..{MAX_BATCHES}"),
+                (self.train_data is None or bool(self.train_data.strip()), "train_data",
+                 "a data source"),
                 (self.steps > 0, "steps", "positive"), (self.lr > 0, "lr", "positive"),
                 (self.temperature > 0, "temperature", "> 0"),
                 (self.loss in losses, "loss", " | ".join(losses)),

@@ -20,6 +20,7 @@ import math
 import numpy as np
 import onnx
 
+from onnxcomp import calibration
 from onnxcomp.calibration import Dataset
 from onnxcomp.errors import UserError
 from onnxcomp.model import Model
@@ -113,6 +114,13 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     if not ctx.changes():
         result.notes.append("nothing to distill: no earlier pass changed the model (put "
                             "distill:kd after prune/lowrank/quantize in the recipe)")
+    if config.train_data is not None:
+        result.notes.append(f"kd: trains on {config.train_data} (distill.train_data), not on "
+                            "the calibration data")
+        zoo_split = calibration.zoo_source(config.train_data)
+        if zoo_split and (zoo_split[1] or "calib") not in ("calib", "train"):
+            result.notes.append(f"kd: {config.train_data} is a held-out split of the zoo: "
+                                "figures measured on it after training are not held out")
     held_out = ctx.evaluation is not None and len(ctx.evaluation) > 0
     result.notes.append(f"kd: {config.steps} steps of {config.batch or 'one data batch'} "
                         f"samples, lr {config.lr:g}, loss {config.loss}; kept only if the "
@@ -122,21 +130,37 @@ def plan(model: Model, config: Config, ctx: Context) -> Plan:
     return result
 
 
-def training_data(calibration: Dataset, count: int | None, notes: list[str]) -> Dataset:
-    """What kd trains on: the calibration data, or ``count`` batches of its source (a zoo
-    generator draws them: the same split, disjoint from --eval's), said in ``notes``."""
-    if count is None or count == len(calibration):
-        return calibration
-    if count < len(calibration):
-        return calibration.take(count)
-    if calibration.grow is None:
-        notes.append(f"kd: train_batches = {count}, but {calibration.name} has {len(calibration)} "
+def training_source(config: Config, ctx: Context) -> Dataset:
+    """The data kd trains on before ``train_batches`` cuts or grows it: ``train_data`` resolved
+    and checked against the teacher (a UserError for a bad source, and for the very split
+    ``--eval`` scores: training on it would make the held-out figures meaningless), else the
+    calibration data."""
+    if config.train_data is None:
+        return ctx.calibration
+    source = calibration.zoo_source(config.train_data)
+    held_out = ctx.evaluation
+    if source and held_out is not None and held_out.zoo_name == source[0] \
+            and held_out.name.split(":")[1:2] == [source[1] or "calib"]:
+        raise UserError(f"distill.train_data = {config.train_data!r} is the split --eval "
+                        f"scores ({held_out.name}): kd would train on its held-out data")
+    return calibration.resolve(config.train_data, ctx.teacher)
+
+
+def training_data(source: Dataset, count: int | None, notes: list[str]) -> Dataset:
+    """What kd trains on: ``source`` (the calibration data or ``train_data``), or ``count``
+    batches of it (a zoo generator draws more: the same split), said in ``notes``."""
+    if count is None or count == len(source):
+        return source
+    if count < len(source):
+        return source.take(count)
+    if source.grow is None:
+        notes.append(f"kd: train_batches = {count}, but {source.name} has {len(source)} "
                      f"batches and cannot draw more (a folder's own; a zoo generator can): "
                      f"trained on those")
-        return calibration
-    grown = calibration.grow(count)
+        return source
+    grown = source.grow(count)
     notes.append(f"kd: trained on {len(grown)} batches of {grown.name} (the earlier passes "
-                 f"planned on {len(calibration)})")
+                 f"planned on {len(source)})")
     return grown
 
 
@@ -159,7 +183,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
     if missing:
         raise UserError(f"distill kd: the twin can't run op(s) {', '.join(missing)}; use "
                         "distill (refit) for this model")
-    data = training_data(ctx.calibration, config.train_batches, applied.notes)
+    data = training_data(training_source(config, ctx), config.train_batches, applied.notes)
     result = kd.train(ctx.teacher, model, data, options(config),
                       evaluation=ctx.evaluation, progress=ctx.progress)
     where = "held-out" if result.held_out else "calibration-data (optimistic: no --eval data)"
@@ -171,7 +195,7 @@ def apply(model: Model, plan_: Plan, ctx: Context) -> Applied:
         "loss_last": result.losses[-1] if result.losses else None,
         "qat_weights": result.qat_weights, "qat_activations": result.qat_activations,
         "resumed_from": result.resumed_from, "evaluations": result.evaluations,
-        "lr_peak": result.lr_peak}
+        "lr_peak": result.lr_peak, "train_data": data.name, "train_batches": len(data)}
     applied.notes += result.notes
     if result.qat_weights or result.qat_activations:
         applied.notes.append(f"QAT: {result.qat_weights} quantized weight(s) trained as float "

@@ -3,6 +3,7 @@ loop itself is tested in tests/train."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import make_mlp
 
@@ -158,3 +159,39 @@ def test_zoo_sources_grow_into_the_same_split():
     for index in range(2):  # the first batches are the calibration set's
         for name, value in small.make_batch(index).items():
             assert (grown.make_batch(index)[name] == value).all()
+
+
+def test_train_data_is_what_kd_trains_on_and_never_the_split_eval_scores(tmp_path):
+    teacher, ctx = _kd_setup()
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for index in range(5):
+        batch = calibration.random_data(teacher, 1, dims={"batch": 32}, seed=10 + index)
+        np.savez(folder / f"{index}.npz", **batch.make_batch(0))
+    config = distill.Config(method="kd", steps=20, batch=0, train_data=str(folder))
+    source = distill.kd.training_source(config, ctx)
+    assert len(source) == 5 and source is not ctx.calibration
+    plan = distill.PASS.plan(teacher, config, ctx)
+    assert any("trains on" in note and str(folder) in note for note in plan.notes)
+    ctx.records.append(_changed(LayerChange("fc2", "prune", "y")))
+    _, record = distill.PASS.run(teacher, config, ctx)
+    assert record.details["kd"]["train_batches"] == 5
+    assert record.details["kd"]["train_data"] == source.name
+    with pytest.raises(UserError, match="neither a folder"):
+        distill.kd.training_source(distill.Config(method="kd", train_data="nowhere"), ctx)
+    with pytest.raises(ValueError, match="train_data"):
+        distill.Config(method="kd", train_data=" ")
+
+
+def test_train_data_refuses_the_evaluation_split_and_notes_other_held_out_splits():
+    from onnxcomp import zoo
+
+    teacher = make_mlp()
+    ctx = Context(calibration=None, evaluation=zoo.dataset("ppocr-rec", "eval", 2),
+                  teacher=teacher)
+    with pytest.raises(UserError, match="the split --eval scores"):
+        distill.kd.training_source(distill.Config(method="kd", train_data="ppocr-rec:eval:8"),
+                                   ctx)
+    plan = distill.PASS.plan(teacher, distill.Config(method="kd", train_data="ppocr-rec:hard:8"),
+                             ctx)
+    assert any("held-out split" in note for note in plan.notes)
