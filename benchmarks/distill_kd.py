@@ -11,6 +11,7 @@ rows with quantize train at ``--qat-lr``. ``--recipes`` picks rows by recipe.
                                     [--eval 16] [--eval-split eval] [--also-eval hard:128]
                                     [--minutes 3] [--steps 400] [--recipes R ...] [--out F]
                                     [--train-batches N] [--train-split calib]
+                                    [--set distill.FIELD=VALUE ...]
 
 ``--eval-split hard`` draws the held-out set from ppocr-rec's harder lines; ``--also-eval
 hard:128`` scores every result on them as well, beside the eval split kd chose its checkpoint
@@ -57,7 +58,7 @@ def scores(fidelity: dict, prefix: str = "") -> dict:
 def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, steps: int,
         batch: int, lr: float, threads: int = 0, eval_split: str = "eval",
         also_eval: str | None = None, train_batches: int | None = None,
-        train_split: str = "calib") -> dict:
+        train_split: str = "calib", extra: tuple[str, ...] = ()) -> dict:
     """One recipe: compressed with calibration (and kd training) on the calib split, kd's
     checkpoint choice and the main figures on ``eval_split``; ``also_eval`` (``SPLIT:N``)
     scores the same result on a second held-out set that nothing chose anything on."""
@@ -76,6 +77,8 @@ def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, ste
         overrides.append(f"distill.train_batches={train_batches}")
     if train_split != "calib" and "distill:kd" in recipe:
         overrides.append(f"distill.train_data={name}:{train_split}:{train_batches or calib}")
+    if "distill:kd" in recipe:
+        overrides += extra
     started = time.perf_counter()
     original = zoo.fetch(name)
     result = api.compress(original, recipe=recipe, calib=f"{name}:calib:{calib}",
@@ -130,6 +133,8 @@ def main() -> int:
     parser.add_argument("--train-split", default="calib",
                         help="the zoo split kd trains on (distill.train_data), e.g. train for "
                              "ppocr-rec's wider stream; calib: the calibration split")
+    parser.add_argument("--set", action="append", default=[], metavar="distill.FIELD=VALUE",
+                        help="more distill overrides for the kd rows (e.g. distill.patience=6)")
     parser.add_argument("--out", default="benchmarks/results/distill_kd.json")
     parser.add_argument("--row", nargs=2, metavar=("MODEL", "RECIPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,7 +143,7 @@ def main() -> int:
         print(json.dumps(row(*args.row, args.calib, args.eval, args.minutes, args.steps,
                              args.batch, lr, args.torch_threads, args.eval_split,
                              args.also_eval, args.train_batches or None,
-                             args.train_split)))
+                             args.train_split, tuple(args.set))))
         return 0
     results = {}
     for name in args.models:
@@ -153,6 +158,7 @@ def main() -> int:
                        "--torch-threads", str(args.torch_threads),
                        "--eval-split", args.eval_split, "--train-batches",
                        str(args.train_batches), "--train-split", args.train_split]
+            command += [f"--set={value}" for value in args.set]
             if args.also_eval:
                 command += ["--also-eval", args.also_eval]
             done = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -178,6 +178,23 @@ def test_losses_are_zero_at_the_teacher_and_positive_elsewhere():
     assert losses.contrastive_loss((a, swapped), (a, b), 1.0) > 0.1
 
 
+def test_the_contrastive_loss_sees_errors_in_what_tells_samples_apart():
+    # A random-weight CLIP's embeddings: one common direction plus a small residual, so the
+    # image-text similarities differ by hundredths and retrieval turns on near-ties.
+    rng = np.random.default_rng(3)
+    common = rng.standard_normal(16)
+    image, text = (torch.tensor(common + 0.35 * rng.standard_normal((8, 16)),
+                                dtype=torch.float32) for _ in range(2))
+    moved = text + torch.tensor(0.1 * rng.standard_normal((8, 16)), dtype=torch.float32)
+    plain = losses.cosine_loss(moved, text)
+    assert plain < 0.01  # the embeddings alone look fine
+    assert losses.centered_cosine_loss(moved, text) > 5 * plain
+    assert losses.centered_cosine_loss(text, text) == pytest.approx(0, abs=1e-6)
+    # At CLIP's fixed 0.07 the KL and plain cosine terms gave 0.0117 here; now the loss is
+    # dominated by the error that moves near-tied similarities.
+    assert losses.contrastive_loss((image, moved), (image, text), 1.0) > 0.05
+
+
 def test_kl_on_probabilities_with_zeros_is_finite():
     # A softmax output underflows to exact zeros (CTC blanks): log(0) must not reach the loss
     # or its gradient.
