@@ -11,6 +11,7 @@ rows with quantize train at ``--qat-lr``. ``--recipes`` picks rows by recipe.
                                     [--eval 16] [--eval-split eval] [--also-eval hard:128]
                                     [--minutes 3] [--steps 400] [--recipes R ...] [--out F]
                                     [--train-batches N] [--train-split calib]
+                                    [--calib-split calib]
                                     [--set distill.FIELD=VALUE ...]
 
 ``--eval-split hard`` draws the held-out set from ppocr-rec's harder lines; ``--also-eval
@@ -58,7 +59,8 @@ def scores(fidelity: dict, prefix: str = "") -> dict:
 def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, steps: int,
         batch: int, lr: float, threads: int = 0, eval_split: str = "eval",
         also_eval: str | None = None, train_batches: int | None = None,
-        train_split: str = "calib", extra: tuple[str, ...] = ()) -> dict:
+        train_split: str = "calib", extra: tuple[str, ...] = (), calib_split: str = "calib"
+        ) -> dict:
     """One recipe: compressed with calibration (and kd training) on the calib split, kd's
     checkpoint choice and the main figures on ``eval_split``; ``also_eval`` (``SPLIT:N``)
     scores the same result on a second held-out set that nothing chose anything on."""
@@ -81,7 +83,7 @@ def row(name: str, recipe: str, calib: int, eval_count: int, minutes: float, ste
         overrides += extra
     started = time.perf_counter()
     original = zoo.fetch(name)
-    result = api.compress(original, recipe=recipe, calib=f"{name}:calib:{calib}",
+    result = api.compress(original, recipe=recipe, calib=f"{name}:{calib_split}:{calib}",
                           eval_data=f"{name}:{eval_split}:{eval_count}", show_progress=False,
                           overrides=overrides)
     out = {"recipe": recipe, "seconds": round(time.perf_counter() - started, 1)}
@@ -133,6 +135,9 @@ def main() -> int:
     parser.add_argument("--train-split", default="calib",
                         help="the zoo split kd trains on (distill.train_data), e.g. train for "
                              "ppocr-rec's wider stream; calib: the calibration split")
+    parser.add_argument("--calib-split", default="calib",
+                        help="the zoo split --calib draws (what prune, lowrank, refit and "
+                             "quantize plan on), e.g. train for ppocr-rec's wider stream")
     parser.add_argument("--set", action="append", default=[], metavar="distill.FIELD=VALUE",
                         help="more distill overrides for the kd rows (e.g. distill.patience=6)")
     parser.add_argument("--out", default="benchmarks/results/distill_kd.json")
@@ -143,7 +148,7 @@ def main() -> int:
         print(json.dumps(row(*args.row, args.calib, args.eval, args.minutes, args.steps,
                              args.batch, lr, args.torch_threads, args.eval_split,
                              args.also_eval, args.train_batches or None,
-                             args.train_split, tuple(args.set))))
+                             args.train_split, tuple(args.set), args.calib_split)))
         return 0
     results = {}
     for name in args.models:
@@ -159,6 +164,7 @@ def main() -> int:
                        "--eval-split", args.eval_split, "--train-batches",
                        str(args.train_batches), "--train-split", args.train_split]
             command += [f"--set={value}" for value in args.set]
+            command += ["--calib-split", args.calib_split]
             if args.also_eval:
                 command += ["--also-eval", args.also_eval]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
