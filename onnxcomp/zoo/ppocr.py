@@ -252,11 +252,11 @@ def _allowed(text: str) -> bool:
 
 def _line_text(rng: np.random.Generator, split: str) -> str:
     if split == "hard":
-        return text_render.hard_texts_for_split(rng, _TEXT_HALF[split], 1,
-                                                allowed=_allowed)[0]
+        return text_render.texts_for_split(rng, _TEXT_HALF[split], 1, allowed=_allowed,
+                                           line=text_render.hard_text)[0]
     if split == "train":
-        return text_render.train_texts_for_split(rng, _TEXT_HALF[split], 1,
-                                                 allowed=_allowed)[0]
+        return text_render.texts_for_split(rng, _TEXT_HALF[split], 1, allowed=_allowed,
+                                           line=text_render.train_text)[0]
     return text_render.texts_for_split(rng, _TEXT_HALF[split], 1, allowed=_allowed)[0]
 
 

@@ -174,10 +174,14 @@ def text_split(text: str) -> int:
 
 
 def texts_for_split(rng: np.random.Generator, split_bit: int, count: int,
-                    allowed: Callable[[str], bool] | None = None) -> list[str]:
+                    allowed: Callable[[str], bool] | None = None,
+                    line: Callable[..., str] | None = None) -> list[str]:
+    """``count`` lines of one half of the text split, drawn by ``line`` (``random_text`` by
+    default; ``hard_text`` and ``train_text`` draw the other splits' lines)."""
+    line = line or random_text
     texts = []
     while len(texts) < count:
-        text = random_text(rng, allowed=allowed)
+        text = line(rng, allowed=allowed)
         if text_split(text) == split_bit:
             texts.append(text)
     return texts
@@ -212,16 +216,6 @@ def hard_text(rng: np.random.Generator, min_len: int = 16, max_len: int = 28,
         if min_len <= len(text) <= max_len and (allowed is None or allowed(text)):
             return text
     raise UserError("could not generate a hard text line from the allowed characters")
-
-
-def hard_texts_for_split(rng: np.random.Generator, split_bit: int, count: int,
-                         allowed: Callable[[str], bool] | None = None) -> list[str]:
-    texts = []
-    while len(texts) < count:
-        text = hard_text(rng, allowed=allowed)
-        if text_split(text) == split_bit:
-            texts.append(text)
-    return texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,16 +390,6 @@ def train_text(rng: np.random.Generator, allowed: Callable[[str], bool] | None =
     if rng.random() < 0.5:
         return random_text(rng, allowed=allowed)
     return random_text(rng, min_len=14, max_len=34, allowed=allowed)
-
-
-def train_texts_for_split(rng: np.random.Generator, split_bit: int, count: int,
-                          allowed: Callable[[str], bool] | None = None) -> list[str]:
-    texts = []
-    while len(texts) < count:
-        text = train_text(rng, allowed=allowed)
-        if text_split(text) == split_bit:
-            texts.append(text)
-    return texts
 
 
 @dataclass(frozen=True)
