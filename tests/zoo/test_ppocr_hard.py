@@ -61,13 +61,30 @@ def test_the_training_stream_is_wider_than_calibration_and_never_meets_held_out_
     assert max(map(len, train)) > 25 and min(map(len, train)) < 14  # longer lines, and short
     assert all(3 <= len(t) <= 34 and all(c in ppocr.ALPHABET for c in t) for t in train)
     styles = [text_render.train_style(np.random.default_rng(i)) for i in range(40)]
-    assert {s.line.font_path.name for s in styles} <= set(text_render.FACES)
+    faces = {s.line.font_path.name for s in styles}
+    assert faces <= set(text_render.FACES + text_render.TRAIN_EXTRA_FACES)
+    assert not faces & set(text_render.HARD_FACES)  # the hard faces stay unseen
     assert min(s.stretch for s in styles) < 0.9 and max(s.stretch for s in styles) > 1.15
     data = ppocr.dataset("ppocr-rec", "train", 3)
     assert data.make_batch(2)["x"].shape == (1, 3, ppocr.REC_HEIGHT, ppocr.REC_WIDTH)
     assert data.labels[1] == [train[1]]
     with pytest.raises(UserError, match="ppocr-rec's only"):
         ppocr.dataset("ppocr-det", "train", 2)
+
+
+def test_the_training_stream_holds_every_printable_character():
+    """A student distilled on a stream that never shows a glyph forgets it (measured: the hard
+    lines holding such a symbol fell to 12 %); a third of the train lines are alphabet runs."""
+    train = [ppocr.rec_line(0, "train", i)[0] for i in range(300)]
+    assert set("".join(train)) >= set(text_render.PRINTABLE)
+    rng = np.random.default_rng(5)
+    runs = [text_render.alphabet_text(rng) for _ in range(200)]
+    assert all(4 <= len(t) <= 30 and t == t.strip() and "  " not in t for t in runs)
+    assert all(len(word) <= 8 for t in runs for word in t.split(" "))
+    assert text_render.alphabet_text(np.random.default_rng(1)) == \
+        text_render.alphabet_text(np.random.default_rng(1))
+    with pytest.raises(UserError, match="allowed characters"):
+        text_render.alphabet_text(rng, allowed=lambda t: False)
 
 
 @pytest.mark.zoo
@@ -86,3 +103,17 @@ def test_hard_split_is_harder_than_eval_for_the_float_model():
         scores[split] = ppocr.task_metric("ppocr-rec", model, outputs, data.labels)
     assert scores["hard"]["char_accuracy"] < scores["eval"]["char_accuracy"]
     assert 0.6 <= scores["hard"]["line_accuracy"] < scores["eval"]["line_accuracy"]
+
+
+def test_missing_train_faces_are_said(monkeypatch, caplog):
+    """Without matplotlib's STIX faces the train split draws the calibration faces alone, and
+    says so (its lines then differ from a machine's with them)."""
+    calibration_faces = text_render.font_files()  # cached before matplotlib "goes away"
+    monkeypatch.setattr(text_render, "_matplotlib_font_dir", lambda: None)
+    text_render.train_font_files.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="onnxcomp.zoo.text_render"):
+            assert text_render.train_font_files() == calibration_faces
+    finally:
+        text_render.train_font_files.cache_clear()
+    assert f"found 0 of its {len(text_render.TRAIN_EXTRA_FACES)} extra faces" in caplog.text
