@@ -439,18 +439,23 @@ def train_text(rng: np.random.Generator, allowed: Callable[[str], bool] | None =
 
 @dataclass(frozen=True)
 class TrainStyle:
-    """A :class:`LineStyle` of the calibration faces, plus a horizontal stretch of the crop."""
+    """A :class:`LineStyle` of the train faces, plus a horizontal stretch, a slant and a change
+    of stroke weight of the drawn line."""
 
     line: LineStyle
     stretch: float  # width factor: < 1 squeezes the line, > 1 widens it
+    shear: float = 0.0  # horizontal shift per row of height: > 0 slants right (italic-like)
+    stroke: int = 0  # +1 strokes one pixel bolder, -1 one pixel lighter, 0 as drawn
 
 
 def train_style(rng: np.random.Generator) -> TrainStyle:
     """The calibration faces (``FACES``) and matplotlib's STIX serif (``TRAIN_EXTRA_FACES``)
     over a wider range than the calibration stream: ink and
     paper 50-230 grey levels apart (inverted on 15% of lines), sizes 12-44, noise of std 0-10,
-    blur on 35% of lines, the crop stretched to 0.75-1.3 of its width. No rotation, none of the
-    hard split's faces: what the hard lines add stays unseen."""
+    blur on 35% of lines, the crop stretched to 0.75-1.3 of its width; on 30% of lines slanted
+    (shear within +-0.3) and on 30% a pixel bolder or lighter (lines of 20 px and up): the
+    weights and slants of faces it does not hold, as OCR training augments. No rotation, none
+    of the hard split's faces: what the hard lines add stays unseen."""
     base = random_style(rng)
     paper_level = int(rng.integers(150, 256))
     ink_level = max(0, paper_level - int(rng.integers(50, 231)))
@@ -462,17 +467,38 @@ def train_style(rng: np.random.Generator) -> TrainStyle:
                         "font_path": fonts[int(rng.integers(len(fonts)))],
                         "noise": float(rng.uniform(0.0, 10.0)),
                         "blur": float(rng.uniform(0.3, 1.2)) if rng.random() < 0.35 else 0.0})
-    return TrainStyle(line, float(rng.uniform(0.75, 1.3)))
+    shear = float(rng.uniform(-0.3, 0.3)) if rng.random() < 0.3 else 0.0
+    stroke = int(rng.choice([-1, 1])) if rng.random() < 0.3 else 0
+    return TrainStyle(line, float(rng.uniform(0.75, 1.3)), shear, stroke)
 
 
 def render_train_line(text: str, style: TrainStyle, rng: np.random.Generator) -> np.ndarray:
-    """A training line: drawn as :func:`render_line` draws it, then stretched in width."""
-    pixels = render_line(text, style.line, rng)
-    height, width = pixels.shape[:2]
-    stretched = max(1, round(width * style.stretch))
-    image = Image.fromarray(pixels, "RGB").resize((stretched, height),
-                                                  Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+    """A training line: drawn sharp as :func:`render_line` draws it, slanted (the crop grown to
+    keep the ink), its strokes thickened or thinned, stretched in width, then blurred and
+    noised."""
+    line = style.line
+    sharp = LineStyle(**{**line.__dict__, "blur": 0.0, "noise": 0.0})
+    image = Image.fromarray(render_line(text, sharp, rng), "RGB")
+    width, height = image.size
+    if style.shear:
+        extra = round(abs(style.shear) * height)
+        # output (x, y) reads input (x + shear * y - offset, y): rows shift by shear per row
+        image = image.transform((width + extra, height), Image.Transform.AFFINE,
+                                (1, style.shear, -extra if style.shear > 0 else 0, 0, 1, 0),
+                                resample=Image.Resampling.BILINEAR, fillcolor=line.paper)
+    if style.stroke and line.size >= 20:
+        dark_ink = sum(line.ink) < sum(line.paper)
+        bolder = ImageFilter.MinFilter(3) if dark_ink else ImageFilter.MaxFilter(3)
+        lighter = ImageFilter.MaxFilter(3) if dark_ink else ImageFilter.MinFilter(3)
+        image = image.filter(bolder if style.stroke > 0 else lighter)
+    image = image.resize((max(1, round(image.size[0] * style.stretch)), height),
+                         Image.Resampling.BILINEAR)
+    if line.blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(line.blur))
+    pixels = np.asarray(image, dtype=np.float32)
+    if line.noise > 0:
+        pixels = pixels + rng.normal(0.0, line.noise, size=pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,25 @@ def test_missing_train_faces_are_said(monkeypatch, caplog):
     finally:
         text_render.train_font_files.cache_clear()
     assert f"found 0 of its {len(text_render.TRAIN_EXTRA_FACES)} extra faces" in caplog.text
+
+
+def test_train_lines_are_slanted_and_reweighted_as_styled():
+    """A slant grows the crop by |shear| x height and moves the ink; a bolder stroke darkens a
+    dark-ink line, a lighter one brightens it; the same style and seed give the same pixels."""
+    base = text_render.train_style(np.random.default_rng(3))
+    line = text_render.LineStyle(**{**base.line.__dict__, "size": 32, "blur": 0.0, "noise": 0.0,
+                                    "ink": (20, 20, 20), "paper": (230, 230, 230)})
+
+    def draw(shear: float = 0.0, stroke: int = 0) -> np.ndarray:
+        style = text_render.TrainStyle(line, 1.0, shear, stroke)
+        return text_render.render_train_line("Hold 42 [x]", style, np.random.default_rng(0))
+
+    plain, slanted = draw(), draw(shear=0.25)
+    assert slanted.shape[0] == plain.shape[0]
+    assert slanted.shape[1] == plain.shape[1] + round(0.25 * plain.shape[0])
+    assert np.array_equal(draw(shear=0.25), slanted)
+    assert draw(stroke=1).mean() < plain.mean() < draw(stroke=-1).mean()
+    styles = [text_render.train_style(np.random.default_rng(i)) for i in range(200)]
+    assert 0.15 < np.mean([s.shear != 0 for s in styles]) < 0.45
+    assert {s.stroke for s in styles} == {-1, 0, 1}
+    assert max(abs(s.shear) for s in styles) <= 0.3
