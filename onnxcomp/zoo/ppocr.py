@@ -19,10 +19,11 @@ recognition only: held-out lines of 16-28 characters with more brackets and symb
 the other splits never use, rotated, blurred, noisy and low in contrast
 (:func:`text_render.hard_style`); its texts come from the evaluation half of the text split, so
 they never meet a calibration line. ``train``, recognition only: a wider stream to train on
-(``distill.train_data``), from the calibration half of the text split in the calibration faces:
-a third of its lines random runs of every printable character (:func:`text_render.alphabet_text`),
-a third 14-34 characters long, over a wider range of contrast, noise and blur, stretched or
-squeezed in width (:func:`text_render.train_style`); never rotated, never in a hard face.
+(``distill.train_data``), from the calibration half of the text split in the calibration faces
+and matplotlib's STIX serif: a third of its lines random runs of every printable character
+(:func:`text_render.alphabet_text`), a third 14-34 characters long, over a wider range of
+contrast, noise and blur, stretched or squeezed in width, some slanted or a pixel bolder or
+lighter (:func:`text_render.train_style`); never rotated, never in a hard face.
 
 Detection input: 640x640 pages with several lines at random places, same normalization,
 ``{"x": float32 [1, 3, 640, 640]}``; labels: the ink boxes of the lines.
