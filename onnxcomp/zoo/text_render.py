@@ -341,6 +341,18 @@ def random_style(rng: np.random.Generator, size_range: tuple[int, int] = (12, 44
     )
 
 
+def _blur_and_noise(image: Image.Image, blur: float, noise: float,
+                    rng: np.random.Generator) -> np.ndarray:
+    """The last steps of every drawn line: Gaussian blur (radius ``blur``, 0: none), then
+    additive pixel noise of std ``noise`` from ``rng``, as uint8."""
+    if blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    pixels = np.asarray(image, dtype=np.float32)
+    if noise > 0:
+        pixels = pixels + rng.normal(0.0, noise, size=pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
 def render_line(text: str, style: LineStyle, rng: np.random.Generator) -> np.ndarray:
     """A tight crop of one text line, as a detector would cut it: uint8 RGB [H, W, 3]."""
     face = font(style.font_path, style.size)
@@ -353,12 +365,7 @@ def render_line(text: str, style: LineStyle, rng: np.random.Generator) -> np.nda
     image = Image.new("RGB", (max(width, 1), height), style.paper)
     ImageDraw.Draw(image).text((style.margin_x[0] - left, top_pad), text, font=face,
                                fill=style.ink)
-    if style.blur > 0:
-        image = image.filter(ImageFilter.GaussianBlur(style.blur))
-    pixels = np.asarray(image, dtype=np.float32)
-    if style.noise > 0:
-        pixels = pixels + rng.normal(0.0, style.noise, size=pixels.shape)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    return _blur_and_noise(image, style.blur, style.noise, rng)
 
 
 @dataclass(frozen=True)
@@ -396,11 +403,7 @@ def render_hard_line(text: str, style: HardStyle, rng: np.random.Generator) -> n
     image = Image.fromarray(render_line(text, sharp, rng), "RGB")
     image = image.rotate(style.angle, resample=Image.Resampling.BILINEAR, expand=True,
                          fillcolor=style.line.paper)
-    if style.line.blur > 0:
-        image = image.filter(ImageFilter.GaussianBlur(style.line.blur))
-    pixels = np.asarray(image, dtype=np.float32)
-    pixels = pixels + rng.normal(0.0, style.line.noise, size=pixels.shape)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    return _blur_and_noise(image, style.line.blur, style.line.noise, rng)
 
 
 # Every printable ASCII character but the space: the glyphs the recognizer's splits are scored on.
@@ -493,12 +496,7 @@ def render_train_line(text: str, style: TrainStyle, rng: np.random.Generator) ->
         image = image.filter(bolder if style.stroke > 0 else lighter)
     image = image.resize((max(1, round(image.size[0] * style.stretch)), height),
                          Image.Resampling.BILINEAR)
-    if line.blur > 0:
-        image = image.filter(ImageFilter.GaussianBlur(line.blur))
-    pixels = np.asarray(image, dtype=np.float32)
-    if line.noise > 0:
-        pixels = pixels + rng.normal(0.0, line.noise, size=pixels.shape)
-    return np.clip(pixels, 0, 255).astype(np.uint8)
+    return _blur_and_noise(image, line.blur, line.noise, rng)
 
 
 @dataclass(frozen=True)
