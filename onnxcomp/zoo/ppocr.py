@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import math
-import string
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,7 +67,7 @@ DET_THRESHOLD = 0.3  # the binarization threshold of the DB post-processing
 
 # The generated text only uses printable ASCII; every such character (space aside, which the
 # decoder appends) is in the model's character list (checked by the tests).
-ALPHABET = frozenset(string.digits + string.ascii_letters + string.punctuation + " ")
+ALPHABET = frozenset(text_render.PRINTABLE + " ")
 
 # Splits draw from different seed streams, and a text belongs to one split only
 # (text_render.text_split), so calibration and evaluation data never share a line.
